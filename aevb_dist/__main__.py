@@ -1,0 +1,3 @@
+from aevb_dist.cli import main
+
+raise SystemExit(main())

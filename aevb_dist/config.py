@@ -1,0 +1,258 @@
+"""The one typed configuration schema, and `load_config`.
+
+Building a config has no side effects: no environment variables are set, no
+directories created. Every user mistake is a `ValueError` naming the key and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+ACTIVATIONS = ("tanh", "relu", "softplus", "sigmoid", "elu")
+LIKELIHOODS = ("bernoulli", "gaussian")
+ESTIMATORS = ("A", "B", "iwae")
+OPTIMIZERS = ("adagrad", "adam", "sgd")
+BINARIZATIONS = ("dynamic", "static", "none")
+
+
+@dataclass
+class ModelConfig:
+    """Encoder q_φ(z|x) and decoder p_θ(x|z) (paper, Appendix C)."""
+
+    input_dim: int = 784
+    hidden_sizes: list[int] = field(default_factory=lambda: [500])
+    activation: str = "tanh"
+    latent_dim: int = 20
+    likelihood: str = "bernoulli"
+    # Frey Face: the paper squashes the Gaussian decoder's means into (0, 1) with a sigmoid.
+    squash_mean: bool = False
+    # Initial parameters drawn from N(0, init_std²) as in the paper (Section 5); None = PyTorch default.
+    init_std: Optional[float] = None
+
+
+@dataclass
+class DataConfig:
+    train_uri: str = ""
+    test_uri: str = ""
+    # Bernoulli models: how [0, 1] intensities become {0, 1} (a reader option, not baked in).
+    binarization: str = "dynamic"
+    shuffle: bool = True
+    # Rows are shuffled within a window of this many row groups (on top of a shuffled row-group order).
+    shuffle_window_row_groups: int = 4
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    # CPUs reserved per worker; None sizes workers to the embedded machine (leaves room for the driver).
+    cpus_per_worker: Optional[float] = None
+    batch_size_per_worker: int = 100
+    max_steps: Optional[int] = None
+    num_epochs: Optional[int] = None
+    estimator: str = "B"
+    # The paper's L (estimators A, B) or the number of importance samples K (iwae).
+    num_latent_samples: int = 1
+    # MAP estimation of θ: standard deviation of a Gaussian prior on every parameter; None = ML.
+    theta_prior_std: Optional[float] = None
+    log_every_steps: int = 10
+    eval_every_steps: int = 0
+    max_failures: int = 0
+    # A NaN/inf objective or gradient: "error" stops the run naming the step, "skip" drops the step.
+    on_nonfinite: str = "error"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adagrad"
+    lr: float = 0.02
+
+
+@dataclass
+class RunConfig:
+    name: str = "aevb"
+    storage_uri: str = "./runs"
+    # S3-compatible endpoint (MinIO, moto, Ceph...). Credentials come from the environment.
+    s3_endpoint_url: Optional[str] = None
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep_last: int = 3
+
+
+@dataclass
+class RayConfig:
+    # None: start an embedded local Ray. "auto" or "ray://host:port": join a cluster.
+    address: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    seed: int = 0
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Schema ← YAML file at `path` ← `key=value` overrides; validated across fields."""
+    merged = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            merged = OmegaConf.merge(merged, _load_yaml(path))
+        for item in overrides or []:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_check_override(item)]))
+        merged = _length_override_wins(merged, overrides or [])
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(_explain(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output (used by workers and checkpoints)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
+    except OmegaConfBaseException as err:
+        raise ValueError(_explain(err)) from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _load_yaml(path: str):
+    try:
+        loaded = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}") from None
+    except OmegaConfBaseException as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+    except Exception as err:  # yaml.YAMLError and friends
+        raise ValueError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not OmegaConf.is_dict(loaded):
+        raise ValueError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _length_override_wins(merged, overrides: list[str]):
+    """`train.max_steps=N` on the command line replaces a file's `train.num_epochs`, and vice versa."""
+    keys = {item.split("=", 1)[0].strip() for item in overrides}
+    for given, other in (("max_steps", "num_epochs"), ("num_epochs", "max_steps")):
+        if f"train.{given}" in keys and f"train.{other}" not in keys:
+            merged.train[other] = None
+    return merged
+
+
+def _check_override(item: str) -> str:
+    if "=" not in item or item.startswith("="):
+        raise ValueError(f"override {item!r} must look like key=value, e.g. train.max_steps=100")
+    return item
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)) or "not in struct" in str(err):
+        section, _, leaf = key.rpartition(".")
+        allowed = _allowed_keys(section)
+        return f"unknown config key '{key}'; allowed keys{' in ' + section if section else ''}: {', '.join(allowed)}"
+    if isinstance(err, ValidationError):
+        first = str(err).splitlines()[0]
+        return f"config key '{key}' has the wrong type: {first}"
+    return f"invalid config{' at ' + key if key else ''}: {str(err).splitlines()[0]}"
+
+
+def _allowed_keys(section: str) -> list[str]:
+    node: Any = Config
+    for part in filter(None, section.split(".")):
+        node = {f.name: f for f in dataclasses.fields(node)}.get(part)
+        node = node.type if node is not None else None
+        if isinstance(node, str):
+            node = globals().get(node)
+        if node is None or not dataclasses.is_dataclass(node):
+            return []
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: Optional[float], allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ValueError(f"{key}={value} must be a positive number")
+
+
+_URI_SCHEMES = ("file", "memory", "s3", "gs", "gcs")
+
+
+def check_uri(key: str, uri: str) -> None:
+    """A storage URI is a plain path or one of the schemes we can reach through fsspec."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", uri)
+    if match and match.group(1).lower() not in _URI_SCHEMES:
+        raise ValueError(f"{key}={uri!r} has unknown scheme '{match.group(1)}://'; use a local path or one of: "
+                         + ", ".join(s + "://" for s in _URI_SCHEMES))
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span fields; raises ValueError naming the key and the fix."""
+    m, t = cfg.model, cfg.train
+    _choice("model.activation", m.activation, ACTIVATIONS)
+    _choice("model.likelihood", m.likelihood, LIKELIHOODS)
+    _positive("model.input_dim", m.input_dim)
+    _positive("model.latent_dim", m.latent_dim)
+    for i, h in enumerate(m.hidden_sizes):
+        _positive(f"model.hidden_sizes[{i}]", h)
+    _positive("model.init_std", m.init_std, allow_none=True)
+    if m.squash_mean and m.likelihood != "gaussian":
+        raise ValueError("model.squash_mean=true only applies to model.likelihood=gaussian")
+    _choice("data.binarization", cfg.data.binarization, BINARIZATIONS)
+    _positive("data.shuffle_window_row_groups", cfg.data.shuffle_window_row_groups)
+    _choice("train.estimator", t.estimator, ESTIMATORS)
+    _choice("train.on_nonfinite", t.on_nonfinite, ("error", "skip"))
+    _choice("optim.name", cfg.optim.name, OPTIMIZERS)
+    _positive("optim.lr", cfg.optim.lr)
+    _positive("train.num_workers", t.num_workers)
+    _positive("train.batch_size_per_worker", t.batch_size_per_worker)
+    _positive("train.num_latent_samples", t.num_latent_samples)
+    _positive("train.cpus_per_worker", t.cpus_per_worker, allow_none=True)
+    _positive("train.theta_prior_std", t.theta_prior_std, allow_none=True)
+    _positive("train.max_steps", t.max_steps, allow_none=True)
+    _positive("train.num_epochs", t.num_epochs, allow_none=True)
+    _positive("train.log_every_steps", t.log_every_steps)
+    if t.eval_every_steps < 0:
+        raise ValueError(f"train.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = only at the end)")
+    if t.max_failures < -1:
+        raise ValueError(f"train.max_failures={t.max_failures} must be >= -1 (-1 retries forever)")
+    if t.max_steps is not None and t.num_epochs is not None:
+        raise ValueError("set only one of train.max_steps and train.num_epochs (the other must be null)")
+    if t.estimator == "iwae" and t.num_latent_samples < 1:
+        raise ValueError("train.estimator=iwae needs train.num_latent_samples >= 1 importance samples")
+    _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise ValueError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
+    check_uri("run.storage_uri", cfg.run.storage_uri)
+    check_uri("data.train_uri", cfg.data.train_uri)
+    check_uri("data.test_uri", cfg.data.test_uri)

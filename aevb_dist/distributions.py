@@ -1,0 +1,101 @@
+"""Log densities used by the model, and the decoder likelihoods p_θ(x|z).
+
+This module is the only place a likelihood is chosen by name. Pure torch.
+
+Shapes: B batch, D data dimension, Z latent dimension, L latent samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def log_normal_diag(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mean, diag(exp(logvar))), summed over the last dimension."""
+    return -0.5 * (LOG_2PI + logvar + (z - mean).pow(2) * torch.exp(-logvar)).sum(-1)
+
+
+def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), summed over the last dimension: the prior p_θ(z)."""
+    return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
+
+
+def kl_diag_gaussian_to_standard_normal(mean_BZ: torch.Tensor, logvar_BZ: torch.Tensor) -> torch.Tensor:
+    """KL(q_φ(z|x) || N(0, I)) in closed form (paper, Appendix B):
+    −KL = ½ Σ_j (1 + log σ_j² − μ_j² − σ_j²)."""
+    return -0.5 * (1.0 + logvar_BZ - mean_BZ.pow(2) - logvar_BZ.exp()).sum(-1)
+
+
+class Likelihood:
+    """A decoder likelihood: how many outputs per pixel, and log p_θ(x|z) from them."""
+
+    name: str
+    params_per_dim: int
+
+    def validate(self, x_BD: torch.Tensor) -> None:
+        if not torch.isfinite(x_BD).all():
+            raise ValueError(f"inputs to a {self.name} decoder contain NaN or inf values")
+
+    def log_prob(self, out_LBP: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mean(self, out_BP: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class BernoulliLikelihood(Likelihood):
+    """Decoder outputs logits; log p(x|z) = Σ x log y + (1 − x) log(1 − y) (Appendix C.1)."""
+
+    name = "bernoulli"
+    params_per_dim = 1
+
+    def validate(self, x_BD: torch.Tensor) -> None:
+        super().validate(x_BD)
+        if x_BD.numel() and (x_BD.min() < 0 or x_BD.max() > 1):
+            raise ValueError(
+                f"a bernoulli decoder needs inputs in [0, 1], got values in "
+                f"[{x_BD.min().item():.4g}, {x_BD.max().item():.4g}]; scale the data or use model.likelihood=gaussian"
+            )
+
+    def log_prob(self, out_LBP: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
+        # −BCE with logits is the numerically stable form of the Bernoulli log density.
+        logits = out_LBP
+        return -F.binary_cross_entropy_with_logits(logits, x_BD.expand_as(logits), reduction="none").sum(-1)
+
+    def mean(self, out_BP: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(out_BP)
+
+
+class GaussianLikelihood(Likelihood):
+    """Decoder outputs a mean and a log-variance per pixel (Appendix C.2)."""
+
+    name = "gaussian"
+    params_per_dim = 2
+
+    def __init__(self, squash_mean: bool = False):
+        # Frey Face: means constrained to (0, 1) with a sigmoid (paper, Section 5).
+        self.squash_mean = squash_mean
+
+    def _split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = out.chunk(2, dim=-1)
+        return (torch.sigmoid(mean) if self.squash_mean else mean), logvar
+
+    def log_prob(self, out_LBP: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
+        mean, logvar = self._split(out_LBP)
+        return log_normal_diag(x_BD, mean, logvar)
+
+    def mean(self, out_BP: torch.Tensor) -> torch.Tensor:
+        return self._split(out_BP)[0]
+
+
+def likelihood_from_name(name: str, squash_mean: bool = False) -> Likelihood:
+    if name == "bernoulli":
+        return BernoulliLikelihood()
+    if name == "gaussian":
+        return GaussianLikelihood(squash_mean=squash_mean)
+    raise ValueError(f"model.likelihood={name!r} is not one of: bernoulli, gaussian")

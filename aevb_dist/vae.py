@@ -1,0 +1,91 @@
+"""The latent-variable model p_θ(z) p_θ(x|z) and its recognition model q_φ(z|x).
+
+No loss, no device and no distributed code here: estimators live in `elbo.py`.
+
+Shapes: B batch, D data dimension, Z latent dimension, L latent samples, P decoder outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from aevb_dist.distributions import (
+    log_normal_diag,
+    log_standard_normal,
+    likelihood_from_name,
+)
+from aevb_dist.networks import init_paper, mlp
+
+
+class VAE(nn.Module):
+    def __init__(self, input_dim: int, hidden_sizes: list[int], latent_dim: int, activation: str = "tanh",
+                 likelihood: str = "bernoulli", squash_mean: bool = False, init_std: Optional[float] = None):
+        super().__init__()
+        self.input_dim = input_dim
+        self.latent_dim = latent_dim
+        self.likelihood = likelihood_from_name(likelihood, squash_mean=squash_mean)
+        # Encoder: x → (μ, log σ²) of the diagonal Gaussian q_φ(z|x) (Appendix C.2).
+        self.encoder = mlp(input_dim, hidden_sizes, 2 * latent_dim, activation)
+        # Decoder mirrors the encoder: z → parameters of p_θ(x|z).
+        self.decoder = mlp(latent_dim, list(reversed(hidden_sizes)),
+                           self.likelihood.params_per_dim * input_dim, activation)
+        if init_std is not None:
+            init_paper(self, init_std)
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "VAE":
+        return cls(input_dim=model_cfg.input_dim, hidden_sizes=list(model_cfg.hidden_sizes),
+                   latent_dim=model_cfg.latent_dim, activation=model_cfg.activation,
+                   likelihood=model_cfg.likelihood, squash_mean=model_cfg.squash_mean,
+                   init_std=model_cfg.init_std)
+
+    def check_input(self, x_BD: torch.Tensor) -> None:
+        if x_BD.dim() != 2 or x_BD.shape[1] != self.input_dim:
+            raise ValueError(f"expected inputs of shape [batch, {self.input_dim}], got {list(x_BD.shape)}")
+        self.likelihood.validate(x_BD)
+
+    def encode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameters (μ, log σ²) of q_φ(z|x), each [B, Z]."""
+        self.check_input(x_BD)
+        mean_BZ, logvar_BZ = self.encoder(x_BD).chunk(2, dim=-1)
+        return mean_BZ, logvar_BZ
+
+    @staticmethod
+    def sample_latent(mean_BZ: torch.Tensor, logvar_BZ: torch.Tensor, num_samples: int,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The reparameterization trick: z = μ + σ ⊙ ε, ε ~ N(0, I) (paper, eq. 10). Returns [L, B, Z]."""
+        eps_LBZ = torch.randn((num_samples, *mean_BZ.shape), generator=generator,
+                              dtype=mean_BZ.dtype, device=mean_BZ.device)
+        return mean_BZ + torch.exp(0.5 * logvar_BZ) * eps_LBZ
+
+    def decode(self, z_LBZ: torch.Tensor) -> torch.Tensor:
+        """Raw decoder outputs (logits, or mean and log-variance), [..., P]."""
+        return self.decoder(z_LBZ)
+
+    def log_likelihood(self, x_BD: torch.Tensor, z_LBZ: torch.Tensor) -> torch.Tensor:
+        """log p_θ(x|z), [L, B]."""
+        return self.likelihood.log_prob(self.decode(z_LBZ), x_BD)
+
+    @staticmethod
+    def log_prior(z_LBZ: torch.Tensor) -> torch.Tensor:
+        """log p_θ(z) = log N(z; 0, I), [L, B]."""
+        return log_standard_normal(z_LBZ)
+
+    @staticmethod
+    def log_posterior(z_LBZ: torch.Tensor, mean_BZ: torch.Tensor, logvar_BZ: torch.Tensor) -> torch.Tensor:
+        """log q_φ(z|x), [L, B]."""
+        return log_normal_diag(z_LBZ, mean_BZ, logvar_BZ)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Means of p_θ(x|z) for z ~ p(z): [num_samples, D]."""
+        device = next(self.parameters()).device
+        z = torch.randn((num_samples, self.latent_dim), generator=generator, device=device)
+        return self.likelihood.mean(self.decode(z))
+
+    @torch.no_grad()
+    def decode_mean(self, z_BZ: torch.Tensor) -> torch.Tensor:
+        return self.likelihood.mean(self.decode(z_BZ))
