@@ -1,0 +1,235 @@
+"""Streaming reader of sharded Parquet datasets for data-parallel workers.
+
+The unit of work is a Parquet row group. Every epoch, every rank computes the same
+assignment of row groups to ranks from the footers alone (seed, epoch, world size), so:
+- every example is read exactly once per epoch across all ranks (no rows dropped, unlike
+  Ray Data's `streaming_split(equal=True)`);
+- every rank knows how many steps the epoch has (the longest rank's), so all ranks take
+  the same number of steps and DDP-style collectives never hang; a rank that runs out
+  early contributes empty batches, which is exact because gradients are reduced as sums;
+- the position in an epoch is one integer (batches consumed), and resuming skips whole
+  row groups by their row counts without reading them.
+Shuffling: a seeded permutation of row groups per epoch, then rows shuffled within a
+window of consecutive row groups. Reads run one window ahead in a background thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aevb_dist import storage
+from aevb_dist.prepare import INDEX, LABEL, META_RANGE, META_SHAPE, PIXELS
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    path: str
+    row_group: int
+    num_rows: int
+
+
+@dataclass
+class Batch:
+    x: np.ndarray  # [b, D] float32 in [0, 1] (binarized for Bernoulli models)
+    index: np.ndarray  # [b] int64
+    label: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+class ParquetDataset:
+    """The row groups of every `*.parquet` file under a URI, validated from the footers."""
+
+    def __init__(self, uri: str, *, expected_dim: Optional[int] = None, endpoint_url: Optional[str] = None):
+        self.uri = uri
+        self.fs, root = storage.resolve(uri, endpoint_url)
+        if not self.fs.exists(root):
+            raise FileNotFoundError(f"dataset not found: {uri}")
+        paths = sorted(p for p in self.fs.find(root) if p.endswith(".parquet") and not _hidden(p, root))
+        if not paths:
+            raise ValueError(f"{uri}: no Parquet files found (run `aevb-dist prepare` to make a dataset)")
+        self.units: list[RowGroup] = []
+        self.dim = self.shape = self.value_range = None
+        self.has_label = True
+        for path in paths:
+            self._add_file(path, expected_dim)
+        self.num_rows = sum(u.num_rows for u in self.units)
+        if self.num_rows == 0:
+            raise ValueError(f"{uri}: the dataset is empty (0 rows)")
+
+    def _add_file(self, path: str, expected_dim: Optional[int]) -> None:
+        try:
+            with self.fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+        except (pa.ArrowInvalid, OSError) as err:
+            raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
+        schema = meta.schema.to_arrow_schema()
+        if PIXELS not in schema.names or INDEX not in schema.names:
+            raise ValueError(f"{path}: needs columns '{PIXELS}' and '{INDEX}', found {', '.join(schema.names)}")
+        pix = schema.field(PIXELS).type
+        if not pa.types.is_fixed_size_list(pix):
+            raise ValueError(f"{path}: column '{PIXELS}' must be a fixed-size list, got {pix}")
+        dim = pix.list_size
+        if expected_dim is not None and dim != expected_dim:
+            raise ValueError(f"{path}: column '{PIXELS}' has width {dim} but the model expects "
+                             f"model.input_dim={expected_dim}")
+        if self.dim is not None and dim != self.dim:
+            raise ValueError(f"{path}: width {dim} differs from the other files' width {self.dim}")
+        md = schema.metadata or {}
+        self.dim = dim
+        self.shape = json.loads(md[META_SHAPE]) if META_SHAPE in md else [dim]
+        self.value_range = tuple(json.loads(md[META_RANGE])) if META_RANGE in md else (0.0, 1.0)
+        self.has_label = self.has_label and LABEL in schema.names
+        self.units += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+
+    def read(self, unit: RowGroup) -> Batch:
+        """One row group, pixels scaled to [0, 1] and checked."""
+        columns = [PIXELS, INDEX] + ([LABEL] if self.has_label else [])
+        with self.fs.open(unit.path, "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns)
+        pixels = table.column(PIXELS).combine_chunks()
+        flat = pixels.values.to_numpy(zero_copy_only=False)
+        x = flat.reshape(len(pixels), self.dim).astype(np.float32)
+        lo, hi = self.value_range
+        if (lo, hi) != (0.0, 1.0):
+            x = (x - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+        if not np.isfinite(x).all():
+            raise ValueError(f"{unit.path} row group {unit.row_group}: NaN or inf pixel values")
+        if x.size and (x.min() < 0.0 or x.max() > 1.0):
+            raise ValueError(f"{unit.path} row group {unit.row_group}: values outside the declared range "
+                             f"{list(self.value_range)} (scaled range [{x.min():.4g}, {x.max():.4g}], need [0, 1])")
+        label = table.column(LABEL).to_numpy() if self.has_label else None
+        return Batch(x, table.column(INDEX).to_numpy().astype(np.int64), label)
+
+    def read_all(self) -> Batch:
+        """Every row in file order; for small data and tests only."""
+        return _concat([self.read(u) for u in self.units])
+
+
+def _hidden(path: str, root: str) -> bool:
+    rel = path[len(root):].lstrip("/")
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _concat(batches: list[Batch]) -> Batch:
+    if not batches:
+        return Batch(np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
+    labels = [b.label for b in batches]
+    return Batch(np.concatenate([b.x for b in batches]), np.concatenate([b.index for b in batches]),
+                 None if any(lab is None for lab in labels) else np.concatenate(labels))
+
+
+def assign_row_groups(units: list[RowGroup], world_size: int, *, seed: int, epoch: int,
+                      shuffle: bool) -> list[list[int]]:
+    """Unit ids per rank: a seeded permutation dealt greedily to the rank with the fewest rows."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
+    loads = [0] * world_size
+    assignment: list[list[int]] = [[] for _ in range(world_size)]
+    for uid in order:
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        assignment[rank].append(int(uid))
+        loads[rank] += units[uid].num_rows
+    return assignment
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer: a bijection that mixes every input bit into every output bit."""
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def uniform_hash(index_B: np.ndarray, dim: int, key: int) -> np.ndarray:
+    """Uniform [0, 1) numbers [B, dim], a pure function of (key, example index, pixel)."""
+    with np.errstate(over="ignore"):
+        lo = (index_B & 0xFFFFFFFF).astype(np.uint32)
+        hi = (index_B >> 32).astype(np.uint32)
+        per_example = _fmix32(_fmix32(lo ^ np.uint32(key & 0xFFFFFFFF)) ^ hi ^ np.uint32((key >> 32) & 0xFFFFFFFF))
+        per_pixel = np.arange(dim, dtype=np.uint32) * np.uint32(0x9E3779B9)
+        z = _fmix32(per_example[:, None] + per_pixel[None, :])
+    return (z >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+
+
+def binarize(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
+    """x ~ Bernoulli(intensity): `dynamic` draws anew each epoch, `static` once; seeded per example and pixel."""
+    if mode == "none" or len(batch) == 0:
+        return batch
+    if mode not in ("dynamic", "static"):
+        raise ValueError(f"data.binarization={mode!r} is not one of: dynamic, static, none")
+    key = (seed + 1) * 1_000_003 + (epoch + 1 if mode == "dynamic" else 0)
+    u = uniform_hash(batch.index, batch.x.shape[1], key)
+    return Batch((u < batch.x).astype(np.float32), batch.index, batch.label)
+
+
+class EpochStream:
+    """One rank's batches for one epoch; every rank yields exactly `num_batches` (some may be empty)."""
+
+    def __init__(self, dataset: ParquetDataset, *, rank: int, world_size: int, batch_size: int, epoch: int,
+                 seed: int, shuffle: bool = True, window: int = 4, binarization: str = "none",
+                 start_batch: int = 0):
+        self.dataset, self.batch_size, self.epoch, self.seed = dataset, batch_size, epoch, seed
+        self.shuffle, self.window, self.binarization = shuffle, window, binarization
+        assignment = assign_row_groups(dataset.units, world_size, seed=seed, epoch=epoch, shuffle=shuffle)
+        self.unit_ids = assignment[rank]
+        rows = [sum(dataset.units[u].num_rows for u in ids) for ids in assignment]
+        self.num_rows = rows[rank]
+        self.num_batches = max(math.ceil(r / batch_size) for r in rows)
+        self.start_batch = start_batch
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"data position {start_batch} is outside this epoch's {self.num_batches} batches")
+
+    def _windows(self) -> list[list[int]]:
+        return [self.unit_ids[i:i + self.window] for i in range(0, len(self.unit_ids), self.window)]
+
+    def _load_window(self, ids: list[int]) -> Batch:
+        batch = _concat([self.dataset.read(self.dataset.units[u]) for u in ids])
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, self.epoch, ids[0], 1]).permutation(len(batch))
+            batch = Batch(batch.x[perm], batch.index[perm], None if batch.label is None else batch.label[perm])
+        return binarize(batch, self.binarization, seed=self.seed, epoch=self.epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        skip = self.start_batch * self.batch_size
+        windows = []
+        for ids in self._windows():  # skip whole windows by their row counts, without reading them
+            size = sum(self.dataset.units[u].num_rows for u in ids)
+            if not windows and skip >= size:
+                skip -= size
+            else:
+                windows.append(ids)
+        emitted = self.start_batch
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="aevb-read") as pool:
+            pending: Optional[Future] = pool.submit(self._load_window, windows[0]) if windows else None
+            carry: Optional[Batch] = None
+            for i in range(len(windows)):
+                current = pending.result()
+                pending = pool.submit(self._load_window, windows[i + 1]) if i + 1 < len(windows) else None
+                if skip:
+                    current, skip = _slice(current, skip, len(current)), 0
+                carry = current if carry is None else _concat([carry, current])
+                while len(carry) >= self.batch_size:
+                    yield _slice(carry, 0, self.batch_size)
+                    carry = _slice(carry, self.batch_size, len(carry))
+                    emitted += 1
+            if carry is not None and len(carry):
+                yield carry
+                emitted += 1
+        empty = Batch(np.zeros((0, self.dataset.dim), np.float32), np.zeros(0, np.int64))
+        for _ in range(self.num_batches - emitted):
+            yield empty
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    return Batch(batch.x[start:stop], batch.index[start:stop], None if batch.label is None else batch.label[start:stop])

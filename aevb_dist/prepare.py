@@ -1,0 +1,164 @@
+"""`aevb-dist prepare`: raw datasets → sharded Parquet on any fsspec URI.
+
+Layout: OUTPUT_URI/{train,test}/part-00000.parquet ... Each file holds
+  pixels  fixed_size_list<uint8 | float32>[D]   the image, flattened row-major
+  index   int64                                 the example's position in the source split
+  label   int64                                 where the source has labels
+and in the schema metadata the image shape and the value range the reader scales to [0, 1].
+
+A conversion writes into a hidden sibling folder and moves it into place only when every
+file is written, so a failure never leaves a partial dataset behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aevb_dist import sources, storage
+
+PIXELS, INDEX, LABEL = "pixels", "index", "label"
+META_SHAPE, META_RANGE, META_SOURCE = b"aevb.shape", b"aevb.value_range", b"aevb.source"
+FORMATS = ("mnist", "fashion-mnist", "frey-face", "npy")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def detect_format(source: str) -> str:
+    if os.path.isdir(source):
+        if os.path.exists(os.path.join(source, sources.IDX_FILES["train"][0])) or \
+                os.path.exists(os.path.join(source, sources.IDX_FILES["test"][0])):
+            return "mnist"
+        raise ValueError(f"{source}: a folder without MNIST-style IDX files (train-images-idx3-ubyte.gz ...)")
+    ext = os.path.splitext(source)[1].lower()
+    if ext == ".mat":
+        return "frey-face"
+    if ext in (".npy", ".npz"):
+        return "npy"
+    raise ValueError(f"{source}: cannot tell the format from the name; pass --format ({', '.join(FORMATS)})")
+
+
+def load_splits(source: str, fmt: str, wanted: list[str], test_fraction: float, seed: int) -> dict[str, sources.Split]:
+    if fmt in ("mnist", "fashion-mnist"):
+        if not os.path.isdir(source):
+            raise ValueError(f"{source}: --format {fmt} expects a folder of IDX .gz files")
+        return {name: sources.read_idx_folder(source, name) for name in wanted}
+    if fmt == "frey-face":
+        images, labels = sources.read_frey_face(source), None
+    elif fmt == "npy":
+        images, labels = sources.read_array(source)
+    else:
+        raise ValueError(f"--format {fmt!r} is not one of: auto, {', '.join(FORMATS)}")
+    if images.ndim < 2 or images.shape[0] == 0:
+        raise ValueError(f"{source}: the dataset is empty or not an array of examples (shape {images.shape})")
+    if labels is not None and (labels.ndim != 1 or labels.shape[0] != images.shape[0]):
+        raise ValueError(f"{source}: labels of shape {labels.shape} do not match {images.shape[0]} examples")
+    rows = sources.split_rows(images.shape[0], test_fraction, seed)
+    return {name: sources.Split(images[rows[name]], None if labels is None else labels[rows[name]].astype(np.int64),
+                                rows[name].astype(np.int64)) for name in wanted}
+
+
+def value_range(images: np.ndarray, where: str) -> tuple[float, float]:
+    """The range the reader maps to [0, 1]: the dtype's for integers, [0, 1] or the data's own for floats."""
+    if images.size == 0:
+        raise ValueError(f"{where}: the dataset is empty")
+    if np.issubdtype(images.dtype, np.integer):
+        if images.dtype == np.uint8:
+            return 0.0, 255.0
+        lo, hi = int(images.min()), int(images.max())
+        if lo < 0:
+            raise ValueError(f"{where}: integer pixels must be >= 0, found {lo}")
+        return 0.0, float(max(hi, 1))
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"{where}: pixels must be numbers, got dtype {images.dtype}")
+    if not np.isfinite(images).all():
+        raise ValueError(f"{where}: the data contain NaN or inf values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return 0.0, 1.0
+    if hi == lo:
+        raise ValueError(f"{where}: every value equals {lo}; nothing to learn")
+    return lo, hi
+
+
+def _table(split: sources.Split, rows: slice, metadata: dict[bytes, bytes]) -> pa.Table:
+    images = split.images[rows]
+    flat = images.reshape(images.shape[0], -1)
+    if flat.dtype != np.uint8:
+        flat = flat.astype(np.float32)
+    pixels = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+    columns = {PIXELS: pixels, INDEX: pa.array(split.index[rows])}
+    if split.labels is not None:
+        columns[LABEL] = pa.array(split.labels[rows])
+    return pa.table(columns).replace_schema_metadata(metadata)
+
+
+def _write_split(fs, folder: str, name: str, split: sources.Split, fmt: str, num_shards: int,
+                 rows_per_row_group: int, report: Callable[[str], None]) -> int:
+    n = split.images.shape[0]
+    lo, hi = value_range(split.images, f"{name} split")
+    metadata = {META_SHAPE: json.dumps(list(split.images.shape[1:])).encode(),
+                META_RANGE: json.dumps([lo, hi]).encode(), META_SOURCE: fmt.encode()}
+    fs.makedirs(folder, exist_ok=True)
+    bounds = np.linspace(0, n, min(num_shards, n) + 1).astype(int)
+    for shard, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        table = _table(split, slice(start, stop), metadata)
+        with fs.open(f"{folder}/part-{shard:05d}.parquet", "wb") as f:
+            pq.write_table(table, f, row_group_size=rows_per_row_group)
+        report(f"prepare: {name} shard {shard + 1}/{len(bounds) - 1} written ({stop:,}/{n:,} rows)")
+    return n
+
+
+def prepare(source: str, output_uri: str, *, fmt: str = "auto", num_shards: int = 4, split: str = "both",
+            overwrite: bool = False, rows_per_row_group: int = 1000, seed: int = 0, test_fraction: float = 0.1,
+            endpoint_url: Optional[str] = None, report: Callable[[str], None] = _stderr) -> dict[str, int]:
+    """Convert `source` into sharded Parquet at `output_uri`; returns rows written per split."""
+    if num_shards < 1:
+        raise ValueError(f"--num-shards={num_shards} must be at least 1")
+    if rows_per_row_group < 1:
+        raise ValueError(f"--rows-per-row-group={rows_per_row_group} must be at least 1")
+    if split not in ("train", "test", "both"):
+        raise ValueError(f"--split={split!r} must be train, test or both")
+    wanted = ["train", "test"] if split == "both" else [split]
+    fs, root = storage.resolve(output_uri, endpoint_url)
+    _check_destination(fs, root, output_uri, overwrite)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"source not found: {source}")
+    if not os.access(source, os.R_OK):
+        raise PermissionError(f"source not readable: {source}")
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    splits = load_splits(source, fmt, wanted, test_fraction, seed)
+
+    parent, base = root.rstrip("/").rsplit("/", 1) if "/" in root.strip("/") else ("", root.strip("/"))
+    staging = f"{parent}/.{base}.incomplete-{uuid.uuid4().hex[:8]}"
+    counts = {}
+    try:
+        for name, data in splits.items():
+            counts[name] = _write_split(fs, f"{staging}/{name}", name, data, fmt, num_shards, rows_per_row_group, report)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        fs.mv(staging, root, recursive=True)
+    finally:
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+    report(f"prepare: wrote {', '.join(f'{k} {v:,} rows' for k, v in counts.items())} to {output_uri}")
+    return counts
+
+
+def _check_destination(fs, root: str, uri: str, overwrite: bool) -> None:
+    if not fs.exists(root):
+        return
+    if not fs.isdir(root):
+        raise ValueError(f"{uri} exists and is not a folder")
+    if fs.ls(root) and not overwrite:
+        holds = "already holds a dataset" if fs.glob(f"{root}/**/*.parquet") else "is not empty"
+        raise ValueError(f"{uri} {holds}; pass --overwrite to replace it")

@@ -1,0 +1,237 @@
+"""`aevb-dist prepare` on real files and the streaming reader's guarantees."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from aevb_dist.dataset import EpochStream, ParquetDataset, assign_row_groups, binarize
+from aevb_dist.prepare import prepare
+from aevb_dist.sources import read_frey_face, read_idx
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+MNIST = os.path.join(SHARED, "mnist")
+FREY = os.path.join(SHARED, "frey_rawface.mat")
+quiet = dict(report=lambda message: None)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def mnist_uri(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pq") / "mnist")
+    proc = run_cli("prepare", MNIST, out, "--format", "mnist", "--num-shards", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "train shard 3/3 written" in proc.stderr  # progress is shown
+    return out
+
+
+def test_mnist_round_trip_equals_the_source_pixels(mnist_uri):
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        ds = ParquetDataset(f"{mnist_uri}/{split}", expected_dim=784)
+        source = read_idx(os.path.join(MNIST, f"{prefix}-images-idx3-ubyte.gz")).reshape(-1, 784)
+        labels = read_idx(os.path.join(MNIST, f"{prefix}-labels-idx1-ubyte.gz"))
+        assert ds.num_rows == {"train": 60_000, "test": 10_000}[split]
+        assert ds.shape == [28, 28] and ds.value_range == (0.0, 255.0)
+        table = pq.read_table(f"{mnist_uri}/{split}")
+        raw = np.stack(table.column("pixels").to_numpy(zero_copy_only=False))
+        order = table.column("index").to_numpy()
+        np.testing.assert_array_equal(raw, source[order])
+        np.testing.assert_array_equal(table.column("label").to_numpy(), labels[order])
+        assert sorted(order) == list(range(ds.num_rows))
+    sample = ParquetDataset(f"{mnist_uri}/test").read_all()
+    np.testing.assert_allclose(sample.x, source[sample.index] / 255.0, rtol=0, atol=1e-7)
+
+
+def test_frey_face_round_trip_with_a_deterministic_split(tmp_path):
+    counts = prepare(FREY, str(tmp_path / "a"), **quiet)
+    prepare(FREY, str(tmp_path / "b"), **quiet)
+    assert counts == {"train": 1769, "test": 196}
+    faces = read_frey_face(FREY).reshape(-1, 560)
+    seen = []
+    for split in ("train", "test"):
+        a = ParquetDataset(str(tmp_path / "a" / split), expected_dim=560)
+        b = ParquetDataset(str(tmp_path / "b" / split)).read_all()
+        got = a.read_all()
+        np.testing.assert_array_equal(got.index, b.index)
+        np.testing.assert_allclose(got.x, faces[got.index] / 255.0, atol=1e-7)
+        assert a.shape == [28, 20] and not a.has_label
+        seen.append(got.index)
+    assert sorted(np.concatenate(seen)) == list(range(1965))
+
+
+def test_npz_round_trip_through_memory_filesystem():
+    rng = np.random.default_rng(0)
+    x = rng.random((50, 3, 4)).astype(np.float64)
+    labels = rng.integers(0, 5, 50)
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"arr-{os.getpid()}.npz")
+    np.savez(path, x=x, y=labels)
+    try:
+        counts = prepare(path, "memory://npz-roundtrip", num_shards=2, rows_per_row_group=7, test_fraction=0.2, **quiet)
+    finally:
+        os.remove(path)
+    assert counts == {"train": 40, "test": 10}
+    for split in ("train", "test"):
+        got = ParquetDataset(f"memory://npz-roundtrip/{split}", expected_dim=12).read_all()
+        np.testing.assert_allclose(got.x, x.reshape(50, 12)[got.index].astype(np.float32))
+        np.testing.assert_array_equal(got.label, labels[got.index])
+
+
+def _write_parquet(path, pixels, index=None, metadata=None, column="pixels"):
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), pixels.shape[1])
+    table = pa.table({column: flat, "index": pa.array(np.arange(len(pixels)) if index is None else index)})
+    pq.write_table(table.replace_schema_metadata(metadata or {}), path)
+
+
+def _fail(*args):
+    proc = run_cli(*args)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_prepare_bad_inputs_answer_in_one_line(tmp_path):
+    assert "source not found" in _fail("prepare", str(tmp_path / "missing"), str(tmp_path / "o1"))
+    fake = tmp_path / "fake.npy"
+    fake.write_text("not numpy")
+    assert "not a readable .npy/.npz file" in _fail("prepare", str(fake), str(tmp_path / "o2"))
+    fake_mat = tmp_path / "fake.mat"
+    fake_mat.write_bytes(b"\x00" * 300)
+    assert "not a readable MATLAB .mat file" in _fail("prepare", str(fake_mat), str(tmp_path / "o3"))
+    not_idx = tmp_path / "idx"
+    not_idx.mkdir()
+    (not_idx / "train-images-idx3-ubyte.gz").write_bytes(b"garbage")
+    assert "not a readable IDX file" in _fail("prepare", str(not_idx), str(tmp_path / "o4"), "--split", "train")
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 4), np.float32))
+    assert "the dataset is empty" in _fail("prepare", str(empty), str(tmp_path / "o5"))
+    tiny = tmp_path / "tiny.npy"
+    np.save(tiny, np.zeros((1, 4), np.float32))
+    assert "too small to split" in _fail("prepare", str(tiny), str(tmp_path / "o5"))
+    with_nan = tmp_path / "nan.npy"
+    arr = np.random.default_rng(0).random((20, 4))
+    arr[3, 1] = np.nan
+    np.save(with_nan, arr)
+    assert "NaN or inf" in _fail("prepare", str(with_nan), str(tmp_path / "o6"))
+    assert "unknown scheme 'ftp://'" in _fail("prepare", str(with_nan), "ftp://host/x")
+
+
+def test_failed_conversion_leaves_no_partial_output(tmp_path):
+    arr = np.random.default_rng(0).random((40, 4))
+    arr[-1, 0] = np.inf  # lands in one split only: the other is written first, then removed
+    src = tmp_path / "x.npy"
+    np.save(src, arr)
+    for seed in range(3):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            prepare(str(src), str(tmp_path / "out"), seed=seed, **quiet)
+    assert sorted(os.listdir(tmp_path)) == ["x.npy"]
+
+
+def test_existing_dataset_needs_overwrite(tmp_path):
+    src = tmp_path / "x.npy"
+    np.save(src, np.random.default_rng(0).random((20, 4)))
+    prepare(str(src), str(tmp_path / "out"), **quiet)
+    assert "already holds a dataset; pass --overwrite" in _fail("prepare", str(src), str(tmp_path / "out"))
+    np.save(src, np.random.default_rng(1).random((30, 4)))
+    assert run_cli("prepare", str(src), str(tmp_path / "out"), "--overwrite").returncode == 0
+    assert ParquetDataset(str(tmp_path / "out" / "train")).num_rows == 27
+
+
+def test_reader_rejects_bad_parquet(tmp_path):
+    good = np.random.default_rng(0).random((10, 4)).astype(np.float32)
+    cases = {
+        "nocol": (dict(column="x"), "needs columns 'pixels' and 'index'"),
+        "nan": (dict(pixels=np.where(good > 0.9, np.nan, good)), "NaN or inf"),
+        "range": (dict(pixels=good * 3), r"values outside the declared range"),
+    }
+    for name, (kwargs, message) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        _write_parquet(str(folder / "part-0.parquet"), kwargs.pop("pixels", good), **kwargs)
+        with pytest.raises(ValueError, match=message):
+            ParquetDataset(str(folder), expected_dim=4).read_all()
+    with pytest.raises(ValueError, match="width 4 but the model expects model.input_dim=784"):
+        ParquetDataset(str(tmp_path / "range"), expected_dim=784)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="no Parquet files found"):
+        ParquetDataset(str(tmp_path / "none"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="not a readable Parquet file"):
+        ParquetDataset(str(tmp_path / "junk"))
+    (tmp_path / "zero").mkdir()
+    _write_parquet(str(tmp_path / "zero" / "p.parquet"), np.zeros((0, 4), np.float32))
+    with pytest.raises(ValueError, match="the dataset is empty"):
+        ParquetDataset(str(tmp_path / "zero"))
+
+
+@pytest.fixture
+def uneven_dataset(tmp_path):
+    """Three files of 37, 5 and 58 rows, row groups of 8: uneven on purpose."""
+    start = 0
+    for i, n in enumerate((37, 5, 58)):
+        pixels = np.random.default_rng(i).random((n, 6)).astype(np.float32)
+        flat = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), 6)
+        pq.write_table(pa.table({"pixels": flat, "index": pa.array(np.arange(start, start + n))}),
+                       str(tmp_path / f"part-{i}.parquet"), row_group_size=8)
+        start += n
+    return ParquetDataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_every_example_once_per_epoch_and_equal_step_counts(uneven_dataset, world_size):
+    streams = [EpochStream(uneven_dataset, rank=r, world_size=world_size, batch_size=9, epoch=2, seed=5)
+               for r in range(world_size)]
+    batches = [list(s) for s in streams]
+    assert len({len(b) for b in batches}) == 1  # the same number of steps on every rank
+    indices = np.concatenate([b.index for rank in batches for b in rank])
+    assert sorted(indices) == list(range(100))
+
+
+def test_shuffle_is_deterministic_by_seed_and_epoch(uneven_dataset):
+    def order(epoch, seed=0):
+        return np.concatenate([b.index for b in EpochStream(uneven_dataset, rank=0, world_size=1, batch_size=10,
+                                                            epoch=epoch, seed=seed)])
+    assert (order(0) == order(0)).all()
+    assert not (order(0) == order(1)).all()
+    assert not (order(0) == order(0, seed=1)).all()
+    assert not (order(0) == np.arange(100)).all()
+    assert assign_row_groups(uneven_dataset.units, 2, seed=0, epoch=0, shuffle=True) == \
+        assign_row_groups(uneven_dataset.units, 2, seed=0, epoch=0, shuffle=True)
+
+
+def test_resuming_mid_epoch_yields_the_remaining_batches(uneven_dataset):
+    kw = dict(rank=1, world_size=2, batch_size=7, epoch=3, seed=1, window=2, binarization="dynamic")
+    full = list(EpochStream(uneven_dataset, **kw))
+    for start in (0, 1, 4, len(full) - 1, len(full)):
+        rest = list(EpochStream(uneven_dataset, start_batch=start, **kw))
+        assert len(rest) == len(full) - start
+        for a, b in zip(rest, full[start:]):
+            np.testing.assert_array_equal(a.index, b.index)
+            np.testing.assert_array_equal(a.x, b.x)
+
+
+def test_binarization_dynamic_static_none(uneven_dataset):
+    batch = uneven_dataset.read_all()
+    d0 = binarize(batch, "dynamic", seed=0, epoch=0)
+    d1 = binarize(batch, "dynamic", seed=0, epoch=1)
+    assert set(np.unique(d0.x)) <= {0.0, 1.0}
+    assert (d0.x == binarize(batch, "dynamic", seed=0, epoch=0).x).all()
+    assert (d0.x != d1.x).mean() > 0.2
+    s0, s1 = binarize(batch, "static", seed=0, epoch=0), binarize(batch, "static", seed=0, epoch=7)
+    assert (s0.x == s1.x).all()
+    assert binarize(batch, "none", seed=0, epoch=0).x is batch.x
+    # Bernoulli(intensity): the mean over many epochs approaches the intensities.
+    mean = np.mean([binarize(batch, "dynamic", seed=0, epoch=e).x for e in range(400)], axis=0)
+    assert np.abs(mean - batch.x).max() < 0.1
+    # A pure function of the example: the same pixels whatever batch the example lands in.
+    half = binarize(type(batch)(batch.x[50:], batch.index[50:]), "dynamic", seed=0, epoch=0)
+    np.testing.assert_array_equal(half.x, d0.x[50:])
