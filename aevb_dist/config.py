@@ -93,6 +93,8 @@ class CheckpointConfig:
 class RayConfig:
     # None: start an embedded local Ray. "auto" or "ray://host:port": join a cluster.
     address: Optional[str] = None
+    # Forward the workers' own logs (Ray Train's included) to the driver; progress is shown either way.
+    show_worker_logs: bool = False
 
 
 @dataclass

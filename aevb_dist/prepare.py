@@ -146,7 +146,7 @@ def prepare(source: str, output_uri: str, *, fmt: str = "auto", num_shards: int 
             counts[name] = _write_split(fs, f"{staging}/{name}", name, data, fmt, num_shards, rows_per_row_group, report)
         if fs.exists(root):
             fs.rm(root, recursive=True)
-        fs.mv(staging, root, recursive=True)
+        storage.move_tree(fs, staging, root)
     finally:
         if fs.exists(staging):
             fs.rm(staging, recursive=True)

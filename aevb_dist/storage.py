@@ -14,6 +14,7 @@ import re
 from typing import Optional
 
 import fsspec
+import fsspec.implementations.local
 
 from aevb_dist.config import check_uri
 
@@ -61,6 +62,16 @@ def join(uri: str, *parts: str) -> str:
 def exists(uri: str, endpoint_url: Optional[str] = None) -> bool:
     fs, path = resolve(uri, endpoint_url)
     return fs.exists(path)
+
+
+def move_tree(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move a folder: a rename where the filesystem has one, else file by file (object stores)."""
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        fs.mv(src, dst, recursive=True)
+        return
+    for path in fs.find(src):
+        fs.copy(path, dst + path[len(src):])
+    fs.rm(src, recursive=True)
 
 
 def pyarrow_filesystem(fs: fsspec.AbstractFileSystem):

@@ -1,0 +1,87 @@
+"""Training state to and from checkpoint folders, with a manifest that resume verifies.
+
+A checkpoint folder holds `state.pt` (model, optimizer, step, epoch, data position,
+samples seen) and `manifest.json` (its size and sha256, and the step). The manifest is
+written last: a folder without one, or whose `state.pt` does not match it, is not a
+checkpoint, so an upload cut off part way is never resumed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from typing import Any, Optional
+
+import torch
+
+STATE, MANIFEST = "state.pt", "manifest.json"
+FORMAT_VERSION = 1
+
+
+def save(folder: str, state: dict, config: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, "config": config, **state}, buffer)
+    payload = buffer.getvalue()
+    with open(os.path.join(folder, STATE), "wb") as f:
+        f.write(payload)
+    manifest = {"format_version": FORMAT_VERSION, "step": state["state"]["step"], "file": STATE,
+                "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+
+
+def _read(fs, path: str) -> Optional[bytes]:
+    try:
+        return fs.cat_file(path)
+    except (OSError, FileNotFoundError):
+        return None
+
+
+def verify(fs, folder: str) -> Optional[str]:
+    """None when `folder` (on fsspec filesystem `fs`) is a complete checkpoint, else why not."""
+    raw = _read(fs, f"{folder}/{MANIFEST}")
+    try:
+        manifest = json.loads(raw) if raw is not None else None
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or "sha256" not in manifest:
+        return "no readable manifest.json (an incomplete write)"
+    payload = _read(fs, f"{folder}/{manifest.get('file', STATE)}")
+    if payload is None:
+        return f"{manifest.get('file')} is missing"
+    if len(payload) != manifest["size"] or hashlib.sha256(payload).hexdigest() != manifest["sha256"]:
+        return f"{manifest['file']} does not match its checksum (a partial or corrupted write)"
+    return None
+
+
+def load(fs, folder: str, map_location: str = "cpu") -> dict:
+    problem = verify(fs, folder)
+    if problem:
+        raise ValueError(f"checkpoint {folder} is not usable: {problem}")
+    return torch.load(io.BytesIO(fs.cat_file(f"{folder}/{STATE}")), map_location=map_location, weights_only=False)
+
+
+def manifest_step(fs, folder: str) -> int:
+    return int(json.loads(fs.cat_file(f"{folder}/{MANIFEST}"))["step"])
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:010d}"
+
+
+def latest(fs, run_path: str, warn=None) -> Optional[str]:
+    """The newest complete checkpoint folder under a run folder; incomplete ones are skipped with a warning."""
+    if not fs.exists(run_path):
+        return None
+    names = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(run_path, detail=False)), reverse=True)
+    for name in names:
+        if not name.startswith("checkpoint_") or not name[len("checkpoint_"):].isdigit():
+            continue
+        problem = verify(fs, f"{run_path}/{name}")
+        if problem is None:
+            return f"{run_path}/{name}"
+        if warn is not None:
+            warn(f"skipping {name}: {problem}")
+    return None

@@ -1,0 +1,254 @@
+"""The only module that imports ray.train: the per-worker function and the driver that launches it.
+
+Resume is Ray Train's: a new TorchTrainer with the same storage path and run name. The
+worker picks the newest checkpoint in the run folder whose manifest verifies, so an
+upload cut off part way is skipped in favour of the last good one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import threading
+from typing import Optional
+
+import torch
+
+from aevb_dist import checkpoint, storage
+from aevb_dist.config import Config, config_from_dict, to_dict, to_yaml
+from aevb_dist.run_log import RunLog, progress_line, read_metrics
+from aevb_dist.training import Trainer, open_datasets, total_steps
+
+
+def _say(message: str) -> None:
+    print(f"aevb-dist: {message}", file=sys.stderr, flush=True)
+
+
+def run_uri(cfg: Config) -> str:
+    return storage.join(cfg.run.storage_uri, cfg.run.name)
+
+
+# -- worker side ------------------------------------------------------------------------------
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+
+    cfg = config_from_dict(loop_config["config"])
+    torch.set_num_threads(loop_config["threads_per_worker"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = str(ray.train.torch.get_device()) if cfg.train.use_gpu else "cpu"
+    trainer = Trainer(cfg, rank=rank, world_size=world_size, device=device)
+
+    fs, run_path = storage.resolve(run_uri(cfg), cfg.run.s3_endpoint_url)
+    latest = checkpoint.latest(fs, run_path)
+    if latest is not None:
+        note = trainer.load_state_dict(checkpoint.load(fs, latest, map_location=device))
+        if note and rank == 0:
+            _say(f"warning: {note}")
+    log = RunLog(run_uri(cfg), resume_step=trainer.state.step, total_steps=trainer.total_steps,
+                 endpoint_url=cfg.run.s3_endpoint_url) if rank == 0 else None
+
+    def on_log(row: dict) -> None:
+        if log is not None:
+            log.append(row)
+
+    def on_checkpoint(state: dict, row: dict) -> None:
+        step = state["state"]["step"]
+        metrics = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))} or {"step": step}
+        name = checkpoint.checkpoint_name(step)
+        if rank != 0:  # every rank reports at the same steps: report is a barrier
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        with tempfile.TemporaryDirectory(prefix="aevb-ckpt-") as folder:
+            checkpoint.save(folder, state, to_dict(cfg))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=name)
+        log.flush()
+
+    trainer.fit(on_log, on_checkpoint)
+    if log is not None:
+        log.close()
+
+
+# -- driver side ------------------------------------------------------------------------------
+def _storage_for_ray(cfg: Config) -> tuple[str, Optional[object]]:
+    """(storage_path, storage_filesystem) for RunConfig; remote filesystems are wrapped for pyarrow."""
+    scheme = storage.scheme_of(cfg.run.storage_uri)
+    if scheme == "memory":
+        raise ValueError("run.storage_uri=memory://... is private to one process; workers cannot share it. "
+                         "Use a local path or s3://")
+    fs, path = storage.resolve(cfg.run.storage_uri, cfg.run.s3_endpoint_url)
+    if scheme == "file":
+        return path, None
+    return path, storage.pyarrow_filesystem(fs)
+
+
+def _prepare_run_folder(cfg: Config) -> None:
+    uri = run_uri(cfg)
+    try:
+        fs, path = storage.resolve(uri, cfg.run.s3_endpoint_url)
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(f"{path}/config.yaml", to_yaml(cfg).encode())
+    except (OSError, PermissionError) as err:
+        raise ValueError(f"cannot write to run.storage_uri {cfg.run.storage_uri}: {_first_line(err)}") from None
+    except Exception as err:  # botocore's endpoint and credential errors have no common base we import
+        raise ValueError(f"cannot reach run.storage_uri {cfg.run.storage_uri}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _start_ray(cfg: Config) -> bool:
+    """Join the configured cluster, or start an embedded local Ray; True when we started it."""
+    if not cfg.ray.address:
+        # An embedded Ray serves this machine only: keep it on loopback (read when ray is imported),
+        # and let gloo use loopback too.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=cfg.ray.show_worker_logs)
+        return False
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=cfg.ray.show_worker_logs,
+             configure_logging=True, logging_level="WARNING")
+    return True
+
+
+class ProgressPrinter:
+    """Prints new metrics.csv rows while the run goes; the workers' own logs stay in Ray's log files."""
+
+    def __init__(self, cfg: Config, total_steps: int, interval_s: float = 1.0):
+        self.fs, path = storage.resolve(run_uri(cfg), cfg.run.s3_endpoint_url)
+        self.path, self.total_steps, self.interval_s = f"{path}/metrics.csv", total_steps, interval_s
+        self.last_step = max([r["step"] for r in self._rows()] or [0])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _rows(self) -> list[dict]:
+        try:
+            return read_metrics(self.fs, self.path)
+        except Exception:  # a half-written file or a transient storage error: try again next tick
+            return []
+
+    def poll(self) -> None:
+        for row in self._rows():
+            if row["step"] > self.last_step:
+                print(progress_line(row, self.total_steps), file=sys.stderr, flush=True)
+                self.last_step = row["step"]
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def __enter__(self) -> "ProgressPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+
+def _cpus_per_worker(cfg: Config) -> float:
+    import ray
+
+    if cfg.train.cpus_per_worker is not None:
+        return cfg.train.cpus_per_worker
+    # Our reader runs inside each worker (no Ray Data tasks), so workers may share all CPUs.
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(total / cfg.train.num_workers if not cfg.ray.address else 1.0, 0.01)
+
+
+def _user_error(err: Exception) -> Exception:
+    """The root cause of a failed run, as a one-line ValueError where it is the user's to fix."""
+    failures = getattr(err, "worker_failures", None) or {}
+    causes = list(failures.values()) or [getattr(err, "controller_failure", err)]
+    for cause in causes:
+        seen = cause
+        while seen is not None:
+            if isinstance(seen, (ValueError, FileNotFoundError, PermissionError)):
+                return ValueError(str(seen).splitlines()[0])
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    return err
+
+
+def _announce_resume(cfg: Config, steps: int) -> int:
+    """The step the run resumes from (0 for a new run), said aloud."""
+    fs, path = storage.resolve(run_uri(cfg), cfg.run.s3_endpoint_url)
+    latest = checkpoint.latest(fs, path, warn=lambda m: _say(f"warning: {m}"))
+    if latest is None:
+        return 0
+    step = checkpoint.manifest_step(fs, latest)
+    name = latest.rsplit("/", 1)[-1]
+    if step >= steps:
+        _say(f"{run_uri(cfg)} is already at step {step} of {steps} ({name}); nothing to train. "
+             "Raise train.max_steps or train.num_epochs to continue")
+    else:
+        _say(f"resuming {cfg.run.name} from {name} (step {step} of {steps})")
+    return step
+
+
+def absolute_local_uris(cfg: Config) -> Config:
+    """Workers run in other folders: local paths are made absolute on the driver."""
+    cfg = config_from_dict(to_dict(cfg))
+    for section, key in (("data", "train_uri"), ("data", "test_uri"), ("run", "storage_uri")):
+        value = getattr(getattr(cfg, section), key)
+        if value and storage.scheme_of(value) == "file":
+            setattr(getattr(cfg, section), key, storage.resolve(value)[1])
+    return cfg
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training; returns the last row of metrics.csv."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = absolute_local_uris(cfg)
+    train_data, _ = open_datasets(cfg)  # fail fast, before any worker starts
+    storage_path, storage_fs = _storage_for_ray(cfg)
+    _prepare_run_folder(cfg)
+    steps = total_steps(train_data, cfg, cfg.train.num_workers)
+    if _announce_resume(cfg, steps) >= steps:
+        return _last_metrics(cfg)
+    started = _start_ray(cfg)
+    try:
+        cpus = _cpus_per_worker(cfg)
+        threads = max(1, math.floor(cpus + 1e-6))
+        _say(f"training {cfg.run.name}: {cfg.train.num_workers} worker(s) × {cpus:g} CPU, "
+             f"{threads} thread(s) each, {train_data.num_rows:,} training examples → {run_uri(cfg)}")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": to_dict(cfg), "threads_per_worker": threads},
+            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo", timeout_s=300),
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                         resources_per_worker={"CPU": cpus}),
+            run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
+        )
+        try:
+            with ProgressPrinter(cfg, steps):
+                trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            raise _user_error(err) from None
+    finally:
+        if started:
+            ray.shutdown()
+    last = _last_metrics(cfg)
+    _say(f"done: {run_uri(cfg)} (step {last.get('step', 0)}, test ELBO {last.get('test_elbo', float('nan')):.2f})")
+    return last
+
+
+def _last_metrics(cfg: Config) -> dict:
+    fs, path = storage.resolve(run_uri(cfg), cfg.run.s3_endpoint_url)
+    rows = read_metrics(fs, f"{path}/metrics.csv")
+    return rows[-1] if rows else {}

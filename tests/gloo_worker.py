@@ -1,0 +1,26 @@
+"""Run in spawned processes by test_gloo.py: one rank of a real gloo process group."""
+
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from aevb_dist.config import load_config
+from aevb_dist.dataset import Batch
+from aevb_dist.training import Trainer
+
+
+def take_one_step(rank: int, world_size: int, port: int, overrides: list, rows: list, out: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        trainer = Trainer(load_config(None, overrides), rank=rank, world_size=world_size)
+        x = np.load(os.path.join(out, "x.npy"))[rows[rank]]
+        elbo_sum, count = trainer.train_step(Batch(x, np.asarray(rows[rank], dtype=np.int64)))
+        if rank == 0:
+            torch.save({"params": [p.detach().clone() for p in trainer.vae.parameters()],
+                        "elbo_sum": elbo_sum, "count": count}, os.path.join(out, "result.pt"))
+    finally:
+        dist.destroy_process_group()
