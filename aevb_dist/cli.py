@@ -37,6 +37,58 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from aevb_dist.inference import evaluate
+
+    result = evaluate(args.checkpoint_uri, args.data_uri, num_importance_samples=args.num_importance_samples,
+                      num_workers=args.num_workers, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                      seed=args.seed, output_uri=args.output, endpoint_url=args.s3_endpoint_url,
+                      ray_address=args.ray_address)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from aevb_dist.inference import encode
+
+    rows = encode(args.checkpoint_uri, args.data_uri, args.output_uri, num_workers=args.num_workers,
+                  seed=args.seed, overwrite=args.overwrite, endpoint_url=args.s3_endpoint_url,
+                  ray_address=args.ray_address)
+    print(f"aevb-dist: wrote q(z|x) for {rows:,} examples to {args.output_uri}", file=sys.stderr)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from aevb_dist.plotting import plot_run
+
+    for uri in plot_run(args.run_uri, args.output, endpoint_url=args.s3_endpoint_url):
+        print(uri)
+    return 0
+
+
+def _cmd_variance(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from aevb_dist.dataset import EpochStream, ParquetDataset
+    from aevb_dist.evaluation import eval_binarization
+    from aevb_dist.gradient_variance import variance_report
+    from aevb_dist.inference import load_checkpoint_bytes, model_from_bytes
+
+    vae, saved = model_from_bytes(load_checkpoint_bytes(args.checkpoint_uri, args.s3_endpoint_url)[0])
+    data = ParquetDataset(args.data_uri, expected_dim=vae.input_dim, endpoint_url=args.s3_endpoint_url)
+    binarization = eval_binarization(vae.likelihood.name, saved["config"]["data"]["binarization"])
+    batch = next(iter(EpochStream(data, rank=0, world_size=1, batch_size=args.batch_size, epoch=0,
+                                  seed=args.seed, binarization=binarization)))
+    report = variance_report(vae, torch.from_numpy(batch.x), estimators=tuple(args.estimators),
+                             num_latent_samples=args.num_latent_samples, num_draws=args.num_draws, seed=args.seed)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aevb-dist",
@@ -72,6 +124,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split for sources without one")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at OUTPUT_URI")
     p.set_defaults(func=_cmd_prepare)
+
+    def add_cluster_args(p: argparse.ArgumentParser, workers: bool = True) -> None:
+        if workers:
+            p.add_argument("--num-workers", type=int, default=2, help="Ray tasks running at once (default 2)")
+            p.add_argument("--ray-address", default=None,
+                           help="join this Ray cluster (auto, ray://host:10001); default: an embedded local Ray")
+        p.add_argument("--s3-endpoint-url", default=None,
+                       help="S3-compatible endpoint for s3:// URIs (default: $AWS_ENDPOINT_URL)")
+
+    p = sub.add_parser("evaluate", help="dataset mean ELBO and importance-sampled log p(x), as JSON")
+    p.add_argument("checkpoint_uri", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("data_uri", help="a Parquet dataset split, e.g. data/mnist/test")
+    p.add_argument("--num-importance-samples", "-k", type=int, default=5000,
+                   help="K importance samples per example for log p(x) (default 5000; 0 skips log p(x))")
+    p.add_argument("--batch-size", type=int, default=100, help="examples per forward pass (default 100)")
+    p.add_argument("--chunk-size", type=int, default=500, help="importance samples per pass (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and the test binarization")
+    p.add_argument("--output", default=None, help="also write the JSON to this URI")
+    add_cluster_args(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("encode", help="write the posterior q(z|x) (mean, std) of every example as Parquet")
+    p.add_argument("checkpoint_uri", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("data_uri", help="a Parquet dataset split")
+    p.add_argument("output_uri", help="where to write part-*.parquet with index, label, mean, std")
+    p.add_argument("--seed", type=int, default=0, help="seed of the binarization for Bernoulli models")
+    p.add_argument("--overwrite", action="store_true", help="replace what is at OUTPUT_URI")
+    add_cluster_args(p)
+    p.set_defaults(func=_cmd_encode)
+
+    p = sub.add_parser("plot", help="PNGs: lower bound vs samples (Fig. 2), 2-D manifold (Fig. 4), samples")
+    p.add_argument("run_uri", help="a run folder: {run.storage_uri}/{run.name}")
+    p.add_argument("--output", default=None, help="folder for the PNGs (default RUN_URI/plots)")
+    add_cluster_args(p, workers=False)
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("variance", help="variance of the ELBO gradient under estimators A and B on one batch")
+    p.add_argument("checkpoint_uri", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("data_uri", help="a Parquet dataset split; the first batch of it is used")
+    p.add_argument("--batch-size", type=int, default=100, help="minibatch size M (default 100)")
+    p.add_argument("--num-draws", type=int, default=100, help="gradient draws per estimator (default 100)")
+    p.add_argument("--num-latent-samples", type=int, default=1, help="L per draw (default 1)")
+    p.add_argument("--estimators", nargs="+", default=["A", "B"], choices=["A", "B", "iwae"],
+                   help="estimators to compare (default A B)")
+    p.add_argument("--seed", type=int, default=0)
+    add_cluster_args(p, workers=False)
+    p.set_defaults(func=_cmd_variance)
     return parser
 
 

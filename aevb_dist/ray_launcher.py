@@ -8,7 +8,6 @@ upload cut off part way is skipped in favour of the last good one.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import tempfile
 import threading
@@ -18,12 +17,9 @@ import torch
 
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import Config, config_from_dict, to_dict, to_yaml
+from aevb_dist.ray_runtime import cluster_cpus, say, start_ray, stop_ray
 from aevb_dist.run_log import RunLog, progress_line, read_metrics
 from aevb_dist.training import Trainer, open_datasets, total_steps
-
-
-def _say(message: str) -> None:
-    print(f"aevb-dist: {message}", file=sys.stderr, flush=True)
 
 
 def run_uri(cfg: Config) -> str:
@@ -46,7 +42,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if latest is not None:
         note = trainer.load_state_dict(checkpoint.load(fs, latest, map_location=device))
         if note and rank == 0:
-            _say(f"warning: {note}")
+            say(f"warning: {note}")
     log = RunLog(run_uri(cfg), resume_step=trainer.state.step, total_steps=trainer.total_steps,
                  endpoint_url=cfg.run.s3_endpoint_url) if rank == 0 else None
 
@@ -102,25 +98,6 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _start_ray(cfg: Config) -> bool:
-    """Join the configured cluster, or start an embedded local Ray; True when we started it."""
-    if not cfg.ray.address:
-        # An embedded Ray serves this machine only: keep it on loopback (read when ray is imported),
-        # and let gloo use loopback too.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=cfg.ray.show_worker_logs)
-        return False
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=cfg.ray.show_worker_logs,
-             configure_logging=True, logging_level="WARNING")
-    return True
-
-
 class ProgressPrinter:
     """Prints new metrics.csv rows while the run goes; the workers' own logs stay in Ray's log files."""
 
@@ -158,12 +135,10 @@ class ProgressPrinter:
 
 
 def _cpus_per_worker(cfg: Config) -> float:
-    import ray
-
     if cfg.train.cpus_per_worker is not None:
         return cfg.train.cpus_per_worker
     # Our reader runs inside each worker (no Ray Data tasks), so workers may share all CPUs.
-    total = ray.cluster_resources().get("CPU", 1.0)
+    total = cluster_cpus()
     return max(total / cfg.train.num_workers if not cfg.ray.address else 1.0, 0.01)
 
 
@@ -183,16 +158,16 @@ def _user_error(err: Exception) -> Exception:
 def _announce_resume(cfg: Config, steps: int) -> int:
     """The step the run resumes from (0 for a new run), said aloud."""
     fs, path = storage.resolve(run_uri(cfg), cfg.run.s3_endpoint_url)
-    latest = checkpoint.latest(fs, path, warn=lambda m: _say(f"warning: {m}"))
+    latest = checkpoint.latest(fs, path, warn=lambda m: say(f"warning: {m}"))
     if latest is None:
         return 0
     step = checkpoint.manifest_step(fs, latest)
     name = latest.rsplit("/", 1)[-1]
     if step >= steps:
-        _say(f"{run_uri(cfg)} is already at step {step} of {steps} ({name}); nothing to train. "
+        say(f"{run_uri(cfg)} is already at step {step} of {steps} ({name}); nothing to train. "
              "Raise train.max_steps or train.num_epochs to continue")
     else:
-        _say(f"resuming {cfg.run.name} from {name} (step {step} of {steps})")
+        say(f"resuming {cfg.run.name} from {name} (step {step} of {steps})")
     return step
 
 
@@ -219,11 +194,11 @@ def train(cfg: Config) -> dict:
     steps = total_steps(train_data, cfg, cfg.train.num_workers)
     if _announce_resume(cfg, steps) >= steps:
         return _last_metrics(cfg)
-    started = _start_ray(cfg)
+    started = start_ray(cfg.ray.address, cfg.ray.show_worker_logs)
     try:
         cpus = _cpus_per_worker(cfg)
         threads = max(1, math.floor(cpus + 1e-6))
-        _say(f"training {cfg.run.name}: {cfg.train.num_workers} worker(s) × {cpus:g} CPU, "
+        say(f"training {cfg.run.name}: {cfg.train.num_workers} worker(s) × {cpus:g} CPU, "
              f"{threads} thread(s) each, {train_data.num_rows:,} training examples → {run_uri(cfg)}")
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -241,10 +216,9 @@ def train(cfg: Config) -> dict:
         except ray.train.TrainingFailedError as err:
             raise _user_error(err) from None
     finally:
-        if started:
-            ray.shutdown()
+        stop_ray(started)
     last = _last_metrics(cfg)
-    _say(f"done: {run_uri(cfg)} (step {last.get('step', 0)}, test ELBO {last.get('test_elbo', float('nan')):.2f})")
+    say(f"done: {run_uri(cfg)} (step {last.get('step', 0)}, test ELBO {last.get('test_elbo', float('nan')):.2f})")
     return last
 
 

@@ -50,7 +50,10 @@ def resolve(uri: str, endpoint_url: Optional[str] = None) -> tuple[fsspec.Abstra
             config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}},
         )
         return fs, uri[len("s3://"):].rstrip("/")
-    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except ImportError as err:
+        raise ValueError(f"{uri}: {scheme}:// needs an fsspec backend that is not installed ({err})") from None
     return fs, path.rstrip("/") if path != "/" else path
 
 

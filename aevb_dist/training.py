@@ -104,7 +104,7 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"model": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "state": dataclasses.asdict(self.state)}
+                "state": dataclasses.asdict(self.state), "image_shape": list(self.train_data.shape)}
 
     def load_state_dict(self, saved: dict) -> Optional[str]:
         """Restore everything; returns a warning when the data position cannot carry over."""

@@ -235,3 +235,41 @@ def test_binarization_dynamic_static_none(uneven_dataset):
     # A pure function of the example: the same pixels whatever batch the example lands in.
     half = binarize(type(batch)(batch.x[50:], batch.index[50:]), "dynamic", seed=0, epoch=0)
     np.testing.assert_array_equal(half.x, d0.x[50:])
+
+
+def _write_idx(path, array):
+    import gzip
+    codes = {np.dtype(np.uint8): 0x08}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def test_fashion_mnist_idx_folder(tmp_path):
+    """Fashion-MNIST ships in MNIST's IDX layout; a small folder made here, and Debian's when installed."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    images = {s: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for s, n in (("train", 30), ("t10k", 10))}
+    for prefix, imgs in images.items():
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", imgs)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, len(imgs), dtype=np.uint8))
+    assert prepare(str(folder), str(tmp_path / "out"), fmt="fashion-mnist", **quiet) == {"train": 30, "test": 10}
+    got = ParquetDataset(str(tmp_path / "out" / "test")).read_all()
+    np.testing.assert_allclose(got.x, images["t10k"].reshape(10, 784)[got.index] / 255.0, atol=1e-7)
+    truncated = tmp_path / "trunc"
+    truncated.mkdir()
+    _write_idx(truncated / "train-images-idx3-ubyte.gz", images["train"])
+    import gzip
+    raw = gzip.open(truncated / "train-images-idx3-ubyte.gz").read()
+    with gzip.open(truncated / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(raw[:-100])
+    with pytest.raises(ValueError, match="IDX header says"):
+        prepare(str(truncated), str(tmp_path / "out2"), split="train", **quiet)
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_debian_fashion_mnist(tmp_path):
+    counts = prepare("/usr/share/datasets/fashion-mnist", str(tmp_path / "f"), fmt="fashion-mnist", **quiet)
+    assert counts == {"train": 60_000, "test": 10_000}

@@ -1,6 +1,5 @@
 """Gradients reduced as sums over a real gloo process group equal the global-minibatch gradient."""
 
-import os
 
 import numpy as np
 import pytest

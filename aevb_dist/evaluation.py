@@ -1,0 +1,108 @@
+"""Dataset-level ELBO, importance-sampled log p(x) and posterior encodings, row group by row group.
+
+No Ray here: `inference.py` deals row groups to Ray tasks and adds up what they return.
+Results are sums, sums of squares and counts (divided once, at the end), and the noise
+for a row group is seeded by (seed, row group), so the dataset result does not depend on
+how many workers computed it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from aevb_dist.dataset import Batch, ParquetDataset, binarize
+from aevb_dist.elbo import sgvb_b
+from aevb_dist.marginal_likelihood import log_marginal_likelihood
+from aevb_dist.vae import VAE
+
+
+@dataclass
+class Sums:
+    count: int = 0
+    elbo: float = 0.0
+    elbo_sq: float = 0.0
+    log_px: float = 0.0
+    log_px_sq: float = 0.0
+
+    def __add__(self, other: "Sums") -> "Sums":
+        return Sums(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def summary(self) -> dict:
+        """Means and standard errors of the mean over examples."""
+        if self.count == 0:
+            raise ValueError("no examples were evaluated")
+
+        def mean_sem(total: float, total_sq: float) -> tuple[float, float]:
+            mean = total / self.count
+            var = max(total_sq / self.count - mean * mean, 0.0) * self.count / max(self.count - 1, 1)
+            return mean, math.sqrt(var / self.count)
+
+        elbo, elbo_sem = mean_sem(self.elbo, self.elbo_sq)
+        out = {"elbo": elbo, "elbo_sem": elbo_sem, "num_examples": self.count}
+        if self.log_px or self.log_px_sq:
+            out["log_marginal_likelihood"], out["log_marginal_likelihood_sem"] = mean_sem(self.log_px, self.log_px_sq)
+        return out
+
+
+def eval_binarization(likelihood: str, train_binarization: str) -> str:
+    """Bernoulli models are evaluated on one fixed (seeded) binarization; others on intensities."""
+    return "none" if likelihood != "bernoulli" or train_binarization == "none" else "static"
+
+
+def unit_generator(seed: int, unit_id: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 7_919 + unit_id * 104_729 + 17)
+
+
+def _batches(dataset: ParquetDataset, unit_id: int, batch_size: int, binarization: str, seed: int):
+    batch = binarize(dataset.read(dataset.units[unit_id]), binarization, seed=seed, epoch=0)
+    for start in range(0, len(batch), batch_size):
+        stop = start + batch_size
+        yield Batch(batch.x[start:stop], batch.index[start:stop],
+                    None if batch.label is None else batch.label[start:stop])
+
+
+@torch.no_grad()
+def evaluate_units(vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, num_importance_samples: int,
+                   chunk_size: int = 500, batch_size: int = 100, binarization: str = "static", seed: int = 0,
+                   on_unit: Optional[Callable[[int], None]] = None) -> Sums:
+    """ELBO (estimator B, L=1) and, with K > 0, importance-sampled log p(x) over the given row groups."""
+    vae.eval()
+    total = Sums()
+    for uid in unit_ids:
+        gen = unit_generator(seed, uid)
+        for batch in _batches(dataset, uid, batch_size, binarization, seed):
+            x = torch.from_numpy(batch.x)
+            elbo = sgvb_b(vae, x, 1, generator=gen).double()
+            total += Sums(count=len(batch), elbo=elbo.sum().item(), elbo_sq=elbo.pow(2).sum().item())
+            if num_importance_samples > 0:
+                log_px = log_marginal_likelihood(vae, x, num_importance_samples, chunk_size, generator=gen).double()
+                total += Sums(log_px=log_px.sum().item(), log_px_sq=log_px.pow(2).sum().item())
+        if on_unit is not None:
+            on_unit(dataset.units[uid].num_rows)
+    return total
+
+
+@torch.no_grad()
+def encode_units(vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, binarization: str, seed: int,
+                 batch_size: int = 1000) -> dict[str, np.ndarray]:
+    """Posterior q_φ(z|x) per example: mean and standard deviation [N, Z], with index and label."""
+    vae.eval()
+    parts: dict[str, list[np.ndarray]] = {"index": [], "label": [], "mean": [], "std": []}
+    for uid in unit_ids:
+        for batch in _batches(dataset, uid, batch_size, binarization, seed):
+            mean, logvar = vae.encode(torch.from_numpy(batch.x))
+            parts["index"].append(batch.index)
+            parts["mean"].append(mean.numpy())
+            parts["std"].append(torch.exp(0.5 * logvar).numpy())
+            if batch.label is not None:
+                parts["label"].append(batch.label)
+    out = {k: np.concatenate(v) for k, v in parts.items() if v}
+    if "mean" not in out:
+        out.update(index=np.zeros(0, np.int64), mean=np.zeros((0, vae.latent_dim), np.float32),
+                   std=np.zeros((0, vae.latent_dim), np.float32))
+    return out

@@ -1,0 +1,95 @@
+"""`aevb-dist plot`: the paper's Figure 2 (lower bound against samples seen), Figure 4 (the
+learned 2-D manifold) and a grid of samples, as PNGs."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from aevb_dist import storage
+from aevb_dist.inference import load_checkpoint_bytes, model_from_bytes
+from aevb_dist.run_log import read_metrics
+
+
+def _figure_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def learning_curve(rows: list[dict], title: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, style in (("train_elbo", "train", "-"), ("test_elbo", "test", "o--")):
+        pts = [(r["samples_seen"], r[key]) for r in rows if r["samples_seen"] > 0 and math.isfinite(r[key])]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label, markersize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("# training samples evaluated")
+    ax.set_ylabel("lower bound per datapoint (ELBO)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def image_grid(images: np.ndarray, shape: list[int], cols: int, title: str):
+    import matplotlib.pyplot as plt
+
+    h, w = (shape + [1])[:2] if len(shape) >= 2 else (1, shape[0])
+    rows = math.ceil(len(images) / cols)
+    canvas = np.ones((rows * h, cols * w), dtype=np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img.reshape(h, w)
+    fig, ax = plt.subplots(figsize=(cols * w / 28 * 0.6 + 1, rows * h / 28 * 0.6 + 0.6))
+    ax.imshow(np.clip(canvas, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title)
+    return fig
+
+
+def manifold_codes(n: int) -> torch.Tensor:
+    """Figure 4: a grid of z whose coordinates are N(0, 1)'s inverse CDF at evenly spaced quantiles."""
+    quantiles = torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64)
+    coords = torch.distributions.Normal(0.0, 1.0).icdf(quantiles).float()
+    zy, zx = torch.meshgrid(coords.flip(0), coords, indexing="ij")
+    return torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1)
+
+
+def plot_run(run_uri: str, output_uri: Optional[str] = None, *, endpoint_url: Optional[str] = None,
+             seed: int = 0) -> list[str]:
+    """Write the PNGs for a run folder; returns their URIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fs, path = storage.resolve(run_uri, endpoint_url)
+    rows = read_metrics(fs, f"{path}/metrics.csv")
+    if not rows:
+        raise ValueError(f"{run_uri}: no metrics.csv rows; is this a run folder made by `aevb-dist train`?")
+    state_bytes, _ = load_checkpoint_bytes(run_uri, endpoint_url)
+    vae, saved = model_from_bytes(state_bytes)
+    shape = saved.get("image_shape") or [vae.input_dim]
+    out_uri = output_uri or storage.join(run_uri, "plots")
+    out_fs, out_path = storage.resolve(out_uri, endpoint_url)
+    out_fs.makedirs(out_path, exist_ok=True)
+    name = run_uri.rstrip("/").rsplit("/", 1)[-1]
+    figures = {"learning_curve.png": learning_curve(rows, f"{name}: Nz={vae.latent_dim}")}
+    samples = vae.sample(100, generator=torch.Generator().manual_seed(seed)).numpy()
+    figures["samples.png"] = image_grid(samples, shape, 10, f"samples from p(x|z), z ~ p(z) (step {rows[-1]['step']})")
+    if vae.latent_dim == 2:
+        means = vae.decode_mean(manifold_codes(20)).numpy()
+        figures["manifold.png"] = image_grid(means, shape, 20, "learned 2-D manifold (Figure 4)")
+    written = []
+    for filename, fig in figures.items():
+        out_fs.pipe_file(f"{out_path}/{filename}", _figure_bytes(fig))
+        plt.close(fig)
+        written.append(storage.join(out_uri, filename))
+    return written

@@ -1,0 +1,82 @@
+"""Starting Ray (embedded or a cluster) and running row-group tasks on it, with progress."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+
+def say(message: str) -> None:
+    print(f"aevb-dist: {message}", file=sys.stderr, flush=True)
+
+
+def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
+    """Join the cluster at `address`, or start an embedded local Ray; True when we started it."""
+    if not address:
+        # An embedded Ray serves this machine only: keep it on loopback (read when ray is imported),
+        # and let gloo use loopback too.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        # Ray Train's controller polls its workers; the default 2 s adds seconds to every short run.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=show_worker_logs)
+        return False
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_worker_logs,
+             configure_logging=True, logging_level="WARNING")
+    return True
+
+
+def stop_ray(started: bool) -> None:
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("CPU", 1.0)
+
+
+def run_tasks(remote_fn, arg_lists: list[tuple], *, max_in_flight: int, num_cpus: float,
+              on_done: Callable[[int, Any], None]) -> None:
+    """Run `remote_fn(*args)` for each args tuple, at most `max_in_flight` at once; `on_done(i, result)`."""
+    import ray
+
+    task = ray.remote(num_cpus=num_cpus, max_retries=2)(remote_fn)
+    pending: dict = {}
+    next_i = 0
+    while next_i < len(arg_lists) or pending:
+        while next_i < len(arg_lists) and len(pending) < max_in_flight:
+            pending[task.remote(*arg_lists[next_i])] = next_i
+            next_i += 1
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            on_done(pending.pop(ref), ray.get(ref))
+
+
+class Progress:
+    """A line per update on stderr: done/total, rate, and time left."""
+
+    def __init__(self, what: str, total: int, unit: str = "examples", min_interval_s: float = 2.0):
+        self.what, self.total, self.unit, self.min_interval_s = what, total, unit, min_interval_s
+        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.min_interval_s or self.done >= self.total:
+            self.last = now
+            elapsed = now - self.start
+            rate = self.done / max(elapsed, 1e-9)
+            left = (self.total - self.done) / rate if rate > 0 else float("inf")
+            say(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} | {rate:,.0f}/s | "
+                f"{elapsed:,.0f} s elapsed, ~{left:,.0f} s left")
