@@ -89,6 +89,13 @@ def _cmd_variance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from aevb_dist.quickstart import quickstart
+
+    quickstart(args.output, args.dataset)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aevb-dist",
@@ -101,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. train.num_workers=2 run.name=exp1")
+
+    p = sub.add_parser("quickstart", help="prepare bundled data, train with 2 workers, evaluate and plot (~1 min)")
+    p.add_argument("--output", default="aevb-quickstart", help="folder for data, run and plots (default ./aevb-quickstart)")
+    p.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits",
+                   help="scikit-learn's 8x8 digits (default), or Debian's Fashion-MNIST if installed")
+    p.set_defaults(func=_cmd_quickstart)
 
     p = sub.add_parser("config", help="print the resolved, validated config")
     add_config_args(p)
@@ -168,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-latent-samples", type=int, default=1, help="L per draw (default 1)")
     p.add_argument("--estimators", nargs="+", default=["A", "B"], choices=["A", "B", "iwae"],
                    help="estimators to compare (default A B)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise, the batch choice and the binarization")
     add_cluster_args(p, workers=False)
     p.set_defaults(func=_cmd_variance)
     return parser
