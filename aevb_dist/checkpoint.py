@@ -27,7 +27,8 @@ def save(folder: str, state: dict, config: dict[str, Any]) -> None:
     with open(os.path.join(folder, STATE), "wb") as f:
         f.write(payload)
     manifest = {"format_version": FORMAT_VERSION, "step": state["state"]["step"], "file": STATE,
-                "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+                "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+                "model": config.get("model", {})}
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f)
 
@@ -63,8 +64,12 @@ def load(fs, folder: str, map_location: str = "cpu") -> dict:
     return torch.load(io.BytesIO(fs.cat_file(f"{folder}/{STATE}")), map_location=map_location, weights_only=False)
 
 
+def read_manifest(fs, folder: str) -> dict:
+    return json.loads(fs.cat_file(f"{folder}/{MANIFEST}"))
+
+
 def manifest_step(fs, folder: str) -> int:
-    return int(json.loads(fs.cat_file(f"{folder}/{MANIFEST}"))["step"])
+    return int(read_manifest(fs, folder)["step"])
 
 
 def checkpoint_name(step: int) -> str:

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint_uri", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("data_uri", help="a Parquet dataset split, e.g. data/mnist/test")
     p.add_argument("--num-importance-samples", "-k", type=int, default=5000,
-                   help="K importance samples per example for log p(x) (default 5000; 0 skips log p(x))")
+                   help="K importance samples per example for log p(x) (default 5000)")
     p.add_argument("--batch-size", type=int, default=100, help="examples per forward pass (default 100)")
     p.add_argument("--chunk-size", type=int, default=500, help="importance samples per pass (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and the test binarization")

@@ -83,8 +83,9 @@ def _workers_and_threads(num_workers: int) -> tuple[float, int]:
 def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int = 5000, num_workers: int = 2,
              batch_size: int = 100, chunk_size: int = 500, seed: int = 0, output_uri: Optional[str] = None,
              endpoint_url: Optional[str] = None, ray_address: Optional[str] = None) -> dict:
-    if num_importance_samples < 0:
-        raise ValueError(f"--num-importance-samples={num_importance_samples} must be >= 1 (0 skips log p(x))")
+    if num_importance_samples < 1:
+        raise ValueError(f"--num-importance-samples={num_importance_samples} must be at least 1 "
+                         "(log p(x) is estimated from K >= 1 importance samples; 5000 is the literature's choice)")
     if num_workers < 1:
         raise ValueError(f"--num-workers={num_workers} must be at least 1")
     data_uri = absolute(data_uri)

@@ -161,14 +161,26 @@ def _announce_resume(cfg: Config, steps: int) -> int:
     latest = checkpoint.latest(fs, path, warn=lambda m: say(f"warning: {m}"))
     if latest is None:
         return 0
-    step = checkpoint.manifest_step(fs, latest)
-    name = latest.rsplit("/", 1)[-1]
+    manifest = checkpoint.read_manifest(fs, latest)
+    step, name = int(manifest["step"]), latest.rsplit("/", 1)[-1]
+    _check_same_model(cfg, manifest.get("model"), name)
     if step >= steps:
         say(f"{run_uri(cfg)} is already at step {step} of {steps} ({name}); nothing to train. "
              "Raise train.max_steps or train.num_epochs to continue")
     else:
         say(f"resuming {cfg.run.name} from {name} (step {step} of {steps})")
     return step
+
+
+def _check_same_model(cfg: Config, saved_model: Optional[dict], name: str) -> None:
+    if not saved_model:
+        return
+    current = to_dict(cfg)["model"]
+    changed = [f"model.{k}: {saved_model[k]} in {name}, {current[k]} now"
+               for k in current if k in saved_model and saved_model[k] != current[k] and k != "init_std"]
+    if changed:
+        raise ValueError(f"{run_uri(cfg)} holds a checkpoint of a different model ({'; '.join(changed)}); "
+                         "use another run.name, or the model settings it was trained with")
 
 
 def absolute_local_uris(cfg: Config) -> Config:

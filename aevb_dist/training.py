@@ -163,6 +163,13 @@ class Trainer:
         self.state.skipped_steps += 1
         return math.nan, 0
 
+    def _check_parameters_finite(self) -> None:
+        """Never write a corrupted checkpoint: parameters that went non-finite stop the run here."""
+        if not all(torch.isfinite(p).all() for p in self.params):
+            raise NonFiniteError(f"model parameters became non-finite by step {self.state.step}; not saving a "
+                                 "corrupted checkpoint (the last good one stays the one a resume uses). "
+                                 "Lower optim.lr")
+
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, data: ParquetDataset, estimator: str = "B", num_samples: int = 1) -> float:
@@ -203,6 +210,7 @@ class Trainer:
                 window["steps"] += 1
                 row = self._maybe_log(window, on_log)
                 if s.step % self.cfg.checkpoint.every_steps == 0 or s.step >= self.total_steps:
+                    self._check_parameters_finite()
                     on_checkpoint(self.state_dict(), row)
                 if s.step >= self.total_steps:
                     break

@@ -62,8 +62,9 @@ def test_evaluate_cli_prints_json_and_writes_output(trained, tmp_path):
 
 
 def test_evaluate_rejects_bad_arguments(trained, tmp_path):
-    with pytest.raises(ValueError, match="must be >= 1"):
-        evaluate(trained["run"], trained["test"], num_importance_samples=-1)
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            evaluate(trained["run"], trained["test"], num_importance_samples=k)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         evaluate(str(tmp_path / "nope"), trained["test"])
     (tmp_path / "empty_run").mkdir()

@@ -1,0 +1,218 @@
+"""Faults injected for real: a worker killed, the driver killed, a checkpoint cut off, numbers gone bad,
+and every bad input answered in one line."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from aevb_dist import checkpoint, storage
+from aevb_dist.config import load_config
+from aevb_dist.dataset import Batch
+from aevb_dist.ray_launcher import train
+from aevb_dist.run_log import read_metrics
+from aevb_dist.training import NonFiniteError, Trainer
+from conftest import SMOKE, tiny_overrides
+from test_training import assert_bitwise_equal, final_state
+
+# A run slow enough to be interrupted part way: wider layers, many steps.
+SLOW = {"model.hidden_sizes": "[256,256]", "train.batch_size_per_worker": 64, "train.max_steps": 600,
+        "train.log_every_steps": 10, "train.eval_every_steps": 0, "checkpoint.every_steps": 100}
+
+
+def wait_for(predicate, timeout=120.0, interval=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    raise TimeoutError("condition not reached")
+
+
+def logged_step(run_dir: str) -> int:
+    fs, path = storage.resolve(run_dir)
+    try:
+        rows = read_metrics(fs, f"{path}/metrics.csv")
+    except Exception:
+        return 0
+    return rows[-1]["step"] if rows else 0
+
+
+def our_train_workers():
+    me = psutil.Process(os.getpid())
+    return [p for p in me.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline()[:1])]
+
+
+def check_metrics_contiguous(run_dir: str, every: int, last: int) -> None:
+    fs, path = storage.resolve(run_dir)
+    steps = [r["step"] for r in read_metrics(fs, f"{path}/metrics.csv")]
+    assert steps == list(range(every, last + 1, every)), steps
+
+
+def test_a_killed_worker_costs_at_most_one_checkpoint_interval(ray_local, tiny_data, tmp_path):
+    common = tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2, "train.max_failures": 1})
+    cfg = load_config(SMOKE, common + ["run.name=killed"])
+    errors = []
+    runner = threading.Thread(target=lambda: _capture(errors, train, cfg))
+    runner.start()
+    wait_for(lambda: logged_step(f"{tmp_path}/killed") >= 150)  # mid-epoch, past the checkpoint at 100
+    victims = our_train_workers()
+    assert len(victims) == 2
+    victims[1].send_signal(signal.SIGKILL)
+    runner.join(timeout=300)
+    assert not runner.is_alive() and not errors, errors
+    state = final_state(f"{tmp_path}/killed")
+    assert state["state"]["step"] == 600
+    check_metrics_contiguous(f"{tmp_path}/killed", 10, 600)
+    # And the recovered run is the uninterrupted run, bit for bit.
+    train(load_config(SMOKE, common + ["run.name=straight"]))
+    assert_bitwise_equal(final_state(f"{tmp_path}/straight"), state)
+
+
+def _capture(errors, fn, *args):
+    try:
+        fn(*args)
+    except BaseException as err:  # noqa: BLE001 - reported to the test thread
+        errors.append(err)
+
+
+def aevb(*args, env=None, **kwargs):
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True,
+                          env=env, **kwargs)
+
+
+def test_a_killed_driver_resumes_from_the_latest_complete_checkpoint(tiny_data, tmp_path):
+    args = ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2}),
+            "run.name=driver"]
+    driver = subprocess.Popen([sys.executable, "-m", "aevb_dist", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    fs, path = storage.resolve(f"{tmp_path}/driver")
+    try:
+        wait_for(lambda: checkpoint.latest(fs, path) is not None and logged_step(f"{tmp_path}/driver") > 150,
+                 timeout=180)
+        cluster = [p for p in psutil.Process(driver.pid).children(recursive=True)
+                   if any(n in p.name() + " ".join(p.cmdline()[:1])
+                          for n in ("RayTrainWorker", "TrainController", "raylet", "gcs_server"))]
+        assert len(cluster) >= 4
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    # The embedded Ray's training processes die with their driver: none keeps writing into the run folder.
+    _, alive = psutil.wait_procs(cluster, timeout=60)
+    assert not alive, [p.cmdline()[:1] for p in alive]
+    saved = checkpoint.manifest_step(fs, checkpoint.latest(fs, path))
+    assert 100 <= saved < 600
+    again = aevb(*args, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming driver from checkpoint_{saved:010d}" in again.stderr
+    assert checkpoint.manifest_step(fs, checkpoint.latest(fs, path)) == 600
+    check_metrics_contiguous(f"{tmp_path}/driver", 10, 600)
+
+
+def test_a_checkpoint_cut_off_part_way_is_never_resumed_from(ray_local, tiny_data, tmp_path):
+    common = tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1, "checkpoint.every_steps": 4,
+                                                         "checkpoint.keep_last": 5})
+    train(load_config(SMOKE, common + ["run.name=cut", "train.max_steps=12"]))
+    fs, path = storage.resolve(f"{tmp_path}/cut")
+    newest = f"{path}/{checkpoint.checkpoint_name(12)}"
+    payload = fs.cat_file(f"{newest}/state.pt")
+    fs.pipe_file(f"{newest}/state.pt", payload[: len(payload) // 2])  # an upload cut off half way
+    os.makedirs(f"{path}/{checkpoint.checkpoint_name(13)}")  # a folder whose manifest never arrived
+    with open(f"{path}/{checkpoint.checkpoint_name(13)}/state.pt", "wb") as f:
+        f.write(payload)
+    warnings = []
+    assert checkpoint.latest(fs, path, warn=warnings.append) == f"{path}/{checkpoint.checkpoint_name(8)}"
+    assert any("does not match its checksum" in w for w in warnings)
+    assert any("no readable manifest.json" in w for w in warnings)
+    with pytest.raises(ValueError, match="is not usable"):
+        checkpoint.load(fs, newest)
+    train(load_config(SMOKE, common + ["run.name=cut", "train.max_steps=16"]))
+    train(load_config(SMOKE, common + ["run.name=straight", "train.max_steps=16"]))
+    assert_bitwise_equal(final_state(f"{tmp_path}/straight"), final_state(f"{tmp_path}/cut"))
+
+
+def test_non_finite_step_stops_with_the_step_or_is_skipped_and_counted(tiny_data, tmp_path):
+    base = tiny_overrides(tiny_data, str(tmp_path), **{"model.likelihood": "gaussian",
+                                                       "data.binarization": "none"})
+    bad = Batch(np.full((4, 16), 1e30, np.float32), np.arange(4))  # (x − μ)² overflows: an inf objective
+    good = Batch(np.random.default_rng(0).random((4, 16)).astype(np.float32), np.arange(4))
+    trainer = Trainer(load_config(SMOKE, base))
+    with pytest.raises(NonFiniteError, match=r"non-finite objective or gradient at step 0 \(epoch 0, batch 0"):
+        trainer.train_step(bad)
+    trainer = Trainer(load_config(SMOKE, base + ["train.on_nonfinite=skip"]))
+    before = [p.detach().clone() for p in trainer.params]
+    assert trainer.train_step(bad)[1] == 0 and trainer.state.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))  # nothing applied
+    assert trainer.train_step(good)[1] == 4
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+
+
+def _one_line_error(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if ": error: " in line]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_diverging_training_fails_with_the_step_and_keeps_no_corrupt_checkpoint(tiny_data, tmp_path):
+    args = ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1}),
+            "run.name=diverge", "optim.name=sgd", "optim.lr=1e30", "train.max_steps=8"]
+    line = _one_line_error(aevb(*args, timeout=300))
+    assert "non-finite" in line and "step" in line
+    fs, path = storage.resolve(f"{tmp_path}/diverge")
+    latest = checkpoint.latest(fs, path)
+    if latest is not None:  # any checkpoint that was written holds finite parameters
+        assert all(torch.isfinite(v).all() for v in checkpoint.load(fs, latest)["model"].values())
+
+
+def test_bad_inputs_are_answered_in_one_line(ray_local, tiny_data, tmp_path, s3_endpoint):
+    base = ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path))]
+    cases = [
+        (["train.frobnicate=1"], "unknown config key 'train.frobnicate'"),
+        (["train.num_workers=lots"], "'train.num_workers' has the wrong type"),
+        (["train.batch_size_per_worker=-5"], "must be a positive number"),
+        (["model.latent_dim=0"], "must be a positive number"),
+        (["run.storage_uri=ftp://host/runs"], "unknown scheme 'ftp://'"),
+        (["run.storage_uri=s3://aevb-test/runs", "run.s3_endpoint_url=http://127.0.0.1:9"], "cannot reach"),
+        ([f"data.train_uri={tmp_path}"], "no Parquet files found"),
+        (["model.input_dim=20"], "width 16 but the model expects model.input_dim=20"),
+    ]
+    for extra, message in cases:
+        assert message in _one_line_error(aevb(*base, *extra, timeout=120)), extra
+    no_creds = {k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    proc = aevb(*base, "run.storage_uri=s3://aevb-test/runs", f"run.s3_endpoint_url={s3_endpoint}",
+                env={**no_creds, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"},
+                timeout=120)
+    assert "credentials" in _one_line_error(proc).lower()
+    # A checkpoint of another model shape, found before any worker starts.
+    train(load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path)) + ["run.name=shape", "train.max_steps=4"]))
+    line = _one_line_error(aevb(*base, "run.name=shape", "model.hidden_sizes=[12]", "train.max_steps=8",
+                                timeout=120))
+    assert "holds a checkpoint of a different model" in line and "model.hidden_sizes" in line
+    # evaluate: K=0 and a schema mismatch.
+    assert "must be at least 1" in _one_line_error(aevb("evaluate", f"{tmp_path}/shape", f"{tiny_data}/test",
+                                                        "-k", "0", timeout=120))
+    debug = aevb("--debug", "train", SMOKE, "train.frobnicate=1", timeout=60)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug shows the traceback
+
+
+def test_credentials_never_reach_the_run_folder(tiny_data, tmp_path):
+    secret = "PLANTED-SECRET-6f1c2d"
+    proc = aevb("train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1}),
+                "run.name=secret", "train.max_steps=6", env={"AWS_SECRET_ACCESS_KEY": secret,
+                                                             "AWS_SESSION_TOKEN": secret}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert secret not in proc.stdout + proc.stderr
+    for root, _, files in os.walk(tmp_path / "secret"):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert secret.encode() not in f.read(), name
