@@ -96,6 +96,21 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from aevb_dist.config import load_config
+    from aevb_dist.submit import submit
+
+    cfg = load_config(args.config, args.overrides)  # a bad config never reaches the cluster
+    _, status = submit(cfg, address=args.address, entrypoint=args.entrypoint, wait=not args.no_wait, pip=args.pip)
+    return status
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from aevb_dist.submit import jobs
+
+    return jobs(args.action, args.job_id, args.address)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aevb-dist",
@@ -146,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--s3-endpoint-url", default=None,
                        help="S3-compatible endpoint for s3:// URIs (default: $AWS_ENDPOINT_URL)")
 
+    p = sub.add_parser("submit", help="submit training (or another command) to a Ray cluster as a Ray Job")
+    add_config_args(p)
+    p.add_argument("--address", default=None,
+                   help="the Ray job server, http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS or 127.0.0.1:8265)")
+    p.add_argument("--entrypoint", default=None,
+                   help="run this aevb-dist command instead of training, e.g. \"evaluate s3://b/runs/x s3://b/test\"")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return; do not follow the logs")
+    p.add_argument("--pip", action="store_true",
+                   help="install this machine's versions of the requirements in the job's runtime environment")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("jobs", help="list, status, logs, follow or stop Ray Jobs")
+    p.add_argument("action", choices=["list", "status", "logs", "follow", "stop"], help="what to do")
+    p.add_argument("job_id", nargs="?", default=None, help="the job id printed by `aevb-dist submit`")
+    p.add_argument("--address", default=None,
+                   help="the Ray job server, http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS or 127.0.0.1:8265)")
+    p.set_defaults(func=_cmd_jobs)
+
     p = sub.add_parser("evaluate", help="dataset mean ELBO and importance-sampled log p(x), as JSON")
     p.add_argument("checkpoint_uri", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("data_uri", help="a Parquet dataset split, e.g. data/mnist/test")
@@ -189,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may come after options (`submit CONFIG --address URL train.max_steps=9`).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:

@@ -13,7 +13,9 @@ def say(message: str) -> None:
 
 
 def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
-    """Join the cluster at `address`, or start an embedded local Ray; True when we started it."""
+    """Join the cluster at `address` (or $RAY_ADDRESS, set inside Ray Jobs), or start an embedded
+    local Ray; True when we started it."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         # An embedded Ray serves this machine only: keep it on loopback (read when ray is imported),
         # and let gloo use loopback too.
@@ -28,8 +30,9 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
     if address:
         ray.init(address=address, log_to_driver=show_worker_logs)
         return False
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_worker_logs,
-             configure_logging=True, logging_level="WARNING")
+    # address="local": always a new embedded cluster, never one that `ray start` left on this machine.
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+             log_to_driver=show_worker_logs, configure_logging=True, logging_level="WARNING")
     return True
 
 

@@ -1,0 +1,126 @@
+"""`aevb-dist submit` and `aevb-dist jobs`: training and evaluation as Ray Jobs.
+
+The config is validated here, before anything reaches the cluster. The job gets a
+working directory holding the resolved config, this very `aevb_dist` package as a
+py_module, optionally pinned requirements, and the storage credentials of this shell
+as environment variables (passed through, never printed or written to the run folder).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import tempfile
+import uuid
+from importlib import metadata
+from typing import Optional
+
+from aevb_dist.config import Config, to_yaml
+from aevb_dist.ray_runtime import say
+
+# Credentials and endpoints a job needs to reach cloud storage; values are never printed.
+PASS_THROUGH_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                    "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS")
+REQUIREMENTS = ("torch", "pyarrow", "fsspec", "omegaconf", "numpy", "scipy", "s3fs", "tensorboard", "matplotlib")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+def job_address(address: Optional[str]) -> str:
+    return address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+
+
+def pinned_requirements() -> list[str]:
+    pins = []
+    for name in REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def runtime_env(working_dir: str, *, pip: bool) -> dict:
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {"working_dir": working_dir, "py_modules": [package_dir],
+           "env_vars": {k: os.environ[k] for k in PASS_THROUGH_ENV if os.environ.get(k)}}
+    if pip:
+        env["pip"] = pinned_requirements()
+    return env
+
+
+def _client(address: Optional[str]):
+    from ray.job_submission import JobSubmissionClient
+
+    url = job_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except Exception as err:  # ConnectionError and friends, from requests or Ray
+        raise ValueError(f"cannot reach the Ray job server at {url} ({type(err).__name__}); start a head "
+                         "(`ray start --head`) or pass --address http://HEAD:8265") from None
+
+
+def submit(cfg: Config, *, address: Optional[str] = None, entrypoint: Optional[str] = None, wait: bool = True,
+           pip: bool = False) -> tuple[str, int]:
+    """Submit a job; returns (job id, exit status: 0 when it succeeded or when not waiting)."""
+    from aevb_dist.ray_launcher import absolute_local_uris
+
+    cfg = absolute_local_uris(cfg)  # a local head shares this machine's paths
+    client = _client(address)
+    with tempfile.TemporaryDirectory(prefix="aevb-job-") as working_dir:
+        with open(os.path.join(working_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+        args = ["train", "config.yaml"] if entrypoint is None else shlex.split(entrypoint)
+        job_id = client.submit_job(
+            entrypoint="python -m aevb_dist " + " ".join(shlex.quote(a) for a in args),
+            runtime_env=runtime_env(working_dir, pip=pip),
+            submission_id=f"aevb-{cfg.run.name}-{uuid.uuid4().hex[:8]}",
+            metadata={"aevb.run_name": cfg.run.name})
+    print(job_id, flush=True)
+    say(f"submitted {job_id} to {job_address(address)}")
+    if not wait:
+        return job_id, 0
+    return job_id, follow(job_id, address)
+
+
+def follow(job_id: str, address: Optional[str] = None) -> int:
+    """Stream a job's logs until it ends; the exit status says how it ended."""
+    client = _client(address)
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    return report_status(client, job_id)
+
+
+def report_status(client, job_id: str) -> int:
+    info = client.get_job_info(job_id)
+    status = str(info.status.value if hasattr(info.status, "value") else info.status)
+    say(f"job {job_id}: {status}" + (f" ({info.message})" if info.message and status != "SUCCEEDED" else ""))
+    return {"SUCCEEDED": 0, "PENDING": 0, "RUNNING": 0, "STOPPED": 130}.get(status, 1)
+
+
+def jobs(action: str, job_id: Optional[str], address: Optional[str] = None) -> int:
+    client = _client(address)
+    if action == "list":
+        for info in client.list_jobs():
+            print(f"{info.submission_id}\t{info.status}\t{info.entrypoint}")
+        return 0
+    if not job_id:
+        raise ValueError(f"`aevb-dist jobs {action}` needs a JOB_ID")
+    if action == "status":
+        return report_status(client, job_id)
+    if action == "logs":
+        print(client.get_job_logs(job_id), end="")
+        return 0
+    if action == "follow":
+        return follow(job_id, address)
+    if action == "stop":
+        client.stop_job(job_id)
+        say(f"asked {job_id} to stop")
+        return 0
+    raise ValueError(f"unknown jobs action {action!r}; use list, status, logs, follow or stop")
