@@ -40,7 +40,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_uri: str = ""
-    test_uri: str = ""
+    test_uri: Optional[str] = None  # none: no test-set ELBO during training
     # Bernoulli models: how [0, 1] intensities become {0, 1} (a reader option, not baked in).
     binarization: str = "dynamic"
     shuffle: bool = True
@@ -257,4 +257,4 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
     check_uri("run.storage_uri", cfg.run.storage_uri)
     check_uri("data.train_uri", cfg.data.train_uri)
-    check_uri("data.test_uri", cfg.data.test_uri)
+    check_uri("data.test_uri", cfg.data.test_uri or "")

@@ -76,9 +76,14 @@ class ParquetDataset:
         if PIXELS not in schema.names or INDEX not in schema.names:
             raise ValueError(f"{path}: needs columns '{PIXELS}' and '{INDEX}', found {', '.join(schema.names)}")
         pix = schema.field(PIXELS).type
-        if not pa.types.is_fixed_size_list(pix):
-            raise ValueError(f"{path}: column '{PIXELS}' must be a fixed-size list, got {pix}")
-        dim = pix.list_size
+        if pa.types.is_fixed_size_binary(pix):
+            dim = pix.byte_width  # one uint8 per pixel
+        elif pa.types.is_fixed_size_list(pix) and (pa.types.is_integer(pix.value_type)
+                                                    or pa.types.is_floating(pix.value_type)):
+            dim = pix.list_size
+        else:
+            raise ValueError(f"{path}: column '{PIXELS}' must be fixed_size_binary (uint8) or a fixed-size list "
+                             f"of numbers, got {pix}")
         if expected_dim is not None and dim != expected_dim:
             raise ValueError(f"{path}: column '{PIXELS}' has width {dim} but the model expects "
                              f"model.input_dim={expected_dim}")
@@ -91,24 +96,53 @@ class ParquetDataset:
         self.has_label = self.has_label and LABEL in schema.names
         self.units += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
 
-    def read(self, unit: RowGroup) -> Batch:
-        """One row group, pixels scaled to [0, 1] and checked."""
+    def read_raw(self, unit: RowGroup) -> Batch:
+        """One row group as stored (uint8 or float), checked against the declared range."""
         columns = [PIXELS, INDEX] + ([LABEL] if self.has_label else [])
         with self.fs.open(unit.path, "rb") as f:
             table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns)
         pixels = table.column(PIXELS).combine_chunks()
-        flat = pixels.values.to_numpy(zero_copy_only=False)
-        x = flat.reshape(len(pixels), self.dim).astype(np.float32)
-        lo, hi = self.value_range
-        if (lo, hi) != (0.0, 1.0):
-            x = (x - np.float32(lo)) * np.float32(1.0 / (hi - lo))
-        if not np.isfinite(x).all():
-            raise ValueError(f"{unit.path} row group {unit.row_group}: NaN or inf pixel values")
-        if x.size and (x.min() < 0.0 or x.max() > 1.0):
-            raise ValueError(f"{unit.path} row group {unit.row_group}: values outside the declared range "
-                             f"{list(self.value_range)} (scaled range [{x.min():.4g}, {x.max():.4g}], need [0, 1])")
+        if pa.types.is_fixed_size_binary(pixels.type):
+            data = pixels.buffers()[1]
+            raw = np.frombuffer(data, dtype=np.uint8, count=len(pixels) * self.dim,
+                                offset=pixels.offset * self.dim).reshape(len(pixels), self.dim)
+        else:
+            raw = pixels.values.to_numpy(zero_copy_only=False).reshape(len(pixels), self.dim)
+        self._check_values(raw, unit)
         label = table.column(LABEL).to_numpy() if self.has_label else None
-        return Batch(x, table.column(INDEX).to_numpy().astype(np.int64), label)
+        return Batch(raw, table.column(INDEX).to_numpy().astype(np.int64), label)
+
+    def to_unit_interval(self, raw: np.ndarray) -> np.ndarray:
+        """Stored values → float32 in [0, 1], by the declared value range."""
+        lo, hi = self.value_range
+        if (lo, hi) == (0.0, 1.0):
+            return raw.astype(np.float32, copy=False)
+        x = raw.astype(np.float32)
+        x -= np.float32(lo)
+        x *= np.float32(1.0 / (hi - lo))
+        return x
+
+    def is_bytes(self) -> bool:
+        """uint8 pixels whose declared range is [0, 255]: binarization can work on the bytes directly."""
+        return self.value_range == (0.0, 255.0)
+
+    def read(self, unit: RowGroup) -> Batch:
+        """One row group, pixels scaled to [0, 1] and checked."""
+        raw = self.read_raw(unit)
+        return Batch(self.to_unit_interval(raw.x), raw.index, raw.label)
+
+    def _check_values(self, raw: np.ndarray, unit: RowGroup) -> None:
+        """NaN/inf and values outside the declared range are errors; uint8 in [0, 255] needs no pass."""
+        lo, hi = self.value_range
+        if raw.dtype == np.uint8 and lo <= 0.0 and hi >= 255.0 or raw.size == 0:
+            return
+        where = f"{unit.path} row group {unit.row_group}"
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+            raise ValueError(f"{where}: NaN or inf pixel values")
+        low, high = raw.min(), raw.max()
+        if low < lo or high > hi:
+            raise ValueError(f"{where}: values outside the declared range {list(self.value_range)} "
+                             f"(found [{low:.4g}, {high:.4g}]); the reader scales that range to [0, 1]")
 
     def read_all(self) -> Batch:
         """Every row in file order; for small data and tests only."""
@@ -151,26 +185,55 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def uniform_hash(index_B: np.ndarray, dim: int, key: int) -> np.ndarray:
-    """Uniform [0, 1) numbers [B, dim], a pure function of (key, example index, pixel)."""
+def uniform_bits24(index_B: np.ndarray, dim: int, key: int) -> np.ndarray:
+    """Uniform integers in [0, 2²⁴) [B, dim] (uint32), a pure function of (key, example index, pixel)."""
     with np.errstate(over="ignore"):
         lo = (index_B & 0xFFFFFFFF).astype(np.uint32)
         hi = (index_B >> 32).astype(np.uint32)
         per_example = _fmix32(_fmix32(lo ^ np.uint32(key & 0xFFFFFFFF)) ^ hi ^ np.uint32((key >> 32) & 0xFFFFFFFF))
         per_pixel = np.arange(dim, dtype=np.uint32) * np.uint32(0x9E3779B9)
         z = _fmix32(per_example[:, None] + per_pixel[None, :])
-    return (z >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+        z >>= np.uint32(8)
+    return z
+
+
+def uniform_hash(index_B: np.ndarray, dim: int, key: int) -> np.ndarray:
+    """Uniform [0, 1) numbers [B, dim], a pure function of (key, example index, pixel)."""
+    return uniform_bits24(index_B, dim, key).astype(np.float32) * np.float32(2.0**-24)
+
+
+def _binarization_key(mode: str, seed: int, epoch: int) -> int:
+    if mode not in ("dynamic", "static"):
+        raise ValueError(f"data.binarization={mode!r} is not one of: dynamic, static, none")
+    return (seed + 1) * 1_000_003 + (epoch + 1 if mode == "dynamic" else 0)
 
 
 def binarize(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
     """x ~ Bernoulli(intensity): `dynamic` draws anew each epoch, `static` once; seeded per example and pixel."""
     if mode == "none" or len(batch) == 0:
         return batch
-    if mode not in ("dynamic", "static"):
-        raise ValueError(f"data.binarization={mode!r} is not one of: dynamic, static, none")
-    key = (seed + 1) * 1_000_003 + (epoch + 1 if mode == "dynamic" else 0)
-    u = uniform_hash(batch.index, batch.x.shape[1], key)
+    u = uniform_hash(batch.index, batch.x.shape[1], _binarization_key(mode, seed, epoch))
     return Batch((u < batch.x).astype(np.float32), batch.index, batch.label)
+
+
+def binarize_bytes(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
+    """`binarize` for uint8 intensities v/255 in integers: u < v/255 ⟺ ⌊2²⁴u⌋·255 < v·2²⁴, exactly,
+    with no float conversion of the pixels."""
+    if len(batch) == 0:
+        return Batch(batch.x.astype(np.float32), batch.index, batch.label)
+    z = uniform_bits24(batch.index, batch.x.shape[1], _binarization_key(mode, seed, epoch))
+    z *= np.uint32(255)
+    threshold = batch.x.astype(np.uint32)
+    threshold <<= np.uint32(24)
+    return Batch((z < threshold).astype(np.float32), batch.index, batch.label)
+
+
+def to_model_input(dataset: ParquetDataset, raw: Batch, binarization: str, *, seed: int, epoch: int) -> Batch:
+    """Stored values → what the model reads: [0, 1] intensities, binarized for Bernoulli models."""
+    if binarization != "none" and dataset.is_bytes() and raw.x.dtype == np.uint8:
+        return binarize_bytes(raw, binarization, seed=seed, epoch=epoch)
+    scaled = Batch(dataset.to_unit_interval(raw.x), raw.index, raw.label)
+    return binarize(scaled, binarization, seed=seed, epoch=epoch)
 
 
 class EpochStream:
@@ -194,11 +257,11 @@ class EpochStream:
         return [self.unit_ids[i:i + self.window] for i in range(0, len(self.unit_ids), self.window)]
 
     def _load_window(self, ids: list[int]) -> Batch:
-        batch = _concat([self.dataset.read(self.dataset.units[u]) for u in ids])
+        batch = _concat([self.dataset.read_raw(self.dataset.units[u]) for u in ids])
         if self.shuffle:
             perm = np.random.default_rng([self.seed, self.epoch, ids[0], 1]).permutation(len(batch))
             batch = Batch(batch.x[perm], batch.index[perm], None if batch.label is None else batch.label[perm])
-        return binarize(batch, self.binarization, seed=self.seed, epoch=self.epoch)
+        return to_model_input(self.dataset, batch, self.binarization, seed=self.seed, epoch=self.epoch)
 
     def __iter__(self) -> Iterator[Batch]:
         skip = self.start_batch * self.batch_size

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from aevb_dist.dataset import Batch, ParquetDataset, binarize
+from aevb_dist.dataset import Batch, ParquetDataset, to_model_input
 from aevb_dist.elbo import sgvb_b
 from aevb_dist.marginal_likelihood import log_marginal_likelihood
 from aevb_dist.vae import VAE
@@ -59,7 +59,7 @@ def unit_generator(seed: int, unit_id: int) -> torch.Generator:
 
 
 def _batches(dataset: ParquetDataset, unit_id: int, batch_size: int, binarization: str, seed: int):
-    batch = binarize(dataset.read(dataset.units[unit_id]), binarization, seed=seed, epoch=0)
+    batch = to_model_input(dataset, dataset.read_raw(dataset.units[unit_id]), binarization, seed=seed, epoch=0)
     for start in range(0, len(batch), batch_size):
         stop = start + batch_size
         yield Batch(batch.x[start:stop], batch.index[start:stop],

@@ -15,15 +15,20 @@ from typing import Optional
 
 from aevb_dist import storage
 
-COLUMNS = ["step", "epoch", "samples_seen", "train_elbo", "test_elbo", "samples_per_s", "skipped_steps"]
+COLUMNS = ["step", "epoch", "samples_seen", "train_elbo", "test_elbo", "samples_per_s", "skipped_steps", "time"]
 
 
 def read_metrics(fs, path: str) -> list[dict]:
     if not fs.exists(path):
         return []
     text = fs.cat_file(path).decode()
-    return [{k: float(v) if k not in ("step", "epoch", "samples_seen", "skipped_steps") else int(v)
-             for k, v in row.items() if k in COLUMNS} for row in csv.DictReader(io.StringIO(text))]
+    return [{k: _number(k, v) for k, v in row.items() if k in COLUMNS} for row in csv.DictReader(io.StringIO(text))]
+
+
+def _number(key: str, value: Optional[str]):
+    if value in ("", None):
+        return math.nan
+    return int(value) if key in ("step", "epoch", "samples_seen", "skipped_steps") else float(value)
 
 
 class RunLog:

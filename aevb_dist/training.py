@@ -96,8 +96,14 @@ class Trainer:
         self.vae = VAE.from_config(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.vae.parameters(), cfg.optim.name, cfg.optim.lr)
         self.params = list(self.vae.parameters())
-        for p in self.params:  # a rank whose batch is empty still all-reduces (zero) gradients
-            p.grad = torch.zeros_like(p)
+        # One flat buffer holds every gradient (as views), then the ELBO sum and the example count:
+        # backward accumulates straight into it and a single in-place all-reduce sums it, with no
+        # per-step copies (what DDP calls gradient_as_bucket_view).
+        self._flat = torch.zeros(sum(p.numel() for p in self.params) + 2, device=self.device)
+        offset = 0
+        for p in self.params:
+            p.grad = self._flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
         self.state = TrainState(world_size=world_size)
         self.total_steps = total_steps(self.train_data, cfg, world_size)
 
@@ -128,31 +134,25 @@ class Trainer:
         t = self.cfg.train
         x = torch.from_numpy(batch.x).to(self.device, non_blocking=True)
         count = x.shape[0]
-        self.optimizer.zero_grad(set_to_none=False)
+        flat = self._flat
+        flat.zero_()  # an empty batch contributes zero gradients, a zero ELBO sum and a zero count
         if count:
             gen = step_generator(self.cfg.seed, self.state.step, self.rank, self.device)
             elbo_sum = per_example_bound(self.vae, x, t.estimator, t.num_latent_samples, generator=gen).sum()
             objective = map_objective_sum(elbo_sum, self.vae, t.theta_prior_std, count, self.train_data.num_rows)
             loss = -objective
             loss.backward()
-            local_elbo = elbo_sum.detach()
-        else:
-            local_elbo = torch.zeros((), device=self.device)
-        grads = [p.grad for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [local_elbo.reshape(1).to(grads[0].dtype),
-                                                          torch.tensor([float(count)], device=self.device)])
+            flat[-2] = elbo_sum.detach()
+            flat[-1] = count
         all_reduce_sum(flat)
-        global_elbo, global_count = flat[-2].item(), int(flat[-1].item())
+        global_elbo, global_count = flat[-2:].tolist()
         grad_flat = flat[:-2]
-        if not (math.isfinite(global_elbo) and torch.isfinite(grad_flat).all()):
+        # One reduction: a NaN or inf anywhere makes the sum non-finite.
+        if not (math.isfinite(global_elbo) and math.isfinite(grad_flat.sum().item())):
             return self._nonfinite(batch, global_elbo)
-        grad_flat /= global_count
-        offset = 0
-        for g in grads:
-            g.copy_(grad_flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        grad_flat.div_(global_count)
         self.optimizer.step()
-        return global_elbo, global_count
+        return global_elbo, int(global_count)
 
     def _nonfinite(self, batch: Batch, elbo: float) -> tuple[float, int]:
         where = (f"step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch}, "
@@ -224,7 +224,8 @@ class Trainer:
     def _maybe_log(self, window: dict, on_log: Callable[[dict], None]) -> dict:
         t, s = self.cfg.train, self.state
         last = s.step >= self.total_steps
-        if s.step % t.log_every_steps and not last:
+        # Step 1 is always logged: the user sees the first step at once, and benchmarks time it.
+        if s.step % t.log_every_steps and not last and s.step != 1:
             return {}
         now = time.perf_counter()
         test_elbo = math.nan
@@ -233,7 +234,7 @@ class Trainer:
         row = {"step": s.step, "epoch": s.epoch, "samples_seen": s.samples_seen,
                "train_elbo": window["elbo"] / window["count"] if window["count"] else math.nan,
                "test_elbo": test_elbo, "skipped_steps": s.skipped_steps,
-               "samples_per_s": window["count"] / max(now - window["start"], 1e-9)}
+               "samples_per_s": window["count"] / max(now - window["start"], 1e-9), "time": time.time()}
         on_log(row)
         window.update(elbo=0.0, count=0, start=time.perf_counter(), steps=0)
         return row

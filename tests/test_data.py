@@ -40,7 +40,8 @@ def test_mnist_round_trip_equals_the_source_pixels(mnist_uri):
         assert ds.num_rows == {"train": 60_000, "test": 10_000}[split]
         assert ds.shape == [28, 28] and ds.value_range == (0.0, 255.0)
         table = pq.read_table(f"{mnist_uri}/{split}")
-        raw = np.stack(table.column("pixels").to_numpy(zero_copy_only=False))
+        assert table.schema.field("pixels").type == pa.binary(784)  # one byte per pixel
+        raw = np.frombuffer(b"".join(table.column("pixels").to_pylist()), np.uint8).reshape(-1, 784)
         order = table.column("index").to_numpy()
         np.testing.assert_array_equal(raw, source[order])
         np.testing.assert_array_equal(table.column("label").to_numpy(), labels[order])
@@ -273,3 +274,22 @@ def test_fashion_mnist_idx_folder(tmp_path):
 def test_debian_fashion_mnist(tmp_path):
     counts = prepare("/usr/share/datasets/fashion-mnist", str(tmp_path / "f"), fmt="fashion-mnist", **quiet)
     assert counts == {"train": 60_000, "test": 10_000}
+
+
+def test_byte_binarization_is_bernoulli_of_the_intensity_and_matches_its_definition(mnist_uri):
+    from aevb_dist.dataset import binarize_bytes, to_model_input, uniform_bits24
+
+    ds = ParquetDataset(f"{mnist_uri}/test")
+    raw = ds.read_raw(ds.units[0])
+    assert raw.x.dtype == np.uint8 and ds.is_bytes()
+    fast = binarize_bytes(raw, "dynamic", seed=4, epoch=2)
+    # Its definition: pixel on iff ⌊2²⁴u⌋·255 < v·2²⁴ for the keyed uniform u, i.e. u < v/255.
+    from aevb_dist.dataset import _binarization_key
+    z = uniform_bits24(raw.index, 784, _binarization_key("dynamic", 4, 2)).astype(np.float64)
+    np.testing.assert_array_equal(fast.x, (z / 2**24 < raw.x / 255.0).astype(np.float32))
+    assert (to_model_input(ds, raw, "dynamic", seed=4, epoch=2).x == fast.x).all()
+    mean = np.mean([binarize_bytes(raw, "dynamic", seed=0, epoch=e).x for e in range(300)], axis=0)
+    assert np.abs(mean - raw.x / 255.0).max() < 6 * np.sqrt(0.25 / 300)  # no pixel off by 6 sd
+    assert abs(mean.mean() - (raw.x / 255.0).mean()) < 0.001
+    assert (binarize_bytes(raw, "dynamic", seed=0, epoch=0).x[raw.x == 0] == 0).all()
+    assert (binarize_bytes(raw, "dynamic", seed=0, epoch=0).x[raw.x == 255] == 1).all()

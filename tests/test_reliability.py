@@ -53,7 +53,7 @@ def our_train_workers():
 def check_metrics_contiguous(run_dir: str, every: int, last: int) -> None:
     fs, path = storage.resolve(run_dir)
     steps = [r["step"] for r in read_metrics(fs, f"{path}/metrics.csv")]
-    assert steps == list(range(every, last + 1, every)), steps
+    assert steps == [1, *range(every, last + 1, every)], steps
 
 
 def test_a_killed_worker_costs_at_most_one_checkpoint_interval(ray_local, tiny_data, tmp_path):

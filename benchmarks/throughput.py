@@ -1,0 +1,167 @@
+"""Training throughput of aevb-dist against plain PyTorch ceilings, measured in the same run.
+
+    python benchmarks/throughput.py [--repeats 3] [--seconds 8] [--batches 100 1000]
+
+The paper's MNIST model (784-500-20, tanh, Bernoulli decoder, SGVB-B, L=1, Adagrad) on real
+MNIST with dynamic binarization, M = global minibatch:
+- plain single process, all cores' threads, data in memory (`torch.bernoulli` per batch);
+- plain torch DDP, gloo on 127.0.0.1, 2 processes × 1 thread, data in memory;
+- `aevb-dist train` streaming the same data from Parquet, 1 worker and 2 workers, on its
+  embedded Ray: steady samples/s from metrics.csv, the wall time from command start to the
+  first step and from the last step to exit.
+For each aevb-dist case it prints `ratio_vs_ceiling` (1 worker against the single process,
+2 workers against plain DDP). Values are medians over --repeats runs. Run by hand, not in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from aevb_dist.elbo import sgvb_b
+from aevb_dist.prepare import prepare
+from aevb_dist.sources import read_idx
+from aevb_dist.vae import VAE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST = os.path.join(REPO, "..", "shared", "data", "mnist")
+
+
+def mnist_in_memory() -> torch.Tensor:
+    return torch.from_numpy(read_idx(os.path.join(MNIST, "train-images-idx3-ubyte.gz")).reshape(-1, 784)
+                            .astype(np.float32) / 255.0)
+
+
+def timed_loop(step, seconds: float = 0.0, warmup: int = 10, num_steps: int = 0) -> float:
+    """Steps per second after `warmup` steps, over about `seconds` (or exactly `num_steps`:
+    DDP ranks must take the same number of steps)."""
+    for _ in range(warmup):
+        step()
+    start, n = time.perf_counter(), 0
+    while (n < num_steps) if num_steps else (time.perf_counter() - start < seconds):
+        step()
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+class ForwardELBO(torch.nn.Module):
+    """The VAE with its SGVB-B loss as `forward`, so DDP sees the whole computation."""
+
+    def __init__(self):
+        super().__init__()
+        self.vae = VAE(784, [500], 20)
+
+    def forward(self, x):
+        return -sgvb_b(self.vae, x, 1).mean()
+
+
+def make_step(model: torch.nn.Module, data: torch.Tensor, batch: int, rank: int = 0, world: int = 1):
+    """One plain training step: a slice of the in-memory data, dynamically binarized."""
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.02)
+    gen = torch.Generator().manual_seed(rank)
+    cursor = [rank * batch]
+
+    def step():
+        i = cursor[0] % (data.shape[0] - batch)
+        cursor[0] += batch * world
+        x = torch.bernoulli(data[i:i + batch], generator=gen)
+        opt.zero_grad(set_to_none=True)
+        model(x).backward()
+        opt.step()
+    return step
+
+
+def plain_single(data: torch.Tensor, batch: int, seconds: float) -> float:
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    return timed_loop(make_step(ForwardELBO(), data, batch), seconds) * batch
+
+
+def _ddp_rank(rank: int, world: int, port: int, batch: int, num_steps: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(ForwardELBO())
+    rate = timed_loop(make_step(model, mnist_in_memory(), batch // world, rank, world), num_steps=num_steps) * batch
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write(str(rate))
+    dist.destroy_process_group()
+
+
+def plain_ddp(batch: int, num_steps: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rate")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_ddp_rank, args=(2, port, batch, num_steps, out), nprocs=2, join=True)
+        return float(open(out).read())
+
+
+def aevb_train(data_uri: str, runs: str, batch: int, workers: int, steps: int, name: str) -> dict:
+    overrides = [f"data.train_uri={data_uri}/train", "data.test_uri=", "model.input_dim=784",
+                 "model.hidden_sizes=[500]", "model.latent_dim=20", "model.activation=tanh",
+                 "model.likelihood=bernoulli", "data.binarization=dynamic", "train.estimator=B",
+                 "train.num_latent_samples=1", "optim.name=adagrad", "optim.lr=0.02",
+                 f"train.num_workers={workers}", f"train.batch_size_per_worker={batch // workers}",
+                 f"train.max_steps={steps}", f"train.log_every_steps={max(steps // 20, 1)}",
+                 "train.eval_every_steps=0", f"checkpoint.every_steps={steps}", f"run.storage_uri={runs}",
+                 f"run.name={name}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "aevb_dist", "train", os.path.join(REPO, "configs", "smoke.yaml"),
+                           *overrides], capture_output=True, text=True, env=env)
+    end = time.time()
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    rows = list(csv.DictReader(open(os.path.join(runs, name, "metrics.csv"))))
+    first, second, last = rows[0], rows[1], rows[-1]
+    rate = (int(last["samples_seen"]) - int(second["samples_seen"])) / (float(last["time"]) - float(second["time"]))
+    return {"samples_per_s": rate, "start_to_first_step_s": float(first["time"]) - start,
+            "last_step_to_exit_s": end - float(last["time"]), "wall_s": end - start,
+            "compute_s": (int(last["samples_seen"]) - int(first["samples_seen"])) / rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per plain measurement")
+    parser.add_argument("--batches", type=int, nargs="+", default=[100, 1000])
+    args = parser.parse_args()
+    data = mnist_in_memory()
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(MNIST, f"{tmp}/mnist", split="train", num_shards=8, report=lambda m: None)
+        for batch in args.batches:
+            single = statistics.median(plain_single(data, batch, args.seconds) for _ in range(args.repeats))
+            ddp_steps = max(int(args.seconds * 0.7 * single / batch), 20)
+            ddp = statistics.median(plain_ddp(batch, ddp_steps) for _ in range(args.repeats))
+            print(f"M={batch} plain_single samples_per_s={single:,.0f}", flush=True)
+            print(f"M={batch} plain_ddp_2x1 samples_per_s={ddp:,.0f} ratio_vs_single={ddp / single:.2f}", flush=True)
+            for workers, ceiling, label in ((1, single, "plain_single"), (2, ddp, "plain_ddp")):
+                steps = max(int(args.seconds * 1.5 * ceiling / batch), 50)
+                runs = [aevb_train(f"{tmp}/mnist", f"{tmp}/runs", batch, workers, steps,
+                                   f"b{batch}_w{workers}_r{r}") for r in range(args.repeats)]
+                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                print(f"M={batch} aevb_dist_{workers}worker samples_per_s={med['samples_per_s']:,.0f} "
+                      f"ratio_vs_ceiling={med['samples_per_s'] / ceiling:.2f} (vs {label}) "
+                      f"start_to_first_step_s={med['start_to_first_step_s']:.1f} "
+                      f"last_step_to_exit_s={med['last_step_to_exit_s']:.1f} "
+                      f"overhead_s={med['wall_s'] - med['compute_s']:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
