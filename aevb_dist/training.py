@@ -94,6 +94,7 @@ class Trainer:
         self.train_data, self.test_data = open_datasets(cfg)
         torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
         self.vae = VAE.from_config(cfg.model).to(self.device)
+        self.vae.validate_inputs = False  # ParquetDataset checked every row group (range, NaN/inf) already
         self.optimizer = build_optimizer(self.vae.parameters(), cfg.optim.name, cfg.optim.lr)
         self.params = list(self.vae.parameters())
         # One flat buffer holds every gradient (as views), then the ELBO sum and the example count:

@@ -34,6 +34,9 @@ class VAE(nn.Module):
                            self.likelihood.params_per_dim * input_dim, activation)
         if init_std is not None:
             init_paper(self, init_std)
+        # Checks every input's shape, finiteness and support. The training loop turns it off: its
+        # reader has already checked every row group, and the check costs passes over each batch.
+        self.validate_inputs = True
 
     @classmethod
     def from_config(cls, model_cfg) -> "VAE":
@@ -45,7 +48,8 @@ class VAE(nn.Module):
     def check_input(self, x_BD: torch.Tensor) -> None:
         if x_BD.dim() != 2 or x_BD.shape[1] != self.input_dim:
             raise ValueError(f"expected inputs of shape [batch, {self.input_dim}], got {list(x_BD.shape)}")
-        self.likelihood.validate(x_BD)
+        if self.validate_inputs:
+            self.likelihood.validate(x_BD)
 
     def encode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Parameters (μ, log σ²) of q_φ(z|x), each [B, Z]."""
