@@ -24,6 +24,7 @@ import torch.distributed as dist
 from aevb_dist.config import Config
 from aevb_dist.dataset import Batch, EpochStream, ParquetDataset
 from aevb_dist.elbo import map_objective_sum, per_example_bound
+from aevb_dist.evaluation import eval_binarization
 from aevb_dist.vae import VAE
 
 
@@ -175,7 +176,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, data: ParquetDataset, estimator: str = "B", num_samples: int = 1) -> float:
         """Dataset mean of the bound: this rank's row groups, sums and counts all-reduced, divided once."""
-        binarization = "none" if self.cfg.data.binarization == "none" else "static"
+        binarization = eval_binarization(self.cfg.model.likelihood, self.cfg.data.binarization)
         stream = EpochStream(data, rank=self.rank, world_size=self.world_size, batch_size=1000, epoch=0,
                              seed=self.cfg.seed, shuffle=False, binarization=binarization)
         gen = step_generator(self.cfg.seed + 1, 0, self.rank, self.device)
