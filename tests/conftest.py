@@ -90,7 +90,8 @@ def ray_head(tmp_path_factory):
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")  # the ray of this interpreter
+    proc = subprocess.Popen([ray_cli if os.path.exists(ray_cli) else "ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
                              "--include-dashboard=true", "--disable-usage-stats",
                              f"--temp-dir={tmp_path_factory.mktemp('rayhead')}"],
