@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 import uuid
 from importlib import metadata
 from typing import Optional
@@ -72,8 +73,8 @@ def submit(cfg: Config, *, address: Optional[str] = None, entrypoint: Optional[s
         with open(os.path.join(working_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
         args = ["train", "config.yaml"] if entrypoint is None else shlex.split(entrypoint)
-        job_id = client.submit_job(
-            entrypoint="python -m aevb_dist " + " ".join(shlex.quote(a) for a in args),
+        job_id = _submit_with_retry(
+            client, entrypoint="python -m aevb_dist " + " ".join(shlex.quote(a) for a in args),
             runtime_env=runtime_env(working_dir, pip=pip),
             submission_id=f"aevb-{cfg.run.name}-{uuid.uuid4().hex[:8]}",
             metadata={"aevb.run_name": cfg.run.name})
@@ -82,6 +83,18 @@ def submit(cfg: Config, *, address: Optional[str] = None, entrypoint: Optional[s
     if not wait:
         return job_id, 0
     return job_id, follow(job_id, address)
+
+
+def _submit_with_retry(client, timeout_s: float = 90.0, **kwargs) -> str:
+    """A head that has just started answers 'No available agent' until its job agent is up: wait for it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise ValueError(f"the job server refused the job: {str(err).splitlines()[0]}") from None
+            time.sleep(2.0)
 
 
 def follow(job_id: str, address: Optional[str] = None) -> int:

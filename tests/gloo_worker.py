@@ -22,5 +22,6 @@ def take_one_step(rank: int, world_size: int, port: int, overrides: list, rows: 
         if rank == 0:
             torch.save({"params": [p.detach().clone() for p in trainer.vae.parameters()],
                         "elbo_sum": elbo_sum, "count": count}, os.path.join(out, "result.pt"))
+        dist.barrier()  # tear the group down together: a rank leaving early can abort its peer in gloo
     finally:
         dist.destroy_process_group()
