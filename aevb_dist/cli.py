@@ -233,7 +233,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as err:
         if args.debug:
             raise
-        print(f"aevb-dist {args.command}: error: {err}", file=sys.stderr)
+        cause = getattr(err, "cause", None) or err  # a Ray task's error carries the original as .cause
+        message = str(cause).strip().splitlines()
+        print(f"aevb-dist {args.command}: error: {message[0] if message else type(cause).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"aevb-dist {args.command}: interrupted", file=sys.stderr)

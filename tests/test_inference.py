@@ -110,3 +110,22 @@ def test_gradient_variance_of_a_and_b(trained):
     assert report["A"]["decoder_variance"] == pytest.approx(report["B"]["decoder_variance"], rel=1e-6)
     assert report["A"]["encoder_variance"] > report["B"]["encoder_variance"] > 0
     assert report["variance_ratio_A_over_B"] > 1
+
+
+def test_a_bad_row_group_found_by_a_ray_task_is_one_line(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    pixels = np.random.default_rng(0).random((20, 16)).astype(np.float32)
+    pixels[13, 2] = np.nan  # only a worker reading this row group can see it
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), 16)
+    pq.write_table(pa.table({"pixels": flat, "index": pa.array(np.arange(20))}), str(tmp_path / "part-0.parquet"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "aevb_dist", "evaluate", trained["run"], str(tmp_path), "-k", "5"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "aevb-dist evaluate: error:" in line]
+    assert len(errors) == 1 and "NaN or inf pixel values" in errors[0]
