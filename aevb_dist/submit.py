@@ -93,7 +93,9 @@ def _submit_with_retry(client, timeout_s: float = 90.0, **kwargs) -> str:
             return client.submit_job(**kwargs)
         except RuntimeError as err:
             if "No available agent" not in str(err) or time.monotonic() > deadline:
-                raise ValueError(f"the job server refused the job: {str(err).splitlines()[0]}") from None
+                hint = ("; the head's job agent is not running: often its port (52365 by default) is taken, see "
+                        "dashboard_agent.log in the head's session logs" if "No available agent" in str(err) else "")
+                raise ValueError(f"the job server refused the job: {str(err).splitlines()[0]}{hint}") from None
             time.sleep(2.0)
 
 
