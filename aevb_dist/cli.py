@@ -45,7 +45,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(args.checkpoint_uri, args.data_uri, num_importance_samples=args.num_importance_samples,
                       num_workers=args.num_workers, batch_size=args.batch_size, chunk_size=args.chunk_size,
                       seed=args.seed, output_uri=args.output, endpoint_url=args.s3_endpoint_url,
-                      ray_address=args.ray_address)
+                      ray_address=args.ray_address, estimator=args.estimator, num_steps=args.num_steps,
+                      num_leapfrog=args.leapfrog_steps)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -75,7 +76,7 @@ def _cmd_variance(args: argparse.Namespace) -> int:
 
     from aevb_dist.dataset import EpochStream, ParquetDataset
     from aevb_dist.evaluation import eval_binarization
-    from aevb_dist.gradient_variance import variance_report
+    from aevb_dist.gradient_variance import variance_sweep
     from aevb_dist.inference import load_checkpoint_bytes, model_from_bytes
 
     vae, saved = model_from_bytes(load_checkpoint_bytes(args.checkpoint_uri, args.s3_endpoint_url)[0])
@@ -83,9 +84,14 @@ def _cmd_variance(args: argparse.Namespace) -> int:
     binarization = eval_binarization(vae.likelihood.name, saved["config"]["data"]["binarization"])
     batch = next(iter(EpochStream(data, rank=0, world_size=1, batch_size=args.batch_size, epoch=0,
                                   seed=args.seed, binarization=binarization)))
-    report = variance_report(vae, torch.from_numpy(batch.x), estimators=tuple(args.estimators),
-                             num_latent_samples=args.num_latent_samples, num_draws=args.num_draws, seed=args.seed)
+    report = variance_sweep(vae, torch.from_numpy(batch.x), estimators=tuple(args.estimators),
+                            latent_samples=args.num_latent_samples, num_draws=args.num_draws, seed=args.seed)
     print(json.dumps(report, indent=2))
+    if args.plot:
+        from aevb_dist.plotting import gradient_variance_figure, write_figure
+
+        write_figure(gradient_variance_figure(report), args.plot, args.s3_endpoint_url)
+        print(f"aevb-dist: wrote {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -179,11 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Ray job server, http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS or 127.0.0.1:8265)")
     p.set_defaults(func=_cmd_jobs)
 
-    p = sub.add_parser("evaluate", help="dataset mean ELBO and importance-sampled log p(x), as JSON")
+    p = sub.add_parser("evaluate", help="dataset mean ELBO and log p(x) (importance sampling, AIS or Appendix D), as JSON")
     p.add_argument("checkpoint_uri", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("data_uri", help="a Parquet dataset split, e.g. data/mnist/test")
+    p.add_argument("--estimator", default="is", choices=["is", "ais", "appendix-d"],
+                   help="log p(x) estimator: is = importance sampling with q(z|x) (default); ais = annealed "
+                        "importance sampling from the prior with HMC; appendix-d = the paper's Appendix D "
+                        "(HMC posterior samples, fitted density, harmonic mean; for few latents)")
     p.add_argument("--num-importance-samples", "-k", type=int, default=5000,
-                   help="K importance samples per example for log p(x) (default 5000)")
+                   help="K importance samples per example for is (default 5000); for ais and appendix-d, "
+                        "the number of HMC chains per example (16 is a good start)")
+    p.add_argument("--num-steps", type=int, default=500,
+                   help="ais: annealing steps; appendix-d: HMC transitions per chain (default 500)")
+    p.add_argument("--leapfrog-steps", type=int, default=10, help="leapfrog steps per HMC transition (default 10)")
     p.add_argument("--batch-size", type=int, default=100, help="examples per forward pass (default 100)")
     p.add_argument("--chunk-size", type=int, default=500, help="importance samples per pass (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and the test binarization")
@@ -206,14 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_args(p, workers=False)
     p.set_defaults(func=_cmd_plot)
 
-    p = sub.add_parser("variance", help="variance of the ELBO gradient under estimators A and B on one batch")
+    p = sub.add_parser("variance", help="variance of the ELBO gradient under estimators A, B and IWAE on one batch")
     p.add_argument("checkpoint_uri", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("data_uri", help="a Parquet dataset split; the first batch of it is used")
     p.add_argument("--batch-size", type=int, default=100, help="minibatch size M (default 100)")
     p.add_argument("--num-draws", type=int, default=100, help="gradient draws per estimator (default 100)")
-    p.add_argument("--num-latent-samples", type=int, default=1, help="L per draw (default 1)")
-    p.add_argument("--estimators", nargs="+", default=["A", "B"], choices=["A", "B", "iwae"],
-                   help="estimators to compare (default A B)")
+    p.add_argument("--num-latent-samples", type=int, nargs="+", default=[1],
+                   help="L per draw (K for iwae); several values sweep them, e.g. 1 5 25 (default 1)")
+    p.add_argument("--estimators", nargs="+", default=["A", "B", "iwae"], choices=["A", "B", "iwae"],
+                   help="estimators to compare (default A B iwae)")
+    p.add_argument("--plot", default=None, metavar="URI",
+                   help="also write a PNG of the variances against L, e.g. variance.png")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise, the batch choice and the binarization")
     add_cluster_args(p, workers=False)
     p.set_defaults(func=_cmd_variance)

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 ACTIVATIONS = ("tanh", "relu", "softplus", "sigmoid", "elu")
-LIKELIHOODS = ("bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli")
+POSTERIORS = ("gaussian", "laplace", "logistic", "kumaraswamy", "lognormal")
 ESTIMATORS = ("A", "B", "iwae")
 OPTIMIZERS = ("adagrad", "adam", "sgd")
 BINARIZATIONS = ("dynamic", "static", "none")
@@ -31,6 +32,8 @@ class ModelConfig:
     activation: str = "tanh"
     latent_dim: int = 20
     likelihood: str = "bernoulli"
+    # The family of q_φ(z|x) and its reparameterization route: see aevb_dist/posteriors.py.
+    posterior: str = "gaussian"
     # Frey Face: the paper squashes the Gaussian decoder's means into (0, 1) with a sigmoid.
     squash_mean: bool = False
     # Initial parameters drawn from N(0, init_std²) as in the paper (Section 5); None = PyTorch default.
@@ -222,6 +225,7 @@ def validate(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     _choice("model.activation", m.activation, ACTIVATIONS)
     _choice("model.likelihood", m.likelihood, LIKELIHOODS)
+    _choice("model.posterior", m.posterior, POSTERIORS)
     _positive("model.input_dim", m.input_dim)
     _positive("model.latent_dim", m.latent_dim)
     for i, h in enumerate(m.hidden_sizes):

@@ -17,7 +17,7 @@ import torch
 
 from aevb_dist.dataset import Batch, ParquetDataset, to_model_input
 from aevb_dist.elbo import sgvb_b
-from aevb_dist.marginal_likelihood import log_marginal_likelihood
+from aevb_dist.marginal_likelihood import estimate_log_marginal_likelihood
 from aevb_dist.vae import VAE
 
 
@@ -69,8 +69,10 @@ def _batches(dataset: ParquetDataset, unit_id: int, batch_size: int, binarizatio
 @torch.no_grad()
 def evaluate_units(vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, num_importance_samples: int,
                    chunk_size: int = 500, batch_size: int = 100, binarization: str = "static", seed: int = 0,
+                   estimator: str = "is", num_steps: int = 500, num_leapfrog: int = 10,
                    on_unit: Optional[Callable[[int], None]] = None) -> Sums:
-    """ELBO (estimator B, L=1) and, with K > 0, importance-sampled log p(x) over the given row groups."""
+    """ELBO (estimator B, L=1) and, with K > 0, log p(x) by `estimator` (see marginal_likelihood.py)
+    over the given row groups. K is the number of importance samples, or of chains for ais/appendix-d."""
     vae.eval()
     total = Sums()
     for uid in unit_ids:
@@ -80,7 +82,9 @@ def evaluate_units(vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, nu
             elbo = sgvb_b(vae, x, 1, generator=gen).double()
             total += Sums(count=len(batch), elbo=elbo.sum().item(), elbo_sq=elbo.pow(2).sum().item())
             if num_importance_samples > 0:
-                log_px = log_marginal_likelihood(vae, x, num_importance_samples, chunk_size, generator=gen).double()
+                log_px = estimate_log_marginal_likelihood(
+                    vae, x, estimator, num_samples=num_importance_samples, chunk_size=chunk_size, num_steps=num_steps,
+                    num_leapfrog=num_leapfrog, generator=gen).double()
                 total += Sums(log_px=log_px.sum().item(), log_px_sq=log_px.pow(2).sum().item())
         if on_unit is not None:
             on_unit(dataset.units[uid].num_rows)
@@ -95,10 +99,10 @@ def encode_units(vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, bina
     parts: dict[str, list[np.ndarray]] = {"index": [], "label": [], "mean": [], "std": []}
     for uid in unit_ids:
         for batch in _batches(dataset, uid, batch_size, binarization, seed):
-            mean, logvar = vae.encode(torch.from_numpy(batch.x))
+            mean, std = vae.posterior.mean_and_std(*vae.encode(torch.from_numpy(batch.x)))
             parts["index"].append(batch.index)
             parts["mean"].append(mean.numpy())
-            parts["std"].append(torch.exp(0.5 * logvar).numpy())
+            parts["std"].append(std.numpy())
             if batch.label is not None:
                 parts["label"].append(batch.label)
     out = {k: np.concatenate(v) for k, v in parts.items() if v}

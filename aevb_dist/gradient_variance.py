@@ -44,3 +44,14 @@ def variance_report(vae: VAE, x: torch.Tensor, *, estimators=("A", "B"), num_lat
     if "A" in report and "B" in report:
         report["variance_ratio_A_over_B"] = report["A"]["total_variance"] / report["B"]["total_variance"]
     return report
+
+
+def variance_sweep(vae: VAE, x: torch.Tensor, *, estimators=("A", "B", "iwae"), latent_samples=(1,),
+                   num_draws: int = 100, seed: int = 0) -> dict:
+    """`variance_report` for each L (K for iwae) in `latent_samples`: how the variance falls with more samples."""
+    if not latent_samples or any(int(n) < 1 for n in latent_samples):
+        raise ValueError(f"--num-latent-samples={list(latent_samples)} must be positive integers")
+    reports = [variance_report(vae, x, estimators=estimators, num_latent_samples=int(n), num_draws=num_draws,
+                               seed=seed) for n in latent_samples]
+    return {"batch_size": x.shape[0], "num_draws": num_draws, "estimators": list(estimators),
+            "results": [{k: v for k, v in r.items() if k not in ("batch_size", "num_draws")} for r in reports]}

@@ -20,6 +20,7 @@ from aevb_dist import checkpoint, storage
 from aevb_dist.config import config_from_dict
 from aevb_dist.dataset import ParquetDataset
 from aevb_dist.evaluation import Sums, encode_units, eval_binarization, evaluate_units
+from aevb_dist.marginal_likelihood import ESTIMATORS as ML_ESTIMATORS
 from aevb_dist.ray_runtime import Progress, cluster_cpus, run_tasks, say, start_ray, stop_ray
 from aevb_dist.vae import VAE
 
@@ -82,19 +83,29 @@ def _workers_and_threads(num_workers: int) -> tuple[float, int]:
 
 def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int = 5000, num_workers: int = 2,
              batch_size: int = 100, chunk_size: int = 500, seed: int = 0, output_uri: Optional[str] = None,
-             endpoint_url: Optional[str] = None, ray_address: Optional[str] = None) -> dict:
+             endpoint_url: Optional[str] = None, ray_address: Optional[str] = None, estimator: str = "is",
+             num_steps: int = 500, num_leapfrog: int = 10) -> dict:
     if num_importance_samples < 1:
         raise ValueError(f"--num-importance-samples={num_importance_samples} must be at least 1 "
                          "(log p(x) is estimated from K >= 1 importance samples; 5000 is the literature's choice)")
     if num_workers < 1:
         raise ValueError(f"--num-workers={num_workers} must be at least 1")
+    if estimator not in ML_ESTIMATORS:
+        raise ValueError(f"--estimator={estimator!r} is not one of: {', '.join(ML_ESTIMATORS)}")
+    if estimator != "is" and (num_steps < 3 or num_leapfrog < 1):
+        raise ValueError(f"--num-steps={num_steps} must be at least 3 and --leapfrog-steps={num_leapfrog} at least 1")
     data_uri = absolute(data_uri)
     state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
     vae, saved = model_from_bytes(state_bytes)
     train_binarization = saved["config"]["data"]["binarization"]
     dataset = _open(data_uri, vae, endpoint_url)
+    if estimator == "is" and vae.posterior.support != "real":
+        say(f"warning: q(z|x) is {vae.posterior.name}, supported on the {vae.posterior.support} values only, while "
+            "p(z|x) covers the real line: importance sampling then estimates a lower bound on log p(x), not log "
+            "p(x) itself; use --estimator ais")
     options = dict(num_importance_samples=num_importance_samples, chunk_size=chunk_size, batch_size=batch_size,
-                   binarization=eval_binarization(vae.likelihood.name, train_binarization), seed=seed)
+                   binarization=eval_binarization(vae.likelihood.name, train_binarization), seed=seed,
+                   estimator=estimator, num_steps=num_steps, num_leapfrog=num_leapfrog)
     chunks = _chunks(len(dataset.units), num_workers)
     started = start_ray(ray_address)
     total = Sums()
@@ -103,7 +114,7 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
 
         cpus, threads = _workers_and_threads(num_workers)
         state_ref = ray.put(state_bytes)
-        progress = Progress(f"evaluate (K={num_importance_samples})", dataset.num_rows)
+        progress = Progress(f"evaluate ({estimator}, K={num_importance_samples})", dataset.num_rows)
 
         def done(i: int, sums: Sums) -> None:
             nonlocal total
@@ -116,7 +127,9 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
         stop_ray(started)
     if total.count != dataset.num_rows:
         raise RuntimeError(f"evaluated {total.count} examples of {dataset.num_rows}; refusing a partial result")
-    result = {**total.summary(), "num_importance_samples": num_importance_samples, "checkpoint": folder,
+    result = {**total.summary(), "estimator": estimator, "num_importance_samples": num_importance_samples,
+              **({} if estimator == "is" else {"num_steps": num_steps, "num_leapfrog": num_leapfrog}),
+              "checkpoint": folder,
               "step": saved["state"]["step"], "data": data_uri, "binarization": options["binarization"],
               "seed": seed}
     if output_uri:

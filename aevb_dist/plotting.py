@@ -38,6 +38,46 @@ def learning_curve(rows: list[dict], title: str):
     return fig
 
 
+def gradient_variance_figure(sweep: dict):
+    """Trace of the gradient covariance against L (K for iwae), per estimator: encoder φ solid, decoder θ dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    counts = [r["num_latent_samples"] for r in sweep["results"]]
+    for i, est in enumerate(sweep["estimators"]):
+        color = f"C{i}"
+        for part, style in (("encoder", "o-"), ("decoder", "s--")):
+            ax.plot(counts, [r[est][f"{part}_variance"] for r in sweep["results"]], style, color=color,
+                    label=f"{est}: {part} ({'φ' if part == 'encoder' else 'θ'})", markersize=5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("latent samples per example (L; K for iwae)")
+    ax.set_ylabel("trace of the gradient covariance")
+    ax.set_title(f"ELBO gradient variance, minibatch of {sweep['batch_size']}, {sweep['num_draws']} draws")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def write_figure(fig, uri: str, endpoint_url: Optional[str] = None) -> str:
+    import matplotlib.pyplot as plt
+
+    fs, path = storage.resolve(uri, endpoint_url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, _figure_bytes(fig))
+    plt.close(fig)
+    return path
+
+
 def image_grid(images: np.ndarray, shape: list[int], cols: int, title: str):
     import matplotlib.pyplot as plt
 

@@ -12,22 +12,22 @@ from typing import Optional
 import torch
 from torch import nn
 
-from aevb_dist.distributions import (
-    log_normal_diag,
-    log_standard_normal,
-    likelihood_from_name,
-)
+from aevb_dist.distributions import log_standard_normal, likelihood_from_name
 from aevb_dist.networks import init_paper, mlp
+from aevb_dist.posteriors import posterior_from_name
 
 
 class VAE(nn.Module):
     def __init__(self, input_dim: int, hidden_sizes: list[int], latent_dim: int, activation: str = "tanh",
-                 likelihood: str = "bernoulli", squash_mean: bool = False, init_std: Optional[float] = None):
+                 likelihood: str = "bernoulli", squash_mean: bool = False, init_std: Optional[float] = None,
+                 posterior: str = "gaussian"):
         super().__init__()
         self.input_dim = input_dim
         self.latent_dim = latent_dim
         self.likelihood = likelihood_from_name(likelihood, squash_mean=squash_mean)
-        # Encoder: x → (μ, log σ²) of the diagonal Gaussian q_φ(z|x) (Appendix C.2).
+        self.posterior = posterior_from_name(posterior)
+        # Encoder: x → the two parameters per latent of q_φ(z|x); for the default diagonal
+        # Gaussian, (μ, log σ²) (Appendix C.2). See posteriors.py for the other families.
         self.encoder = mlp(input_dim, hidden_sizes, 2 * latent_dim, activation)
         # Decoder mirrors the encoder: z → parameters of p_θ(x|z).
         self.decoder = mlp(latent_dim, list(reversed(hidden_sizes)),
@@ -43,7 +43,7 @@ class VAE(nn.Module):
         return cls(input_dim=model_cfg.input_dim, hidden_sizes=list(model_cfg.hidden_sizes),
                    latent_dim=model_cfg.latent_dim, activation=model_cfg.activation,
                    likelihood=model_cfg.likelihood, squash_mean=model_cfg.squash_mean,
-                   init_std=model_cfg.init_std)
+                   init_std=model_cfg.init_std, posterior=model_cfg.posterior)
 
     def check_input(self, x_BD: torch.Tensor) -> None:
         if x_BD.dim() != 2 or x_BD.shape[1] != self.input_dim:
@@ -52,18 +52,15 @@ class VAE(nn.Module):
             self.likelihood.validate(x_BD)
 
     def encode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Parameters (μ, log σ²) of q_φ(z|x), each [B, Z]."""
+        """The parameters (a, b) of q_φ(z|x), each [B, Z]: (μ, log σ²) for the Gaussian."""
         self.check_input(x_BD)
-        mean_BZ, logvar_BZ = self.encoder(x_BD).chunk(2, dim=-1)
-        return mean_BZ, logvar_BZ
+        a_BZ, b_BZ = self.encoder(x_BD).chunk(2, dim=-1)
+        return a_BZ, b_BZ
 
-    @staticmethod
-    def sample_latent(mean_BZ: torch.Tensor, logvar_BZ: torch.Tensor, num_samples: int,
+    def sample_latent(self, a_BZ: torch.Tensor, b_BZ: torch.Tensor, num_samples: int,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """The reparameterization trick: z = μ + σ ⊙ ε, ε ~ N(0, I) (paper, eq. 10). Returns [L, B, Z]."""
-        eps_LBZ = torch.randn((num_samples, *mean_BZ.shape), generator=generator,
-                              dtype=mean_BZ.dtype, device=mean_BZ.device)
-        return mean_BZ + torch.exp(0.5 * logvar_BZ) * eps_LBZ
+        """The reparameterization trick, z = g_φ(ε, x) (paper, eq. 10 for the Gaussian: z = μ + σ ⊙ ε). [L, B, Z]."""
+        return self.posterior.sample(a_BZ, b_BZ, num_samples, generator)
 
     def decode(self, z_LBZ: torch.Tensor) -> torch.Tensor:
         """Raw decoder outputs (logits, or mean and log-variance), [..., P]."""
@@ -78,10 +75,13 @@ class VAE(nn.Module):
         """log p_θ(z) = log N(z; 0, I), [L, B]."""
         return log_standard_normal(z_LBZ)
 
-    @staticmethod
-    def log_posterior(z_LBZ: torch.Tensor, mean_BZ: torch.Tensor, logvar_BZ: torch.Tensor) -> torch.Tensor:
+    def log_posterior(self, z_LBZ: torch.Tensor, a_BZ: torch.Tensor, b_BZ: torch.Tensor) -> torch.Tensor:
         """log q_φ(z|x), [L, B]."""
-        return log_normal_diag(z_LBZ, mean_BZ, logvar_BZ)
+        return self.posterior.log_prob(z_LBZ, a_BZ, b_BZ)
+
+    def kl_to_prior(self, a_BZ: torch.Tensor, b_BZ: torch.Tensor) -> torch.Tensor:
+        """KL(q_φ(z|x) || p_θ(z)) in closed form, [B] (Appendix B for the Gaussian)."""
+        return self.posterior.kl_to_standard_normal(a_BZ, b_BZ)
 
     @torch.no_grad()
     def sample(self, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:

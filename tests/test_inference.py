@@ -12,10 +12,10 @@ from aevb_dist.config import load_config
 from aevb_dist.dataset import ParquetDataset, binarize
 from aevb_dist.elbo import sgvb_b
 from aevb_dist.evaluation import evaluate_units
-from aevb_dist.gradient_variance import variance_report
+from aevb_dist.gradient_variance import variance_report, variance_sweep
 from aevb_dist.inference import encode, evaluate, load_checkpoint_bytes, model_from_bytes
 from aevb_dist.marginal_likelihood import log_marginal_likelihood
-from aevb_dist.plotting import plot_run
+from aevb_dist.plotting import gradient_variance_figure, plot_run, write_figure
 from aevb_dist.ray_launcher import train
 from conftest import SMOKE, tiny_overrides
 
@@ -102,7 +102,7 @@ def test_plot_writes_pngs_including_the_2d_manifold(trained, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
 
-def test_gradient_variance_of_a_and_b(trained):
+def test_gradient_variance_of_a_b_and_iwae(trained, tmp_path):
     vae, _ = model_from_bytes(load_checkpoint_bytes(trained["run"])[0])
     x = torch.from_numpy(binarize(ParquetDataset(trained["train"]).read_all(), "static", seed=0, epoch=0).x[:50])
     report = variance_report(vae, x, num_draws=200)
@@ -110,6 +110,31 @@ def test_gradient_variance_of_a_and_b(trained):
     assert report["A"]["decoder_variance"] == pytest.approx(report["B"]["decoder_variance"], rel=1e-6)
     assert report["A"]["encoder_variance"] > report["B"]["encoder_variance"] > 0
     assert report["variance_ratio_A_over_B"] > 1
+    sweep = variance_sweep(vae, x, latent_samples=(1, 8), num_draws=100)
+    one, eight = sweep["results"]
+    # The IWAE bound with K=1 is estimator A, draw for draw.
+    assert one["iwae"]["total_variance"] == pytest.approx(one["A"]["total_variance"], rel=1e-6)
+    for est in ("A", "B"):  # L samples average L independent gradients: variance falls about L-fold
+        assert eight[est]["total_variance"] < one[est]["total_variance"] / 3
+    png = tmp_path / "variance.png"
+    write_figure(gradient_variance_figure(sweep), str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_with_ais_and_appendix_d_across_workers(trained):
+    vae, _ = model_from_bytes(load_checkpoint_bytes(trained["run"])[0])
+    data = ParquetDataset(trained["test"])
+    is_result = evaluate(trained["run"], trained["test"], num_importance_samples=2000, num_workers=1, seed=5)
+    for estimator in ("ais", "appendix-d"):
+        opts = dict(num_importance_samples=8, num_steps=60, num_leapfrog=3, seed=5)
+        result = evaluate(trained["run"], trained["test"], num_workers=2, estimator=estimator, **opts)
+        assert result["estimator"] == estimator and result["num_steps"] == 60 and result["num_examples"] == 30
+        local = evaluate_units(vae, data, list(range(len(data.units))), estimator=estimator,
+                               num_leapfrog=3, **{k: v for k, v in opts.items() if k != "num_leapfrog"}).summary()
+        assert result["log_marginal_likelihood"] == pytest.approx(local["log_marginal_likelihood"], rel=1e-9)
+        assert abs(result["log_marginal_likelihood"] - is_result["log_marginal_likelihood"]) < 0.5
+    with pytest.raises(ValueError, match="--estimator='hm' is not one of: is, ais, appendix-d"):
+        evaluate(trained["run"], trained["test"], estimator="hm")
 
 
 def test_a_bad_row_group_found_by_a_ray_task_is_one_line(trained, tmp_path):

@@ -81,3 +81,17 @@ def test_s3_round_trip_with_two_workers(ray_local, tiny_data, tmp_path, s3_endpo
     train(load_config(SMOKE, local + ["run.name=local", "train.max_steps=16"]))
     assert_bitwise_equal(final_state(f"{tmp_path}/local"), final_state("s3://aevb-test/runs/s3run", s3_endpoint))
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in fs.cat_file(f"{path}/config.yaml").decode()
+
+
+def test_a_laplace_posterior_and_continuous_bernoulli_likelihood_train_from_config(ray_local, tiny_data, tmp_path):
+    cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path), **{
+        "train.num_workers": 2, "train.num_epochs": 6, "train.max_steps": "null", "model.posterior": "laplace",
+        "model.likelihood": "continuous_bernoulli", "data.binarization": "dynamic"}))
+    train(cfg)
+    fs, path = storage.resolve(f"{tmp_path}/smoke")
+    tests = [r["test_elbo"] for r in read_metrics(fs, f"{path}/metrics.csv") if r["test_elbo"] == r["test_elbo"]]
+    assert tests[-1] > tests[0] + 0.3
+    # A density on [0, 1] of unbinarized grey pixels: well above the Bernoulli bound's 16·log 2 ceiling of −0.
+    assert tests[-1] > 0
+    saved = final_state(f"{tmp_path}/smoke")
+    assert saved["config"]["model"]["posterior"] == "laplace"
