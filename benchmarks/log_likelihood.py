@@ -1,0 +1,80 @@
+"""Throughput of the importance-sampled log p(x) against the machine's matmul peak, measured in the same run.
+
+    python benchmarks/log_likelihood.py [--num-examples 10000] [--k 5000] [--chunk-sizes 100 500]
+
+The paper's MNIST model (784-500-20, tanh, Bernoulli decoder) on the MNIST test images
+(binarized once). For each chunk size (importance samples per pass) it times
+`log_marginal_likelihood` in this process with all cores' threads, counts the matmul
+FLOPs it must do (2·(20·500 + 500·784) per sample in the decoder, the encoder once per
+example), and prints the achieved FLOP/s as `fraction_of_peak`, against a dense fp32
+matmul of the same inner sizes timed in the same run. Run by hand, not in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+from aevb_dist.marginal_likelihood import log_marginal_likelihood
+from aevb_dist.sources import read_idx
+from aevb_dist.vae import VAE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST = os.path.join(REPO, "..", "shared", "data", "mnist")
+D, H, Z = 784, 500, 20
+
+
+def matmul_peak(seconds: float = 3.0) -> float:
+    """FLOP/s of [50000, 500] @ [500, 784] in fp32: the decoder's largest product at chunk 500 × batch 100."""
+    a, b = torch.randn(50_000, H), torch.randn(H, D)
+    out = torch.empty(50_000, D)
+    for _ in range(2):
+        torch.mm(a, b, out=out)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b, out=out)
+        n += 1
+    return n * 2 * 50_000 * H * D / (time.perf_counter() - start)
+
+
+def model_flops(num_examples: int, k: int) -> float:
+    decoder = 2 * (Z * H + H * D) * k * num_examples
+    encoder = 2 * (D * H + H * 2 * Z) * num_examples
+    return float(decoder + encoder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-examples", type=int, default=10_000)
+    parser.add_argument("--k", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[500])
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    pixels = read_idx(os.path.join(MNIST, "t10k-images-idx3-ubyte.gz")).reshape(-1, D)[:args.num_examples]
+    x_all = torch.bernoulli(torch.from_numpy(pixels.astype(np.float32) / 255.0),
+                            generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    vae = VAE(D, [H], Z).eval()
+    vae.validate_inputs = False
+    peak = matmul_peak()
+    print(f"matmul peak (fp32, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
+    flops = model_flops(len(x_all), args.k)
+    for chunk in args.chunk_sizes:
+        gen = torch.Generator().manual_seed(1)
+        start = time.perf_counter()
+        total = 0.0
+        for i in range(0, len(x_all), args.batch_size):
+            total += log_marginal_likelihood(vae, x_all[i:i + args.batch_size], args.k, chunk, gen).sum().item()
+        elapsed = time.perf_counter() - start
+        print(f"log p(x), K={args.k}, {len(x_all)} examples, chunk {chunk}: {elapsed:.1f} s, "
+              f"{len(x_all) / elapsed:.1f} examples/s, {flops / elapsed / 1e9:.1f} GFLOP/s, "
+              f"fraction_of_peak={flops / elapsed / peak:.2f} (mean log p(x) {total / len(x_all):.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Where a training step's time goes, without Ray: the plain loop against `Trainer.fit` in one process.
+
+    python benchmarks/step_profile.py [--batch 100] [--steps 600] [--repeats 3]
+
+Both use the paper's MNIST model (784-500-20, tanh, Bernoulli, SGVB-B, L=1, Adagrad) and all
+cores' threads. The plain loop reads in-memory intensities and binarizes them with
+`torch.bernoulli`; `Trainer.fit` streams the same data from Parquet through aevb-dist's
+reader (hash-seeded dynamic binarization, background prefetch) and does everything a
+training step does (sums all-reduced as one buffer, a non-finite check, logging). The ratio
+`trainer_over_plain` bounds what a 1-worker `aevb-dist train` can reach; the rest of the gap
+in benchmarks/throughput.py is Ray's. Run by hand, not in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import MNIST, ForwardELBO, make_step, mnist_in_memory, timed_loop  # noqa: E402
+
+from aevb_dist.config import load_config  # noqa: E402
+from aevb_dist.prepare import prepare  # noqa: E402
+from aevb_dist.training import Trainer  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def trainer_rate(data_uri: str, batch: int, steps: int) -> float:
+    cfg = load_config(os.path.join(REPO, "configs", "smoke.yaml"), [
+        f"data.train_uri={data_uri}", "data.test_uri=", "model.input_dim=784", "model.hidden_sizes=[500]",
+        "model.latent_dim=20", "model.likelihood=bernoulli", "data.binarization=dynamic", "train.estimator=B",
+        "optim.name=adagrad", "optim.lr=0.02", f"train.batch_size_per_worker={batch}",
+        f"train.max_steps={steps}", f"train.log_every_steps={max(steps // 20, 1)}", f"checkpoint.every_steps={steps}"])
+    trainer = Trainer(cfg)
+    times: list[float] = []
+    trainer.fit(on_log=lambda row: times.append(time.perf_counter()), on_checkpoint=lambda state, row: None)
+    # From the second log row on (the first is step 1): steady state.
+    return (steps - max(steps // 20, 1)) * batch / (times[-1] - times[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    data = mnist_in_memory()
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(MNIST, f"{tmp}/mnist", split="train", num_shards=8, report=lambda m: None)
+        plain, ours = [], []
+        for _ in range(args.repeats):
+            torch.manual_seed(0)
+            seconds = args.steps * args.batch / 25_000
+            plain.append(timed_loop(make_step(ForwardELBO(), data, args.batch), seconds) * args.batch)
+            ours.append(trainer_rate(f"{tmp}/mnist/train", args.batch, args.steps))
+    p, o = statistics.median(plain), statistics.median(ours)
+    print(f"M={args.batch} plain samples_per_s={p:,.0f} trainer samples_per_s={o:,.0f} trainer_over_plain={o / p:.2f}")
+
+
+if __name__ == "__main__":
+    main()
