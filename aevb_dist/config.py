@@ -70,6 +70,9 @@ class TrainConfig:
     max_failures: int = 0
     # A NaN/inf objective or gradient: "error" stops the run naming the step, "skip" drops the step.
     on_nonfinite: str = "error"
+    # Gradients travel between workers in this dtype: "bfloat16" halves the all-reduce's bytes at
+    # ~3 significant digits per summed gradient (ELBO sums and example counts stay exact).
+    allreduce_dtype: str = "float32"
 
 
 @dataclass
@@ -237,6 +240,7 @@ def validate(cfg: Config) -> None:
     _positive("data.shuffle_window_row_groups", cfg.data.shuffle_window_row_groups)
     _choice("train.estimator", t.estimator, ESTIMATORS)
     _choice("train.on_nonfinite", t.on_nonfinite, ("error", "skip"))
+    _choice("train.allreduce_dtype", t.allreduce_dtype, ("float32", "bfloat16"))
     _choice("optim.name", cfg.optim.name, OPTIMIZERS)
     _positive("optim.lr", cfg.optim.lr)
     _positive("train.num_workers", t.num_workers)

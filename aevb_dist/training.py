@@ -58,10 +58,28 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return gen
 
 
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(buffer: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed():
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     return buffer
+
+
+def all_reduce_step_sums(flat: torch.Tensor, grad_dtype: Optional[torch.dtype]) -> None:
+    """Sum [gradients..., ELBO sum, count] across ranks in place. With `grad_dtype` (bfloat16) the
+    gradients travel compressed, in one all-reduce, and the two scalars in float64, so counts stay exact."""
+    if grad_dtype is None or not distributed():
+        all_reduce_sum(flat)
+        return
+    grads = flat[:-2].to(grad_dtype)
+    scalars = flat[-2:].double()
+    dist.all_reduce(grads, op=dist.ReduceOp.SUM)
+    dist.all_reduce(scalars, op=dist.ReduceOp.SUM)
+    flat[:-2].copy_(grads)
+    flat[-2:].copy_(scalars)
 
 
 def open_datasets(cfg: Config) -> tuple[ParquetDataset, Optional[ParquetDataset]]:
@@ -106,6 +124,7 @@ class Trainer:
         for p in self.params:
             p.grad = self._flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
+        self._grad_comm_dtype = torch.bfloat16 if cfg.train.allreduce_dtype == "bfloat16" else None
         self.state = TrainState(world_size=world_size)
         self.total_steps = total_steps(self.train_data, cfg, world_size)
 
@@ -146,7 +165,7 @@ class Trainer:
             loss.backward()
             flat[-2] = elbo_sum.detach()
             flat[-1] = count
-        all_reduce_sum(flat)
+        all_reduce_step_sums(flat, self._grad_comm_dtype)
         global_elbo, global_count = flat[-2:].tolist()
         grad_flat = flat[:-2]
         # One reduction: a NaN or inf anywhere makes the sum non-finite.
