@@ -68,7 +68,7 @@ def _batches(dataset: ParquetDataset, unit_id: int, batch_size: int, binarizatio
 
 @torch.no_grad()
 def evaluate_units(vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, num_importance_samples: int,
-                   chunk_size: int = 500, batch_size: int = 100, binarization: str = "static", seed: int = 0,
+                   chunk_size: int = 100, batch_size: int = 100, binarization: str = "static", seed: int = 0,
                    estimator: str = "is", num_steps: int = 500, num_leapfrog: int = 10,
                    on_unit: Optional[Callable[[int], None]] = None) -> Sums:
     """ELBO (estimator B, L=1) and, with K > 0, log p(x) by `estimator` (see marginal_likelihood.py)

@@ -82,7 +82,7 @@ def _workers_and_threads(num_workers: int) -> tuple[float, int]:
 
 
 def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int = 5000, num_workers: int = 2,
-             batch_size: int = 100, chunk_size: int = 500, seed: int = 0, output_uri: Optional[str] = None,
+             batch_size: int = 100, chunk_size: int = 100, seed: int = 0, output_uri: Optional[str] = None,
              endpoint_url: Optional[str] = None, ray_address: Optional[str] = None, estimator: str = "is",
              num_steps: int = 500, num_leapfrog: int = 10) -> dict:
     if num_importance_samples < 1:

@@ -35,7 +35,7 @@ def _positive_int(name: str, value) -> None:
 
 @torch.no_grad()
 def log_marginal_likelihood(vae: VAE, x_BD: torch.Tensor, num_importance_samples: int = 5000,
-                            chunk_size: int = 500, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                            chunk_size: int = 100, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Importance-sampled log p_θ(x) with q_φ(z|x) as proposal, [B]."""
     _positive_int("num_importance_samples", num_importance_samples)
     _positive_int("chunk_size", chunk_size)
@@ -136,7 +136,7 @@ def appendix_d_log_marginal_likelihood(vae: VAE, x_BD: torch.Tensor, num_chains:
 
 
 def estimate_log_marginal_likelihood(vae: VAE, x_BD: torch.Tensor, estimator: str = "is", *,
-                                     num_samples: int = 5000, chunk_size: int = 500, num_steps: int = 500,
+                                     num_samples: int = 5000, chunk_size: int = 100, num_steps: int = 500,
                                      num_leapfrog: int = 10,
                                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """log p_θ(x) by the named estimator, [B]. `num_samples` is K for `is`, the number of chains otherwise."""

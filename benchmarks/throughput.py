@@ -1,6 +1,6 @@
 """Training throughput of aevb-dist against plain PyTorch ceilings, measured in the same run.
 
-    python benchmarks/throughput.py [--repeats 3] [--seconds 8] [--batches 100 1000]
+    python benchmarks/throughput.py [--repeats 3] [--seconds 8] [--batches 100 1000] [--compare-bf16]
 
 The paper's MNIST model (784-500-20, tanh, Bernoulli decoder, SGVB-B, L=1, Adagrad) on real
 MNIST with dynamic binarization, M = global minibatch:
@@ -10,7 +10,10 @@ MNIST with dynamic binarization, M = global minibatch:
   embedded Ray: steady samples/s from metrics.csv, the wall time from command start to the
   first step and from the last step to exit.
 For each aevb-dist case it prints `ratio_vs_ceiling` (1 worker against the single process,
-2 workers against plain DDP). Values are medians over --repeats runs. Run by hand, not in CI.
+2 workers against plain DDP). Values are medians over --repeats runs. With --compare-bf16
+it also runs 2 workers with `train.allreduce_dtype=bfloat16` and prints each case's final
+train ELBO (same seed, same steps), the measured effect of compressing the all-reduce.
+Run by hand, not in CI.
 """
 
 from __future__ import annotations
@@ -112,7 +115,8 @@ def plain_ddp(batch: int, num_steps: int) -> float:
         return float(open(out).read())
 
 
-def aevb_train(data_uri: str, runs: str, batch: int, workers: int, steps: int, name: str) -> dict:
+def aevb_train(data_uri: str, runs: str, batch: int, workers: int, steps: int, name: str,
+               extra: tuple[str, ...] = ()) -> dict:
     overrides = [f"data.train_uri={data_uri}/train", "data.test_uri=", "model.input_dim=784",
                  "model.hidden_sizes=[500]", "model.latent_dim=20", "model.activation=tanh",
                  "model.likelihood=bernoulli", "data.binarization=dynamic", "train.estimator=B",
@@ -120,7 +124,7 @@ def aevb_train(data_uri: str, runs: str, batch: int, workers: int, steps: int, n
                  f"train.num_workers={workers}", f"train.batch_size_per_worker={batch // workers}",
                  f"train.max_steps={steps}", f"train.log_every_steps={max(steps // 20, 1)}",
                  "train.eval_every_steps=0", f"checkpoint.every_steps={steps}", f"run.storage_uri={runs}",
-                 f"run.name={name}"]
+                 f"run.name={name}", *extra]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "aevb_dist", "train", os.path.join(REPO, "configs", "smoke.yaml"),
@@ -131,7 +135,8 @@ def aevb_train(data_uri: str, runs: str, batch: int, workers: int, steps: int, n
     rows = list(csv.DictReader(open(os.path.join(runs, name, "metrics.csv"))))
     first, second, last = rows[0], rows[1], rows[-1]
     rate = (int(last["samples_seen"]) - int(second["samples_seen"])) / (float(last["time"]) - float(second["time"]))
-    return {"samples_per_s": rate, "start_to_first_step_s": float(first["time"]) - start,
+    return {"samples_per_s": rate, "final_train_elbo": float(last["train_elbo"]),
+            "start_to_first_step_s": float(first["time"]) - start,
             "last_step_to_exit_s": end - float(last["time"]), "wall_s": end - start,
             "compute_s": (int(last["samples_seen"]) - int(first["samples_seen"])) / rate}
 
@@ -141,6 +146,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per plain measurement")
     parser.add_argument("--batches", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--compare-bf16", action="store_true",
+                        help="also run 2 workers with train.allreduce_dtype=bfloat16 (same seed and steps)")
     args = parser.parse_args()
     data = mnist_in_memory()
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,16 +158,21 @@ def main() -> None:
             ddp = statistics.median(plain_ddp(batch, ddp_steps) for _ in range(args.repeats))
             print(f"M={batch} plain_single samples_per_s={single:,.0f}", flush=True)
             print(f"M={batch} plain_ddp_2x1 samples_per_s={ddp:,.0f} ratio_vs_single={ddp / single:.2f}", flush=True)
-            for workers, ceiling, label in ((1, single, "plain_single"), (2, ddp, "plain_ddp")):
+            cases = [(1, single, "plain_single", ()), (2, ddp, "plain_ddp", ())]
+            if args.compare_bf16:
+                cases.append((2, ddp, "plain_ddp", ("train.allreduce_dtype=bfloat16",)))
+            for workers, ceiling, label, extra in cases:
                 steps = max(int(args.seconds * 1.5 * ceiling / batch), 50)
+                tag = "_bf16" if extra else ""
                 runs = [aevb_train(f"{tmp}/mnist", f"{tmp}/runs", batch, workers, steps,
-                                   f"b{batch}_w{workers}_r{r}") for r in range(args.repeats)]
+                                   f"b{batch}_w{workers}{tag}_r{r}", extra) for r in range(args.repeats)]
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                print(f"M={batch} aevb_dist_{workers}worker samples_per_s={med['samples_per_s']:,.0f} "
+                print(f"M={batch} aevb_dist_{workers}worker{tag} samples_per_s={med['samples_per_s']:,.0f} "
                       f"ratio_vs_ceiling={med['samples_per_s'] / ceiling:.2f} (vs {label}) "
                       f"start_to_first_step_s={med['start_to_first_step_s']:.1f} "
                       f"last_step_to_exit_s={med['last_step_to_exit_s']:.1f} "
-                      f"overhead_s={med['wall_s'] - med['compute_s']:.1f}", flush=True)
+                      f"overhead_s={med['wall_s'] - med['compute_s']:.1f} "
+                      f"final_train_elbo={med['final_train_elbo']:.2f} ({steps} steps)", flush=True)
 
 
 if __name__ == "__main__":
