@@ -175,28 +175,30 @@ def assign_row_groups(units: list[RowGroup], world_size: int, *, seed: int, epoc
     return assignment
 
 
-def _fmix32(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 32-bit finalizer: a bijection that mixes every input bit into every output bit."""
-    h ^= h >> np.uint32(16)
-    h *= np.uint32(0x85EBCA6B)
-    h ^= h >> np.uint32(13)
-    h *= np.uint32(0xC2B2AE35)
-    h ^= h >> np.uint32(16)
+def _fmix32(h: np.ndarray, scratch: Optional[np.ndarray] = None) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer, in place: a bijection that mixes every input bit into every
+    output bit. `scratch` (h's shape and dtype) saves allocating a temporary per shift."""
+    tmp = np.empty_like(h) if scratch is None else scratch
+    for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):
+        np.right_shift(h, np.uint32(shift), out=tmp)
+        h ^= tmp
+        if mult is not None:
+            h *= np.uint32(mult)
     return h
 
 
-def _per_example_hash(index_B: np.ndarray, key: int) -> tuple[np.ndarray, np.ndarray]:
+def _hash_inputs(index_B: np.ndarray, dim: int, key: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example [B] and per-pixel [dim] words; their sum, finalized, is the pixel's hash."""
     lo = (index_B & 0xFFFFFFFF).astype(np.uint32)
     hi = (index_B >> 32).astype(np.uint32)
     per_example = _fmix32(_fmix32(lo ^ np.uint32(key & 0xFFFFFFFF)) ^ hi ^ np.uint32((key >> 32) & 0xFFFFFFFF))
-    return per_example, np.uint32(0x9E3779B9)
+    return per_example, np.arange(dim, dtype=np.uint32) * np.uint32(0x9E3779B9)
 
 
 def uniform_bits24(index_B: np.ndarray, dim: int, key: int) -> np.ndarray:
     """Uniform integers in [0, 2²⁴) [B, dim] (uint32), a pure function of (key, example index, pixel)."""
     with np.errstate(over="ignore"):
-        per_example, golden = _per_example_hash(index_B, key)
-        per_pixel = np.arange(dim, dtype=np.uint32) * golden
+        per_example, per_pixel = _hash_inputs(index_B, dim, key)
         z = _fmix32(per_example[:, None] + per_pixel[None, :])
         z >>= np.uint32(8)
     return z
@@ -235,19 +237,14 @@ def binarize_bytes(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
     if n == 0:
         return Batch(out, batch.index, batch.label)
     with np.errstate(over="ignore"):
-        per_example, golden = _per_example_hash(batch.index, _binarization_key(mode, seed, epoch))
-        per_pixel = np.arange(dim, dtype=np.uint32) * golden
+        per_example, per_pixel = _hash_inputs(batch.index, dim, _binarization_key(mode, seed, epoch))
         h = np.empty((min(_ROWS_PER_CHUNK, n), dim), np.uint32)
         tmp, threshold = np.empty_like(h), np.empty_like(h)
         for start in range(0, n, _ROWS_PER_CHUNK):
             stop = min(start + _ROWS_PER_CHUNK, n)
             hh, tt, th = h[:stop - start], tmp[:stop - start], threshold[:stop - start]
             np.add(per_example[start:stop, None], per_pixel[None, :], out=hh)
-            for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):  # _fmix32, in place
-                np.right_shift(hh, np.uint32(shift), out=tt)
-                hh ^= tt
-                if mult is not None:
-                    hh *= np.uint32(mult)
+            _fmix32(hh, tt)
             hh >>= np.uint32(8)
             np.take(_BYTE_THRESHOLDS, batch.x[start:stop], out=th)
             np.less(hh, th, out=out[start:stop])
