@@ -108,7 +108,6 @@ def plot_run(run_uri: str, output_uri: Optional[str] = None, *, endpoint_url: Op
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fs, path = storage.resolve(run_uri, endpoint_url)
     rows = read_metrics(fs, f"{path}/metrics.csv")
@@ -118,8 +117,6 @@ def plot_run(run_uri: str, output_uri: Optional[str] = None, *, endpoint_url: Op
     vae, saved = model_from_bytes(state_bytes)
     shape = saved.get("image_shape") or [vae.input_dim]
     out_uri = output_uri or storage.join(run_uri, "plots")
-    out_fs, out_path = storage.resolve(out_uri, endpoint_url)
-    out_fs.makedirs(out_path, exist_ok=True)
     name = run_uri.rstrip("/").rsplit("/", 1)[-1]
     figures = {"learning_curve.png": learning_curve(rows, f"{name}: Nz={vae.latent_dim}")}
     samples = vae.sample(100, generator=torch.Generator().manual_seed(seed)).numpy()
@@ -129,7 +126,6 @@ def plot_run(run_uri: str, output_uri: Optional[str] = None, *, endpoint_url: Op
         figures["manifold.png"] = image_grid(means, shape, 20, "learned 2-D manifold (Figure 4)")
     written = []
     for filename, fig in figures.items():
-        out_fs.pipe_file(f"{out_path}/{filename}", _figure_bytes(fig))
-        plt.close(fig)
+        write_figure(fig, storage.join(out_uri, filename), endpoint_url)
         written.append(storage.join(out_uri, filename))
     return written
