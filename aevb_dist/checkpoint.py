@@ -76,17 +76,42 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:010d}"
 
 
+def _names_newest_first(fs, run_path: str) -> list[str]:
+    if not fs.exists(run_path):
+        return []
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(run_path, detail=False))
+    return sorted((n for n in names if n.startswith("checkpoint_") and n[len("checkpoint_"):].isdigit()),
+                  reverse=True)
+
+
 def latest(fs, run_path: str, warn=None) -> Optional[str]:
     """The newest complete checkpoint folder under a run folder; incomplete ones are skipped with a warning."""
-    if not fs.exists(run_path):
-        return None
-    names = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(run_path, detail=False)), reverse=True)
-    for name in names:
-        if not name.startswith("checkpoint_") or not name[len("checkpoint_"):].isdigit():
-            continue
+    for name in _names_newest_first(fs, run_path):
         problem = verify(fs, f"{run_path}/{name}")
         if problem is None:
             return f"{run_path}/{name}"
         if warn is not None:
             warn(f"skipping {name}: {problem}")
     return None
+
+
+def upload(folder: str, fs, dest: str) -> None:
+    """Copy a folder written by `save` to `dest` on `fs`. The manifest goes last (and an old one at
+    `dest` is removed first), so until the copy is whole, `dest` is not a checkpoint."""
+    fs.makedirs(dest, exist_ok=True)
+    if fs.exists(f"{dest}/{MANIFEST}"):
+        fs.rm(f"{dest}/{MANIFEST}")
+    fs.put_file(os.path.join(folder, STATE), f"{dest}/{STATE}")
+    fs.put_file(os.path.join(folder, MANIFEST), f"{dest}/{MANIFEST}")
+
+
+def prune(fs, run_path: str, keep: int) -> list[str]:
+    """Remove every checkpoint folder older than the newest `keep` complete ones; the names removed."""
+    names, complete = _names_newest_first(fs, run_path), 0
+    for i, name in enumerate(names):
+        if complete == keep:
+            for old in names[i:]:
+                fs.rm(f"{run_path}/{old}", recursive=True)
+            return names[i:]
+        complete += verify(fs, f"{run_path}/{name}") is None
+    return []

@@ -21,9 +21,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from aevb_dist.config import load_config
-    from aevb_dist.ray_launcher import train
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.ray.local_mode:  # the workers' fork server imports torch while this process does
+        from aevb_dist.local_launcher import prestart
+
+        prestart()
+    from aevb_dist.ray_launcher import train
+
     train(cfg)
     return 0
 

@@ -8,6 +8,7 @@ upload cut off part way is skipped in favour of the last good one.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import tempfile
 import threading
@@ -31,10 +32,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
     cfg = config_from_dict(loop_config["config"])
+    local_mode = loop_config.get("local_mode", False)
     torch.set_num_threads(loop_config["threads_per_worker"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = str(ray.train.torch.get_device()) if cfg.train.use_gpu else "cpu"
+    if not cfg.train.use_gpu:
+        device = "cpu"
+    else:  # in local mode Ray assigns no GPUs: Ray Train's local controller pins cuda:LOCAL_RANK
+        device = f"cuda:{ctx.get_local_rank()}" if local_mode else str(ray.train.torch.get_device())
     trainer = Trainer(cfg, rank=rank, world_size=world_size, device=device)
 
     fs, run_path = storage.resolve(run_uri(cfg), cfg.run.s3_endpoint_url)
@@ -54,13 +59,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         step = state["state"]["step"]
         metrics = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))} or {"step": step}
         name = checkpoint.checkpoint_name(step)
-        if rank != 0:  # every rank reports at the same steps: report is a barrier
-            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        if rank != 0:
+            if not local_mode:  # every rank reports at the same steps: report is a barrier
+                ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
         with tempfile.TemporaryDirectory(prefix="aevb-ckpt-") as folder:
             checkpoint.save(folder, state, to_dict(cfg))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=name)
+            if local_mode:  # Ray Train's local mode keeps reported checkpoints in memory only
+                checkpoint.upload(folder, fs, f"{run_path}/{name}")
+                checkpoint.prune(fs, run_path, cfg.checkpoint.keep_last)
+            else:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                                 checkpoint_dir_name=name)
         log.flush()
 
     trainer.fit(on_log, on_checkpoint)
@@ -195,10 +205,6 @@ def absolute_local_uris(cfg: Config) -> Config:
 
 def train(cfg: Config) -> dict:
     """Run (or resume) training; returns the last row of metrics.csv."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     cfg = absolute_local_uris(cfg)
     train_data, _ = open_datasets(cfg)  # fail fast, before any worker starts
     storage_path, storage_fs = _storage_for_ray(cfg)
@@ -206,12 +212,44 @@ def train(cfg: Config) -> dict:
     steps = total_steps(train_data, cfg, cfg.train.num_workers)
     if _announce_resume(cfg, steps) >= steps:
         return _last_metrics(cfg)
+    if cfg.ray.local_mode:
+        _train_local_mode(cfg, steps, train_data.num_rows)
+    else:
+        _train_on_ray(cfg, steps, train_data.num_rows, storage_path, storage_fs)
+    last = _last_metrics(cfg)
+    say(f"done: {run_uri(cfg)} (step {last.get('step', 0)}, test ELBO {last.get('test_elbo', float('nan')):.2f})")
+    return last
+
+
+def _train_local_mode(cfg: Config, steps: int, num_rows: int) -> None:
+    from aevb_dist import local_launcher
+
+    n = cfg.train.num_workers
+    if cfg.train.use_gpu and torch.cuda.device_count() < n:
+        raise ValueError(f"ray.local_mode=true with train.use_gpu=true needs a GPU per worker: "
+                         f"train.num_workers={n}, GPUs visible: {torch.cuda.device_count()}")
+    local_launcher.prestart()
+    threads = (math.floor(cfg.train.cpus_per_worker + 1e-6) if cfg.train.cpus_per_worker is not None
+               else (os.cpu_count() or 1) // n)
+    threads = max(1, threads)
+    say(f"training {cfg.run.name} in Ray Train's local mode: {n} worker process(es), {threads} thread(s) "
+        f"each, {num_rows:,} training examples → {run_uri(cfg)}")
+    with ProgressPrinter(cfg, steps):
+        local_launcher.run({"config": to_dict(cfg), "threads_per_worker": threads, "local_mode": True},
+                           num_workers=n, max_failures=cfg.train.max_failures)
+
+
+def _train_on_ray(cfg: Config, steps: int, num_rows: int, storage_path: str, storage_fs) -> None:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     started = start_ray(cfg.ray.address, cfg.ray.show_worker_logs)
     try:
         cpus = _cpus_per_worker(cfg)
         threads = max(1, math.floor(cpus + 1e-6))
         say(f"training {cfg.run.name}: {cfg.train.num_workers} worker(s) × {cpus:g} CPU, "
-             f"{threads} thread(s) each, {train_data.num_rows:,} training examples → {run_uri(cfg)}")
+            f"{threads} thread(s) each, {num_rows:,} training examples → {run_uri(cfg)}")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": to_dict(cfg), "threads_per_worker": threads},
@@ -229,9 +267,6 @@ def train(cfg: Config) -> dict:
             raise _user_error(err) from None
     finally:
         stop_ray(started)
-    last = _last_metrics(cfg)
-    say(f"done: {run_uri(cfg)} (step {last.get('step', 0)}, test ELBO {last.get('test_elbo', float('nan')):.2f})")
-    return last
 
 
 def _last_metrics(cfg: Config) -> dict:

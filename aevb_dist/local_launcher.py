@@ -1,0 +1,140 @@
+"""`ray.local_mode=true`: Ray Train's local mode on processes of this machine, with no Ray cluster.
+
+Why it exists: on the embedded Ray, Ray Train V2 starts a controller and six helper actors, each a
+fresh Python process importing Ray Train (~21 CPU-seconds in all, measured: 12-14 s to the first
+step on 2 cores). In local mode (`ScalingConfig(num_workers=0)`) Ray Train runs the training
+function in the calling process and, when the torchrun variables are set, joins a torch process
+group from them. Here torch.distributed's elastic launcher starts one process per worker with those
+variables, forked from a server that has the heavy modules imported already, so a run starts in a
+few seconds. The worker function is the same as on a cluster (`ray_launcher.train_loop_per_worker`).
+
+What Ray Train's controller did that local mode does not, is done here or in the worker:
+- a failed worker stops the whole group, which restarts from the newest complete checkpoint, up to
+  `train.max_failures` times (the elastic agent's restarts);
+- rank 0 writes its checkpoints into the run folder itself (manifest last) and keeps the newest
+  `checkpoint.keep_last`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import socket
+import tempfile
+import uuid
+
+# Imported once in the fork server, so every worker starts with them loaded.
+_PRELOAD = ["aevb_dist.ray_launcher", "ray.train.torch"]
+_PROCESS_LOGGERS = ["torch.distributed.elastic.multiprocessing", "torch.multiprocessing"]
+_USER_ERRORS = ("ValueError", "FileNotFoundError", "PermissionError", "NonFiniteError")
+
+
+def prestart() -> None:
+    """Start the fork server now, so its imports overlap with the caller's own start-up work."""
+    multiprocessing.set_forkserver_preload(_PRELOAD)  # no effect once the server runs
+    multiprocessing.forkserver.ensure_running()
+
+
+def _free_port() -> int:
+    # The elastic launcher's static rendezvous needs a concrete port (port 0 is never resolved).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(loop_config: dict, error_dir: str) -> None:
+    """One worker process: Ray Train's local-mode TorchTrainer around the cluster worker function."""
+    cfg_dict = loop_config["config"]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if not cfg_dict["train"]["use_gpu"]:
+        # Ray's local controller picks NCCL whenever CUDA is visible; CPU training needs gloo.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from aevb_dist.config import config_from_dict
+    from aevb_dist.ray_launcher import _storage_for_ray, train_loop_per_worker
+    from aevb_dist.ray_runtime import say
+
+    cfg = config_from_dict(cfg_dict)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart and os.environ.get("RANK") == "0":
+        limit = "unlimited" if cfg.train.max_failures < 0 else cfg.train.max_failures
+        say(f"a worker failed: restarting all {cfg.train.num_workers} from the newest checkpoint "
+            f"(restart {restart} of {limit})")
+    error_file = os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.txt")
+    if os.path.exists(error_file):  # left by this rank in an earlier attempt of the group
+        os.remove(error_file)
+    if not cfg.ray.show_worker_logs:  # "Running in local mode", "Reported metrics" at every report
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    storage_path, storage_fs = _storage_for_ray(cfg)
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
+                           scaling_config=ScalingConfig(num_workers=0),
+                           run_config=RunConfig(name=cfg.run.name, storage_path=storage_path,
+                                                storage_filesystem=storage_fs))
+    try:
+        trainer.fit()
+    except BaseException as err:
+        # The launcher only sees an exit code: leave it the cause, one line.
+        text = (str(err).strip().splitlines() or [""])[0]
+        with open(error_file, "w") as f:
+            f.write(f"{type(err).__name__}\t{text}")
+        raise
+
+
+def run(loop_config: dict, num_workers: int, max_failures: int) -> None:
+    """Run `num_workers` local-mode workers to the end; raises ValueError for a user's mistake."""
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    prestart()
+    with tempfile.TemporaryDirectory(prefix="aevb-local-") as tmp:
+        error_dir = os.path.join(tmp, "errors")
+        os.makedirs(error_dir)
+        launch = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=num_workers, run_id=uuid.uuid4().hex,
+            rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
+            max_restarts=max_failures if max_failures >= 0 else 2**31 - 1,
+            monitor_interval=0.1, start_method="forkserver",
+            logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))
+        quiet = not loop_config["config"]["ray"]["show_worker_logs"]
+        with _quiet_loggers(_PROCESS_LOGGERS if quiet else []):
+            try:
+                elastic_launch(launch, _worker)(loop_config, error_dir)
+            except ChildFailedError as err:
+                raise _worker_error(error_dir, err) from None
+
+
+@contextlib.contextmanager
+def _quiet_loggers(names: list[str]):
+    """Silence the launcher's per-process tracebacks: the cause is reported once, as one line
+    (the agent's "will restart worker group" warnings still show)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _worker_error(error_dir: str, err: Exception) -> Exception:
+    """The workers' own reason for failing: a user's mistake on any rank becomes a one-line ValueError;
+    otherwise each failed rank's exception, or the signal that killed it."""
+    written = {}
+    for name in os.listdir(error_dir):
+        with open(os.path.join(error_dir, name)) as f:
+            written[int(name[len("rank"):-len(".txt")])] = f.read().partition("\t")[::2]
+    for kind, text in written.values():
+        if kind in _USER_ERRORS:
+            return ValueError(text)
+    failures = getattr(err, "failures", None) or {}
+    reasons = [f"rank {rank}: " + (": ".join(written[rank]) if rank in written else failure.message)
+               for rank, failure in sorted(failures.items())]
+    return RuntimeError("training failed in local mode: " + ("; ".join(reasons) or str(err)))

@@ -1,0 +1,110 @@
+"""`ray.local_mode=true`: Ray Train's local mode in worker processes of this machine, no Ray cluster.
+Same math and run folder as a run on Ray: bit-exact resume across modes, checkpoints kept, a killed
+worker restarted, failures answered in one line."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import psutil
+import pytest
+import torch
+
+from aevb_dist import checkpoint, storage
+from aevb_dist.config import load_config
+from aevb_dist.ray_launcher import train
+from aevb_dist.run_log import read_metrics
+from conftest import SMOKE, tiny_overrides
+from test_reliability import SLOW, _capture, check_metrics_contiguous, logged_step, wait_for
+from test_training import assert_bitwise_equal, final_state
+
+LOCAL = {"ray.local_mode": "true", "train.num_workers": 2, "train.batch_size_per_worker": 16}
+
+
+def test_a_run_started_on_ray_resumes_in_local_mode_bit_for_bit(ray_local, tiny_data, tmp_path):
+    local = tiny_overrides(tiny_data, str(tmp_path), **LOCAL)
+    on_ray = tiny_overrides(tiny_data, str(tmp_path), **{**LOCAL, "ray.local_mode": "false"})
+    train(load_config(SMOKE, local + ["run.name=straight", "train.max_steps=30"]))
+    train(load_config(SMOKE, on_ray + ["run.name=mixed", "train.max_steps=13"]))  # stops mid-epoch
+    last = train(load_config(SMOKE, local + ["run.name=mixed", "train.max_steps=30"]))
+    straight, mixed = final_state(f"{tmp_path}/straight"), final_state(f"{tmp_path}/mixed")
+    assert mixed["state"]["epoch"] >= 1  # the run crossed an epoch boundary after resuming
+    assert_bitwise_equal(straight, mixed)
+    fs, path = storage.resolve(f"{tmp_path}/mixed")
+    steps = [row["step"] for row in read_metrics(fs, f"{path}/metrics.csv")]
+    assert steps == sorted(set(steps)) and steps[-1] == 30 and 13 in steps
+    assert last["step"] == 30 and last["test_elbo"] == last["test_elbo"]  # evaluated, not NaN
+    # smoke.yaml's checkpoint.keep_last=2: local mode pruned what Ray Train had kept (12, 13) too.
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path) if "checkpoint_0" in p)
+    assert names == [checkpoint.checkpoint_name(28), checkpoint.checkpoint_name(30)]
+
+
+def _workers() -> list:
+    """The local-mode worker processes: children of this process's fork server."""
+    servers = [p for p in psutil.Process(os.getpid()).children() if "forkserver" in " ".join(p.cmdline())]
+    return [c for s in servers for c in s.children()]
+
+
+def test_a_killed_local_worker_restarts_the_group_from_the_last_checkpoint(tiny_data, tmp_path):
+    common = tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, **LOCAL, "train.batch_size_per_worker": 32,
+                                                         "train.max_failures": 1})
+    cfg = load_config(SMOKE, common + ["run.name=killed"])
+    errors = []
+    runner = threading.Thread(target=lambda: _capture(errors, train, cfg))
+    runner.start()
+    wait_for(lambda: logged_step(f"{tmp_path}/killed") >= 150)  # past the checkpoint at 100
+    victims = _workers()
+    assert len(victims) == 2
+    victims[1].send_signal(signal.SIGKILL)
+    runner.join(timeout=300)
+    assert not runner.is_alive() and not errors, errors
+    state = final_state(f"{tmp_path}/killed")
+    assert state["state"]["step"] == 600
+    check_metrics_contiguous(f"{tmp_path}/killed", 10, 600)
+    train(load_config(SMOKE, common + ["run.name=straight"]))
+    assert_bitwise_equal(final_state(f"{tmp_path}/straight"), state)
+
+
+def test_failures_in_local_mode_are_one_line_and_not_retried_forever(tiny_data, tmp_path):
+    args = [sys.executable, "-m", "aevb_dist", "train", SMOKE,
+            *tiny_overrides(tiny_data, str(tmp_path), **{**LOCAL, "train.max_failures": 1}),
+            "run.name=diverge", "optim.name=sgd", "optim.lr=1e30", "train.max_steps=8"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "aevb-dist train: error:" in line]
+    assert len(errors) == 1 and "non-finite objective or gradient at step" in errors[0], proc.stderr[-3000:]
+    assert "a worker failed: restarting all 2 from the newest checkpoint (restart 1 of 1)" in proc.stderr
+    with pytest.raises(ValueError, match="ray.local_mode=true .* cannot join ray.address=auto"):
+        load_config(SMOKE, ["ray.local_mode=true", "ray.address=auto"])
+    # A worker killed with no restarts left: the run fails naming the signal, not hanging.
+    cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, **LOCAL}) + ["run.name=k"])
+    errors = []
+    runner = threading.Thread(target=lambda: _capture(errors, train, cfg))
+    runner.start()
+    wait_for(lambda: logged_step(f"{tmp_path}/k") >= 20)
+    _workers()[0].send_signal(signal.SIGKILL)
+    runner.join(timeout=120)
+    assert not runner.is_alive() and len(errors) == 1
+    assert isinstance(errors[0], RuntimeError) and "SIGKILL" in str(errors[0]), errors
+
+
+def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
+    fs, run = storage.resolve(str(tmp_path))
+    state = {"model": {"w": torch.zeros(2)}, "state": {"step": 0}}
+    for step in (4, 8, 12, 16):
+        folder = tmp_path / "staging"
+        folder.mkdir()
+        checkpoint.save(str(folder), {**state, "state": {"step": step}}, {"model": {}})
+        checkpoint.upload(str(folder), fs, f"{run}/{checkpoint.checkpoint_name(step)}")
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    fs.rm(f"{run}/{checkpoint.checkpoint_name(16)}/{checkpoint.MANIFEST}")  # cut off before its manifest
+    removed = checkpoint.prune(fs, run, keep=2)
+    assert removed == [checkpoint.checkpoint_name(4)]
+    assert checkpoint.latest(fs, run).endswith(checkpoint.checkpoint_name(12))
+    assert checkpoint.prune(fs, run, keep=2) == []
+    assert checkpoint.prune(fs, run, keep=1) == [checkpoint.checkpoint_name(8)]
