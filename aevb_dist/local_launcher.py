@@ -9,8 +9,8 @@ variables, forked from a server that has the heavy modules imported already, so 
 few seconds. The worker function is the same as on a cluster (`ray_launcher.train_loop_per_worker`).
 
 What Ray Train's controller did that local mode does not, is done here or in the worker:
-- a failed worker stops the whole group, which restarts from the newest complete checkpoint, up to
-  `train.max_failures` times (the elastic agent's restarts);
+- a failed worker stops the whole group (the elastic agent's job), which is launched again from the
+  newest complete checkpoint, up to `train.max_failures` times;
 - rank 0 writes its checkpoints into the run folder itself (manifest last) and keeps the newest
   `checkpoint.keep_last`.
 """
@@ -22,9 +22,10 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
-import socket
 import tempfile
 import uuid
+
+from aevb_dist.ray_runtime import say
 
 # Imported once in the fork server, so every worker starts with them loaded.
 _PRELOAD = ["aevb_dist.ray_launcher", "ray.train.torch"]
@@ -36,13 +37,6 @@ def prestart() -> None:
     """Start the fork server now, so its imports overlap with the caller's own start-up work."""
     multiprocessing.set_forkserver_preload(_PRELOAD)  # no effect once the server runs
     multiprocessing.forkserver.ensure_running()
-
-
-def _free_port() -> int:
-    # The elastic launcher's static rendezvous needs a concrete port (port 0 is never resolved).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(loop_config: dict, error_dir: str) -> None:
@@ -57,17 +51,9 @@ def _worker(loop_config: dict, error_dir: str) -> None:
 
     from aevb_dist.config import config_from_dict
     from aevb_dist.ray_launcher import _storage_for_ray, train_loop_per_worker
-    from aevb_dist.ray_runtime import say
 
     cfg = config_from_dict(cfg_dict)
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restart and os.environ.get("RANK") == "0":
-        limit = "unlimited" if cfg.train.max_failures < 0 else cfg.train.max_failures
-        say(f"a worker failed: restarting all {cfg.train.num_workers} from the newest checkpoint "
-            f"(restart {restart} of {limit})")
     error_file = os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.txt")
-    if os.path.exists(error_file):  # left by this rank in an earlier attempt of the group
-        os.remove(error_file)
     if not cfg.ray.show_worker_logs:  # "Running in local mode", "Reported metrics" at every report
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     storage_path, storage_fs = _storage_for_ray(cfg)
@@ -86,33 +72,47 @@ def _worker(loop_config: dict, error_dir: str) -> None:
 
 
 def run(loop_config: dict, num_workers: int, max_failures: int) -> None:
-    """Run `num_workers` local-mode workers to the end; raises ValueError for a user's mistake."""
-    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
+    """Run `num_workers` local-mode workers to the end; raises ValueError for a user's mistake.
+
+    A failed attempt is relaunched here rather than by the elastic agent: its restarts reuse the
+    rendezvous store, where gloo then finds the dead attempt's addresses (connection refused)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     prestart()
-    with tempfile.TemporaryDirectory(prefix="aevb-local-") as tmp:
-        error_dir = os.path.join(tmp, "errors")
-        os.makedirs(error_dir)
-        launch = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=num_workers, run_id=uuid.uuid4().hex,
-            rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
-            max_restarts=max_failures if max_failures >= 0 else 2**31 - 1,
-            monitor_interval=0.1, start_method="forkserver",
-            logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))
-        quiet = not loop_config["config"]["ray"]["show_worker_logs"]
-        with _quiet_loggers(_PROCESS_LOGGERS if quiet else []):
+    limit = "unlimited" if max_failures < 0 else max_failures
+    quiet = not loop_config["config"]["ray"]["show_worker_logs"]
+    restarts = 0
+    while True:
+        with tempfile.TemporaryDirectory(prefix="aevb-local-") as tmp, \
+                _quiet_loggers(_PROCESS_LOGGERS if quiet else []):
             try:
-                elastic_launch(launch, _worker)(loop_config, error_dir)
+                _launch(loop_config, num_workers, tmp)
+                return
             except ChildFailedError as err:
-                raise _worker_error(error_dir, err) from None
+                error = _worker_error(os.path.join(tmp, "errors"), err)
+        if 0 <= max_failures <= restarts:
+            raise error
+        restarts += 1
+        say(f"a worker failed ({error}); restarting all {num_workers} from the newest checkpoint "
+            f"(restart {restarts} of {limit})")
+
+
+def _launch(loop_config: dict, num_workers: int, tmp: str) -> None:
+    """One attempt: a fresh rendezvous on a free loopback port, `num_workers` processes, no restarts."""
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.makedirs(os.path.join(tmp, "errors"))
+    launch = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=num_workers, run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1", max_restarts=0,
+        monitor_interval=0.1, start_method="forkserver", logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))
+    elastic_launch(launch, _worker)(loop_config, os.path.join(tmp, "errors"))
 
 
 @contextlib.contextmanager
 def _quiet_loggers(names: list[str]):
-    """Silence the launcher's per-process tracebacks: the cause is reported once, as one line
-    (the agent's "will restart worker group" warnings still show)."""
+    """Silence the launcher's per-process tracebacks: the cause is reported once, as one line."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
