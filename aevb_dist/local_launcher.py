@@ -27,8 +27,7 @@ import uuid
 
 from aevb_dist.ray_runtime import say
 
-# Imported once in the fork server, so every worker starts with them loaded.
-_PRELOAD = ["aevb_dist.ray_launcher", "ray.train.torch"]
+_PRELOAD = ["aevb_dist.forkserver_preload"]  # imported once in the fork server, not in every worker
 _PROCESS_LOGGERS = ["torch.distributed.elastic.multiprocessing", "torch.multiprocessing"]
 _USER_ERRORS = ("ValueError", "FileNotFoundError", "PermissionError", "NonFiniteError")
 
@@ -135,6 +134,9 @@ def _worker_error(error_dir: str, err: Exception) -> Exception:
         if kind in _USER_ERRORS:
             return ValueError(text)
     failures = getattr(err, "failures", None) or {}
-    reasons = [f"rank {rank}: " + (": ".join(written[rank]) if rank in written else failure.message)
+    reasons = [f"rank {rank}: " + (": ".join(written[rank]) if rank in written else failure.message
+                                   if failure.exitcode < 0 else  # a signal: "Signal 9 (SIGKILL) received..."
+                                   f"exited with code {failure.exitcode} before the training function "
+                                   "could say why (its output is above)")
                for rank, failure in sorted(failures.items())]
     return RuntimeError("training failed in local mode: " + ("; ".join(reasons) or str(err)))

@@ -67,6 +67,9 @@ def submit(cfg: Config, *, address: Optional[str] = None, entrypoint: Optional[s
     """Submit a job; returns (job id, exit status: 0 when it succeeded or when not waiting)."""
     from aevb_dist.ray_launcher import absolute_local_uris
 
+    if cfg.ray.local_mode and entrypoint is None:
+        raise ValueError("ray.local_mode=true trains outside Ray, on the machine that runs it; a submitted job "
+                         "would bypass the cluster's scheduling. Submit with ray.local_mode=false")
     cfg = absolute_local_uris(cfg)  # a local head shares this machine's paths
     client = _client(address)
     with tempfile.TemporaryDirectory(prefix="aevb-job-") as working_dir:

@@ -7,8 +7,9 @@ MNIST with dynamic binarization, M = global minibatch:
 - plain single process, all cores' threads, data in memory (`torch.bernoulli` per batch);
 - plain torch DDP, gloo on 127.0.0.1, 2 processes × 1 thread, data in memory;
 - `aevb-dist train` streaming the same data from Parquet, 1 worker and 2 workers, on its
-  embedded Ray: steady samples/s from metrics.csv, the wall time from command start to the
-  first step and from the last step to exit.
+  embedded Ray and in Ray Train's local mode (`ray.local_mode=true`, no Ray cluster): steady
+  samples/s from metrics.csv, the wall time from command start to the first step and from the
+  last step to exit.
 For each aevb-dist case it prints `ratio_vs_ceiling` (1 worker against the single process,
 2 workers against plain DDP). Values are medians over --repeats runs. With --compare-bf16
 it also runs 2 workers with `train.allreduce_dtype=bfloat16` and prints each case's final
@@ -158,12 +159,13 @@ def main() -> None:
             ddp = statistics.median(plain_ddp(batch, ddp_steps) for _ in range(args.repeats))
             print(f"M={batch} plain_single samples_per_s={single:,.0f}", flush=True)
             print(f"M={batch} plain_ddp_2x1 samples_per_s={ddp:,.0f} ratio_vs_single={ddp / single:.2f}", flush=True)
-            cases = [(1, single, "plain_single", ()), (2, ddp, "plain_ddp", ())]
+            local = ("ray.local_mode=true",)
+            cases = [(1, single, "plain_single", (), ""), (2, ddp, "plain_ddp", (), ""),
+                     (1, single, "plain_single", local, "_local"), (2, ddp, "plain_ddp", local, "_local")]
             if args.compare_bf16:
-                cases.append((2, ddp, "plain_ddp", ("train.allreduce_dtype=bfloat16",)))
-            for workers, ceiling, label, extra in cases:
+                cases.append((2, ddp, "plain_ddp", ("train.allreduce_dtype=bfloat16",), "_bf16"))
+            for workers, ceiling, label, extra, tag in cases:
                 steps = max(int(args.seconds * 1.5 * ceiling / batch), 50)
-                tag = "_bf16" if extra else ""
                 runs = [aevb_train(f"{tmp}/mnist", f"{tmp}/runs", batch, workers, steps,
                                    f"b{batch}_w{workers}{tag}_r{r}", extra) for r in range(args.repeats)]
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}

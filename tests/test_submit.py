@@ -39,6 +39,8 @@ def test_bad_config_is_rejected_before_submission(ray_head):
     proc = aevb("submit", SMOKE, "train.bogus=1", "--address", ray_head)
     assert proc.returncode == 2 and "unknown config key 'train.bogus'" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = aevb("submit", SMOKE, "ray.local_mode=true", "--address", ray_head)
+    assert proc.returncode == 2 and "Submit with ray.local_mode=false" in proc.stderr
     assert aevb("jobs", "list", "--address", ray_head).stdout == before
 
 

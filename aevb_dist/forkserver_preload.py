@@ -1,0 +1,15 @@
+"""Imported by local mode's fork server only (multiprocessing's forkserver preload), never by the
+command's own process: the modules every worker needs, loaded once before the workers are forked."""
+
+import atexit
+import os
+
+import ray.train.torch  # noqa: F401
+
+import aevb_dist.ray_launcher  # noqa: F401
+
+# The server holds nothing but these imports. When the command exits, the server ends with
+# SystemExit and would spend ~0.7 s tearing torch and Ray down while still holding the command's
+# stderr open (anyone reading it, a pipe or a CI log, waits). Its forked workers always leave by
+# os._exit, so they never run this.
+atexit.register(os._exit, 0)
