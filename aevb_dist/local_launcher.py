@@ -22,8 +22,12 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import select
 import tempfile
+import threading
+import time
 import uuid
+from typing import Optional
 
 from aevb_dist.ray_runtime import say
 
@@ -38,8 +42,9 @@ def prestart() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-def _worker(loop_config: dict, error_dir: str) -> None:
+def _worker(loop_config: dict, error_dir: str, driver_pid: int) -> None:
     """One worker process: Ray Train's local-mode TorchTrainer around the cluster worker function."""
+    _die_with_driver(driver_pid)
     cfg_dict = loop_config["config"]
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if not cfg_dict["train"]["use_gpu"]:
@@ -70,11 +75,38 @@ def _worker(loop_config: dict, error_dir: str) -> None:
         raise
 
 
+def _die_with_driver(pid: int) -> None:
+    """A worker's parent is the fork server, which lives as long as any worker does; so each worker
+    watches the command itself and exits the moment it is gone (even SIGKILLed): no orphan goes on
+    writing into the run folder. A checkpoint cut off this way has no manifest, so it is never used."""
+    def watch() -> None:
+        try:
+            with open(os.pidfd_open(pid), "rb") as handle:  # readable once the process has exited
+                select.select([handle], [], [])
+        except (AttributeError, OSError):  # no pidfd (old kernel): poll instead
+            while _alive(pid):
+                time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="aevb-watch-driver", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        pass
+    return True
+
+
 def run(loop_config: dict, num_workers: int, max_failures: int) -> None:
     """Run `num_workers` local-mode workers to the end; raises ValueError for a user's mistake.
 
     A failed attempt is relaunched here rather than by the elastic agent: its restarts reuse the
     rendezvous store, where gloo then finds the dead attempt's addresses (connection refused)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     prestart()
@@ -89,6 +121,8 @@ def run(loop_config: dict, num_workers: int, max_failures: int) -> None:
                 return
             except ChildFailedError as err:
                 error = _worker_error(os.path.join(tmp, "errors"), err)
+            except SignalException as err:  # Ctrl-C or SIGTERM: the agent has stopped the workers
+                raise KeyboardInterrupt(str(err)) from None
         if 0 <= max_failures <= restarts:
             raise error
         restarts += 1
@@ -105,8 +139,9 @@ def _launch(loop_config: dict, num_workers: int, tmp: str) -> None:
     launch = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=num_workers, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1", max_restarts=0,
-        monitor_interval=0.1, start_method="forkserver", logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))
-    elastic_launch(launch, _worker)(loop_config, os.path.join(tmp, "errors"))
+        monitor_interval=0.1, start_method="forkserver",
+        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))
+    elastic_launch(launch, _worker)(loop_config, os.path.join(tmp, "errors"), os.getpid())
 
 
 @contextlib.contextmanager
@@ -134,9 +169,13 @@ def _worker_error(error_dir: str, err: Exception) -> Exception:
         if kind in _USER_ERRORS:
             return ValueError(text)
     failures = getattr(err, "failures", None) or {}
-    reasons = [f"rank {rank}: " + (": ".join(written[rank]) if rank in written else failure.message
-                                   if failure.exitcode < 0 else  # a signal: "Signal 9 (SIGKILL) received..."
-                                   f"exited with code {failure.exitcode} before the training function "
-                                   "could say why (its output is above)")
-               for rank, failure in sorted(failures.items())]
+    reasons = [f"rank {rank}: {_reason(written.get(rank), failure)}" for rank, failure in sorted(failures.items())]
     return RuntimeError("training failed in local mode: " + ("; ".join(reasons) or str(err)))
+
+
+def _reason(written: Optional[tuple[str, str]], failure) -> str:
+    if written is not None:
+        return ": ".join(written)
+    if failure.exitcode < 0:  # killed: "Signal 9 (SIGKILL) received by PID ..."
+        return failure.message
+    return f"exited with code {failure.exitcode} before the training function could say why (its output is above)"

@@ -229,6 +229,7 @@ def _train_local_mode(cfg: Config, steps: int, num_rows: int) -> None:
         raise ValueError(f"ray.local_mode=true with train.use_gpu=true needs a GPU per worker: "
                          f"train.num_workers={n}, GPUs visible: {torch.cuda.device_count()}")
     local_launcher.prestart()
+    _forget_ray_checkpoint_list(cfg)
     threads = (math.floor(cfg.train.cpus_per_worker + 1e-6) if cfg.train.cpus_per_worker is not None
                else (os.cpu_count() or 1) // n)
     threads = max(1, threads)
@@ -237,6 +238,17 @@ def _train_local_mode(cfg: Config, steps: int, num_rows: int) -> None:
     with ProgressPrinter(cfg, steps):
         local_launcher.run({"config": to_dict(cfg), "threads_per_worker": threads, "local_mode": True},
                            num_workers=n, max_failures=cfg.train.max_failures)
+
+
+def _forget_ray_checkpoint_list(cfg: Config) -> None:
+    """Local mode prunes checkpoints that an earlier run on Ray may have listed in its snapshot file;
+    Ray Train refuses to resume a run whose snapshot names a missing checkpoint. We never resume
+    through Ray's list (the worker picks the newest verified folder), so the list is dropped instead.
+    A later run on Ray then keeps `checkpoint.keep_last` of its own checkpoints and leaves older ones."""
+    fs, path = storage.resolve(run_uri(cfg), cfg.run.s3_endpoint_url)
+    snapshot = f"{path}/checkpoint_manager_snapshot.json"  # ray.train.v2: CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    if fs.exists(snapshot):
+        fs.rm(snapshot)
 
 
 def _train_on_ray(cfg: Config, steps: int, num_rows: int, storage_path: str, storage_fs) -> None:

@@ -23,22 +23,26 @@ from test_training import assert_bitwise_equal, final_state
 LOCAL = {"ray.local_mode": "true", "train.num_workers": 2, "train.batch_size_per_worker": 16}
 
 
-def test_a_run_started_on_ray_resumes_in_local_mode_bit_for_bit(ray_local, tiny_data, tmp_path):
+def test_a_run_moves_between_ray_and_local_mode_bit_for_bit(ray_local, tiny_data, tmp_path):
     local = tiny_overrides(tiny_data, str(tmp_path), **LOCAL)
     on_ray = tiny_overrides(tiny_data, str(tmp_path), **{**LOCAL, "ray.local_mode": "false"})
-    train(load_config(SMOKE, local + ["run.name=straight", "train.max_steps=30"]))
+    train(load_config(SMOKE, local + ["run.name=straight", "train.max_steps=34"]))
     train(load_config(SMOKE, on_ray + ["run.name=mixed", "train.max_steps=13"]))  # stops mid-epoch
-    last = train(load_config(SMOKE, local + ["run.name=mixed", "train.max_steps=30"]))
-    straight, mixed = final_state(f"{tmp_path}/straight"), final_state(f"{tmp_path}/mixed")
-    assert mixed["state"]["epoch"] >= 1  # the run crossed an epoch boundary after resuming
-    assert_bitwise_equal(straight, mixed)
+    train(load_config(SMOKE, local + ["run.name=mixed", "train.max_steps=30"]))
     fs, path = storage.resolve(f"{tmp_path}/mixed")
-    steps = [row["step"] for row in read_metrics(fs, f"{path}/metrics.csv")]
-    assert steps == sorted(set(steps)) and steps[-1] == 30 and 13 in steps
-    assert last["step"] == 30 and last["test_elbo"] == last["test_elbo"]  # evaluated, not NaN
-    # smoke.yaml's checkpoint.keep_last=2: local mode pruned what Ray Train had kept (12, 13) too.
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path) if "checkpoint_0" in p)
+    # smoke.yaml's checkpoint.keep_last=2: local mode pruned what Ray Train had kept (12, 13) too.
     assert names == [checkpoint.checkpoint_name(28), checkpoint.checkpoint_name(30)]
+    last = train(load_config(SMOKE, on_ray + ["run.name=mixed", "train.max_steps=34"]))  # and back on Ray
+    straight, mixed = final_state(f"{tmp_path}/straight"), final_state(f"{tmp_path}/mixed")
+    assert mixed["state"]["epoch"] >= 1  # the run crossed epoch boundaries
+    assert_bitwise_equal(straight, mixed)
+    steps = [row["step"] for row in read_metrics(fs, f"{path}/metrics.csv")]
+    assert steps == sorted(set(steps)) and steps[-1] == 34 and {13, 30} <= set(steps)
+    assert last["step"] == 34 and last["test_elbo"] == last["test_elbo"]  # evaluated, not NaN
+    # Ray Train keeps 2 of the checkpoints it wrote; those local mode wrote before stay.
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path) if "checkpoint_0" in p)
+    assert names == [checkpoint.checkpoint_name(s) for s in (28, 30, 32, 34)]
 
 
 def _workers() -> list:
