@@ -56,14 +56,24 @@ def check_metrics_contiguous(run_dir: str, every: int, last: int) -> None:
     assert steps == [1, *range(every, last + 1, every)], steps
 
 
-def test_a_killed_worker_costs_at_most_one_checkpoint_interval(ray_local, tiny_data, tmp_path):
-    common = tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2, "train.max_failures": 1})
+def our_local_workers():
+    """Local mode's worker processes: children of this process's fork server."""
+    servers = [p for p in psutil.Process(os.getpid()).children() if "forkserver" in " ".join(p.cmdline())]
+    return [c for s in servers for c in s.children()]
+
+
+@pytest.mark.parametrize("local_mode", [False, True])
+def test_a_killed_worker_costs_at_most_one_checkpoint_interval(request, tiny_data, tmp_path, local_mode):
+    if not local_mode:
+        request.getfixturevalue("ray_local")
+    common = tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2, "train.max_failures": 1,
+                                                         "ray.local_mode": str(local_mode).lower()})
     cfg = load_config(SMOKE, common + ["run.name=killed"])
     errors = []
     runner = threading.Thread(target=lambda: _capture(errors, train, cfg))
     runner.start()
     wait_for(lambda: logged_step(f"{tmp_path}/killed") >= 150)  # mid-epoch, past the checkpoint at 100
-    victims = our_train_workers()
+    victims = our_local_workers() if local_mode else our_train_workers()
     assert len(victims) == 2
     victims[1].send_signal(signal.SIGKILL)
     runner.join(timeout=300)
