@@ -19,7 +19,7 @@ import torch
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import Config, config_from_dict, to_dict, to_yaml
 from aevb_dist.ray_runtime import cluster_cpus, say, start_ray, stop_ray
-from aevb_dist.run_log import RunLog, progress_line, read_metrics
+from aevb_dist.run_log import MetricsTail, RunLog, progress_line, read_metrics
 from aevb_dist.training import Trainer, open_datasets, total_steps
 
 
@@ -111,16 +111,17 @@ def _first_line(err: BaseException) -> str:
 class ProgressPrinter:
     """Prints new metrics.csv rows while the run goes; the workers' own logs stay in Ray's log files."""
 
-    def __init__(self, cfg: Config, total_steps: int, interval_s: float = 1.0):
-        self.fs, path = storage.resolve(run_uri(cfg), cfg.run.s3_endpoint_url)
-        self.path, self.total_steps, self.interval_s = f"{path}/metrics.csv", total_steps, interval_s
-        self.last_step = max([r["step"] for r in self._rows()] or [0])
+    def __init__(self, cfg: Config, total_steps: int, start_step: int, interval_s: float = 1.0):
+        fs, path = storage.resolve(run_uri(cfg), cfg.run.s3_endpoint_url)
+        self.tail, self.total_steps, self.interval_s = MetricsTail(fs, f"{path}/metrics.csv"), total_steps, interval_s
+        self._rows()  # what is there already (rows past `start_step` are trained again, and printed then)
+        self.last_step = start_step
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _rows(self) -> list[dict]:
         try:
-            return read_metrics(self.fs, self.path)
+            return self.tail.new_rows()
         except Exception:  # a half-written file or a transient storage error: try again next tick
             return []
 
@@ -210,18 +211,20 @@ def train(cfg: Config) -> dict:
     storage_path, storage_fs = _storage_for_ray(cfg)
     _prepare_run_folder(cfg)
     steps = total_steps(train_data, cfg, cfg.train.num_workers)
-    if _announce_resume(cfg, steps) >= steps:
+    start_step = _announce_resume(cfg, steps)
+    if start_step >= steps:
         return _last_metrics(cfg)
+    progress = ProgressPrinter(cfg, steps, start_step)
     if cfg.ray.local_mode:
-        _train_local_mode(cfg, steps, train_data.num_rows)
+        _train_local_mode(cfg, progress, train_data.num_rows)
     else:
-        _train_on_ray(cfg, steps, train_data.num_rows, storage_path, storage_fs)
+        _train_on_ray(cfg, progress, train_data.num_rows, storage_path, storage_fs)
     last = _last_metrics(cfg)
     say(f"done: {run_uri(cfg)} (step {last.get('step', 0)}, test ELBO {last.get('test_elbo', float('nan')):.2f})")
     return last
 
 
-def _train_local_mode(cfg: Config, steps: int, num_rows: int) -> None:
+def _train_local_mode(cfg: Config, progress: ProgressPrinter, num_rows: int) -> None:
     from aevb_dist import local_launcher
 
     n = cfg.train.num_workers
@@ -235,7 +238,7 @@ def _train_local_mode(cfg: Config, steps: int, num_rows: int) -> None:
     threads = max(1, threads)
     say(f"training {cfg.run.name} in Ray Train's local mode: {n} worker process(es), {threads} thread(s) "
         f"each, {num_rows:,} training examples → {run_uri(cfg)}")
-    with ProgressPrinter(cfg, steps):
+    with progress:
         local_launcher.run({"config": to_dict(cfg), "threads_per_worker": threads, "local_mode": True},
                            num_workers=n, max_failures=cfg.train.max_failures)
 
@@ -251,7 +254,7 @@ def _forget_ray_checkpoint_list(cfg: Config) -> None:
         fs.rm(snapshot)
 
 
-def _train_on_ray(cfg: Config, steps: int, num_rows: int, storage_path: str, storage_fs) -> None:
+def _train_on_ray(cfg: Config, progress: ProgressPrinter, num_rows: int, storage_path: str, storage_fs) -> None:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -273,7 +276,7 @@ def _train_on_ray(cfg: Config, steps: int, num_rows: int, storage_path: str, sto
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
         )
         try:
-            with ProgressPrinter(cfg, steps):
+            with progress:
                 trainer.fit()
         except ray.train.TrainingFailedError as err:
             raise _user_error(err) from None
