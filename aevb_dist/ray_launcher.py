@@ -1,8 +1,9 @@
-"""The only module that imports ray.train: the per-worker function and the driver that launches it.
+"""The per-worker function and the driver that launches it on Ray (with local_launcher, for Ray
+Train's local mode, the only modules that import ray.train).
 
 Resume is Ray Train's: a new TorchTrainer with the same storage path and run name. The
 worker picks the newest checkpoint in the run folder whose manifest verifies, so an
-upload cut off part way is skipped in favour of the last good one.
+upload cut off part way is skipped in favour of the last good one (in either mode).
 """
 
 from __future__ import annotations
