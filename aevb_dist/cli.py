@@ -10,6 +10,7 @@ import sys
 from typing import Optional
 
 from aevb_dist import __version__
+from aevb_dist.ray_runtime import USER_ERRORS
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -252,7 +253,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+    except USER_ERRORS as err:
         if args.debug:
             raise
         cause = getattr(err, "cause", None) or err  # a Ray task's error carries the original as .cause

@@ -29,11 +29,10 @@ import time
 import uuid
 from typing import Optional
 
-from aevb_dist.ray_runtime import say
+from aevb_dist.ray_runtime import USER_ERRORS, say
 
 _PRELOAD = ["aevb_dist.forkserver_preload"]  # imported once in the fork server, not in every worker
 _PROCESS_LOGGERS = ["torch.distributed.elastic.multiprocessing", "torch.multiprocessing"]
-_USER_ERRORS = ("ValueError", "FileNotFoundError", "PermissionError", "NonFiniteError")
 
 
 def prestart() -> None:
@@ -68,10 +67,10 @@ def _worker(loop_config: dict, error_dir: str, driver_pid: int) -> None:
     try:
         trainer.fit()
     except BaseException as err:
-        # The launcher only sees an exit code: leave it the cause, one line.
+        # The launcher only sees an exit code: leave it the cause, one line, and whether it is the user's.
         text = (str(err).strip().splitlines() or [""])[0]
         with open(error_file, "w") as f:
-            f.write(f"{type(err).__name__}\t{text}")
+            f.write(f"{isinstance(err, USER_ERRORS):d}\t{type(err).__name__}\t{text}")
         raise
 
 
@@ -164,10 +163,10 @@ def _worker_error(error_dir: str, err: Exception) -> Exception:
     written = {}
     for name in os.listdir(error_dir):
         with open(os.path.join(error_dir, name)) as f:
-            written[int(name[len("rank"):-len(".txt")])] = f.read().partition("\t")[::2]
-    for kind, text in written.values():
-        if kind in _USER_ERRORS:
+            user_error, kind, text = f.read().split("\t", 2)
+        if user_error == "1":
             return ValueError(text)
+        written[int(name[len("rank"):-len(".txt")])] = (kind, text)
     failures = getattr(err, "failures", None) or {}
     reasons = [f"rank {rank}: {_reason(written.get(rank), failure)}" for rank, failure in sorted(failures.items())]
     return RuntimeError("training failed in local mode: " + ("; ".join(reasons) or str(err)))

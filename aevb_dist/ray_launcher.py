@@ -19,7 +19,7 @@ import torch
 
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import Config, config_from_dict, to_dict, to_yaml
-from aevb_dist.ray_runtime import cluster_cpus, say, start_ray, stop_ray
+from aevb_dist.ray_runtime import USER_ERRORS, cluster_cpus, say, start_ray, stop_ray
 from aevb_dist.run_log import MetricsTail, RunLog, progress_line, read_metrics
 from aevb_dist.training import Trainer, open_datasets, total_steps
 
@@ -161,7 +161,7 @@ def _user_error(err: Exception) -> Exception:
     for cause in causes:
         seen = cause
         while seen is not None:
-            if isinstance(seen, (ValueError, FileNotFoundError, PermissionError)):
+            if isinstance(seen, USER_ERRORS):
                 return ValueError(str(seen).splitlines()[0])
             seen = getattr(seen, "cause", None) or seen.__cause__
     return err
@@ -232,7 +232,6 @@ def _train_local_mode(cfg: Config, progress: ProgressPrinter, num_rows: int) -> 
     if cfg.train.use_gpu and torch.cuda.device_count() < n:
         raise ValueError(f"ray.local_mode=true with train.use_gpu=true needs a GPU per worker: "
                          f"train.num_workers={n}, GPUs visible: {torch.cuda.device_count()}")
-    local_launcher.prestart()
     _forget_ray_checkpoint_list(cfg)
     threads = (math.floor(cfg.train.cpus_per_worker + 1e-6) if cfg.train.cpus_per_worker is not None
                else (os.cpu_count() or 1) // n)

@@ -8,6 +8,10 @@ import time
 from typing import Any, Callable, Optional
 
 
+# A user's mistake (bad config, data or path, or a diverging run): told in one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
+
+
 def say(message: str) -> None:
     print(f"aevb-dist: {message}", file=sys.stderr, flush=True)
 
