@@ -18,8 +18,6 @@ import tempfile
 import time
 from typing import Optional
 
-import fsspec
-
 from aevb_dist import storage
 
 COLUMNS = ["step", "epoch", "samples_seen", "train_elbo", "test_elbo", "samples_per_s", "skipped_steps", "time"]
@@ -57,7 +55,7 @@ class RunLog:
         kept = [r for r in read_metrics(self.fs, self.metrics_path) if r["step"] <= resume_step]
         self._text = io.StringIO()
         self._text.write(_csv_text(kept, header=True))  # (a StringIO given its text would write over it)
-        self._append_in_place = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+        self._append_in_place = storage.is_local(self.fs)
         self.upload_interval_s, self._uploaded_at = upload_interval_s, 0.0
         self._upload()  # once whole: drops the rows after the resumed step
         self._local_tb = storage.scheme_of(run_uri) == "file"
@@ -109,7 +107,7 @@ class MetricsTail:
 
     def __init__(self, fs, path: str):
         self.fs, self.path = fs, path
-        self._local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+        self._local = storage.is_local(fs)
         self._inode, self._offset, self._header, self._partial = None, 0, None, ""
 
     def new_rows(self) -> list[dict]:

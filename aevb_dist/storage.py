@@ -67,9 +67,14 @@ def exists(uri: str, endpoint_url: Optional[str] = None) -> bool:
     return fs.exists(path)
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Local disk: files can be renamed and appended to, which object stores cannot do."""
+    return isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+
+
 def move_tree(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     """Move a folder: a rename where the filesystem has one, else file by file (object stores)."""
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+    if is_local(fs):
         fs.mv(src, dst, recursive=True)
         return
     for path in fs.find(src):
