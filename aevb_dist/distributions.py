@@ -106,18 +106,23 @@ class ContinuousBernoulliLikelihood(BernoulliLikelihood):
         return super().log_prob(out_LBP, x_BD) + self.log_normalizer(out_LBP).sum(-1)
 
     @staticmethod
-    def log_normalizer(eta: torch.Tensor) -> torch.Tensor:
-        """log C = log|η| − log|tanh(η/2)|; near η = 0 its series log 2 + η²/12 (error below 1e-9)."""
+    def _near_zero(eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where |η| < 1e-2 the closed forms below cancel catastrophically and a series is used: that
+        mask, and η with those entries replaced by 1 so the closed form stays finite (and its gradient)."""
         small = eta.abs() < 1e-2
-        safe = torch.where(small, torch.ones_like(eta), eta)
+        return small, torch.where(small, torch.ones_like(eta), eta)
+
+    @classmethod
+    def log_normalizer(cls, eta: torch.Tensor) -> torch.Tensor:
+        """log C = log|η| − log|tanh(η/2)|; near η = 0 its series log 2 + η²/12 (error below 1e-9)."""
+        small, safe = cls._near_zero(eta)
         exact = torch.log(safe.abs()) - torch.log(torch.tanh(safe.abs() / 2))
         return torch.where(small, math.log(2.0) + eta.pow(2) / 12.0, exact)
 
     def mean(self, out_BP: torch.Tensor) -> torch.Tensor:
         # E[x] = λ/(2λ − 1) + 1/(2 artanh(1 − 2λ)) = sigmoid(η)/tanh(η/2) − 1/η; near η = 0, ½ + η/12.
         eta = out_BP
-        small = eta.abs() < 1e-2
-        safe = torch.where(small, torch.ones_like(eta), eta)
+        small, safe = self._near_zero(eta)
         return torch.where(small, 0.5 + eta / 12.0, torch.sigmoid(safe) / torch.tanh(safe / 2) - 1.0 / safe)
 
 
