@@ -16,6 +16,12 @@ from typing import Any, Optional
 
 import torch
 
+from aevb_dist import storage
+from aevb_dist.config import config_from_dict
+from aevb_dist.console import say
+from aevb_dist.data.binarization import eval_binarization
+from aevb_dist.model.vae import VAE
+
 STATE, MANIFEST = "state.pt", "manifest.json"
 FORMAT_VERSION = 1
 
@@ -115,3 +121,39 @@ def prune(fs, run_path: str, keep: int) -> list[str]:
             return names[i:]
         complete += verify(fs, f"{run_path}/{name}") is None
     return []
+
+
+# -- opening a checkpoint given by URI (evaluate, encode, plot, variance) -------------------------
+def find_checkpoint(uri: str, endpoint_url: Optional[str] = None) -> tuple[object, str]:
+    """(filesystem, folder) of a checkpoint folder, or of a run folder's newest complete checkpoint."""
+    fs, path = storage.resolve(uri, endpoint_url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {uri}")
+    if fs.exists(f"{path}/{MANIFEST}"):
+        return fs, path
+    newest = latest(fs, path, warn=lambda m: say(f"warning: {m}"))
+    if newest is None:
+        raise ValueError(f"{uri}: neither a checkpoint folder nor a run folder holding a complete checkpoint")
+    return fs, newest
+
+
+def load_checkpoint_bytes(uri: str, endpoint_url: Optional[str] = None) -> tuple[bytes, str]:
+    """The verified bytes of `state.pt` (small enough to ship to Ray tasks whole) and its folder."""
+    fs, folder = find_checkpoint(uri, endpoint_url)
+    problem = verify(fs, folder)
+    if problem:
+        raise ValueError(f"checkpoint {uri} is not usable: {problem}")
+    return fs.cat_file(f"{folder}/{STATE}"), folder
+
+
+def model_from_bytes(state_bytes: bytes) -> tuple[VAE, dict]:
+    """The trained model held by `state.pt`'s bytes, and everything saved with it."""
+    saved = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=False)
+    vae = VAE.from_config(config_from_dict(saved["config"]).model)
+    vae.load_state_dict(saved["model"])
+    return vae, saved
+
+
+def saved_eval_binarization(vae: VAE, saved: dict) -> str:
+    """How evaluation data is binarized for a checkpoint's model (`eval_binarization` of its config)."""
+    return eval_binarization(vae.likelihood.name, saved["config"]["data"]["binarization"])

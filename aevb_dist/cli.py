@@ -10,7 +10,8 @@ import sys
 from typing import Optional
 
 from aevb_dist import __version__
-from aevb_dist.ray_runtime import USER_ERRORS
+from aevb_dist import names
+from aevb_dist.console import USER_ERRORS
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -25,17 +26,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if cfg.ray.local_mode:  # the workers' fork server imports torch while this process does
-        from aevb_dist.local_launcher import prestart
+        from aevb_dist.train.local_launcher import prestart
 
         prestart()
-    from aevb_dist.ray_launcher import train
+    from aevb_dist.train.driver import train
 
     train(cfg)
     return 0
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from aevb_dist.prepare import prepare
+    from aevb_dist.data.prepare import prepare
 
     prepare(args.source, args.output_uri, fmt=args.format, num_shards=args.num_shards, split=args.split,
             overwrite=args.overwrite, rows_per_row_group=args.rows_per_row_group, seed=args.seed,
@@ -46,7 +47,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from aevb_dist.inference import evaluate
+    from aevb_dist.eval.jobs import evaluate
 
     result = evaluate(args.checkpoint_uri, args.data_uri, num_importance_samples=args.num_importance_samples,
                       num_workers=args.num_workers, batch_size=args.batch_size, chunk_size=args.chunk_size,
@@ -58,7 +59,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from aevb_dist.inference import encode
+    from aevb_dist.eval.jobs import encode
 
     rows = encode(args.checkpoint_uri, args.data_uri, args.output_uri, num_workers=args.num_workers,
                   seed=args.seed, overwrite=args.overwrite, endpoint_url=args.s3_endpoint_url,
@@ -68,7 +69,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from aevb_dist.plotting import plot_run
+    from aevb_dist.eval.plotting import plot_run
 
     for uri in plot_run(args.run_uri, args.output, endpoint_url=args.s3_endpoint_url):
         print(uri)
@@ -78,23 +79,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_variance(args: argparse.Namespace) -> int:
     import json
 
-    import torch
+    from aevb_dist.eval.variance import checkpoint_gradient_variance
 
-    from aevb_dist.dataset import EpochStream, ParquetDataset
-    from aevb_dist.evaluation import eval_binarization
-    from aevb_dist.gradient_variance import variance_sweep
-    from aevb_dist.inference import load_checkpoint_bytes, model_from_bytes
-
-    vae, saved = model_from_bytes(load_checkpoint_bytes(args.checkpoint_uri, args.s3_endpoint_url)[0])
-    data = ParquetDataset(args.data_uri, expected_dim=vae.input_dim, endpoint_url=args.s3_endpoint_url)
-    binarization = eval_binarization(vae.likelihood.name, saved["config"]["data"]["binarization"])
-    batch = next(iter(EpochStream(data, rank=0, world_size=1, batch_size=args.batch_size, epoch=0,
-                                  seed=args.seed, binarization=binarization)))
-    report = variance_sweep(vae, torch.from_numpy(batch.x), estimators=tuple(args.estimators),
-                            latent_samples=args.num_latent_samples, num_draws=args.num_draws, seed=args.seed)
+    report = checkpoint_gradient_variance(args.checkpoint_uri, args.data_uri, batch_size=args.batch_size,
+                                          estimators=tuple(args.estimators), latent_samples=args.num_latent_samples,
+                                          num_draws=args.num_draws, seed=args.seed, endpoint_url=args.s3_endpoint_url)
     print(json.dumps(report, indent=2))
     if args.plot:
-        from aevb_dist.plotting import gradient_variance_figure, write_figure
+        from aevb_dist.eval.plotting import gradient_variance_figure, write_figure
 
         write_figure(gradient_variance_figure(report), args.plot, args.s3_endpoint_url)
         print(f"aevb-dist: wrote {args.plot}", file=sys.stderr)
@@ -153,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="convert MNIST/Fashion-MNIST IDX, Frey Face .mat or .npy/.npz to sharded Parquet")
     p.add_argument("source", help="a folder of IDX .gz files, a .mat file, or a .npy/.npz file")
     p.add_argument("output_uri", help="where to write OUTPUT_URI/train/part-*.parquet and OUTPUT_URI/test/...")
-    p.add_argument("--format", choices=["auto", "mnist", "fashion-mnist", "frey-face", "npy"], default="auto",
+    p.add_argument("--format", choices=["auto", *names.DATASET_FORMATS], default="auto",
                    help="source format (default: guessed from the source)")
     p.add_argument("--num-shards", type=int, default=4, help="Parquet files per split (default 4)")
     p.add_argument("--split", choices=["train", "test", "both"], default="both", help="which splits to write")
@@ -194,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="dataset mean ELBO and log p(x) (importance sampling, AIS or Appendix D), as JSON")
     p.add_argument("checkpoint_uri", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("data_uri", help="a Parquet dataset split, e.g. data/mnist/test")
-    p.add_argument("--estimator", default="is", choices=["is", "ais", "appendix-d"],
+    p.add_argument("--estimator", default="is", choices=names.MARGINAL_LIKELIHOOD_ESTIMATORS,
                    help="log p(x) estimator: is = importance sampling with q(z|x) (default); ais = annealed "
                         "importance sampling from the prior with HMC; appendix-d = the paper's Appendix D "
                         "(HMC posterior samples, fitted density, harmonic mean; for few latents)")
@@ -233,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-draws", type=int, default=100, help="gradient draws per estimator (default 100)")
     p.add_argument("--num-latent-samples", type=int, nargs="+", default=[1],
                    help="L per draw (K for iwae); several values sweep them, e.g. 1 5 25 (default 1)")
-    p.add_argument("--estimators", nargs="+", default=["A", "B", "iwae"], choices=["A", "B", "iwae"],
+    p.add_argument("--estimators", nargs="+", default=list(names.ESTIMATORS), choices=names.ESTIMATORS,
                    help="estimators to compare (default A B iwae)")
     p.add_argument("--plot", default=None, metavar="URI",
                    help="also write a PNG of the variances against L, e.g. variance.png")

@@ -8,19 +8,14 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-ACTIVATIONS = ("tanh", "relu", "softplus", "sigmoid", "elu")
-LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli")
-POSTERIORS = ("gaussian", "laplace", "logistic", "kumaraswamy", "lognormal")
-ESTIMATORS = ("A", "B", "iwae")
-OPTIMIZERS = ("adagrad", "adam", "sgd")
-BINARIZATIONS = ("dynamic", "static", "none")
+from aevb_dist import names
+from aevb_dist.uri import absolute_uri, check_uri
 
 
 @dataclass
@@ -142,6 +137,16 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         raise ValueError(_explain(err)) from None
 
 
+def absolute_local_uris(cfg: Config) -> Config:
+    """A copy whose local paths are absolute: workers, Ray tasks and jobs run in other folders."""
+    cfg = config_from_dict(to_dict(cfg))
+    for section, key in (("data", "train_uri"), ("data", "test_uri"), ("run", "storage_uri")):
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            setattr(getattr(cfg, section), key, absolute_uri(value))
+    return cfg
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -215,23 +220,12 @@ def _positive(key: str, value: Optional[float], allow_none: bool = False) -> Non
         raise ValueError(f"{key}={value} must be a positive number")
 
 
-_URI_SCHEMES = ("file", "memory", "s3", "gs", "gcs")
-
-
-def check_uri(key: str, uri: str) -> None:
-    """A storage URI is a plain path or one of the schemes we can reach through fsspec."""
-    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", uri)
-    if match and match.group(1).lower() not in _URI_SCHEMES:
-        raise ValueError(f"{key}={uri!r} has unknown scheme '{match.group(1)}://'; use a local path or one of: "
-                         + ", ".join(s + "://" for s in _URI_SCHEMES))
-
-
 def validate(cfg: Config) -> None:
     """Checks that span fields; raises ValueError naming the key and the fix."""
     m, t = cfg.model, cfg.train
-    _choice("model.activation", m.activation, ACTIVATIONS)
-    _choice("model.likelihood", m.likelihood, LIKELIHOODS)
-    _choice("model.posterior", m.posterior, POSTERIORS)
+    _choice("model.activation", m.activation, names.ACTIVATIONS)
+    _choice("model.likelihood", m.likelihood, names.LIKELIHOODS)
+    _choice("model.posterior", m.posterior, names.POSTERIORS)
     _positive("model.input_dim", m.input_dim)
     _positive("model.latent_dim", m.latent_dim)
     for i, h in enumerate(m.hidden_sizes):
@@ -239,12 +233,12 @@ def validate(cfg: Config) -> None:
     _positive("model.init_std", m.init_std, allow_none=True)
     if m.squash_mean and m.likelihood != "gaussian":
         raise ValueError("model.squash_mean=true only applies to model.likelihood=gaussian")
-    _choice("data.binarization", cfg.data.binarization, BINARIZATIONS)
+    _choice("data.binarization", cfg.data.binarization, names.BINARIZATIONS)
     _positive("data.shuffle_window_row_groups", cfg.data.shuffle_window_row_groups)
-    _choice("train.estimator", t.estimator, ESTIMATORS)
-    _choice("train.on_nonfinite", t.on_nonfinite, ("error", "skip"))
-    _choice("train.allreduce_dtype", t.allreduce_dtype, ("float32", "bfloat16"))
-    _choice("optim.name", cfg.optim.name, OPTIMIZERS)
+    _choice("train.estimator", t.estimator, names.ESTIMATORS)
+    _choice("train.on_nonfinite", t.on_nonfinite, names.ON_NONFINITE)
+    _choice("train.allreduce_dtype", t.allreduce_dtype, names.ALLREDUCE_DTYPES)
+    _choice("optim.name", cfg.optim.name, names.OPTIMIZERS)
     _positive("optim.lr", cfg.optim.lr)
     _positive("train.num_workers", t.num_workers)
     _positive("train.batch_size_per_worker", t.batch_size_per_worker)

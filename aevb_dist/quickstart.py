@@ -16,8 +16,9 @@ import time
 import numpy as np
 
 from aevb_dist.config import load_config
-from aevb_dist.prepare import prepare
-from aevb_dist.ray_runtime import say, start_ray, stop_ray
+from aevb_dist.data.prepare import prepare
+from aevb_dist.console import say
+from aevb_dist.ray_runtime import start_ray, stop_ray
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -56,9 +57,9 @@ def _prepare_source(dataset: str, data_uri: str) -> None:
 def quickstart(output: str = "aevb-quickstart", dataset: str = "digits") -> dict:
     if dataset not in SETTINGS:
         raise ValueError(f"--dataset={dataset!r} is not one of: {', '.join(SETTINGS)}")
-    from aevb_dist.inference import evaluate
-    from aevb_dist.plotting import plot_run
-    from aevb_dist.ray_launcher import train
+    from aevb_dist.eval.jobs import evaluate
+    from aevb_dist.eval.plotting import plot_run
+    from aevb_dist.train.driver import train
 
     start = time.perf_counter()
     output = os.path.abspath(output)

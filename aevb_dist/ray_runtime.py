@@ -1,25 +1,20 @@
-"""Starting Ray (embedded or a cluster) and running row-group tasks on it, with progress."""
+"""Starting Ray (embedded or a cluster), sizing workers to its CPUs, and running tasks on it."""
 
 from __future__ import annotations
 
+import math
 import os
-import sys
-import time
 from typing import Any, Callable, Optional
 
-
-# A user's mistake (bad config, data or path, or a diverging run): told in one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
-
-
-def say(message: str) -> None:
-    print(f"aevb-dist: {message}", file=sys.stderr, flush=True)
+from aevb_dist.console import say
 
 
 def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS, set inside Ray Jobs), or start an embedded
     local Ray; True when we started it."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        say(f"joining the Ray cluster at $RAY_ADDRESS={address} (unset RAY_ADDRESS for an embedded Ray)")
     if not address:
         # An embedded Ray serves this machine only: keep it on loopback (read when ray is imported),
         # and let gloo use loopback too.
@@ -57,6 +52,12 @@ def cluster_cpus() -> float:
     return ray.cluster_resources().get("CPU", 1.0)
 
 
+def threads_for_cpus(cpus: float) -> int:
+    """Torch threads for a worker holding `cpus` CPUs (fractions round down, at least one): the one
+    rule every launcher and Ray task uses."""
+    return max(1, math.floor(cpus + 1e-6))
+
+
 def run_tasks(remote_fn, arg_lists: list[tuple], *, max_in_flight: int, num_cpus: float,
               on_done: Callable[[int, Any], None]) -> None:
     """Run `remote_fn(*args)` for each args tuple, at most `max_in_flight` at once; `on_done(i, result)`."""
@@ -72,22 +73,3 @@ def run_tasks(remote_fn, arg_lists: list[tuple], *, max_in_flight: int, num_cpus
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             on_done(pending.pop(ref), ray.get(ref))
-
-
-class Progress:
-    """A line per update on stderr: done/total, rate, and time left."""
-
-    def __init__(self, what: str, total: int, unit: str = "examples", min_interval_s: float = 2.0):
-        self.what, self.total, self.unit, self.min_interval_s = what, total, unit, min_interval_s
-        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.min_interval_s or self.done >= self.total:
-            self.last = now
-            elapsed = now - self.start
-            rate = self.done / max(elapsed, 1e-9)
-            left = (self.total - self.done) / rate if rate > 0 else float("inf")
-            say(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} | {rate:,.0f}/s | "
-                f"{elapsed:,.0f} s elapsed, ~{left:,.0f} s left")

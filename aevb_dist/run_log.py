@@ -46,25 +46,23 @@ def _csv_text(rows: list[dict], header: bool = False) -> str:
 
 
 class RunLog:
-    def __init__(self, run_uri: str, *, resume_step: int, total_steps: int, endpoint_url: Optional[str] = None,
-                 upload_interval_s: float = 10.0):
-        self.fs, self.path = storage.resolve(run_uri, endpoint_url)
+    def __init__(self, run: storage.Folder, *, resume_step: int, total_steps: int, upload_interval_s: float = 10.0):
+        self.fs, self.path = run.fs, run.path
         self.fs.makedirs(self.path, exist_ok=True)
         self.total_steps = total_steps
         self.metrics_path = f"{self.path}/metrics.csv"
         kept = [r for r in read_metrics(self.fs, self.metrics_path) if r["step"] <= resume_step]
         self._text = io.StringIO()
         self._text.write(_csv_text(kept, header=True))  # (a StringIO given its text would write over it)
-        self._append_in_place = storage.is_local(self.fs)
+        self._on_local_disk = storage.is_local(self.fs)  # append in place; else upload the whole file
         self.upload_interval_s, self._uploaded_at = upload_interval_s, 0.0
         self._upload()  # once whole: drops the rows after the resumed step
-        self._local_tb = storage.scheme_of(run_uri) == "file"
-        self._tb_dir = f"{self.path}/tensorboard" if self._local_tb else tempfile.mkdtemp(prefix="aevb-tb-")
+        self._tb_dir = f"{self.path}/tensorboard" if self._on_local_disk else tempfile.mkdtemp(prefix="aevb-tb-")
         self._tb = _summary_writer(self._tb_dir, purge_step=resume_step + 1)
 
     def _upload(self) -> None:
         data = self._text.getvalue().encode()
-        if self._append_in_place:  # a new file renamed over the old: a reader sees one or the other
+        if self._on_local_disk:  # a new file renamed over the old: a reader sees one or the other
             with open(f"{self.metrics_path}.tmp", "wb") as f:
                 f.write(data)
             os.replace(f"{self.metrics_path}.tmp", self.metrics_path)
@@ -75,7 +73,7 @@ class RunLog:
     def append(self, row: dict) -> None:
         line = _csv_text([row])
         self._text.write(line)
-        if self._append_in_place:
+        if self._on_local_disk:
             with open(self.metrics_path, "a") as f:
                 f.write(line)
         elif time.monotonic() - self._uploaded_at >= self.upload_interval_s:
@@ -86,12 +84,12 @@ class RunLog:
                     self._tb.add_scalar(key, row[key], global_step=row["step"])
 
     def flush(self) -> None:
-        if not self._append_in_place:
+        if not self._on_local_disk:
             self._upload()
         if self._tb is None:
             return
         self._tb.flush()
-        if not self._local_tb:
+        if not self._on_local_disk:
             for name in os.listdir(self._tb_dir):
                 self.fs.put_file(os.path.join(self._tb_dir, name), f"{self.path}/tensorboard/{name}")
 

@@ -9,21 +9,16 @@ credentials come from the environment and are never stored.
 from __future__ import annotations
 
 import os
-import posixpath
-import re
+from dataclasses import dataclass
 from typing import Optional
 
 import fsspec
 import fsspec.implementations.local
 
-from aevb_dist.config import check_uri
+from aevb_dist.uri import check_uri, join, local_path, scheme_of
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def scheme_of(uri: str) -> str:
-    match = _SCHEME.match(uri)
-    return match.group(1).lower() if match else "file"
+__all__ = ["Folder", "check_uri", "exists", "is_local", "join", "move_tree", "pyarrow_filesystem", "ray_train_storage", "resolve",
+           "run_folder", "s3_endpoint", "scheme_of"]
 
 
 def s3_endpoint(endpoint_url: Optional[str] = None) -> Optional[str]:
@@ -35,8 +30,7 @@ def resolve(uri: str, endpoint_url: Optional[str] = None) -> tuple[fsspec.Abstra
     check_uri("uri", uri)
     scheme = scheme_of(uri)
     if scheme == "file":
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+        return fsspec.filesystem("file"), local_path(uri)
     if scheme == "s3":
         try:
             import s3fs  # noqa: F401
@@ -57,9 +51,31 @@ def resolve(uri: str, endpoint_url: Optional[str] = None) -> tuple[fsspec.Abstra
     return fs, path.rstrip("/") if path != "/" else path
 
 
-def join(uri: str, *parts: str) -> str:
-    """Join URI parts with '/', keeping the scheme."""
-    return posixpath.join(uri.rstrip("/") if uri not in ("/", "") else uri, *parts)
+@dataclass(frozen=True)
+class Folder:
+    """A folder resolved once: the URI as the user wrote it, its filesystem, and the path inside it.
+    Passed around (and pickled to workers) instead of re-resolving a URI in every function."""
+
+    uri: str
+    fs: fsspec.AbstractFileSystem
+    path: str
+
+    @classmethod
+    def open(cls, uri: str, endpoint_url: Optional[str] = None) -> "Folder":
+        fs, path = resolve(uri, endpoint_url)
+        return cls(uri, fs, path)
+
+    def file(self, name: str) -> str:
+        """The path (inside `fs`) of `name` in this folder."""
+        return f"{self.path}/{name}"
+
+    def child(self, name: str) -> "Folder":
+        return Folder(join(self.uri, name), self.fs, self.file(name))
+
+
+def run_folder(run_cfg) -> Folder:
+    """The run folder `{run.storage_uri}/{run.name}` of a config's `run` section."""
+    return Folder.open(join(run_cfg.storage_uri, run_cfg.name), run_cfg.s3_endpoint_url)
 
 
 def exists(uri: str, endpoint_url: Optional[str] = None) -> bool:
@@ -87,3 +103,14 @@ def pyarrow_filesystem(fs: fsspec.AbstractFileSystem):
     import pyarrow.fs
 
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def ray_train_storage(run_cfg) -> tuple[str, Optional[object]]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig, from a config's `run` section;
+    remote filesystems are wrapped for pyarrow, which is what Ray Train takes."""
+    scheme = scheme_of(run_cfg.storage_uri)
+    if scheme == "memory":
+        raise ValueError("run.storage_uri=memory://... is private to one process; workers cannot share it. "
+                         "Use a local path or s3://")
+    fs, path = resolve(run_cfg.storage_uri, run_cfg.s3_endpoint_url)
+    return (path, None) if scheme == "file" else (path, pyarrow_filesystem(fs))

@@ -18,8 +18,8 @@ import uuid
 from importlib import metadata
 from typing import Optional
 
-from aevb_dist.config import Config, to_yaml
-from aevb_dist.ray_runtime import say
+from aevb_dist.config import Config, absolute_local_uris, to_yaml
+from aevb_dist.console import say
 
 # Credentials and endpoints a job needs to reach cloud storage; values are never printed.
 PASS_THROUGH_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
@@ -65,8 +65,6 @@ def _client(address: Optional[str]):
 def submit(cfg: Config, *, address: Optional[str] = None, entrypoint: Optional[str] = None, wait: bool = True,
            pip: bool = False) -> tuple[str, int]:
     """Submit a job; returns (job id, exit status: 0 when it succeeded or when not waiting)."""
-    from aevb_dist.ray_launcher import absolute_local_uris
-
     if cfg.ray.local_mode and entrypoint is None:
         raise ValueError("ray.local_mode=true trains outside Ray, on the machine that runs it; a submitted job "
                          "would bypass the cluster's scheduling. Submit with ray.local_mode=false")

@@ -19,9 +19,9 @@ import time
 import numpy as np
 import torch
 
-from aevb_dist.marginal_likelihood import log_marginal_likelihood
-from aevb_dist.sources import read_idx
-from aevb_dist.vae import VAE
+from aevb_dist.model.marginal_likelihood import log_marginal_likelihood
+from aevb_dist.data.sources import read_idx
+from aevb_dist.model.vae import VAE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(REPO, "..", "shared", "data", "mnist")

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from aevb_dist.dataset import EpochStream, ParquetDataset
-from aevb_dist.elbo import sgvb_b
-from aevb_dist.prepare import prepare
-from aevb_dist.vae import VAE
+from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.model.elbo import sgvb_b
+from aevb_dist.data.prepare import prepare
+from aevb_dist.model.vae import VAE
 
 
 def reader_rows_per_s(ds: ParquetDataset, batch_size: int) -> float:

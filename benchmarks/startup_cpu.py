@@ -24,7 +24,7 @@ import time
 
 import psutil
 
-from aevb_dist.prepare import prepare
+from aevb_dist.data.prepare import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(REPO, "..", "shared", "data", "mnist")

@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import MNIST, ForwardELBO, make_step, mnist_in_memory, timed_loop  # noqa: E402
 
 from aevb_dist.config import load_config  # noqa: E402
-from aevb_dist.prepare import prepare  # noqa: E402
-from aevb_dist.training import Trainer  # noqa: E402
+from aevb_dist.data.prepare import prepare  # noqa: E402
+from aevb_dist.train.trainer import Trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

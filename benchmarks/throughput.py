@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from aevb_dist.elbo import sgvb_b
-from aevb_dist.prepare import prepare
-from aevb_dist.sources import read_idx
-from aevb_dist.vae import VAE
+from aevb_dist.model.elbo import sgvb_b
+from aevb_dist.data.prepare import prepare
+from aevb_dist.data.sources import read_idx
+from aevb_dist.model.vae import VAE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(REPO, "..", "shared", "data", "mnist")

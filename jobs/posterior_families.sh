@@ -11,7 +11,7 @@ src=${DATA:-../shared/data}
 if [ ! -d data/mnist200/test ]; then
   # 250 test images, 200 of them in the "test" split: a small split AIS can afford.
   python -c "
-import sys; from aevb_dist.sources import read_idx; import numpy as np
+import sys; from aevb_dist.data.sources import read_idx; import numpy as np
 np.save('data/mnist_test250.npy', read_idx(sys.argv[1])[:250])" "$src/mnist/t10k-images-idx3-ubyte.gz"
   aevb-dist prepare data/mnist_test250.npy data/mnist200 --test-fraction 0.8 --rows-per-row-group 25 --num-shards 2
 fi

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
+from tests.helpers import free_port
 
 # Everything stays on loopback: the embedded Ray, gloo, the S3 server.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -17,15 +17,6 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "aevb-test-key")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "aevb-test-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway loopback cluster
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(REPO, "configs", "smoke.yaml")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +31,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """300 examples of 16 pixels in [0, 1] with some structure, as sharded Parquet (270 train / 30 test)."""
-    from aevb_dist.prepare import prepare
+    from aevb_dist.data.prepare import prepare
 
     rng = np.random.default_rng(0)
     proto = rng.random((4, 16))
@@ -49,15 +40,6 @@ def tiny_data(tmp_path_factory):
     np.save(folder / "x.npy", x.astype(np.float32))
     prepare(str(folder / "x.npy"), str(folder / "pq"), num_shards=3, rows_per_row_group=16, report=lambda m: None)
     return str(folder / "pq")
-
-
-def tiny_overrides(data: str, storage_uri: str, **extra) -> list[str]:
-    base = {"data.train_uri": f"{data}/train", "data.test_uri": f"{data}/test", "model.input_dim": 16,
-            "model.hidden_sizes": "[8]", "model.latent_dim": 2, "train.batch_size_per_worker": 8,
-            "train.log_every_steps": 2, "train.eval_every_steps": 4, "checkpoint.every_steps": 4,
-            "run.storage_uri": storage_uri, "optim.name": "adagrad", "optim.lr": 0.05}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 @pytest.fixture(scope="session")

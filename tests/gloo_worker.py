@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from aevb_dist.config import load_config
-from aevb_dist.dataset import Batch
-from aevb_dist.training import Trainer
+from aevb_dist.data.schema import Batch
+from aevb_dist.train.trainer import Trainer
 
 
 def take_one_step(rank: int, world_size: int, port: int, overrides: list, rows: list, out: str) -> None:

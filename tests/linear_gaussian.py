@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from aevb_dist.vae import VAE
+from aevb_dist.model.vae import VAE
 
 D, Z = 6, 3
 

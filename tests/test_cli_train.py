@@ -1,17 +1,7 @@
 """`aevb-dist train` as a user runs it: its own embedded Ray, progress, resume, clear errors."""
 
-import os
-import subprocess
-import sys
-
 from aevb_dist import checkpoint, storage
-from conftest import SMOKE, tiny_overrides
-
-
-def aevb(*args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+from tests.helpers import SMOKE, aevb, tiny_overrides
 
 
 def test_train_command_runs_then_resumes_with_more_steps(tiny_data, tmp_path):

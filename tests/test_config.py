@@ -1,16 +1,26 @@
 """The typed config schema: files, overrides and every kind of user mistake."""
 
 import glob
+import os
 import subprocess
 import sys
 
 import pytest
 
 from aevb_dist.config import Config, config_from_dict, load_config, to_dict
-from aevb_dist.vae import VAE
+from aevb_dist.model.vae import VAE
+from tests.helpers import REPO, SMOKE, aevb
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob("configs/**/*.yaml", recursive=True)))
+MNIST_CONFIG = os.path.join(REPO, "configs", "mnist.yaml")
+SHIPPED_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+
+
+def test_the_shipped_configs_are_found():
+    assert len(SHIPPED_CONFIGS) >= 4, SHIPPED_CONFIGS  # smoke, mnist, mnist_burda, frey_face at least
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: os.path.relpath(p, REPO))
 def test_every_shipped_config_loads_and_builds_a_model(path):
     cfg = load_config(path, [])
     vae = VAE.from_config(cfg.model)
@@ -18,7 +28,7 @@ def test_every_shipped_config_loads_and_builds_a_model(path):
 
 
 def test_mnist_config_is_the_papers_model():
-    cfg = load_config("configs/mnist.yaml", [])
+    cfg = load_config(MNIST_CONFIG, [])
     assert cfg.model.hidden_sizes == [500] and cfg.model.activation == "tanh"
     assert cfg.model.latent_dim == 20 and cfg.model.likelihood == "bernoulli"
     assert cfg.optim.name == "adagrad" and cfg.train.num_latent_samples == 1
@@ -26,14 +36,14 @@ def test_mnist_config_is_the_papers_model():
 
 
 def test_overrides_win_and_a_length_override_replaces_the_other():
-    cfg = load_config("configs/mnist.yaml", ["train.max_steps=7", "model.hidden_sizes=[32,16]", "seed=3"])
+    cfg = load_config(MNIST_CONFIG, ["train.max_steps=7", "model.hidden_sizes=[32,16]", "seed=3"])
     assert cfg.train.max_steps == 7 and cfg.train.num_epochs is None
     assert cfg.model.hidden_sizes == [32, 16] and cfg.seed == 3
     assert isinstance(cfg, Config)
 
 
 def test_round_trip_through_dict():
-    cfg = load_config("configs/smoke.yaml", ["train.num_workers=2"])
+    cfg = load_config(SMOKE, ["train.num_workers=2"])
     assert config_from_dict(to_dict(cfg)) == cfg
 
 
@@ -54,12 +64,12 @@ def test_round_trip_through_dict():
 ])
 def test_bad_config_is_a_value_error_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
-        load_config("configs/smoke.yaml", [override])
+        load_config(SMOKE, [override])
 
 
 def test_both_lengths_at_once_is_impossible():
     with pytest.raises(ValueError, match="set only one of train.max_steps and train.num_epochs"):
-        load_config("configs/smoke.yaml", ["train.max_steps=3", "train.num_epochs=2"])
+        load_config(SMOKE, ["train.max_steps=3", "train.num_epochs=2"])
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -76,8 +86,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_cli_reports_a_bad_key_in_one_line_without_traceback():
-    proc = subprocess.run([sys.executable, "-m", "aevb_dist", "config", "configs/smoke.yaml", "train.bogus=1"],
-                          capture_output=True, text=True)
+    proc = aevb("config", SMOKE, "train.bogus=1")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         proc.stderr.strip()] and "unknown config key 'train.bogus'" in proc.stderr
@@ -85,8 +94,7 @@ def test_cli_reports_a_bad_key_in_one_line_without_traceback():
 
 
 def test_cli_prints_resolved_config_and_version():
-    proc = subprocess.run([sys.executable, "-m", "aevb_dist", "config", "configs/mnist.yaml", "train.max_steps=9"],
-                          capture_output=True, text=True, check=True)
+    proc = aevb("config", MNIST_CONFIG, "train.max_steps=9", check=True)
     assert "max_steps: 9" in proc.stdout and "num_epochs: null" in proc.stdout
     out = subprocess.run([sys.executable, "-m", "aevb_dist", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("aevb-dist ")

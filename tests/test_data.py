@@ -1,32 +1,25 @@
 """`aevb-dist prepare` on real files and the streaming reader's guarantees."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aevb_dist.dataset import EpochStream, ParquetDataset, assign_row_groups, binarize
-from aevb_dist.prepare import prepare
-from aevb_dist.sources import read_frey_face, read_idx
+from aevb_dist.data.binarization import binarize
+from aevb_dist.data.prepare import prepare
+from aevb_dist.data.reader import EpochStream, ParquetDataset, assign_row_groups
+from aevb_dist.data.sources import read_frey_face, read_idx
+from tests.helpers import aevb, shared_data
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-MNIST = os.path.join(SHARED, "mnist")
-FREY = os.path.join(SHARED, "frey_rawface.mat")
 quiet = dict(report=lambda message: None)
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
 def mnist_uri(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pq") / "mnist")
-    proc = run_cli("prepare", MNIST, out, "--format", "mnist", "--num-shards", "3")
+    proc = aevb("prepare", shared_data("mnist"), out, "--format", "mnist", "--num-shards", "3")
     assert proc.returncode == 0, proc.stderr
     assert "train shard 3/3 written" in proc.stderr  # progress is shown
     return out
@@ -35,8 +28,8 @@ def mnist_uri(tmp_path_factory):
 def test_mnist_round_trip_equals_the_source_pixels(mnist_uri):
     for split, prefix in (("train", "train"), ("test", "t10k")):
         ds = ParquetDataset(f"{mnist_uri}/{split}", expected_dim=784)
-        source = read_idx(os.path.join(MNIST, f"{prefix}-images-idx3-ubyte.gz")).reshape(-1, 784)
-        labels = read_idx(os.path.join(MNIST, f"{prefix}-labels-idx1-ubyte.gz"))
+        source = read_idx(shared_data(f"mnist/{prefix}-images-idx3-ubyte.gz")).reshape(-1, 784)
+        labels = read_idx(shared_data(f"mnist/{prefix}-labels-idx1-ubyte.gz"))
         assert ds.num_rows == {"train": 60_000, "test": 10_000}[split]
         assert ds.shape == [28, 28] and ds.value_range == (0.0, 255.0)
         table = pq.read_table(f"{mnist_uri}/{split}")
@@ -51,10 +44,11 @@ def test_mnist_round_trip_equals_the_source_pixels(mnist_uri):
 
 
 def test_frey_face_round_trip_with_a_deterministic_split(tmp_path):
-    counts = prepare(FREY, str(tmp_path / "a"), **quiet)
-    prepare(FREY, str(tmp_path / "b"), **quiet)
+    frey = shared_data("frey_rawface.mat")
+    counts = prepare(frey, str(tmp_path / "a"), **quiet)
+    prepare(frey, str(tmp_path / "b"), **quiet)
     assert counts == {"train": 1769, "test": 196}
-    faces = read_frey_face(FREY).reshape(-1, 560)
+    faces = read_frey_face(frey).reshape(-1, 560)
     seen = []
     for split in ("train", "test"):
         a = ParquetDataset(str(tmp_path / "a" / split), expected_dim=560)
@@ -91,7 +85,7 @@ def _write_parquet(path, pixels, index=None, metadata=None, column="pixels"):
 
 
 def _fail(*args):
-    proc = run_cli(*args)
+    proc = aevb(*args)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -142,7 +136,7 @@ def test_existing_dataset_needs_overwrite(tmp_path):
     prepare(str(src), str(tmp_path / "out"), **quiet)
     assert "already holds a dataset; pass --overwrite" in _fail("prepare", str(src), str(tmp_path / "out"))
     np.save(src, np.random.default_rng(1).random((30, 4)))
-    assert run_cli("prepare", str(src), str(tmp_path / "out"), "--overwrite").returncode == 0
+    assert aevb("prepare", str(src), str(tmp_path / "out"), "--overwrite").returncode == 0
     assert ParquetDataset(str(tmp_path / "out" / "train")).num_rows == 27
 
 
@@ -277,14 +271,15 @@ def test_debian_fashion_mnist(tmp_path):
 
 
 def test_byte_binarization_is_bernoulli_of_the_intensity_and_matches_its_definition(mnist_uri):
-    from aevb_dist.dataset import binarize_bytes, to_model_input, uniform_bits24
+    from aevb_dist.data.binarization import binarize_bytes, uniform_bits24
+    from aevb_dist.data.reader import to_model_input
 
     ds = ParquetDataset(f"{mnist_uri}/test")
     raw = ds.read_raw(ds.units[0])
     assert raw.x.dtype == np.uint8 and ds.is_bytes()
     fast = binarize_bytes(raw, "dynamic", seed=4, epoch=2)
     # Its definition: pixel on iff ⌊2²⁴u⌋·255 < v·2²⁴ for the keyed uniform u, i.e. u < v/255.
-    from aevb_dist.dataset import _binarization_key
+    from aevb_dist.data.binarization import _binarization_key
     z = uniform_bits24(raw.index, 784, _binarization_key("dynamic", 4, 2)).astype(np.float64)
     np.testing.assert_array_equal(fast.x, (z / 2**24 < raw.x / 255.0).astype(np.float32))
     assert (to_model_input(ds, raw, "dynamic", seed=4, epoch=2).x == fast.x).all()

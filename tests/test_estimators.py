@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 
-from aevb_dist.distributions import kl_diag_gaussian_to_standard_normal
-from aevb_dist.elbo import iwae_bound, log_parameter_prior, map_objective_sum, sgvb_a, sgvb_b
-from aevb_dist.marginal_likelihood import log_marginal_likelihood
-from aevb_dist.posteriors import Gaussian
-from aevb_dist.vae import VAE
-from linear_gaussian import analytic_elbo, exact_log_marginal, make_model, sample_data
+from aevb_dist.model.distributions import kl_diag_gaussian_to_standard_normal
+from aevb_dist.model.elbo import iwae_bound, log_parameter_prior, map_objective_sum, sgvb_a, sgvb_b
+from aevb_dist.model.marginal_likelihood import log_marginal_likelihood
+from aevb_dist.model.posteriors import Gaussian
+from aevb_dist.model.vae import VAE
+from tests.linear_gaussian import analytic_elbo, exact_log_marginal, make_model, sample_data
 
 
 def test_exact_posterior_makes_every_bound_tight():
@@ -127,8 +127,8 @@ def test_map_prior_matches_torch_distributions_and_scales_by_dataset_size():
 
 
 def test_math_modules_import_only_torch():
-    code = ("import sys; import aevb_dist.vae, aevb_dist.elbo, aevb_dist.marginal_likelihood, "
-            "aevb_dist.distributions, aevb_dist.networks; "
+    code = ("import sys; import aevb_dist.model.vae, aevb_dist.model.elbo, aevb_dist.model.marginal_likelihood, "
+            "aevb_dist.model.distributions, aevb_dist.model.networks; "
             "bad = [m for m in ('ray', 'pyarrow', 'fsspec', 'omegaconf') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,10 +8,10 @@ import torch
 from scipy import stats
 from torch import distributions as D
 
-from aevb_dist.distributions import ContinuousBernoulliLikelihood
-from aevb_dist.elbo import sgvb_a, sgvb_b
-from aevb_dist.posteriors import POSTERIORS, posterior_from_name
-from aevb_dist.vae import VAE
+from aevb_dist.model.distributions import ContinuousBernoulliLikelihood
+from aevb_dist.model.elbo import sgvb_a, sgvb_b
+from aevb_dist.model.posteriors import POSTERIORS, posterior_from_name
+from aevb_dist.model.vae import VAE
 
 A = torch.tensor([[-0.7, 0.3, 1.2]], dtype=torch.float64)
 B = torch.tensor([[-1.0, 0.2, 0.6]], dtype=torch.float64)

@@ -7,10 +7,10 @@ import torch
 import torch.multiprocessing as mp
 
 from aevb_dist.config import load_config
-from aevb_dist.elbo import map_objective_sum, per_example_bound
-from aevb_dist.training import Trainer, step_generator
-from conftest import free_port, tiny_overrides
-from gloo_worker import take_one_step
+from aevb_dist.model.elbo import map_objective_sum, per_example_bound
+from aevb_dist.train.trainer import Trainer, step_generator
+from tests.helpers import free_port, tiny_overrides
+from tests.gloo_worker import take_one_step
 
 
 @pytest.mark.parametrize("rows,dtype", [([list(range(0, 7)), list(range(7, 10))], "float32"),   # uneven

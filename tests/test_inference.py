@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from aevb_dist.config import load_config
-from aevb_dist.dataset import ParquetDataset, binarize
-from aevb_dist.elbo import sgvb_b
-from aevb_dist.evaluation import evaluate_units
-from aevb_dist.gradient_variance import variance_report, variance_sweep
-from aevb_dist.inference import encode, evaluate, load_checkpoint_bytes, model_from_bytes
-from aevb_dist.marginal_likelihood import log_marginal_likelihood
-from aevb_dist.plotting import gradient_variance_figure, plot_run, write_figure
-from aevb_dist.ray_launcher import train
-from conftest import SMOKE, tiny_overrides
+from aevb_dist.data.binarization import binarize
+from aevb_dist.data.reader import ParquetDataset
+from aevb_dist.model.elbo import sgvb_b
+from aevb_dist.eval.evaluation import evaluate_units
+from aevb_dist.model.gradient_variance import variance_report, variance_sweep
+from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes
+from aevb_dist.eval.jobs import encode, evaluate
+from aevb_dist.model.marginal_likelihood import log_marginal_likelihood
+from aevb_dist.eval.plotting import gradient_variance_figure, plot_run, write_figure
+from aevb_dist.train.driver import train
+from tests.helpers import SMOKE, tiny_overrides
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ import torch
 
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
-from aevb_dist.ray_launcher import train
+from aevb_dist.train.driver import train
 from aevb_dist.run_log import read_metrics
-from conftest import SMOKE, tiny_overrides
-from test_reliability import SLOW, _capture, logged_step, our_local_workers, wait_for
-from test_training import assert_bitwise_equal, final_state
+from tests.helpers import SMOKE, assert_bitwise_equal, final_state, tiny_overrides
+from tests.faults import SLOW, capture_errors, logged_step, our_local_workers, wait_for
 
 LOCAL = {"ray.local_mode": "true", "train.num_workers": 2, "train.batch_size_per_worker": 16}
 
@@ -58,7 +57,7 @@ def test_failures_in_local_mode_are_one_line_and_not_retried_forever(tiny_data, 
     # A worker killed with no restarts left: the run fails naming the signal, not hanging.
     cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, **LOCAL}) + ["run.name=k"])
     errors = []
-    runner = threading.Thread(target=lambda: _capture(errors, train, cfg))
+    runner = threading.Thread(target=lambda: capture_errors(errors, train, cfg))
     runner.start()
     wait_for(lambda: logged_step(f"{tmp_path}/k") >= 20)
     our_local_workers()[0].send_signal(signal.SIGKILL)
@@ -88,7 +87,7 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
 
 
 def test_local_mode_checkpoints_and_resumes_on_s3(tiny_data, s3_endpoint):
-    from aevb_dist.prepare import prepare
+    from aevb_dist.data.prepare import prepare
 
     data = "s3://aevb-test/datasets/tiny-local"
     prepare(f"{tiny_data}/../x.npy", data, num_shards=3, rows_per_row_group=16, endpoint_url=s3_endpoint,

@@ -1,20 +1,19 @@
 """The second and third log p(x) estimators (AIS, the paper's Appendix D) against exact values and
 against importance sampling, and the HMC kernel they share."""
 
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from aevb_dist.elbo import sgvb_b
-from aevb_dist.hmc import adapt_step_size, hmc_step
-from aevb_dist.marginal_likelihood import estimate_log_marginal_likelihood
-from aevb_dist.sources import read_idx
-from aevb_dist.vae import VAE
-from linear_gaussian import exact_log_marginal, make_model, sample_data
+from aevb_dist.model.elbo import sgvb_b
+from aevb_dist.model.hmc import adapt_step_size, hmc_step
+from aevb_dist.model.marginal_likelihood import estimate_log_marginal_likelihood
+from aevb_dist.data.sources import read_idx
+from aevb_dist.model.vae import VAE
+from tests.helpers import shared_data
+from tests.linear_gaussian import exact_log_marginal, make_model, sample_data
 
-MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 
 
 def test_hmc_leaves_a_correlated_gaussian_invariant():
@@ -52,7 +51,7 @@ def test_estimator_converges_to_the_exact_log_marginal(estimator):
 @pytest.fixture(scope="module")
 def mnist_3_latent():
     """A 784-200-3 Bernoulli VAE trained briefly on 10,000 real MNIST digits (dynamically binarized)."""
-    pixels = read_idx(os.path.join(MNIST, "train-images-idx3-ubyte.gz")).reshape(-1, 784)[:10_100]
+    pixels = read_idx(shared_data("mnist/train-images-idx3-ubyte.gz")).reshape(-1, 784)[:10_100]
     intensities = torch.from_numpy(pixels.astype(np.float32) / 255.0)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

@@ -6,7 +6,9 @@ import re
 import shutil
 import subprocess
 
-from conftest import REPO
+import pytest
+
+from tests.helpers import REPO
 
 
 def readme_commands() -> list[str]:
@@ -20,6 +22,20 @@ def test_readme_opens_with_install_and_test_commands():
     assert install.startswith('pip install -e ".[dev]"') and "aevb-dist" in install
     assert test.strip() == "pytest"
     assert open(os.path.join(REPO, ".ci", "run")).read().strip().endswith("\npytest")
+
+
+@pytest.mark.slow  # log p(x) with K=5000 and AIS with 500 steps on 100 examples of the paper's model
+def test_readme_python_examples_run_as_written(monkeypatch):
+    """The Configuration and Python API examples, in order, as a user pastes them (from the checkout)."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    blocks = re.findall(r"```python\n(.+?)\n```", text.split("## Configuration", 1)[1].split("## Architecture")[0],
+                        flags=re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(REPO)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["log_px"].shape == (100,) and namespace["cfg"].train.num_workers == 2
 
 
 def test_readme_quickstart_command_as_written():

@@ -2,11 +2,11 @@
 and every bad input answered in one line."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import psutil
@@ -15,52 +15,12 @@ import torch
 
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
-from aevb_dist.dataset import Batch
-from aevb_dist.ray_launcher import train
-from aevb_dist.run_log import read_metrics
-from aevb_dist.training import NonFiniteError, Trainer
-from conftest import SMOKE, tiny_overrides
-from test_training import assert_bitwise_equal, final_state
-
-# A run slow enough to be interrupted part way: wider layers, many steps.
-SLOW = {"model.hidden_sizes": "[256,256]", "train.batch_size_per_worker": 64, "train.max_steps": 600,
-        "train.log_every_steps": 10, "train.eval_every_steps": 0, "checkpoint.every_steps": 100}
-
-
-def wait_for(predicate, timeout=120.0, interval=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    raise TimeoutError("condition not reached")
-
-
-def logged_step(run_dir: str) -> int:
-    fs, path = storage.resolve(run_dir)
-    try:
-        rows = read_metrics(fs, f"{path}/metrics.csv")
-    except Exception:
-        return 0
-    return rows[-1]["step"] if rows else 0
-
-
-def our_train_workers():
-    me = psutil.Process(os.getpid())
-    return [p for p in me.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline()[:1])]
-
-
-def check_metrics_contiguous(run_dir: str, every: int, last: int) -> None:
-    fs, path = storage.resolve(run_dir)
-    steps = [r["step"] for r in read_metrics(fs, f"{path}/metrics.csv")]
-    assert steps == [1, *range(every, last + 1, every)], steps
-
-
-def our_local_workers():
-    """Local mode's worker processes: children of this process's fork server."""
-    servers = [p for p in psutil.Process(os.getpid()).children() if "forkserver" in " ".join(p.cmdline())]
-    return [c for s in servers for c in s.children()]
-
+from aevb_dist.data.schema import Batch
+from aevb_dist.train.driver import train
+from aevb_dist.train.trainer import NonFiniteError, Trainer
+from tests.faults import (SLOW, capture_errors, check_metrics_contiguous, logged_step, our_local_workers,
+                          our_train_workers, wait_for)
+from tests.helpers import SMOKE, aevb, assert_bitwise_equal, final_state, tiny_overrides
 
 @pytest.mark.parametrize("local_mode", [False, True])
 def test_a_killed_worker_costs_at_most_one_checkpoint_interval(request, tiny_data, tmp_path, local_mode):
@@ -70,7 +30,7 @@ def test_a_killed_worker_costs_at_most_one_checkpoint_interval(request, tiny_dat
                                                          "ray.local_mode": str(local_mode).lower()})
     cfg = load_config(SMOKE, common + ["run.name=killed"])
     errors = []
-    runner = threading.Thread(target=lambda: _capture(errors, train, cfg))
+    runner = threading.Thread(target=lambda: capture_errors(errors, train, cfg))
     runner.start()
     wait_for(lambda: logged_step(f"{tmp_path}/killed") >= 150)  # mid-epoch, past the checkpoint at 100
     victims = our_local_workers() if local_mode else our_train_workers()
@@ -84,19 +44,6 @@ def test_a_killed_worker_costs_at_most_one_checkpoint_interval(request, tiny_dat
     # And the recovered run is the uninterrupted run, bit for bit.
     train(load_config(SMOKE, common + ["run.name=straight"]))
     assert_bitwise_equal(final_state(f"{tmp_path}/straight"), state)
-
-
-def _capture(errors, fn, *args):
-    try:
-        fn(*args)
-    except BaseException as err:  # noqa: BLE001 - reported to the test thread
-        errors.append(err)
-
-
-def aevb(*args, env=None, **kwargs):
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True,
-                          env=env, **kwargs)
 
 
 @pytest.mark.parametrize("local_mode", [False, True])
@@ -175,14 +122,18 @@ def _one_line_error(proc) -> str:
 
 
 def test_diverging_training_fails_with_the_step_and_keeps_no_corrupt_checkpoint(tiny_data, tmp_path):
-    args = ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1}),
+    # A checkpoint every step: step 1's update is huge but finite, and is saved; a later step goes
+    # non-finite, and no checkpoint is written from then on.
+    args = ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1,
+                                                                          "checkpoint.every_steps": 1}),
             "run.name=diverge", "optim.name=sgd", "optim.lr=1e30", "train.max_steps=8"]
     line = _one_line_error(aevb(*args, timeout=300))
     assert "non-finite" in line and "step" in line
+    failed_at = int(re.search(r"(?:at|by) step (\d+)", line).group(1))
     fs, path = storage.resolve(f"{tmp_path}/diverge")
     latest = checkpoint.latest(fs, path)
-    if latest is not None:  # any checkpoint that was written holds finite parameters
-        assert all(torch.isfinite(v).all() for v in checkpoint.load(fs, latest)["model"].values())
+    assert latest is not None and 1 <= checkpoint.manifest_step(fs, latest) <= failed_at
+    assert all(torch.isfinite(v).all() for v in checkpoint.load(fs, latest)["model"].values())
 
 
 def test_bad_inputs_are_answered_in_one_line(ray_local, tiny_data, tmp_path, s3_endpoint):

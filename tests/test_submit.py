@@ -1,17 +1,14 @@
 """`aevb-dist submit` and `aevb-dist jobs` against a real Ray head on 127.0.0.1."""
 
 import os
-import subprocess
-import sys
 
 from aevb_dist import checkpoint, storage
-from conftest import SMOKE, tiny_overrides
+from tests import helpers
+from tests.helpers import SMOKE, tiny_overrides
 
 
 def aevb(*args, timeout=600):
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return helpers.aevb(*args, env={"RAY_AUTH_MODE": "disabled"}, timeout=timeout)
 
 
 def test_submitted_training_succeeds_and_resubmission_resumes(ray_head, tiny_data, tmp_path):
@@ -22,6 +19,7 @@ def test_submitted_training_succeeds_and_resubmission_resumes(ray_head, tiny_dat
     job_id = first.stdout.splitlines()[0]
     assert job_id.startswith("aevb-job-") and "SUCCEEDED" in first.stderr
     assert "step 6/6" in first.stdout  # the job's own progress, followed
+    assert "joining the Ray cluster at $RAY_ADDRESS=" in first.stdout  # said, not silent
     fs, path = storage.resolve(f"{tmp_path}/job")
     assert checkpoint.manifest_step(fs, checkpoint.latest(fs, path)) == 6
     second = aevb(*args, "train.max_steps=10")

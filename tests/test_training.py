@@ -3,30 +3,12 @@
 import os
 
 import pytest
-import torch
 
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
-from aevb_dist.ray_launcher import train
+from aevb_dist.train.driver import train
 from aevb_dist.run_log import read_metrics
-from conftest import SMOKE, tiny_overrides
-
-
-def final_state(run_uri: str, endpoint=None) -> dict:
-    fs, path = storage.resolve(run_uri, endpoint)
-    latest = checkpoint.latest(fs, path)
-    assert latest is not None
-    return checkpoint.load(fs, latest)
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    assert a["state"]["step"] == b["state"]["step"]
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for pid, sa in a["optimizer"]["state"].items():
-        for k, v in sa.items():
-            assert torch.equal(v, b["optimizer"]["state"][pid][k]), (pid, k)
-    assert a["state"] == b["state"]
+from tests.helpers import SMOKE, assert_bitwise_equal, final_state, tiny_overrides
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])
@@ -61,7 +43,7 @@ def test_training_improves_the_elbo_and_keeps_last_checkpoints(ray_local, tiny_d
 
 
 def test_s3_round_trip_with_two_workers(ray_local, tiny_data, tmp_path, s3_endpoint):
-    from aevb_dist.prepare import prepare
+    from aevb_dist.data.prepare import prepare
 
     data = "s3://aevb-test/datasets/tiny"
     prepare(f"{tiny_data}/../x.npy", data, num_shards=3, rows_per_row_group=16, endpoint_url=s3_endpoint,

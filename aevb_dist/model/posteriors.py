@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from aevb_dist.distributions import LOG_2PI, kl_diag_gaussian_to_standard_normal, log_normal_diag
+from aevb_dist import names
+from aevb_dist.model.distributions import LOG_2PI, kl_diag_gaussian_to_standard_normal, log_normal_diag
 
 EULER_GAMMA = 0.5772156649015329
 
@@ -221,6 +222,7 @@ class LogNormal(PosteriorFamily):
 POSTERIORS: dict[str, type[PosteriorFamily]] = {
     cls.name: cls for cls in (Gaussian, Laplace, Logistic, Kumaraswamy, LogNormal)
 }
+names.require_registry("posterior", names.POSTERIORS, POSTERIORS)
 
 
 def posterior_from_name(name: str) -> PosteriorFamily:

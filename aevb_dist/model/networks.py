@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "sigmoid": nn.Sigmoid, "elu": nn.ELU}
+from aevb_dist import names
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "sigmoid": nn.Sigmoid, "elu": nn.ELU}
+names.require_registry("activation", names.ACTIVATIONS, ACTIVATIONS)
 
 
 def mlp(in_features: int, hidden_sizes: list[int], out_features: int, activation: str) -> nn.Sequential:
     """in → [Linear → activation] per hidden size → Linear → out. No hidden sizes: one affine map."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation {activation!r} is not one of {', '.join(_ACTIVATIONS)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
     layers: list[nn.Module] = []
     width = in_features
     for hidden in hidden_sizes:
-        layers += [nn.Linear(width, hidden), _ACTIVATIONS[activation]()]
+        layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
         width = hidden
     layers.append(nn.Linear(width, out_features))
     return nn.Sequential(*layers)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from aevb_dist import storage
-from aevb_dist.inference import load_checkpoint_bytes, model_from_bytes
+from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes
 from aevb_dist.run_log import read_metrics
 
 

@@ -21,11 +21,13 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from aevb_dist import names
 from aevb_dist.config import Config
-from aevb_dist.dataset import Batch, EpochStream, ParquetDataset
-from aevb_dist.elbo import map_objective_sum, per_example_bound
-from aevb_dist.evaluation import eval_binarization
-from aevb_dist.vae import VAE
+from aevb_dist.data.binarization import eval_binarization, train_binarization
+from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.data.schema import Batch
+from aevb_dist.model.elbo import map_objective_sum, per_example_bound
+from aevb_dist.model.vae import VAE
 
 
 @dataclass
@@ -42,14 +44,14 @@ class NonFiniteError(ValueError):
     pass
 
 
+OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+names.require_registry("optimizer", names.OPTIMIZERS, OPTIMIZERS)
+
+
 def build_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    raise ValueError(f"optim.name={name!r} is not one of: adagrad, adam, sgd")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={name!r} is not one of: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](params, lr=lr)
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -111,9 +113,9 @@ class Trainer:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
         self.train_data, self.test_data = open_datasets(cfg)
-        torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
-        self.vae = VAE.from_config(cfg.model).to(self.device)
-        self.vae.validate_inputs = False  # ParquetDataset checked every row group (range, NaN/inf) already
+        # Initial parameters from the seed: identical on every rank. No input checks in the step:
+        # ParquetDataset checked every row group (range, NaN/inf) already.
+        self.vae = VAE.from_config(cfg.model, seed=cfg.seed, validate_inputs=False).to(self.device)
         self.optimizer = build_optimizer(self.vae.parameters(), cfg.optim.name, cfg.optim.lr)
         self.params = list(self.vae.parameters())
         # One flat buffer holds every gradient (as views), then the ELBO sum and the example count:
@@ -221,7 +223,8 @@ class Trainer:
             stream = EpochStream(self.train_data, rank=self.rank, world_size=self.world_size,
                                  batch_size=t.batch_size_per_worker, epoch=s.epoch, seed=self.cfg.seed,
                                  shuffle=self.cfg.data.shuffle, window=self.cfg.data.shuffle_window_row_groups,
-                                 binarization=self._train_binarization(), start_batch=s.batch_in_epoch)
+                                 binarization=train_binarization(self.cfg.model.likelihood, self.cfg.data.binarization),
+                                 start_batch=s.batch_in_epoch)
             for batch in stream:
                 elbo, count = self.train_step(batch)
                 s.step, s.batch_in_epoch, s.samples_seen = s.step + 1, s.batch_in_epoch + 1, s.samples_seen + count
@@ -238,9 +241,6 @@ class Trainer:
             if s.batch_in_epoch >= stream.num_batches:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         return row
-
-    def _train_binarization(self) -> str:
-        return self.cfg.data.binarization if self.cfg.model.likelihood == "bernoulli" else "none"
 
     def _maybe_log(self, window: dict, on_log: Callable[[dict], None]) -> dict:
         t, s = self.cfg.train, self.state

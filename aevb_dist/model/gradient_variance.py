@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from aevb_dist.elbo import per_example_bound
-from aevb_dist.vae import VAE
+from aevb_dist.model.elbo import per_example_bound
+from aevb_dist.model.vae import VAE
 
 
 def gradient_draws(vae: VAE, x: torch.Tensor, estimator: str, num_latent_samples: int, num_draws: int,

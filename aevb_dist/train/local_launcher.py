@@ -6,18 +6,20 @@ step on 2 cores). In local mode (`ScalingConfig(num_workers=0)`) Ray Train runs 
 function in the calling process and, when the torchrun variables are set, joins a torch process
 group from them. Here torch.distributed's elastic launcher starts one process per worker with those
 variables, forked from a server that has the heavy modules imported already, so a run starts in a
-few seconds. The worker function is the same as on a cluster (`ray_launcher.train_loop_per_worker`).
+few seconds. The worker function is the same as on a cluster (`worker.run_worker`).
 
-What Ray Train's controller did that local mode does not, is done here or in the worker:
+What Ray Train's controller did that local mode does not, is done here:
 - a failed worker stops the whole group (the elastic agent's job), which is launched again from the
-  newest complete checkpoint, up to `train.max_failures` times;
-- rank 0 writes its checkpoints into the run folder itself (manifest last) and keeps the newest
-  `checkpoint.keep_last`.
+  newest complete checkpoint, up to `train.max_failures` times (`run`);
+- the checkpoint sink (`WriteToRunFolder`) writes rank 0's checkpoints into the run folder itself
+  (manifest last) and keeps the newest `checkpoint.keep_last`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -27,11 +29,16 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Optional
 
-from aevb_dist.ray_runtime import USER_ERRORS, say
+from aevb_dist import checkpoint, storage
+from aevb_dist.config import Config
+from aevb_dist.console import first_line, say, user_error_in
+from aevb_dist.ray_runtime import threads_for_cpus
+from aevb_dist.train.worker import WorkerSpec, run_worker
 
-_PRELOAD = ["aevb_dist.forkserver_preload"]  # imported once in the fork server, not in every worker
+_PRELOAD = ["aevb_dist.train.forkserver_preload"]  # imported once in the fork server, not in every worker
 _PROCESS_LOGGERS = ["torch.distributed.elastic.multiprocessing", "torch.multiprocessing"]
 
 
@@ -41,36 +48,72 @@ def prestart() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-def _worker(loop_config: dict, error_dir: str, driver_pid: int) -> None:
+@dataclass(frozen=True)
+class WriteToRunFolder:
+    """The checkpoint sink in local mode (Ray Train's local mode keeps reported checkpoints in memory
+    only): rank 0's folder goes into the run folder, manifest last, and old checkpoints are pruned."""
+
+    run: storage.Folder
+    keep_last: int
+
+    def __call__(self, folder: Optional[str], name: str, metrics: dict) -> None:
+        if folder is not None:
+            checkpoint.upload(folder, self.run.fs, self.run.file(name))
+            checkpoint.prune(self.run.fs, self.run.path, self.keep_last)
+
+
+def launch_local(cfg: Config, run: storage.Folder, num_rows: int) -> None:
+    """Run the workers as processes of this machine to the end; raises ValueError for a user's mistake."""
+    import torch
+
+    n = cfg.train.num_workers
+    if cfg.train.use_gpu and torch.cuda.device_count() < n:
+        raise ValueError(f"ray.local_mode=true with train.use_gpu=true needs a GPU per worker: "
+                         f"train.num_workers={n}, GPUs visible: {torch.cuda.device_count()}")
+    _forget_ray_checkpoint_list(run)
+    cpus = cfg.train.cpus_per_worker if cfg.train.cpus_per_worker is not None else (os.cpu_count() or 1) // n
+    spec = WorkerSpec(cfg, threads_for_cpus(cpus))
+    say(f"training {cfg.run.name} in Ray Train's local mode: {n} worker process(es), {spec.threads} thread(s) "
+        f"each, {num_rows:,} training examples → {run.uri}")
+    run_group(spec, num_workers=n, max_failures=cfg.train.max_failures)
+
+
+def _forget_ray_checkpoint_list(run: storage.Folder) -> None:
+    """This launcher prunes checkpoints that an earlier run on Ray may have listed in its snapshot file;
+    Ray Train refuses to resume a run whose snapshot names a missing checkpoint. Neither launcher
+    resumes through Ray's list (the worker picks the newest verified folder), so the list is dropped.
+    A later run on Ray then keeps `checkpoint.keep_last` of its own checkpoints and leaves older ones."""
+    snapshot = run.file("checkpoint_manager_snapshot.json")  # ray.train.v2: CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    if run.fs.exists(snapshot):
+        run.fs.rm(snapshot)
+
+
+def _worker(spec: WorkerSpec, error_dir: str, driver_pid: int) -> None:
     """One worker process: Ray Train's local-mode TorchTrainer around the cluster worker function."""
     _die_with_driver(driver_pid)
-    cfg_dict = loop_config["config"]
+    cfg = spec.config
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    if not cfg_dict["train"]["use_gpu"]:
+    if not cfg.train.use_gpu:
         # Ray's local controller picks NCCL whenever CUDA is visible; CPU training needs gloo.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from aevb_dist.config import config_from_dict
-    from aevb_dist.ray_launcher import _storage_for_ray, train_loop_per_worker
-
-    cfg = config_from_dict(cfg_dict)
-    error_file = os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.txt")
     if not cfg.ray.show_worker_logs:  # "Running in local mode", "Reported metrics" at every report
         logging.getLogger("ray.train").setLevel(logging.WARNING)
-    storage_path, storage_fs = _storage_for_ray(cfg)
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
-                           scaling_config=ScalingConfig(num_workers=0),
+    storage_path, storage_fs = storage.ray_train_storage(cfg.run)
+    sink = WriteToRunFolder(storage.run_folder(cfg.run), cfg.checkpoint.keep_last)
+    trainer = TorchTrainer(functools.partial(run_worker, spec, sink), scaling_config=ScalingConfig(num_workers=0),
                            run_config=RunConfig(name=cfg.run.name, storage_path=storage_path,
                                                 storage_filesystem=storage_fs))
     try:
         trainer.fit()
     except BaseException as err:
-        # The launcher only sees an exit code: leave it the cause, one line, and whether it is the user's.
-        text = (str(err).strip().splitlines() or [""])[0]
-        with open(error_file, "w") as f:
-            f.write(f"{isinstance(err, USER_ERRORS):d}\t{type(err).__name__}\t{text}")
+        # The launcher only sees an exit code: leave it the cause in one line, and the user's mistake if any.
+        user_error = user_error_in(err)
+        with open(os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
+            json.dump({"user_error": None if user_error is None else str(user_error),
+                       "reason": f"{type(err).__name__}: {first_line(err)}"}, f)
         raise
 
 
@@ -100,7 +143,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def run(loop_config: dict, num_workers: int, max_failures: int) -> None:
+def run_group(spec: WorkerSpec, num_workers: int, max_failures: int) -> None:
     """Run `num_workers` local-mode workers to the end; raises ValueError for a user's mistake.
 
     A failed attempt is relaunched here rather than by the elastic agent: its restarts reuse the
@@ -110,16 +153,16 @@ def run(loop_config: dict, num_workers: int, max_failures: int) -> None:
 
     prestart()
     limit = "unlimited" if max_failures < 0 else max_failures
-    quiet = not loop_config["config"]["ray"]["show_worker_logs"]
+    quiet = not spec.config.ray.show_worker_logs
     restarts = 0
     while True:
         with tempfile.TemporaryDirectory(prefix="aevb-local-") as tmp, \
                 _quiet_loggers(_PROCESS_LOGGERS if quiet else []):
             try:
-                _launch(loop_config, num_workers, tmp)
+                _launch(spec, num_workers, tmp)
                 return
             except ChildFailedError as err:
-                error = _worker_error(os.path.join(tmp, "errors"), err)
+                error = _group_error(os.path.join(tmp, "errors"), err)
             except SignalException as err:  # Ctrl-C or SIGTERM: the agent has stopped the workers
                 raise KeyboardInterrupt(str(err)) from None
         if 0 <= max_failures <= restarts:
@@ -129,7 +172,7 @@ def run(loop_config: dict, num_workers: int, max_failures: int) -> None:
             f"(restart {restarts} of {limit})")
 
 
-def _launch(loop_config: dict, num_workers: int, tmp: str) -> None:
+def _launch(spec: WorkerSpec, num_workers: int, tmp: str) -> None:
     """One attempt: a fresh rendezvous on a free loopback port, `num_workers` processes, no restarts."""
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -140,7 +183,7 @@ def _launch(loop_config: dict, num_workers: int, tmp: str) -> None:
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1", max_restarts=0,
         monitor_interval=0.1, start_method="forkserver",
         logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))
-    elastic_launch(launch, _worker)(loop_config, os.path.join(tmp, "errors"), os.getpid())
+    elastic_launch(launch, _worker)(spec, os.path.join(tmp, "errors"), os.getpid())
 
 
 @contextlib.contextmanager
@@ -157,24 +200,24 @@ def _quiet_loggers(names: list[str]):
             logger.setLevel(level)
 
 
-def _worker_error(error_dir: str, err: Exception) -> Exception:
-    """The workers' own reason for failing: a user's mistake on any rank becomes a one-line ValueError;
-    otherwise each failed rank's exception, or the signal that killed it."""
+def _group_error(error_dir: str, err: Exception) -> Exception:
+    """The workers' own reason for failing (the files `_worker` left): a user's mistake on any rank
+    becomes a one-line ValueError; otherwise each failed rank's exception, or what killed it."""
     written = {}
     for name in os.listdir(error_dir):
         with open(os.path.join(error_dir, name)) as f:
-            user_error, kind, text = f.read().split("\t", 2)
-        if user_error == "1":
-            return ValueError(text)
-        written[int(name[len("rank"):-len(".txt")])] = (kind, text)
+            written[int(name[len("rank"):-len(".json")])] = json.load(f)
+    for report in written.values():
+        if report["user_error"] is not None:
+            return ValueError(report["user_error"])
     failures = getattr(err, "failures", None) or {}
-    reasons = [f"rank {rank}: {_reason(written.get(rank), failure)}" for rank, failure in sorted(failures.items())]
+    reasons = [f"rank {rank}: {written[rank]['reason'] if rank in written else _exit_reason(failure)}"
+               for rank, failure in sorted(failures.items())]
     return RuntimeError("training failed in local mode: " + ("; ".join(reasons) or str(err)))
 
 
-def _reason(written: Optional[tuple[str, str]], failure) -> str:
-    if written is not None:
-        return ": ".join(written)
+def _exit_reason(failure) -> str:
+    """Why a rank that left no report ended: the signal that killed it, or its exit code."""
     if failure.exitcode < 0:  # killed: "Signal 9 (SIGKILL) received by PID ..."
         return failure.message
     return f"exited with code {failure.exitcode} before the training function could say why (its output is above)"

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from aevb_dist import names
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -128,6 +130,7 @@ class ContinuousBernoulliLikelihood(BernoulliLikelihood):
 
 LIKELIHOODS = {"bernoulli": BernoulliLikelihood, "gaussian": GaussianLikelihood,
                "continuous_bernoulli": ContinuousBernoulliLikelihood}
+names.require_registry("likelihood", names.LIKELIHOODS, LIKELIHOODS)
 
 
 def likelihood_from_name(name: str, squash_mean: bool = False) -> Likelihood:

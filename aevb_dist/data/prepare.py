@@ -1,12 +1,6 @@
 """`aevb-dist prepare`: raw datasets → sharded Parquet on any fsspec URI.
 
-Layout: OUTPUT_URI/{train,test}/part-00000.parquet ... Each file holds
-  pixels  fixed_size_binary[D] (uint8 images) or fixed_size_list<float32>[D]: the example, flattened
-          row-major. uint8 images are stored as D bytes because Parquet decodes a binary value ~10×
-          faster than a list of D numbers with their repetition levels (benchmarks/reader.py).
-  index   int64                                 the example's position in the source split
-  label   int64                                 where the source has labels
-and in the schema metadata the image shape and the value range the reader scales to [0, 1].
+Layout: OUTPUT_URI/{train,test}/part-00000.parquet ..., each file in the layout of `schema.py`.
 
 A conversion writes into a hidden sibling folder and moves it into place only when every
 file is written, so a failure never leaves a partial dataset behind.
@@ -24,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aevb_dist import sources, storage
+from aevb_dist import names, storage
+from aevb_dist.data import sources
+from aevb_dist.data.schema import INDEX, LABEL, META_RANGE, META_SHAPE, META_SOURCE, PIXELS
 
-PIXELS, INDEX, LABEL = "pixels", "index", "label"
-META_SHAPE, META_RANGE, META_SOURCE = b"aevb.shape", b"aevb.value_range", b"aevb.source"
-FORMATS = ("mnist", "fashion-mnist", "frey-face", "npy")
+FORMATS = names.DATASET_FORMATS
 
 
 def _stderr(message: str) -> None:

@@ -6,7 +6,7 @@ import os
 
 import ray.train.torch  # noqa: F401
 
-import aevb_dist.ray_launcher  # noqa: F401
+import aevb_dist.train.local_launcher  # noqa: F401  (the worker entry point and everything it imports)
 
 # The server holds nothing but these imports. When the command exits, the server ends with
 # SystemExit and would spend ~0.7 s tearing torch and Ray down while still holding the command's

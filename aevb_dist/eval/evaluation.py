@@ -1,6 +1,6 @@
 """Dataset-level ELBO, importance-sampled log p(x) and posterior encodings, row group by row group.
 
-No Ray here: `inference.py` deals row groups to Ray tasks and adds up what they return.
+No Ray here: `jobs.py` deals row groups to Ray tasks and adds up what they return.
 Results are sums, sums of squares and counts (divided once, at the end), and the noise
 for a row group is seeded by (seed, row group), so the dataset result does not depend on
 how many workers computed it.
@@ -15,10 +15,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from aevb_dist.dataset import Batch, ParquetDataset, to_model_input
-from aevb_dist.elbo import sgvb_b
-from aevb_dist.marginal_likelihood import estimate_log_marginal_likelihood
-from aevb_dist.vae import VAE
+from aevb_dist.data.reader import ParquetDataset, to_model_input
+from aevb_dist.data.schema import Batch
+from aevb_dist.model.elbo import sgvb_b
+from aevb_dist.model.marginal_likelihood import estimate_log_marginal_likelihood
+from aevb_dist.model.vae import VAE
 
 
 @dataclass
@@ -47,11 +48,6 @@ class Sums:
         if self.log_px or self.log_px_sq:
             out["log_marginal_likelihood"], out["log_marginal_likelihood_sem"] = mean_sem(self.log_px, self.log_px_sq)
         return out
-
-
-def eval_binarization(likelihood: str, train_binarization: str) -> str:
-    """Bernoulli models are evaluated on one fixed (seeded) binarization; others on intensities."""
-    return "none" if likelihood != "bernoulli" or train_binarization == "none" else "static"
 
 
 def unit_generator(seed: int, unit_id: int) -> torch.Generator:

@@ -1,0 +1,53 @@
+"""What the user reads: one-line messages on stderr, progress lines, and which errors are theirs.
+
+A user's mistake (bad config, data or path, or a diverging run) is told in one line with no
+traceback; every launcher and command decides that with `user_error_in`, written once here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
+
+
+def say(message: str) -> None:
+    print(f"aevb-dist: {message}", file=sys.stderr, flush=True)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (or its type's name when it has none)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def user_error_in(err: BaseException) -> Optional[ValueError]:
+    """The user's mistake behind `err` (following `.cause`, as Ray wraps it, and `__cause__`), as a
+    one-line ValueError; None when the failure is not the user's to fix."""
+    seen: Optional[BaseException] = err
+    while seen is not None:
+        if isinstance(seen, USER_ERRORS):
+            return ValueError(first_line(seen))
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
+
+
+class Progress:
+    """A line per update on stderr: done/total, rate, and time left."""
+
+    def __init__(self, what: str, total: int, unit: str = "examples", min_interval_s: float = 2.0):
+        self.what, self.total, self.unit, self.min_interval_s = what, total, unit, min_interval_s
+        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.min_interval_s or self.done >= self.total:
+            self.last = now
+            elapsed = now - self.start
+            rate = self.done / max(elapsed, 1e-9)
+            left = (self.total - self.done) / rate if rate > 0 else float("inf")
+            say(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} | {rate:,.0f}/s | "
+                f"{elapsed:,.0f} s elapsed, ~{left:,.0f} s left")

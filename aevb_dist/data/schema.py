@@ -1,0 +1,30 @@
+"""The Parquet layout every dataset of ours has: what `prepare` writes and the reader expects.
+
+Each file holds
+  pixels  fixed_size_binary[D] (uint8 images) or fixed_size_list<float32>[D]: the example, flattened
+          row-major. uint8 images are stored as D bytes because Parquet decodes a binary value ~10×
+          faster than a list of D numbers with their repetition levels (benchmarks/reader.py).
+  index   int64                                 the example's position in the source split
+  label   int64                                 where the source has labels
+and in the schema metadata the image shape and the value range the reader scales to [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+PIXELS, INDEX, LABEL = "pixels", "index", "label"
+META_SHAPE, META_RANGE, META_SOURCE = b"aevb.shape", b"aevb.value_range", b"aevb.source"
+
+
+@dataclass
+class Batch:
+    x: np.ndarray  # [b, D] float32 in [0, 1] (binarized for Bernoulli models)
+    index: np.ndarray  # [b] int64
+    label: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])

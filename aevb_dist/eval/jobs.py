@@ -1,0 +1,169 @@
+"""`aevb-dist evaluate` and `aevb-dist encode`: the paper's other two aims at dataset scale.
+
+The driver deals chunks of row groups to Ray tasks (at most `num_workers` at once), each
+task computes sums (evaluate) or writes one Parquet part (encode), and the driver adds
+the sums and divides once. Every row group is computed exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Optional
+
+import numpy as np
+import torch
+
+from aevb_dist import names, storage
+from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes, saved_eval_binarization
+from aevb_dist.console import Progress, say
+from aevb_dist.data.reader import ParquetDataset
+from aevb_dist.eval.evaluation import Sums, encode_units, evaluate_units
+from aevb_dist.model.vae import VAE
+from aevb_dist.uri import absolute_uri
+from aevb_dist.ray_runtime import cluster_cpus, run_tasks, start_ray, stop_ray, threads_for_cpus
+
+
+def _chunks(num_units: int, num_workers: int) -> list[list[int]]:
+    """Several chunks per worker, so the work balances and progress moves."""
+    num_chunks = min(num_units, max(1, num_workers) * 4)
+    return [c.tolist() for c in np.array_split(np.arange(num_units), num_chunks) if len(c)]
+
+
+def _open(data_uri: str, vae: VAE, endpoint_url: Optional[str]) -> ParquetDataset:
+    return ParquetDataset(data_uri, expected_dim=vae.input_dim, endpoint_url=endpoint_url)
+
+
+def _evaluate_task(state_bytes, data_uri, endpoint_url, unit_ids, options, threads) -> Sums:
+    torch.set_num_threads(threads)
+    vae, _ = model_from_bytes(state_bytes)
+    return evaluate_units(vae, _open(data_uri, vae, endpoint_url), unit_ids, **options)
+
+
+def _run_chunks(task, state_bytes: bytes, chunk_args: list[tuple], *, num_workers: int,
+                ray_address: Optional[str], on_done) -> None:
+    """`task(state, *args, threads)` per chunk on Ray tasks, `num_workers` at once, each holding an equal
+    share of the cluster's CPUs; the checkpoint's bytes go to the object store once."""
+    started = start_ray(ray_address)
+    try:
+        import ray
+
+        cpus = max(cluster_cpus() / num_workers, 0.01)
+        state_ref = ray.put(state_bytes)
+        run_tasks(task, [(state_ref, *args, threads_for_cpus(cpus)) for args in chunk_args],
+                  max_in_flight=num_workers, num_cpus=cpus, on_done=on_done)
+    finally:
+        stop_ray(started)
+
+
+def _check_evaluate_args(num_importance_samples: int, num_workers: int, estimator: str, num_steps: int,
+                         num_leapfrog: int) -> None:
+    if num_importance_samples < 1:
+        raise ValueError(f"--num-importance-samples={num_importance_samples} must be at least 1 "
+                         "(log p(x) is estimated from K >= 1 importance samples; 5000 is the literature's choice)")
+    if num_workers < 1:
+        raise ValueError(f"--num-workers={num_workers} must be at least 1")
+    if estimator not in names.MARGINAL_LIKELIHOOD_ESTIMATORS:
+        raise ValueError(f"--estimator={estimator!r} is not one of: {', '.join(names.MARGINAL_LIKELIHOOD_ESTIMATORS)}")
+    if estimator != "is" and (num_steps < 3 or num_leapfrog < 1):
+        raise ValueError(f"--num-steps={num_steps} must be at least 3 and --leapfrog-steps={num_leapfrog} at least 1")
+
+
+def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int = 5000, num_workers: int = 2,
+             batch_size: int = 100, chunk_size: int = 100, seed: int = 0, output_uri: Optional[str] = None,
+             endpoint_url: Optional[str] = None, ray_address: Optional[str] = None, estimator: str = "is",
+             num_steps: int = 500, num_leapfrog: int = 10) -> dict:
+    """Dataset means (and standard errors) of the ELBO and log p(x), every row group computed once."""
+    _check_evaluate_args(num_importance_samples, num_workers, estimator, num_steps, num_leapfrog)
+    data_uri = absolute_uri(data_uri)
+    state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
+    vae, saved = model_from_bytes(state_bytes)
+    dataset = _open(data_uri, vae, endpoint_url)
+    if estimator == "is" and vae.posterior.support != "real":
+        say(f"warning: q(z|x) is {vae.posterior.name}, supported on the {vae.posterior.support} values only, while "
+            "p(z|x) covers the real line: importance sampling then estimates a lower bound on log p(x), not log "
+            "p(x) itself; use --estimator ais")
+    options = dict(num_importance_samples=num_importance_samples, chunk_size=chunk_size, batch_size=batch_size,
+                   binarization=saved_eval_binarization(vae, saved),
+                   seed=seed, estimator=estimator, num_steps=num_steps, num_leapfrog=num_leapfrog)
+    progress = Progress(f"evaluate ({estimator}, K={num_importance_samples})", dataset.num_rows)
+    total = Sums()
+
+    def done(i: int, sums: Sums) -> None:
+        nonlocal total
+        total = total + sums
+        progress.add(sums.count)
+
+    _run_chunks(_evaluate_task, state_bytes, [(data_uri, endpoint_url, c, options)
+                                              for c in _chunks(len(dataset.units), num_workers)],
+                num_workers=num_workers, ray_address=ray_address, on_done=done)
+    if total.count != dataset.num_rows:
+        raise RuntimeError(f"evaluated {total.count} examples of {dataset.num_rows}; refusing a partial result")
+    result = {**total.summary(), "estimator": estimator, "num_importance_samples": num_importance_samples,
+              **({} if estimator == "is" else {"num_steps": num_steps, "num_leapfrog": num_leapfrog}),
+              "checkpoint": folder, "step": saved["state"]["step"], "data": data_uri,
+              "binarization": options["binarization"], "seed": seed}
+    if output_uri:
+        fs, path = storage.resolve(output_uri, endpoint_url)
+        fs.pipe_file(path, (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
+def _encode_task(state_bytes, data_uri, endpoint_url, unit_ids, options, staging_uri, part, threads) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    torch.set_num_threads(threads)
+    vae, _ = model_from_bytes(state_bytes)
+    out = encode_units(vae, _open(data_uri, vae, endpoint_url), unit_ids, **options)
+    columns = {"index": pa.array(out["index"])}
+    if "label" in out:
+        columns["label"] = pa.array(out["label"])
+    for key in ("mean", "std"):
+        columns[key] = pa.FixedSizeListArray.from_arrays(pa.array(out[key].reshape(-1)), vae.latent_dim)
+    table = pa.table(columns).replace_schema_metadata({b"aevb.latent_dim": str(vae.latent_dim).encode()})
+    fs, path = storage.resolve(staging_uri, endpoint_url)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/part-{part:05d}.parquet", "wb") as f:
+        pq.write_table(table, f)
+    return len(out["index"])
+
+
+def encode(checkpoint_uri: str, data_uri: str, output_uri: str, *, num_workers: int = 2, seed: int = 0,
+           overwrite: bool = False, endpoint_url: Optional[str] = None, ray_address: Optional[str] = None) -> int:
+    """Write q_φ(z|x) for every example as sharded Parquet; returns the number of rows written."""
+    if storage.scheme_of(output_uri) == "memory":
+        raise ValueError("OUTPUT_URI=memory://... is private to one process; Ray tasks cannot write there")
+    data_uri, output_uri = absolute_uri(data_uri), absolute_uri(output_uri)
+    state_bytes, _ = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
+    vae, saved = model_from_bytes(state_bytes)
+    dataset = _open(data_uri, vae, endpoint_url)
+    fs, root = storage.resolve(output_uri, endpoint_url)
+    if fs.exists(root) and fs.ls(root) and not overwrite:
+        raise ValueError(f"{output_uri} is not empty; pass --overwrite to replace it")
+    staging_path = f"{root.rstrip('/')}.incomplete-{uuid.uuid4().hex[:8]}"
+    staging_uri = staging_path if storage.scheme_of(output_uri) == "file" else \
+        f"{storage.scheme_of(output_uri)}://{staging_path}"
+    options = dict(binarization=saved_eval_binarization(vae, saved),
+                   seed=seed)
+    progress = Progress("encode", dataset.num_rows)
+    written = 0
+
+    def done(i: int, rows: int) -> None:
+        nonlocal written
+        written += rows
+        progress.add(rows)
+
+    try:
+        _run_chunks(_encode_task, state_bytes, [(data_uri, endpoint_url, c, options, staging_uri, i)
+                                                for i, c in enumerate(_chunks(len(dataset.units), num_workers))],
+                    num_workers=num_workers, ray_address=ray_address, on_done=done)
+        if written != dataset.num_rows:
+            raise RuntimeError(f"encoded {written} examples of {dataset.num_rows}; refusing a partial result")
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        storage.move_tree(fs, staging_path, root)
+    finally:
+        if fs.exists(staging_path):
+            fs.rm(staging_path, recursive=True)
+    return written

@@ -1,0 +1,25 @@
+"""`aevb-dist variance`: the ELBO gradient's variance under estimators A, B and IWAE on one batch of a
+dataset, for a trained model (the math is `model/gradient_variance.py`)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes, saved_eval_binarization
+from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.model.gradient_variance import variance_sweep
+
+
+def checkpoint_gradient_variance(checkpoint_uri: str, data_uri: str, *, batch_size: int, estimators: tuple[str, ...],
+                                 latent_samples: list[int], num_draws: int, seed: int,
+                                 endpoint_url: Optional[str] = None) -> dict:
+    """The variance report of `variance_sweep` on the first (seeded) batch of `data_uri`."""
+    vae, saved = model_from_bytes(load_checkpoint_bytes(checkpoint_uri, endpoint_url)[0])
+    data = ParquetDataset(data_uri, expected_dim=vae.input_dim, endpoint_url=endpoint_url)
+    binarization = saved_eval_binarization(vae, saved)
+    batch = next(iter(EpochStream(data, rank=0, world_size=1, batch_size=batch_size, epoch=0, seed=seed,
+                                  binarization=binarization)))
+    return variance_sweep(vae, torch.from_numpy(batch.x), estimators=estimators, latent_samples=latent_samples,
+                          num_draws=num_draws, seed=seed)

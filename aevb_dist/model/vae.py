@@ -1,0 +1,105 @@
+"""The latent-variable model p_θ(z) p_θ(x|z) and its recognition model q_φ(z|x).
+
+No loss, no device and no distributed code here: estimators live in `elbo.py`.
+
+Shapes: B batch, D data dimension, Z latent dimension, L latent samples, P decoder outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from aevb_dist.model.distributions import log_standard_normal, likelihood_from_name
+from aevb_dist.model.networks import init_paper, mlp
+from aevb_dist.model.posteriors import posterior_from_name
+
+
+class VAE(nn.Module):
+    def __init__(self, input_dim: int, hidden_sizes: list[int], latent_dim: int, activation: str = "tanh",
+                 likelihood: str = "bernoulli", squash_mean: bool = False, init_std: Optional[float] = None,
+                 posterior: str = "gaussian", validate_inputs: bool = True):
+        super().__init__()
+        self.input_dim = input_dim
+        self.latent_dim = latent_dim
+        self.likelihood = likelihood_from_name(likelihood, squash_mean=squash_mean)
+        self.posterior = posterior_from_name(posterior)
+        # Encoder: x → the two parameters per latent of q_φ(z|x); for the default diagonal
+        # Gaussian, (μ, log σ²) (Appendix C.2). See posteriors.py for the other families.
+        self.encoder = mlp(input_dim, hidden_sizes, 2 * latent_dim, activation)
+        # Decoder mirrors the encoder: z → parameters of p_θ(x|z).
+        self.decoder = mlp(latent_dim, list(reversed(hidden_sizes)),
+                           self.likelihood.params_per_dim * input_dim, activation)
+        if init_std is not None:
+            init_paper(self, init_std)
+        # Checks every input's finiteness and support. The trainer builds its model without it: its
+        # reader has already checked every row group, and the check costs passes over each batch.
+        self.validate_inputs = validate_inputs
+
+    @classmethod
+    def from_config(cls, model_cfg, *, seed: Optional[int] = None, validate_inputs: bool = True) -> "VAE":
+        """The model of a config's `model` section. With `seed`, the initial parameters are a function of
+        it (every rank builds the same model) and torch's global random state is left as it was."""
+        def build() -> "VAE":
+            return cls(input_dim=model_cfg.input_dim, hidden_sizes=list(model_cfg.hidden_sizes),
+                       latent_dim=model_cfg.latent_dim, activation=model_cfg.activation,
+                       likelihood=model_cfg.likelihood, squash_mean=model_cfg.squash_mean,
+                       init_std=model_cfg.init_std, posterior=model_cfg.posterior, validate_inputs=validate_inputs)
+
+        if seed is None:
+            return build()
+        # nn.Linear initializes from the global generator and takes no other: seed a private copy of it.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: the model is built on the CPU
+            return build()
+
+    def check_input(self, x_BD: torch.Tensor) -> None:
+        if x_BD.dim() != 2 or x_BD.shape[1] != self.input_dim:
+            raise ValueError(f"expected inputs of shape [batch, {self.input_dim}], got {list(x_BD.shape)}")
+        if self.validate_inputs:
+            self.likelihood.validate(x_BD)
+
+    def encode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parameters (a, b) of q_φ(z|x), each [B, Z]: (μ, log σ²) for the Gaussian."""
+        self.check_input(x_BD)
+        a_BZ, b_BZ = self.encoder(x_BD).chunk(2, dim=-1)
+        return a_BZ, b_BZ
+
+    def sample_latent(self, a_BZ: torch.Tensor, b_BZ: torch.Tensor, num_samples: int,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The reparameterization trick, z = g_φ(ε, x) (paper, eq. 10 for the Gaussian: z = μ + σ ⊙ ε). [L, B, Z]."""
+        return self.posterior.sample(a_BZ, b_BZ, num_samples, generator)
+
+    def decode(self, z_LBZ: torch.Tensor) -> torch.Tensor:
+        """Raw decoder outputs (logits, or mean and log-variance), [..., P]."""
+        return self.decoder(z_LBZ)
+
+    def log_likelihood(self, x_BD: torch.Tensor, z_LBZ: torch.Tensor) -> torch.Tensor:
+        """log p_θ(x|z), [L, B]."""
+        return self.likelihood.log_prob(self.decode(z_LBZ), x_BD)
+
+    @staticmethod
+    def log_prior(z_LBZ: torch.Tensor) -> torch.Tensor:
+        """log p_θ(z) = log N(z; 0, I), [L, B]."""
+        return log_standard_normal(z_LBZ)
+
+    def log_posterior(self, z_LBZ: torch.Tensor, a_BZ: torch.Tensor, b_BZ: torch.Tensor) -> torch.Tensor:
+        """log q_φ(z|x), [L, B]."""
+        return self.posterior.log_prob(z_LBZ, a_BZ, b_BZ)
+
+    def kl_to_prior(self, a_BZ: torch.Tensor, b_BZ: torch.Tensor) -> torch.Tensor:
+        """KL(q_φ(z|x) || p_θ(z)) in closed form, [B] (Appendix B for the Gaussian)."""
+        return self.posterior.kl_to_standard_normal(a_BZ, b_BZ)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Means of p_θ(x|z) for z ~ p(z): [num_samples, D]."""
+        device = next(self.parameters()).device
+        z = torch.randn((num_samples, self.latent_dim), generator=generator, device=device)
+        return self.likelihood.mean(self.decode(z))
+
+    @torch.no_grad()
+    def decode_mean(self, z_BZ: torch.Tensor) -> torch.Tensor:
+        return self.likelihood.mean(self.decode(z_BZ))

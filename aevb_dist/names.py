@@ -1,0 +1,29 @@
+"""Every name a config or a command may hold, listed once. Pure Python, no torch.
+
+The config validates against these lists (so a bad value is refused before torch is imported:
+`aevb-dist config` and `--help` stay fast), and each torch registry checks at import that it
+implements exactly the names listed here (`require_registry`), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+ACTIVATIONS = ("tanh", "relu", "softplus", "sigmoid", "elu")
+LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli")
+POSTERIORS = ("gaussian", "laplace", "logistic", "kumaraswamy", "lognormal")
+ESTIMATORS = ("A", "B", "iwae")  # the training bound: SGVB A, SGVB B, or the IWAE bound
+OPTIMIZERS = ("adagrad", "adam", "sgd")
+BINARIZATIONS = ("dynamic", "static", "none")
+MARGINAL_LIKELIHOOD_ESTIMATORS = ("is", "ais", "appendix-d")  # log p(x): `aevb-dist evaluate --estimator`
+ALLREDUCE_DTYPES = ("float32", "bfloat16")
+ON_NONFINITE = ("error", "skip")
+DATASET_FORMATS = ("mnist", "fashion-mnist", "frey-face", "npy")  # `aevb-dist prepare --format`
+
+
+def require_registry(kind: str, listed: tuple[str, ...], implemented: Iterable[str]) -> None:
+    """Raise at import when a registry implements other names than `listed` (a developer's mistake)."""
+    missing, extra = set(listed) - set(implemented), set(implemented) - set(listed)
+    if missing or extra:
+        raise RuntimeError(f"{kind} registry out of step with aevb_dist.names: "
+                           f"missing {sorted(missing)}, not listed {sorted(extra)}")

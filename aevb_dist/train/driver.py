@@ -1,0 +1,114 @@
+"""`aevb-dist train` on the driver: everything a run does before and after its workers, whichever
+launcher starts them (`ray_launcher` on a Ray cluster or the embedded Ray, `local_launcher` for
+`ray.local_mode=true`). Resume is the same under both: a rerun with the same `run.storage_uri`
+and `run.name` continues from the newest complete checkpoint in the run folder.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Optional
+
+from aevb_dist import checkpoint, storage
+from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml
+from aevb_dist.console import first_line, say
+from aevb_dist.run_log import MetricsTail, progress_line, read_metrics
+from aevb_dist.train.local_launcher import launch_local
+from aevb_dist.train.ray_launcher import launch_on_ray
+from aevb_dist.train.trainer import open_datasets, total_steps
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training; returns the last row of metrics.csv."""
+    cfg = absolute_local_uris(cfg)
+    train_data, _ = open_datasets(cfg)  # fail fast, before any worker starts
+    storage.ray_train_storage(cfg.run)  # refuses a run folder workers cannot share
+    run = storage.run_folder(cfg.run)
+    _prepare_run_folder(cfg, run)
+    steps = total_steps(train_data, cfg, cfg.train.num_workers)
+    start_step = _announce_resume(cfg, run, steps)
+    if start_step < steps:
+        launch = launch_local if cfg.ray.local_mode else launch_on_ray
+        with ProgressPrinter(run, steps, start_step):
+            launch(cfg, run, train_data.num_rows)
+    rows = read_metrics(run.fs, run.file("metrics.csv"))
+    last = rows[-1] if rows else {}
+    if start_step < steps:
+        say(f"done: {run.uri} (step {last.get('step', 0)}, test ELBO {last.get('test_elbo', float('nan')):.2f})")
+    return last
+
+
+def _prepare_run_folder(cfg: Config, run: storage.Folder) -> None:
+    try:
+        run.fs.makedirs(run.path, exist_ok=True)
+        run.fs.pipe_file(run.file("config.yaml"), to_yaml(cfg).encode())
+    except (OSError, PermissionError) as err:
+        raise ValueError(f"cannot write to run.storage_uri {cfg.run.storage_uri}: "
+                         f"{type(err).__name__}: {first_line(err)}") from None
+    except Exception as err:  # botocore's endpoint and credential errors have no common base we import
+        raise ValueError(f"cannot reach run.storage_uri {cfg.run.storage_uri}: "
+                         f"{type(err).__name__}: {first_line(err)}") from None
+
+
+def _announce_resume(cfg: Config, run: storage.Folder, steps: int) -> int:
+    """The step the run resumes from (0 for a new run), said aloud."""
+    newest = checkpoint.latest(run.fs, run.path, warn=lambda m: say(f"warning: {m}"))
+    if newest is None:
+        return 0
+    manifest = checkpoint.read_manifest(run.fs, newest)
+    step, name = int(manifest["step"]), newest.rsplit("/", 1)[-1]
+    _check_same_model(cfg, run, manifest.get("model"), name)
+    if step >= steps:
+        say(f"{run.uri} is already at step {step} of {steps} ({name}); nothing to train. "
+            "Raise train.max_steps or train.num_epochs to continue")
+    else:
+        say(f"resuming {cfg.run.name} from {name} (step {step} of {steps})")
+    return step
+
+
+def _check_same_model(cfg: Config, run: storage.Folder, saved_model: Optional[dict], name: str) -> None:
+    if not saved_model:
+        return
+    current = to_dict(cfg)["model"]
+    changed = [f"model.{k}: {saved_model[k]} in {name}, {current[k]} now"
+               for k in current if k in saved_model and saved_model[k] != current[k] and k != "init_std"]
+    if changed:
+        raise ValueError(f"{run.uri} holds a checkpoint of a different model ({'; '.join(changed)}); "
+                         "use another run.name, or the model settings it was trained with")
+
+
+class ProgressPrinter:
+    """Prints new metrics.csv rows while the run goes; the workers' own logs stay in Ray's log files."""
+
+    def __init__(self, run: storage.Folder, total_steps: int, start_step: int, interval_s: float = 1.0):
+        self.tail, self.total_steps, self.interval_s = MetricsTail(run.fs, run.file("metrics.csv")), total_steps, interval_s
+        self._rows()  # what is there already (rows past `start_step` are trained again, and printed then)
+        self.last_step = start_step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _rows(self) -> list[dict]:
+        try:
+            return self.tail.new_rows()
+        except Exception:  # a half-written file or a transient storage error: try again next tick
+            return []
+
+    def poll(self) -> None:
+        for row in self._rows():
+            if row["step"] > self.last_step:
+                print(progress_line(row, self.total_steps), file=sys.stderr, flush=True)
+                self.last_step = row["step"]
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def __enter__(self) -> "ProgressPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()

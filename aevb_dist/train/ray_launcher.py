@@ -1,0 +1,72 @@
+"""Launching the workers on Ray: a TorchTrainer on the embedded Ray or a cluster (`ray.address`).
+
+Ray Train places the workers, joins them into a gloo (NCCL with GPUs) group, restarts the
+group up to `train.max_failures` times, and keeps the newest `checkpoint.keep_last` of the
+checkpoints the workers report into the run folder.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+from aevb_dist import storage
+from aevb_dist.config import Config
+from aevb_dist.console import say, user_error_in
+from aevb_dist.ray_runtime import cluster_cpus, start_ray, stop_ray, threads_for_cpus
+from aevb_dist.train.worker import WorkerSpec, run_worker
+
+
+def report_to_ray_train(folder: Optional[str], name: str, metrics: dict) -> None:
+    """The checkpoint sink on Ray: Ray Train copies rank 0's folder into the run folder as `name`."""
+    import ray.train
+
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None,
+                     checkpoint_dir_name=name)
+
+
+def launch_on_ray(cfg: Config, run: storage.Folder, num_rows: int) -> None:
+    """Run the workers to the end; raises a one-line ValueError for a user's mistake."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = start_ray(cfg.ray.address, cfg.ray.show_worker_logs)
+    try:
+        cpus = _cpus_per_worker(cfg)
+        spec = WorkerSpec(cfg, threads_for_cpus(cpus))
+        say(f"training {cfg.run.name}: {cfg.train.num_workers} worker(s) × {cpus:g} CPU, "
+            f"{spec.threads} thread(s) each, {num_rows:,} training examples → {run.uri}")
+        storage_path, storage_fs = storage.ray_train_storage(cfg.run)
+        trainer = TorchTrainer(
+            functools.partial(run_worker, spec, report_to_ray_train),
+            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo", timeout_s=300),
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                         resources_per_worker={"CPU": cpus}),
+            run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
+        )
+        try:
+            trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            raise _user_error(err) from None
+    finally:
+        stop_ray(started)
+
+
+def _cpus_per_worker(cfg: Config) -> float:
+    if cfg.train.cpus_per_worker is not None:
+        return cfg.train.cpus_per_worker
+    # Our reader runs inside each worker (no Ray Data tasks), so workers may share all CPUs.
+    return max(cluster_cpus() / cfg.train.num_workers if not cfg.ray.address else 1.0, 0.01)
+
+
+def _user_error(err: Exception) -> Exception:
+    """The root cause of a failed run, as a one-line ValueError where it is the user's to fix."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for cause in list(failures.values()) or [getattr(err, "controller_failure", err)]:
+        found = user_error_in(cause)
+        if found is not None:
+            return found
+    return err

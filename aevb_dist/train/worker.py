@@ -1,0 +1,74 @@
+"""One data-parallel worker: the same function under every launcher.
+
+A launcher hands `run_worker` a typed `WorkerSpec` and a checkpoint sink, and runs it under Ray
+Train (on a Ray cluster, or in Ray Train's local mode on processes of this machine): rank, world
+size and the process group come from Ray Train's context either way. The worker resumes from
+the newest checkpoint in the run folder whose manifest verifies (so an upload cut off part way
+is skipped in favour of the last good one), trains, writes metrics.csv on rank 0, and gives each
+checkpoint to the sink. Where a checkpoint goes is the sink's business, never the worker's.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+from aevb_dist import checkpoint, storage
+from aevb_dist.config import Config, to_dict
+from aevb_dist.console import say
+from aevb_dist.run_log import RunLog
+from aevb_dist.train.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    config: Config  # validated, with local paths made absolute by the driver
+    threads: int  # torch threads of each worker (ray_runtime.threads_for_cpus of its CPUs)
+
+
+class CheckpointSink(Protocol):
+    def __call__(self, folder: Optional[str], name: str, metrics: dict) -> None:
+        """Called by every rank at the same steps (Ray Train's report is a barrier). On rank 0 `folder`
+        is a local folder holding the checkpoint `name`, written by `checkpoint.save`; None elsewhere."""
+
+
+def run_worker(spec: WorkerSpec, sink: CheckpointSink) -> None:
+    import ray.train
+
+    cfg = spec.config
+    torch.set_num_threads(spec.threads)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    # Ray Train makes the worker's GPU torch's current device, on a cluster and in local mode alike.
+    device = f"cuda:{torch.cuda.current_device()}" if cfg.train.use_gpu else "cpu"
+    trainer = Trainer(cfg, rank=rank, world_size=world_size, device=device)
+    run = storage.run_folder(cfg.run)
+    newest = checkpoint.latest(run.fs, run.path)
+    if newest is not None:
+        note = trainer.load_state_dict(checkpoint.load(run.fs, newest, map_location=device))
+        if note and rank == 0:
+            say(f"warning: {note}")
+    log = RunLog(run, resume_step=trainer.state.step, total_steps=trainer.total_steps) if rank == 0 else None
+    trainer.fit(on_log=log.append if log is not None else lambda row: None,
+                on_checkpoint=lambda state, row: _save(cfg, rank, state, row, log, sink))
+    if log is not None:
+        log.close()
+
+
+def _save(cfg: Config, rank: int, state: dict, row: dict, log: Optional[RunLog], sink: CheckpointSink) -> None:
+    """Every rank calls the sink with the same name and metrics; only rank 0 writes (the checkpoint into
+    a local folder for the sink, then the metrics it holds back)."""
+    step = state["state"]["step"]
+    metrics = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))} or {"step": step}
+    name = checkpoint.checkpoint_name(step)
+    if rank != 0:
+        sink(None, name, metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="aevb-ckpt-") as folder:
+        checkpoint.save(folder, state, to_dict(cfg))
+        sink(folder, name, metrics)
+    log.flush()

@@ -1,0 +1,139 @@
+"""The shape of the code, checked: layers import downward only, no import circle, the worker is blind
+to its launcher, small modules and functions, and the import paths users wrote against still work."""
+
+import ast
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+PACKAGE = os.path.join(REPO, "aevb_dist")
+
+# Lower numbers are lower layers. A module may import its own package's modules, the foundation's
+# modules among themselves, and anything in a lower layer; never a higher layer or a sibling package.
+LAYERS = {
+    "names": 0, "uri": 0, "console": 0, "config": 0, "storage": 0, "ray_runtime": 0,
+    "model": 1, "data": 1,
+    "checkpoint": 2, "run_log": 2,
+    "train": 3, "eval": 3,
+    "submit": 4, "quickstart": 4,
+    "cli": 5, "__main__": 6,
+    # Old import paths, kept by re-export (see test_old_import_paths_still_work).
+    "vae": 4, "elbo": 4, "marginal_likelihood": 4, "ray_launcher": 4,
+}
+FOUNDATION = 0
+
+
+def modules() -> dict[str, str]:
+    """Every module of the package by dotted name, with its file."""
+    found = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, name), REPO)[:-3].replace(os.sep, ".")
+                found[rel.removesuffix(".__init__")] = os.path.join(folder, name)
+    return found
+
+
+def imports_of(path: str) -> set[str]:
+    """The aevb_dist modules a file imports, at the top or inside functions (lazy imports count)."""
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("aevb_dist")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("aevb_dist"):
+            known = modules()
+            for alias in node.names:  # `from aevb_dist import storage` imports the module aevb_dist.storage
+                sub = f"{node.module}.{alias.name}"
+                out.add(sub if sub in known else node.module)
+    return out - {"aevb_dist"}
+
+
+def unit(module: str) -> str:
+    """The layered unit a module belongs to: its subpackage, or the top-level module itself."""
+    return module.split(".")[1] if module.count(".") >= 1 else module
+
+
+def test_every_module_has_a_layer():
+    assert {unit(m) for m in modules() if m != "aevb_dist"} <= set(LAYERS)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in modules() if m != "aevb_dist"))
+def test_layers_import_downward_only(module):
+    mine = unit(module)
+    for target in imports_of(modules()[module]):
+        theirs = unit(target)
+        if theirs == mine or (LAYERS[mine] == LAYERS[theirs] == FOUNDATION):
+            continue
+        assert LAYERS[theirs] < LAYERS[mine], f"{module} (layer {LAYERS[mine]}) imports {target} (layer {LAYERS[theirs]})"
+
+
+def test_no_import_circle():
+    graph = {m: imports_of(path) & set(modules()) for m, path in modules().items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            assert state.get(target) != 1, "import circle: " + " → ".join(path + [module, target])
+            if target not in state:
+                visit(target, path + [module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+
+
+def test_the_worker_is_blind_to_its_launcher():
+    source = open(os.path.join(PACKAGE, "train", "worker.py")).read()
+    assert "local_mode" not in source and "launcher" not in imports_of(os.path.join(PACKAGE, "train", "worker.py"))
+    assert not {m for m in imports_of(os.path.join(PACKAGE, "train", "worker.py")) if "launcher" in m}
+
+
+def test_modules_and_functions_stay_small():
+    too_long = []
+    for module, path in modules().items():
+        lines = open(path).read().splitlines()
+        if len(lines) > 350:
+            too_long.append(f"{module}: {len(lines)} lines")
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "build_parser":
+                length = node.end_lineno - node.lineno + 1  # argparse's table (build_parser) aside
+                if length > 60:
+                    too_long.append(f"{module}.{node.name}: {length} lines")
+    assert not too_long, too_long
+
+
+def test_math_and_data_layers_stay_at_their_edges():
+    """The model layer imports only torch; the data layer never torch; neither imports Ray."""
+    code = ("import sys; import aevb_dist.model.vae, aevb_dist.model.elbo, aevb_dist.model.marginal_likelihood, "
+            "aevb_dist.model.distributions, aevb_dist.model.networks, aevb_dist.model.posteriors, "
+            "aevb_dist.model.hmc, aevb_dist.model.gradient_variance; "
+            "bad = [m for m in ('ray', 'pyarrow', 'fsspec', 'omegaconf') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = ("import sys; import aevb_dist.data.reader, aevb_dist.data.prepare, aevb_dist.data.binarization; "
+            "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_config_error_needs_no_torch():
+    code = ("import sys\nfrom aevb_dist.config import load_config\ntry:\n    load_config(None, ['model.activation=x'])\n"
+            "except ValueError:\n    pass\nassert 'torch' not in sys.modules and 'fsspec' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("old, new, names", [
+    ("aevb_dist.vae", "aevb_dist.model.vae", ["VAE"]),
+    ("aevb_dist.elbo", "aevb_dist.model.elbo", ["sgvb_a", "sgvb_b", "iwae_bound", "map_objective_sum"]),
+    ("aevb_dist.marginal_likelihood", "aevb_dist.model.marginal_likelihood",
+     ["log_marginal_likelihood", "estimate_log_marginal_likelihood"]),
+    ("aevb_dist.ray_launcher", "aevb_dist.train.driver", ["train"]),
+])
+def test_old_import_paths_still_work(old, new, names):
+    for name in names:
+        assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(new), name)
