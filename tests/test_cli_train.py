@@ -1,7 +1,11 @@
 """`aevb-dist train` as a user runs it: its own embedded Ray, progress, resume, clear errors."""
 
+import pytest
+
 from aevb_dist import checkpoint, storage
 from tests.helpers import SMOKE, aevb, tiny_overrides
+
+pytestmark = pytest.mark.slow  # `aevb-dist train` processes, each starting an embedded Ray
 
 
 def test_train_command_runs_then_resumes_with_more_steps(tiny_data, tmp_path):

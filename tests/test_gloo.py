@@ -1,6 +1,5 @@
 """Gradients reduced as sums over a real gloo process group equal the global-minibatch gradient."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +10,8 @@ from aevb_dist.model.elbo import map_objective_sum, per_example_bound
 from aevb_dist.train.trainer import Trainer, step_generator
 from tests.helpers import free_port, tiny_overrides
 from tests.gloo_worker import take_one_step
+
+pytestmark = pytest.mark.slow  # two processes in a real gloo group
 
 
 @pytest.mark.parametrize("rows,dtype", [([list(range(0, 7)), list(range(7, 10))], "float32"),   # uneven

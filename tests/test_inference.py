@@ -21,6 +21,8 @@ from aevb_dist.eval.plotting import gradient_variance_figure, plot_run, write_fi
 from aevb_dist.train.driver import train
 from tests.helpers import SMOKE, tiny_overrides
 
+pytestmark = pytest.mark.slow  # a model trained on a real local Ray, then Ray tasks
+
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tiny_data, tmp_path_factory):

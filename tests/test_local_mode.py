@@ -17,6 +17,8 @@ from aevb_dist.run_log import read_metrics
 from tests.helpers import SMOKE, assert_bitwise_equal, final_state, tiny_overrides
 from tests.faults import SLOW, capture_errors, logged_step, our_local_workers, wait_for
 
+pytestmark = pytest.mark.slow  # worker processes of local mode, and Ray
+
 LOCAL = {"ray.local_mode": "true", "train.num_workers": 2, "train.batch_size_per_worker": 16}
 
 

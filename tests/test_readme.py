@@ -38,6 +38,7 @@ def test_readme_python_examples_run_as_written(monkeypatch):
     assert namespace["log_px"].shape == (100,) and namespace["cfg"].train.num_workers == 2
 
 
+@pytest.mark.slow  # installs the package and runs the quickstart on an embedded Ray
 def test_readme_quickstart_command_as_written():
     install, _ = readme_commands()
     out = os.path.join(REPO, "aevb-quickstart")

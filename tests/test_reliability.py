@@ -22,6 +22,7 @@ from tests.faults import (SLOW, capture_errors, check_metrics_contiguous, logged
                           our_train_workers, wait_for)
 from tests.helpers import SMOKE, aevb, assert_bitwise_equal, final_state, tiny_overrides
 
+@pytest.mark.slow
 @pytest.mark.parametrize("local_mode", [False, True])
 def test_a_killed_worker_costs_at_most_one_checkpoint_interval(request, tiny_data, tmp_path, local_mode):
     if not local_mode:
@@ -46,6 +47,7 @@ def test_a_killed_worker_costs_at_most_one_checkpoint_interval(request, tiny_dat
     assert_bitwise_equal(final_state(f"{tmp_path}/straight"), state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("local_mode", [False, True])
 def test_a_killed_driver_resumes_from_the_latest_complete_checkpoint(tiny_data, tmp_path, local_mode):
     args = ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2}),
@@ -75,6 +77,7 @@ def test_a_killed_driver_resumes_from_the_latest_complete_checkpoint(tiny_data, 
     check_metrics_contiguous(f"{tmp_path}/driver", 10, 600)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_cut_off_part_way_is_never_resumed_from(ray_local, tiny_data, tmp_path):
     common = tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1, "checkpoint.every_steps": 4,
                                                          "checkpoint.keep_last": 5})
@@ -121,6 +124,7 @@ def _one_line_error(proc) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_diverging_training_fails_with_the_step_and_keeps_no_corrupt_checkpoint(tiny_data, tmp_path):
     # A checkpoint every step: step 1's update is huge but finite, and is saved; a later step goes
     # non-finite, and no checkpoint is written from then on.
@@ -136,6 +140,7 @@ def test_diverging_training_fails_with_the_step_and_keeps_no_corrupt_checkpoint(
     assert all(torch.isfinite(v).all() for v in checkpoint.load(fs, latest)["model"].values())
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_answered_in_one_line(ray_local, tiny_data, tmp_path, s3_endpoint):
     base = ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path))]
     cases = [
@@ -167,6 +172,7 @@ def test_bad_inputs_are_answered_in_one_line(ray_local, tiny_data, tmp_path, s3_
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug shows the traceback
 
 
+@pytest.mark.slow
 def test_credentials_never_reach_the_run_folder(tiny_data, tmp_path):
     secret = "PLANTED-SECRET-6f1c2d"
     proc = aevb("train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1}),

@@ -2,9 +2,13 @@
 
 import os
 
+import pytest
+
 from aevb_dist import checkpoint, storage
 from tests import helpers
 from tests.helpers import SMOKE, tiny_overrides
+
+pytestmark = pytest.mark.slow  # a real Ray head and its job server
 
 
 def aevb(*args, timeout=600):

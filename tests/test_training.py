@@ -10,6 +10,8 @@ from aevb_dist.train.driver import train
 from aevb_dist.run_log import read_metrics
 from tests.helpers import SMOKE, assert_bitwise_equal, final_state, tiny_overrides
 
+pytestmark = pytest.mark.slow  # training runs on a real local Ray
+
 
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_stopped_and_resumed_run_equals_uninterrupted_run_bit_for_bit(ray_local, tiny_data, tmp_path, num_workers):
