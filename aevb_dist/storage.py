@@ -8,17 +8,19 @@ credentials come from the environment and are never stored.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import fsspec
 import fsspec.implementations.local
 
 from aevb_dist.uri import check_uri, join, local_path, scheme_of
 
-__all__ = ["Folder", "check_uri", "exists", "is_local", "join", "move_tree", "pyarrow_filesystem", "ray_train_storage", "resolve",
-           "run_folder", "s3_endpoint", "scheme_of"]
+__all__ = ["Folder", "check_uri", "exists", "is_local", "join", "move_tree", "pyarrow_filesystem",
+           "ray_train_storage", "replace_folder", "resolve", "run_folder", "s3_endpoint", "scheme_of"]
 
 
 def s3_endpoint(endpoint_url: Optional[str] = None) -> Optional[str]:
@@ -98,6 +100,23 @@ def move_tree(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     fs.rm(src, recursive=True)
 
 
+@contextlib.contextmanager
+def replace_folder(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
+    """Yields a hidden staging folder beside `root` to write into. When the block ends without an
+    error, the staging folder replaces `root` whole; when it fails, it is removed. Readers of `root`
+    never see a partial result, and a failure leaves nothing behind."""
+    parent, base = root.rstrip("/").rsplit("/", 1) if "/" in root.strip("/") else ("", root.strip("/"))
+    staging = f"{parent}/.{base}.incomplete-{uuid.uuid4().hex[:8]}"
+    try:
+        yield staging
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        move_tree(fs, staging, root)
+    finally:
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+
+
 def pyarrow_filesystem(fs: fsspec.AbstractFileSystem):
     """A pyarrow view of an fsspec filesystem (what Ray Train's `storage_filesystem` takes)."""
     import pyarrow.fs
@@ -105,12 +124,8 @@ def pyarrow_filesystem(fs: fsspec.AbstractFileSystem):
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def ray_train_storage(run_cfg) -> tuple[str, Optional[object]]:
-    """(storage_path, storage_filesystem) for Ray Train's RunConfig, from a config's `run` section;
-    remote filesystems are wrapped for pyarrow, which is what Ray Train takes."""
-    scheme = scheme_of(run_cfg.storage_uri)
-    if scheme == "memory":
-        raise ValueError("run.storage_uri=memory://... is private to one process; workers cannot share it. "
-                         "Use a local path or s3://")
-    fs, path = resolve(run_cfg.storage_uri, run_cfg.s3_endpoint_url)
-    return (path, None) if scheme == "file" else (path, pyarrow_filesystem(fs))
+def ray_train_storage(run: Folder) -> tuple[str, Optional[object]]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig, whose `name` is the run folder's
+    own: its parent, and the filesystem wrapped for pyarrow (what Ray Train takes) unless local."""
+    parent = run.path.rsplit("/", 1)[0] or "/"
+    return (parent, None) if is_local(run.fs) else (parent, pyarrow_filesystem(run.fs))

@@ -24,7 +24,6 @@ def test_readme_opens_with_install_and_test_commands():
     assert open(os.path.join(REPO, ".ci", "run")).read().strip().endswith("\npytest")
 
 
-@pytest.mark.slow  # log p(x) with K=5000 and AIS with 500 steps on 100 examples of the paper's model
 def test_readme_python_examples_run_as_written(monkeypatch):
     """The Configuration and Python API examples, in order, as a user pastes them (from the checkout)."""
     text = open(os.path.join(REPO, "README.md")).read()
@@ -35,7 +34,7 @@ def test_readme_python_examples_run_as_written(monkeypatch):
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
-    assert namespace["log_px"].shape == (100,) and namespace["cfg"].train.num_workers == 2
+    assert namespace["log_px"].shape == (10,) and namespace["cfg"].train.num_workers == 2
 
 
 @pytest.mark.slow  # installs the package and runs the quickstart on an embedded Ray

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import uuid
 from typing import Callable, Optional
 
 import numpy as np
@@ -139,18 +138,10 @@ def prepare(source: str, output_uri: str, *, fmt: str = "auto", num_shards: int 
     fmt = detect_format(source) if fmt == "auto" else fmt
     splits = load_splits(source, fmt, wanted, test_fraction, seed)
 
-    parent, base = root.rstrip("/").rsplit("/", 1) if "/" in root.strip("/") else ("", root.strip("/"))
-    staging = f"{parent}/.{base}.incomplete-{uuid.uuid4().hex[:8]}"
     counts = {}
-    try:
+    with storage.replace_folder(fs, root) as staging:
         for name, data in splits.items():
             counts[name] = _write_split(fs, f"{staging}/{name}", name, data, fmt, num_shards, rows_per_row_group, report)
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-        storage.move_tree(fs, staging, root)
-    finally:
-        if fs.exists(staging):
-            fs.rm(staging, recursive=True)
     report(f"prepare: wrote {', '.join(f'{k} {v:,} rows' for k, v in counts.items())} to {output_uri}")
     return counts
 

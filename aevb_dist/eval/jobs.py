@@ -8,7 +8,6 @@ the sums and divides once. Every row group is computed exactly once.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Optional
 
 import numpy as np
@@ -141,9 +140,6 @@ def encode(checkpoint_uri: str, data_uri: str, output_uri: str, *, num_workers: 
     fs, root = storage.resolve(output_uri, endpoint_url)
     if fs.exists(root) and fs.ls(root) and not overwrite:
         raise ValueError(f"{output_uri} is not empty; pass --overwrite to replace it")
-    staging_path = f"{root.rstrip('/')}.incomplete-{uuid.uuid4().hex[:8]}"
-    staging_uri = staging_path if storage.scheme_of(output_uri) == "file" else \
-        f"{storage.scheme_of(output_uri)}://{staging_path}"
     options = dict(binarization=saved_eval_binarization(vae, saved),
                    seed=seed)
     progress = Progress("encode", dataset.num_rows)
@@ -154,16 +150,12 @@ def encode(checkpoint_uri: str, data_uri: str, output_uri: str, *, num_workers: 
         written += rows
         progress.add(rows)
 
-    try:
+    with storage.replace_folder(fs, root) as staging:
+        scheme = storage.scheme_of(output_uri)
+        staging_uri = staging if scheme == "file" else f"{scheme}://{staging}"
         _run_chunks(_encode_task, state_bytes, [(data_uri, endpoint_url, c, options, staging_uri, i)
                                                 for i, c in enumerate(_chunks(len(dataset.units), num_workers))],
                     num_workers=num_workers, ray_address=ray_address, on_done=done)
         if written != dataset.num_rows:
             raise RuntimeError(f"encoded {written} examples of {dataset.num_rows}; refusing a partial result")
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-        storage.move_tree(fs, staging_path, root)
-    finally:
-        if fs.exists(staging_path):
-            fs.rm(staging_path, recursive=True)
     return written

@@ -23,7 +23,9 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training; returns the last row of metrics.csv."""
     cfg = absolute_local_uris(cfg)
     train_data, _ = open_datasets(cfg)  # fail fast, before any worker starts
-    storage.ray_train_storage(cfg.run)  # refuses a run folder workers cannot share
+    if storage.scheme_of(cfg.run.storage_uri) == "memory":
+        raise ValueError("run.storage_uri=memory://... is private to one process; workers cannot share it. "
+                         "Use a local path or s3://")
     run = storage.run_folder(cfg.run)
     _prepare_run_folder(cfg, run)
     steps = total_steps(train_data, cfg, cfg.train.num_workers)

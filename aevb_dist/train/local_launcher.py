@@ -10,7 +10,7 @@ few seconds. The worker function is the same as on a cluster (`worker.run_worker
 
 What Ray Train's controller did that local mode does not, is done here:
 - a failed worker stops the whole group (the elastic agent's job), which is launched again from the
-  newest complete checkpoint, up to `train.max_failures` times (`run`);
+  newest complete checkpoint, up to `train.max_failures` times (`run_group`);
 - the checkpoint sink (`WriteToRunFolder`) writes rank 0's checkpoints into the run folder itself
   (manifest last) and keeps the newest `checkpoint.keep_last`.
 """
@@ -72,7 +72,7 @@ def launch_local(cfg: Config, run: storage.Folder, num_rows: int) -> None:
                          f"train.num_workers={n}, GPUs visible: {torch.cuda.device_count()}")
     _forget_ray_checkpoint_list(run)
     cpus = cfg.train.cpus_per_worker if cfg.train.cpus_per_worker is not None else (os.cpu_count() or 1) // n
-    spec = WorkerSpec(cfg, threads_for_cpus(cpus))
+    spec = WorkerSpec(cfg, run, threads_for_cpus(cpus))
     say(f"training {cfg.run.name} in Ray Train's local mode: {n} worker process(es), {spec.threads} thread(s) "
         f"each, {num_rows:,} training examples → {run.uri}")
     run_group(spec, num_workers=n, max_failures=cfg.train.max_failures)
@@ -101,8 +101,8 @@ def _worker(spec: WorkerSpec, error_dir: str, driver_pid: int) -> None:
 
     if not cfg.ray.show_worker_logs:  # "Running in local mode", "Reported metrics" at every report
         logging.getLogger("ray.train").setLevel(logging.WARNING)
-    storage_path, storage_fs = storage.ray_train_storage(cfg.run)
-    sink = WriteToRunFolder(storage.run_folder(cfg.run), cfg.checkpoint.keep_last)
+    storage_path, storage_fs = storage.ray_train_storage(spec.run)
+    sink = WriteToRunFolder(spec.run, cfg.checkpoint.keep_last)
     trainer = TorchTrainer(functools.partial(run_worker, spec, sink), scaling_config=ScalingConfig(num_workers=0),
                            run_config=RunConfig(name=cfg.run.name, storage_path=storage_path,
                                                 storage_filesystem=storage_fs))

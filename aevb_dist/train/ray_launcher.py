@@ -34,10 +34,10 @@ def launch_on_ray(cfg: Config, run: storage.Folder, num_rows: int) -> None:
     started = start_ray(cfg.ray.address, cfg.ray.show_worker_logs)
     try:
         cpus = _cpus_per_worker(cfg)
-        spec = WorkerSpec(cfg, threads_for_cpus(cpus))
+        spec = WorkerSpec(cfg, run, threads_for_cpus(cpus))
         say(f"training {cfg.run.name}: {cfg.train.num_workers} worker(s) × {cpus:g} CPU, "
             f"{spec.threads} thread(s) each, {num_rows:,} training examples → {run.uri}")
-        storage_path, storage_fs = storage.ray_train_storage(cfg.run)
+        storage_path, storage_fs = storage.ray_train_storage(run)
         trainer = TorchTrainer(
             functools.partial(run_worker, spec, report_to_ray_train),
             torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo", timeout_s=300),

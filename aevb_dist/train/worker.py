@@ -27,6 +27,7 @@ from aevb_dist.train.trainer import Trainer
 @dataclass(frozen=True)
 class WorkerSpec:
     config: Config  # validated, with local paths made absolute by the driver
+    run: storage.Folder  # the run folder, resolved once on the driver
     threads: int  # torch threads of each worker (ray_runtime.threads_for_cpus of its CPUs)
 
 
@@ -46,7 +47,7 @@ def run_worker(spec: WorkerSpec, sink: CheckpointSink) -> None:
     # Ray Train makes the worker's GPU torch's current device, on a cluster and in local mode alike.
     device = f"cuda:{torch.cuda.current_device()}" if cfg.train.use_gpu else "cpu"
     trainer = Trainer(cfg, rank=rank, world_size=world_size, device=device)
-    run = storage.run_folder(cfg.run)
+    run = spec.run
     newest = checkpoint.latest(run.fs, run.path)
     if newest is not None:
         note = trainer.load_state_dict(checkpoint.load(run.fs, newest, map_location=device))
