@@ -9,8 +9,7 @@ import argparse
 import sys
 from typing import Optional
 
-from aevb_dist import __version__
-from aevb_dist import names
+from aevb_dist import __version__, names
 from aevb_dist.console import USER_ERRORS
 
 

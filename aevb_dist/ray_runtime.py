@@ -12,9 +12,8 @@ from aevb_dist.console import say
 def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS, set inside Ray Jobs), or start an embedded
     local Ray; True when we started it."""
-    if not address and os.environ.get("RAY_ADDRESS"):
-        address = os.environ["RAY_ADDRESS"]
-        say(f"joining the Ray cluster at $RAY_ADDRESS={address} (unset RAY_ADDRESS for an embedded Ray)")
+    from_environment = not address and bool(os.environ.get("RAY_ADDRESS"))
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         # An embedded Ray serves this machine only: keep it on loopback (read when ray is imported),
         # and let gloo use loopback too.
@@ -31,6 +30,8 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
     if ray.is_initialized():
         return False
     if address:
+        if from_environment:  # said, so that nobody joins a cluster without knowing it
+            say(f"joining the Ray cluster at $RAY_ADDRESS={address} (unset RAY_ADDRESS for an embedded Ray)")
         ray.init(address=address, log_to_driver=show_worker_logs)
         return False
     # address="local": always a new embedded cluster, never one that `ray start` left on this machine.

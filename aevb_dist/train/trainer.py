@@ -1,4 +1,4 @@
-"""The data-parallel training loop. No Ray here: the launcher passes in the callables.
+"""The data-parallel training loop. No Ray here: the worker (worker.py) passes in the callables.
 
 Gradients are reduced as sums: every rank backpropagates −(Σ of its examples' objective),
 one all-reduce adds gradients, ELBO sums and example counts across ranks, and the
