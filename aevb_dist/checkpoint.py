@@ -12,13 +12,15 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
 from typing import Any, Optional
 
 import torch
 
 from aevb_dist import storage
 from aevb_dist.config import config_from_dict
-from aevb_dist.console import say
+from aevb_dist.console import first_line, say
 from aevb_dist.data.binarization import eval_binarization
 from aevb_dist.model.vae import VAE
 
@@ -67,7 +69,20 @@ def load(fs, folder: str, map_location: str = "cpu") -> dict:
     problem = verify(fs, folder)
     if problem:
         raise ValueError(f"checkpoint {folder} is not usable: {problem}")
-    return torch.load(io.BytesIO(fs.cat_file(f"{folder}/{STATE}")), map_location=map_location, weights_only=False)
+    return unpickle_state(fs.cat_file(f"{folder}/{STATE}"), folder, map_location)
+
+
+def unpickle_state(state_bytes: bytes, where: str, map_location: str = "cpu") -> dict:
+    """`state.pt`'s contents, read as data only: tensors, numbers, strings, lists and dicts. A pickle
+    that asks for anything else (a function to call: a checkpoint planted to run code) is refused
+    before any of it runs. The manifest's checksum proves a file whole, not who wrote it."""
+    try:
+        return torch.load(io.BytesIO(state_bytes), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(err))
+        asks = f"it asks for {found.group(1)}" if found else first_line(err)
+        raise ValueError(f"checkpoint {where or STATE} holds more than tensors and plain values ({asks}); "
+                         "not loaded, since loading it could run code") from None
 
 
 def read_manifest(fs, folder: str) -> dict:
@@ -146,9 +161,9 @@ def load_checkpoint_bytes(uri: str, endpoint_url: Optional[str] = None) -> tuple
     return fs.cat_file(f"{folder}/{STATE}"), folder
 
 
-def model_from_bytes(state_bytes: bytes) -> tuple[VAE, dict]:
+def model_from_bytes(state_bytes: bytes, where: str = "") -> tuple[VAE, dict]:
     """The trained model held by `state.pt`'s bytes, and everything saved with it."""
-    saved = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=False)
+    saved = unpickle_state(state_bytes, where)
     vae = VAE.from_config(config_from_dict(saved["config"]).model)
     vae.load_state_dict(saved["model"])
     return vae, saved

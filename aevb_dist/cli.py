@@ -104,7 +104,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from aevb_dist.submit import submit
 
     cfg = load_config(args.config, args.overrides)  # a bad config never reaches the cluster
-    _, status = submit(cfg, address=args.address, entrypoint=args.entrypoint, wait=not args.no_wait, pip=args.pip)
+    pass_env = tuple(name.strip() for name in (args.pass_env or "").split(",") if name.strip())
+    _, status = submit(cfg, address=args.address, entrypoint=args.entrypoint, wait=not args.no_wait, pip=args.pip,
+                       pass_env=pass_env)
     return status
 
 
@@ -173,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="print the job id and return; do not follow the logs")
     p.add_argument("--pip", action="store_true",
                    help="install this machine's versions of the requirements in the job's runtime environment")
+    p.add_argument("--pass-env", default=None, metavar="NAMES",
+                   help="forward these environment variables (comma-separated, e.g. AWS_ACCESS_KEY_ID,"
+                        "AWS_SECRET_ACCESS_KEY) to the job; its metadata is readable by every client of the job "
+                        "server. Default: none, the cluster's own identity reaches storage")
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("jobs", help="list, status, logs, follow or stop Ray Jobs")
@@ -242,6 +248,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from aevb_dist.ray_runtime import use_cluster_token_if_found
+
+    use_cluster_token_if_found()
     try:
         return args.func(args)
     except USER_ERRORS as err:

@@ -9,6 +9,33 @@ from typing import Any, Callable, Optional
 from aevb_dist.console import say
 
 
+def cluster_auth_token() -> Optional[str]:
+    """The Ray cluster's token, where Ray's own CLI finds it: $RAY_AUTH_TOKEN, the file that
+    $RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token (written by `ray start --head`); None if none."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def use_cluster_token_if_found() -> None:
+    """Token authentication for the clusters this process joins, when a token is at hand and
+    RAY_AUTH_MODE says nothing: Ray itself does so only for `ray.init()` without an address, so a
+    run with `ray.address=ray://head:10001` would otherwise be refused by a default head. Must run
+    before Ray is imported (Ray reads the mode once)."""
+    if "RAY_AUTH_MODE" not in os.environ and cluster_auth_token() is not None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+AUTH_HELP = ("get the cluster's token with `ray get-auth-token` on the head, then set RAY_AUTH_TOKEN, "
+             "or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in ~/.ray/auth_token")
+
+
 def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS, set inside Ray Jobs), or start an embedded
     local Ray; True when we started it."""

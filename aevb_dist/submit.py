@@ -2,8 +2,11 @@
 
 The config is validated here, before anything reaches the cluster. The job gets a
 working directory holding the resolved config, this very `aevb_dist` package as a
-py_module, optionally pinned requirements, and the storage credentials of this shell
-as environment variables (passed through, never printed or written to the run folder).
+py_module, and optionally pinned requirements. It gets no credentials: a job's runtime
+environment is returned by the job server to every client (`list_jobs`) and written to the
+cluster's runtime-env agent log, so the cluster's own identity (an instance role, a Kubernetes
+service account) reaches storage. `--pass-env NAMES` forwards variables all the same, with a
+warning that says where they become readable.
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ from typing import Optional
 
 from aevb_dist.config import Config, absolute_local_uris, to_yaml
 from aevb_dist.console import say
+from aevb_dist.ray_runtime import AUTH_HELP, cluster_auth_token
+from aevb_dist.storage import s3_endpoint
 
-# Credentials and endpoints a job needs to reach cloud storage; values are never printed.
-PASS_THROUGH_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                    "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS")
 REQUIREMENTS = ("torch", "pyarrow", "fsspec", "omegaconf", "numpy", "scipy", "s3fs", "tensorboard", "matplotlib")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -42,33 +44,50 @@ def pinned_requirements() -> list[str]:
     return pins
 
 
-def runtime_env(working_dir: str, *, pip: bool) -> dict:
+def runtime_env(working_dir: str, *, pip: bool, pass_env: tuple[str, ...] = ()) -> dict:
+    """The job's runtime environment: its files, and only the variables named in `pass_env`."""
     package_dir = os.path.dirname(os.path.abspath(__file__))
-    env = {"working_dir": working_dir, "py_modules": [package_dir],
-           "env_vars": {k: os.environ[k] for k in PASS_THROUGH_ENV if os.environ.get(k)}}
+    env: dict = {"working_dir": working_dir, "py_modules": [package_dir]}
+    missing = [name for name in pass_env if name not in os.environ]
+    if missing:
+        raise ValueError(f"--pass-env names {', '.join(missing)}, not set in this shell")
+    if pass_env:
+        say(f"warning: --pass-env puts {', '.join(pass_env)} into the job's metadata: every client of the job "
+            "server can read it (`aevb-dist jobs list`, Ray's list_jobs) and the cluster's runtime-env agent "
+            "logs it. Prefer the cluster's own identity (instance role, service account)")
+        env["env_vars"] = {name: os.environ[name] for name in pass_env}
     if pip:
         env["pip"] = pinned_requirements()
     return env
 
 
 def _client(address: Optional[str]):
+    """A job-server client that sends the cluster's token (Ray's client sends it only when
+    RAY_AUTH_MODE=token is set), unless RAY_AUTH_MODE=disabled."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     url = job_address(address)
+    token = cluster_auth_token() if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled" else None
     try:
-        return JobSubmissionClient(url)
+        return JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"} if token else None)
+    except AuthenticationError:
+        sent = "the token it was sent is not the cluster's" if token else "no token was found to send"
+        raise ValueError(f"the Ray job server at {url} refused authentication ({sent}); {AUTH_HELP}") from None
     except Exception as err:  # ConnectionError and friends, from requests or Ray
         raise ValueError(f"cannot reach the Ray job server at {url} ({type(err).__name__}); start a head "
                          "(`ray start --head`) or pass --address http://HEAD:8265") from None
 
 
 def submit(cfg: Config, *, address: Optional[str] = None, entrypoint: Optional[str] = None, wait: bool = True,
-           pip: bool = False) -> tuple[str, int]:
+           pip: bool = False, pass_env: tuple[str, ...] = ()) -> tuple[str, int]:
     """Submit a job; returns (job id, exit status: 0 when it succeeded or when not waiting)."""
     if cfg.ray.local_mode and entrypoint is None:
         raise ValueError("ray.local_mode=true trains outside Ray, on the machine that runs it; a submitted job "
                          "would bypass the cluster's scheduling. Submit with ray.local_mode=false")
     cfg = absolute_local_uris(cfg)  # a local head shares this machine's paths
+    # An endpoint set in this shell ($AWS_ENDPOINT_URL...) travels in the config: it is no secret.
+    cfg.run.s3_endpoint_url = s3_endpoint(cfg.run.s3_endpoint_url)
     client = _client(address)
     with tempfile.TemporaryDirectory(prefix="aevb-job-") as working_dir:
         with open(os.path.join(working_dir, "config.yaml"), "w") as f:
@@ -76,7 +95,7 @@ def submit(cfg: Config, *, address: Optional[str] = None, entrypoint: Optional[s
         args = ["train", "config.yaml"] if entrypoint is None else shlex.split(entrypoint)
         job_id = _submit_with_retry(
             client, entrypoint="python -m aevb_dist " + " ".join(shlex.quote(a) for a in args),
-            runtime_env=runtime_env(working_dir, pip=pip),
+            runtime_env=runtime_env(working_dir, pip=pip, pass_env=pass_env),
             submission_id=f"aevb-{cfg.run.name}-{uuid.uuid4().hex[:8]}",
             metadata={"aevb.run_name": cfg.run.name})
     print(job_id, flush=True)

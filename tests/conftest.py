@@ -1,8 +1,10 @@
 import os
+import secrets
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -16,7 +18,6 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "aevb-test-key")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "aevb-test-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway loopback cluster
 
 
 @pytest.fixture(scope="session")
@@ -64,14 +65,27 @@ def s3_endpoint():
     proc.wait(timeout=10)
 
 
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # the job server, http://127.0.0.1:PORT
+    env: dict  # what a client on this machine has: HOME holds the head's token, as `ray start` left it
+    temp_dir: str  # the head's session folder, logs included
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
-    """A real Ray head (`ray start --head --block`) on 127.0.0.1 with its job server; stopped afterwards."""
+    """A real Ray head (`ray start --head --block`) on 127.0.0.1 with its job server and token
+    authentication on, as a default head runs where a token exists (~/.ray/auth_token). Its HOME is a
+    folder of its own, so this machine's token is left alone; clients get the same HOME. Stopped afterwards."""
     import requests
 
+    home = tmp_path_factory.mktemp("rayhome")
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    temp_dir = str(tmp_path_factory.mktemp("rayhead"))
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["HOME"] = str(home)
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")  # the ray of this interpreter
     proc = subprocess.Popen([ray_cli if os.path.exists(ray_cli) else "ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
@@ -80,20 +94,21 @@ def ray_head(tmp_path_factory):
                              # test's Ray; a head whose agent cannot bind answers every job "No available agent".
                              f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                              f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-                             f"--ray-client-server-port={free_port()}",
-                             f"--temp-dir={tmp_path_factory.mktemp('rayhead')}"],
+                             f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     address = f"http://127.0.0.1:{dashboard}"
+    token = (home / ".ray" / "auth_token").read_text()
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
-            if requests.get(f"{address}/api/version", timeout=1).ok:
+            if requests.get(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=1).ok:
                 break
         except requests.RequestException:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     else:
         proc.terminate()
         raise RuntimeError("the Ray head did not start")
-    yield address
+    yield RayHead(address, {"HOME": str(home)}, temp_dir)
     proc.terminate()
     proc.wait(timeout=60)

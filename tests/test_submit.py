@@ -1,6 +1,7 @@
-"""`aevb-dist submit` and `aevb-dist jobs` against a real Ray head on 127.0.0.1."""
+"""`aevb-dist submit` and `aevb-dist jobs` against a real Ray head on 127.0.0.1, with token authentication on."""
 
 import os
+import secrets
 
 import pytest
 
@@ -11,14 +12,15 @@ from tests.helpers import SMOKE, tiny_overrides
 pytestmark = pytest.mark.slow  # a real Ray head and its job server
 
 
-def aevb(*args, timeout=600):
-    return helpers.aevb(*args, env={"RAY_AUTH_MODE": "disabled"}, timeout=timeout)
+def aevb(head, *args, env=None, timeout=600):
+    """The command as a user on the head's machine runs it: the token where `ray start` left it."""
+    return helpers.aevb(*args, env={**head.env, **(env or {})}, timeout=timeout)
 
 
 def test_submitted_training_succeeds_and_resubmission_resumes(ray_head, tiny_data, tmp_path):
     args = ["submit", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 2}),
-            "run.name=job", "--address", ray_head]
-    first = aevb(*args, "train.max_steps=6")
+            "run.name=job", "--address", ray_head.address]
+    first = aevb(ray_head, *args, "train.max_steps=6")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     job_id = first.stdout.splitlines()[0]
     assert job_id.startswith("aevb-job-") and "SUCCEEDED" in first.stderr
@@ -26,34 +28,73 @@ def test_submitted_training_succeeds_and_resubmission_resumes(ray_head, tiny_dat
     assert "joining the Ray cluster at $RAY_ADDRESS=" in first.stdout  # said, not silent
     fs, path = storage.resolve(f"{tmp_path}/job")
     assert checkpoint.manifest_step(fs, checkpoint.latest(fs, path)) == 6
-    second = aevb(*args, "train.max_steps=10")
+    second = aevb(ray_head, *args, "train.max_steps=10")
     assert second.returncode == 0 and "resuming job from checkpoint_0000000006" in second.stdout
     assert checkpoint.manifest_step(fs, checkpoint.latest(fs, path)) == 10
-    status = aevb("jobs", "status", job_id, "--address", ray_head)
+    status = aevb(ray_head, "jobs", "status", job_id, "--address", ray_head.address)
     assert status.returncode == 0 and "SUCCEEDED" in status.stderr
-    logs = aevb("jobs", "logs", job_id, "--address", ray_head)
+    logs = aevb(ray_head, "jobs", "logs", job_id, "--address", ray_head.address)
     assert "step 6/6" in logs.stdout
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in first.stdout + first.stderr + logs.stdout
 
 
 def test_bad_config_is_rejected_before_submission(ray_head):
-    before = aevb("jobs", "list", "--address", ray_head).stdout
-    proc = aevb("submit", SMOKE, "train.bogus=1", "--address", ray_head)
+    before = aevb(ray_head, "jobs", "list", "--address", ray_head.address).stdout
+    proc = aevb(ray_head, "submit", SMOKE, "train.bogus=1", "--address", ray_head.address)
     assert proc.returncode == 2 and "unknown config key 'train.bogus'" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = aevb("submit", SMOKE, "ray.local_mode=true", "--address", ray_head)
+    proc = aevb(ray_head, "submit", SMOKE, "ray.local_mode=true", "--address", ray_head.address)
     assert proc.returncode == 2 and "Submit with ray.local_mode=false" in proc.stderr
-    assert aevb("jobs", "list", "--address", ray_head).stdout == before
+    assert aevb(ray_head, "jobs", "list", "--address", ray_head.address).stdout == before
 
 
 def test_failed_job_reports_failed_and_a_nonzero_exit(ray_head, tiny_data, tmp_path):
-    proc = aevb("submit", SMOKE, *tiny_overrides(tiny_data, str(tmp_path)), f"data.train_uri={tmp_path}/missing",
-                "run.name=fails", "--address", ray_head)
+    proc = aevb(ray_head, "submit", SMOKE, *tiny_overrides(tiny_data, str(tmp_path)), f"data.train_uri={tmp_path}/missing",
+                "run.name=fails", "--address", ray_head.address)
     assert proc.returncode == 1
     assert "FAILED" in proc.stderr and "dataset not found" in proc.stdout
 
 
 def test_unreachable_job_server_is_one_line():
-    proc = aevb("submit", SMOKE, "--address", "http://127.0.0.1:9", timeout=120)
+    proc = helpers.aevb("submit", SMOKE, "--address", "http://127.0.0.1:9", timeout=120)
     assert proc.returncode == 2 and "cannot reach the Ray job server" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_or_wrong_token_is_refused_in_one_line_saying_how_to_get_it(ray_head, tmp_path):
+    for env, why in (({"RAY_AUTH_TOKEN": "not-the-token"}, "the token it was sent is not the cluster's"),
+                     ({"HOME": str(tmp_path)}, "no token was found to send")):
+        proc = aevb(ray_head, "jobs", "list", "--address", ray_head.address, env=env, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and "refused authentication" in errors[0] and why in errors[0], proc.stderr
+        assert "ray get-auth-token" in errors[0]
+
+
+def test_no_secret_reaches_the_cluster_by_default(ray_head, tiny_data, tmp_path):
+    """A secret in the submitting shell stays there: not in the job's metadata (list_jobs), its logs, the
+    cluster's session logs, the run folder or the command's output."""
+    from ray.job_submission import JobSubmissionClient
+
+    secret = f"planted-{secrets.token_hex(8)}"
+    proc = aevb(ray_head, "submit", SMOKE, *tiny_overrides(tiny_data, str(tmp_path)), "run.name=secret",
+                "train.max_steps=2", "--address", ray_head.address, env={"AWS_SECRET_ACCESS_KEY": secret})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    job_id = proc.stdout.splitlines()[0]
+    token = open(os.path.join(ray_head.env["HOME"], ".ray", "auth_token")).read()
+    client = JobSubmissionClient(ray_head.address, headers={"Authorization": f"Bearer {token}"})
+    seen = [proc.stdout, proc.stderr, repr(client.list_jobs()), client.get_job_logs(job_id)]
+    for folder in (ray_head.temp_dir, str(tmp_path)):
+        for root, _, files in os.walk(folder):
+            for name in files:
+                try:
+                    with open(os.path.join(root, name), "rb") as f:
+                        seen.append(f.read().decode(errors="replace"))
+                except OSError:  # sockets and files that vanish while we look
+                    continue
+    assert len(seen) > 10 and not [text for text in seen if secret in text]
+    forwarded = aevb(ray_head, "submit", SMOKE, "--entrypoint=--version", "--address", ray_head.address,
+                     "--pass-env", "AWS_SECRET_ACCESS_KEY", env={"AWS_SECRET_ACCESS_KEY": secret})
+    assert forwarded.returncode == 0, forwarded.stderr[-2000:]
+    assert "warning: --pass-env puts AWS_SECRET_ACCESS_KEY into the job's metadata" in forwarded.stderr
+    assert secret in repr(client.list_jobs())  # what the warning is about: opting in exposes it

@@ -76,7 +76,7 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
     _check_evaluate_args(num_importance_samples, num_workers, estimator, num_steps, num_leapfrog)
     data_uri = absolute_uri(data_uri)
     state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
-    vae, saved = model_from_bytes(state_bytes)
+    vae, saved = model_from_bytes(state_bytes, folder)
     dataset = _open(data_uri, vae, endpoint_url)
     if estimator == "is" and vae.posterior.support != "real":
         say(f"warning: q(z|x) is {vae.posterior.name}, supported on the {vae.posterior.support} values only, while "
@@ -134,8 +134,8 @@ def encode(checkpoint_uri: str, data_uri: str, output_uri: str, *, num_workers: 
     if storage.scheme_of(output_uri) == "memory":
         raise ValueError("OUTPUT_URI=memory://... is private to one process; Ray tasks cannot write there")
     data_uri, output_uri = absolute_uri(data_uri), absolute_uri(output_uri)
-    state_bytes, _ = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
-    vae, saved = model_from_bytes(state_bytes)
+    state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
+    vae, saved = model_from_bytes(state_bytes, folder)
     dataset = _open(data_uri, vae, endpoint_url)
     fs, root = storage.resolve(output_uri, endpoint_url)
     if fs.exists(root) and fs.ls(root) and not overwrite:

@@ -113,8 +113,8 @@ def plot_run(run_uri: str, output_uri: Optional[str] = None, *, endpoint_url: Op
     rows = read_metrics(fs, f"{path}/metrics.csv")
     if not rows:
         raise ValueError(f"{run_uri}: no metrics.csv rows; is this a run folder made by `aevb-dist train`?")
-    state_bytes, _ = load_checkpoint_bytes(run_uri, endpoint_url)
-    vae, saved = model_from_bytes(state_bytes)
+    state_bytes, folder = load_checkpoint_bytes(run_uri, endpoint_url)
+    vae, saved = model_from_bytes(state_bytes, folder)
     shape = saved.get("image_shape") or [vae.input_dim]
     out_uri = output_uri or storage.join(run_uri, "plots")
     name = run_uri.rstrip("/").rsplit("/", 1)[-1]
