@@ -82,6 +82,8 @@ class RunConfig:
     storage_uri: str = "./runs"
     # S3-compatible endpoint (MinIO, moto, Ceph...). Credentials come from the environment.
     s3_endpoint_url: Optional[str] = None
+    # One writer per run: a run whose lease heartbeat is older than this is taken over (a killed driver).
+    lease_timeout_s: float = 60.0
 
 
 @dataclass
@@ -258,6 +260,7 @@ def validate(cfg: Config) -> None:
         raise ValueError("train.estimator=iwae needs train.num_latent_samples >= 1 importance samples")
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    _positive("run.lease_timeout_s", cfg.run.lease_timeout_s)
     if not cfg.run.name or "/" in cfg.run.name:
         raise ValueError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
     check_uri("run.storage_uri", cfg.run.storage_uri)

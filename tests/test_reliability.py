@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import psutil
@@ -51,7 +52,7 @@ def test_a_killed_worker_costs_at_most_one_checkpoint_interval(request, tiny_dat
 @pytest.mark.parametrize("local_mode", [False, True])
 def test_a_killed_driver_resumes_from_the_latest_complete_checkpoint(tiny_data, tmp_path, local_mode):
     args = ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2}),
-            "run.name=driver", f"ray.local_mode={str(local_mode).lower()}"]
+            "run.name=driver", f"ray.local_mode={str(local_mode).lower()}", "run.lease_timeout_s=5"]
     driver = subprocess.Popen([sys.executable, "-m", "aevb_dist", *args], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     fs, path = storage.resolve(f"{tmp_path}/driver")
@@ -70,8 +71,10 @@ def test_a_killed_driver_resumes_from_the_latest_complete_checkpoint(tiny_data, 
     assert not alive, [p.cmdline()[:1] for p in alive]
     saved = checkpoint.manifest_step(fs, checkpoint.latest(fs, path))
     assert 100 <= saved < 600
+    time.sleep(5)  # the killed driver's lease goes stale (run.lease_timeout_s) and is taken over
     again = aevb(*args, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "taking over" in again.stderr and "whose heartbeat stopped" in again.stderr
     assert f"resuming driver from checkpoint_{saved:010d}" in again.stderr
     assert checkpoint.manifest_step(fs, checkpoint.latest(fs, path)) == 600
     check_metrics_contiguous(f"{tmp_path}/driver", 10, 600)

@@ -6,6 +6,7 @@ and `run.name` continues from the newest complete checkpoint in the run folder.
 
 from __future__ import annotations
 
+import _thread
 import sys
 import threading
 from typing import Optional
@@ -13,6 +14,7 @@ from typing import Optional
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml
 from aevb_dist.console import first_line, say
+from aevb_dist.run_lease import LeaseHeld, RunLease
 from aevb_dist.run_log import MetricsTail, progress_line, read_metrics
 from aevb_dist.train.local_launcher import launch_local
 from aevb_dist.train.ray_launcher import launch_on_ray
@@ -27,13 +29,16 @@ def train(cfg: Config) -> dict:
         raise ValueError("run.storage_uri=memory://... is private to one process; workers cannot share it. "
                          "Use a local path or s3://")
     run = storage.run_folder(cfg.run)
-    _prepare_run_folder(cfg, run)
-    steps = total_steps(train_data, cfg, cfg.train.num_workers)
-    start_step = _announce_resume(cfg, run, steps)
-    if start_step < steps:
-        launch = launch_local if cfg.ray.local_mode else launch_on_ray
-        with ProgressPrinter(run, steps, start_step):
-            launch(cfg, run, train_data.num_rows)
+    lease = _claim_run_folder(cfg, run)
+    try:
+        steps = total_steps(train_data, cfg, cfg.train.num_workers)
+        start_step = _announce_resume(cfg, run, steps)
+        if start_step < steps:
+            launch = launch_local if cfg.ray.local_mode else launch_on_ray
+            with ProgressPrinter(run, steps, start_step):
+                launch(cfg, run, train_data.num_rows)
+    finally:
+        lease.release()
     rows = read_metrics(run.fs, run.file("metrics.csv"))
     last = rows[-1] if rows else {}
     if start_step < steps:
@@ -41,16 +46,36 @@ def train(cfg: Config) -> dict:
     return last
 
 
-def _prepare_run_folder(cfg: Config, run: storage.Folder) -> None:
+def _stop_main_thread(reason: str) -> None:
+    """The lease was lost (another driver took the run over): stop training, as Ctrl-C would."""
+    say(reason)
+    _thread.interrupt_main()
+
+
+def _claim_run_folder(cfg: Config, run: storage.Folder) -> RunLease:
+    """The run's lease (one writer per run), then its config.yaml; storage errors are one line."""
+    try:
+        lease = RunLease(run, cfg.run.lease_timeout_s, on_lost=_stop_main_thread)
+        lease.acquire()
+    except LeaseHeld:
+        raise
+    except Exception as err:
+        raise _storage_error(cfg, err) from None
     try:
         run.fs.makedirs(run.path, exist_ok=True)
         run.fs.pipe_file(run.file("config.yaml"), to_yaml(cfg).encode())
-    except (OSError, PermissionError) as err:
-        raise ValueError(f"cannot write to run.storage_uri {cfg.run.storage_uri}: "
-                         f"{type(err).__name__}: {first_line(err)}") from None
-    except Exception as err:  # botocore's endpoint and credential errors have no common base we import
-        raise ValueError(f"cannot reach run.storage_uri {cfg.run.storage_uri}: "
-                         f"{type(err).__name__}: {first_line(err)}") from None
+    except Exception as err:
+        lease.release()
+        raise _storage_error(cfg, err) from None
+    return lease
+
+
+def _storage_error(cfg: Config, err: Exception) -> ValueError:
+    if isinstance(err, OSError):  # PermissionError included
+        return ValueError(f"cannot write to run.storage_uri {cfg.run.storage_uri}: "
+                          f"{type(err).__name__}: {first_line(err)}")
+    # botocore's endpoint and credential errors have no common base we import
+    return ValueError(f"cannot reach run.storage_uri {cfg.run.storage_uri}: {type(err).__name__}: {first_line(err)}")
 
 
 def _announce_resume(cfg: Config, run: storage.Folder, steps: int) -> int:
