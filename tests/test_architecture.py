@@ -18,7 +18,7 @@ PACKAGE = os.path.join(REPO, "aevb_dist")
 LAYERS = {
     "names": 0, "uri": 0, "console": 0, "config": 0, "storage": 0, "ray_runtime": 0,
     "model": 1, "data": 1,
-    "checkpoint": 2, "run_log": 2,
+    "checkpoint": 2, "run_log": 2, "run_lease": 2,
     "train": 3, "eval": 3,
     "submit": 4, "quickstart": 4,
     "cli": 5, "__main__": 6,
