@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 
 from aevb_dist import names, storage
 from aevb_dist.data import sources
-from aevb_dist.data.schema import INDEX, LABEL, META_RANGE, META_SHAPE, META_SOURCE, PIXELS
+from aevb_dist.data.schema import (INDEX, LABEL, META_CHECKSUM, META_RANGE, META_SHAPE, META_SOURCE, PIXELS,
+                                   metadata_checksum)
 
 FORMATS = names.DATASET_FORMATS
 
@@ -106,14 +107,15 @@ def _write_split(fs, folder: str, name: str, split: sources.Split, fmt: str, num
                  rows_per_row_group: int, report: Callable[[str], None]) -> int:
     n = split.images.shape[0]
     lo, hi = value_range(split.images, f"{name} split")
-    metadata = {META_SHAPE: json.dumps(list(split.images.shape[1:])).encode(),
-                META_RANGE: json.dumps([lo, hi]).encode(), META_SOURCE: fmt.encode()}
+    shape, value_range_json = json.dumps(list(split.images.shape[1:])).encode(), json.dumps([lo, hi]).encode()
+    metadata = {META_SHAPE: shape, META_RANGE: value_range_json, META_SOURCE: fmt.encode(),
+                META_CHECKSUM: metadata_checksum(shape, value_range_json)}
     fs.makedirs(folder, exist_ok=True)
     bounds = np.linspace(0, n, min(num_shards, n) + 1).astype(int)
     for shard, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
         table = _table(split, slice(start, stop), metadata)
         with fs.open(f"{folder}/part-{shard:05d}.parquet", "wb") as f:
-            pq.write_table(table, f, row_group_size=rows_per_row_group)
+            pq.write_table(table, f, row_group_size=rows_per_row_group, write_page_checksum=True)
         report(f"prepare: {name} shard {shard + 1}/{len(bounds) - 1} written ({stop:,}/{n:,} rows)")
     return n
 

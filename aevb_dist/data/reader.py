@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 
 from aevb_dist import storage
 from aevb_dist.data.binarization import binarize, binarize_bytes
-from aevb_dist.data.schema import INDEX, LABEL, META_RANGE, META_SHAPE, PIXELS, Batch
+from aevb_dist.console import first_line
+from aevb_dist.data.schema import INDEX, LABEL, META_CHECKSUM, META_RANGE, META_SHAPE, PIXELS, Batch, metadata_checksum
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,9 @@ class ParquetDataset:
         try:
             with self.fs.open(path, "rb") as f:
                 meta = pq.ParquetFile(f).metadata
-        except (pa.ArrowInvalid, OSError) as err:
-            raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
-        schema = meta.schema.to_arrow_schema()
+            schema = meta.schema.to_arrow_schema()
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"{path}: not a readable Parquet file ({first_line(err)})") from None
         if PIXELS not in schema.names or INDEX not in schema.names:
             raise ValueError(f"{path}: needs columns '{PIXELS}' and '{INDEX}', found {', '.join(schema.names)}")
         pix = schema.field(PIXELS).type
@@ -81,17 +82,30 @@ class ParquetDataset:
         if self.dim is not None and dim != self.dim:
             raise ValueError(f"{path}: width {dim} differs from the other files' width {self.dim}")
         md = schema.metadata or {}
+        if META_CHECKSUM in md and md[META_CHECKSUM] != metadata_checksum(md.get(META_SHAPE, b""), md.get(META_RANGE, b"")):
+            raise ValueError(f"{path}: its metadata (image shape, value range) does not match its checksum: "
+                             "the file is corrupted; prepare it again")
         self.dim = dim
-        self.shape = json.loads(md[META_SHAPE]) if META_SHAPE in md else [dim]
-        self.value_range = tuple(json.loads(md[META_RANGE])) if META_RANGE in md else (0.0, 1.0)
+        try:
+            self.shape = json.loads(md[META_SHAPE]) if META_SHAPE in md else [dim]
+            self.value_range = tuple(json.loads(md[META_RANGE])) if META_RANGE in md else (0.0, 1.0)
+        except ValueError:
+            raise ValueError(f"{path}: its metadata (image shape, value range) is not readable JSON") from None
         self.has_label = self.has_label and LABEL in schema.names
         self.units += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
 
     def read_raw(self, unit: RowGroup) -> Batch:
         """One row group as stored (uint8 or float), checked against the declared range."""
         columns = [PIXELS, INDEX] + ([LABEL] if self.has_label else [])
-        with self.fs.open(unit.path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns)
+        try:
+            with self.fs.open(unit.path, "rb") as f:  # pages written with checksums are verified
+                table = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(unit.row_group,
+                                                                                         columns=columns)
+            if table.num_rows != unit.num_rows:
+                raise OSError(f"{table.num_rows} rows read, {unit.num_rows} in the footer")
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"{unit.path} row group {unit.row_group}: unreadable, the file is corrupted "
+                             f"({first_line(err)})") from None
         pixels = table.column(PIXELS).combine_chunks()
         if pa.types.is_fixed_size_binary(pixels.type):
             data = pixels.buffers()[1]

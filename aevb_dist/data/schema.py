@@ -6,11 +6,15 @@ Each file holds
           faster than a list of D numbers with their repetition levels (benchmarks/reader.py).
   index   int64                                 the example's position in the source split
   label   int64                                 where the source has labels
-and in the schema metadata the image shape and the value range the reader scales to [0, 1].
+and in the schema metadata the image shape and the value range the reader scales to [0, 1], with a
+checksum of the two. Parquet's footer has no checksum of its own, and a flipped byte in the range
+would silently rescale every pixel; pages carry CRC32 checksums (`write_page_checksum`) that the
+reader verifies, so a flipped byte in the data is an error, never a wrong pixel.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +22,12 @@ import numpy as np
 
 PIXELS, INDEX, LABEL = "pixels", "index", "label"
 META_SHAPE, META_RANGE, META_SOURCE = b"aevb.shape", b"aevb.value_range", b"aevb.source"
+META_CHECKSUM = b"aevb.metadata_sha256"
+
+
+def metadata_checksum(shape: bytes, value_range: bytes) -> bytes:
+    """The checksum stored beside the shape and range (their JSON bytes as written)."""
+    return hashlib.sha256(shape + b"\0" + value_range).hexdigest().encode()
 
 
 @dataclass
