@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from aevb_dist import storage
 from aevb_dist.data.binarization import binarize, binarize_bytes
 from aevb_dist.console import first_line
-from aevb_dist.data.schema import INDEX, LABEL, META_CHECKSUM, META_RANGE, META_SHAPE, PIXELS, Batch, metadata_checksum
+from aevb_dist.data.schema import (INDEX, LABEL, META_CHECKSUM, META_RANGE, META_SHAPE, PIXELS, Batch,
+                                   metadata_checksum)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class ParquetDataset:
         if self.dim is not None and dim != self.dim:
             raise ValueError(f"{path}: width {dim} differs from the other files' width {self.dim}")
         md = schema.metadata or {}
-        if META_CHECKSUM in md and md[META_CHECKSUM] != metadata_checksum(md.get(META_SHAPE, b""), md.get(META_RANGE, b"")):
+        expected = metadata_checksum(md.get(META_SHAPE, b""), md.get(META_RANGE, b""))
+        if META_CHECKSUM in md and md[META_CHECKSUM] != expected:
             raise ValueError(f"{path}: its metadata (image shape, value range) does not match its checksum: "
                              "the file is corrupted; prepare it again")
         self.dim = dim
