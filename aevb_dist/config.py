@@ -84,6 +84,9 @@ class RunConfig:
     s3_endpoint_url: Optional[str] = None
     # One writer per run: a run whose lease heartbeat is older than this is taken over (a killed driver).
     lease_timeout_s: float = 60.0
+    # Writes to the run folder (checkpoints, metrics) are retried with backoff for this long, then the run
+    # stops naming the storage error (its last verified checkpoint stays; a rerun resumes from it).
+    storage_retry_s: float = 300.0
 
 
 @dataclass
@@ -261,6 +264,7 @@ def validate(cfg: Config) -> None:
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     _positive("run.lease_timeout_s", cfg.run.lease_timeout_s)
+    _positive("run.storage_retry_s", cfg.run.storage_retry_s)
     if not cfg.run.name or "/" in cfg.run.name:
         raise ValueError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
     check_uri("run.storage_uri", cfg.run.storage_uri)

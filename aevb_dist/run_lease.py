@@ -166,7 +166,10 @@ class RunLease:
         if self._thread is not None:
             self._thread.join()
         if self._version is not None:
-            self._file.delete_if(self._version)
+            try:
+                self._file.delete_if(self._version)
+            except Exception as err:  # storage down: the lease goes stale and is taken over later
+                say(f"warning: could not release the lease of {self.run.uri}: {type(err).__name__}")
             self._version = None
 
     def __enter__(self) -> "RunLease":

@@ -46,7 +46,8 @@ def _csv_text(rows: list[dict], header: bool = False) -> str:
 
 
 class RunLog:
-    def __init__(self, run: storage.Folder, *, resume_step: int, total_steps: int, upload_interval_s: float = 10.0):
+    def __init__(self, run: storage.Folder, *, resume_step: int, total_steps: int, upload_interval_s: float = 10.0,
+                 retry_s: float = 300.0):
         self.fs, self.path = run.fs, run.path
         self.fs.makedirs(self.path, exist_ok=True)
         self.total_steps = total_steps
@@ -55,7 +56,7 @@ class RunLog:
         self._text = io.StringIO()
         self._text.write(_csv_text(kept, header=True))  # (a StringIO given its text would write over it)
         self._on_local_disk = storage.is_local(self.fs)  # append in place; else upload the whole file
-        self.upload_interval_s, self._uploaded_at = upload_interval_s, 0.0
+        self.upload_interval_s, self._uploaded_at, self.retry_s = upload_interval_s, 0.0, retry_s
         self._upload()  # once whole: drops the rows after the resumed step
         self._tb_dir = f"{self.path}/tensorboard" if self._on_local_disk else tempfile.mkdtemp(prefix="aevb-tb-")
         self._tb = _summary_writer(self._tb_dir, purge_step=resume_step + 1)
@@ -66,8 +67,9 @@ class RunLog:
             with open(f"{self.metrics_path}.tmp", "wb") as f:
                 f.write(data)
             os.replace(f"{self.metrics_path}.tmp", self.metrics_path)
-        else:
-            self.fs.pipe_file(self.metrics_path, data)
+        else:  # an outage is waited out (storage.with_retries)
+            storage.with_retries(lambda: self.fs.pipe_file(self.metrics_path, data), "writing metrics.csv",
+                                 self.retry_s)
         self._uploaded_at = time.monotonic()
 
     def append(self, row: dict) -> None:
@@ -91,7 +93,9 @@ class RunLog:
         self._tb.flush()
         if not self._on_local_disk:
             for name in os.listdir(self._tb_dir):
-                self.fs.put_file(os.path.join(self._tb_dir, name), f"{self.path}/tensorboard/{name}")
+                storage.with_retries(lambda: self.fs.put_file(os.path.join(self._tb_dir, name),
+                                                              f"{self.path}/tensorboard/{name}"),
+                                     "writing TensorBoard events", self.retry_s)
 
     def close(self) -> None:
         self.flush()

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import fsspec
 import fsspec.implementations.local
 
+from aevb_dist.console import say
 from aevb_dist.uri import check_uri, join, local_path, scheme_of
 
+T = TypeVar("T")
+
 __all__ = ["Folder", "check_uri", "exists", "is_local", "join", "move_tree", "pyarrow_filesystem",
-           "ray_train_storage", "replace_folder", "resolve", "run_folder", "s3_endpoint", "scheme_of"]
+           "ray_train_storage", "replace_folder", "resolve", "run_folder", "s3_endpoint", "scheme_of",
+           "StorageUnavailable", "with_retries"]
 
 
 def s3_endpoint(endpoint_url: Optional[str] = None) -> Optional[str]:
@@ -115,6 +120,33 @@ def replace_folder(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
     finally:
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
+
+
+class StorageUnavailable(ValueError):
+    """Storage stayed unreachable for longer than the configured limit."""
+
+
+def with_retries(action: Callable[[], T], what: str, limit_s: float) -> T:
+    """`action()`, retried with exponential backoff (0.5 s doubling to 8 s) while storage fails, for up to
+    `limit_s` seconds; then StorageUnavailable, one line naming the storage error. A missing file or a
+    refused permission is an answer, not an outage: raised at once."""
+    start, delay, warned = time.monotonic(), 0.5, False
+    while True:
+        try:
+            return action()
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception as err:  # connection refused or reset, timeouts, 5xx: botocore's, s3fs's, the OS's
+            waited = time.monotonic() - start
+            cause = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            if waited >= limit_s:
+                raise StorageUnavailable(f"storage unreachable for {waited:.0f} s while {what} "
+                                         f"(run.storage_retry_s={limit_s:g}): {cause}") from None
+            if not warned:
+                say(f"warning: {what} failed ({cause}); retrying for up to {limit_s:g} s")
+                warned = True
+            time.sleep(min(delay, max(limit_s - waited, 0.0)))
+            delay = min(delay * 2, 8.0)
 
 
 def pyarrow_filesystem(fs: fsspec.AbstractFileSystem):

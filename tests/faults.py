@@ -54,3 +54,70 @@ def capture_errors(errors, fn, *args):
         fn(*args)
     except BaseException as err:  # noqa: BLE001 - reported to the test thread
         errors.append(err)
+
+
+class StorageLink:
+    """A TCP relay on 127.0.0.1 in front of a storage server, that can be cut and restored: the server keeps
+    its state (an in-memory S3 server restarted would lose its buckets), while every client sees what a
+    real outage shows it, connections refused and open ones reset."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+
+        self._socket, self._threading = socket, threading
+        self.target_port = target_port
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._open: list = []
+        self._lock = threading.Lock()
+        self._listener = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = self._socket.socket()
+        listener.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        self._threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        listener.close()
+        with self._lock:
+            for conn in self._open:
+                try:
+                    conn.shutdown(self._socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                conn.close()
+            self._open.clear()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            server = self._socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for conn in (src, dst):
+                try:
+                    conn.close()
+                except OSError:
+                    pass

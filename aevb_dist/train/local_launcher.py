@@ -55,11 +55,14 @@ class WriteToRunFolder:
 
     run: storage.Folder
     keep_last: int
+    retry_s: float  # an outage of the storage is waited out this long (storage.with_retries)
 
     def __call__(self, folder: Optional[str], name: str, metrics: dict) -> None:
         if folder is not None:
-            checkpoint.upload(folder, self.run.fs, self.run.file(name))
-            checkpoint.prune(self.run.fs, self.run.path, self.keep_last)
+            storage.with_retries(lambda: checkpoint.upload(folder, self.run.fs, self.run.file(name)),
+                                 f"writing {name}", self.retry_s)
+            storage.with_retries(lambda: checkpoint.prune(self.run.fs, self.run.path, self.keep_last),
+                                 "pruning old checkpoints", self.retry_s)
 
 
 def launch_local(cfg: Config, run: storage.Folder, num_rows: int) -> None:
@@ -102,7 +105,7 @@ def _worker(spec: WorkerSpec, error_dir: str, driver_pid: int) -> None:
     if not cfg.ray.show_worker_logs:  # "Running in local mode", "Reported metrics" at every report
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     storage_path, storage_fs = storage.ray_train_storage(spec.run)
-    sink = WriteToRunFolder(spec.run, cfg.checkpoint.keep_last)
+    sink = WriteToRunFolder(spec.run, cfg.checkpoint.keep_last, cfg.run.storage_retry_s)
     trainer = TorchTrainer(functools.partial(run_worker, spec, sink), scaling_config=ScalingConfig(num_workers=0),
                            run_config=RunConfig(name=cfg.run.name, storage_path=storage_path,
                                                 storage_filesystem=storage_fs))

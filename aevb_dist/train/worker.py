@@ -53,7 +53,8 @@ def run_worker(spec: WorkerSpec, sink: CheckpointSink) -> None:
         note = trainer.load_state_dict(checkpoint.load(run.fs, newest, map_location=device))
         if note and rank == 0:
             say(f"warning: {note}")
-    log = RunLog(run, resume_step=trainer.state.step, total_steps=trainer.total_steps) if rank == 0 else None
+    log = RunLog(run, resume_step=trainer.state.step, total_steps=trainer.total_steps,
+                 retry_s=cfg.run.storage_retry_s) if rank == 0 else None
     trainer.fit(on_log=log.append if log is not None else lambda row: None,
                 on_checkpoint=lambda state, row: _save(cfg, rank, state, row, log, sink))
     if log is not None:
