@@ -25,11 +25,11 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import select
+import shutil
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Optional
 
 from aevb_dist import checkpoint, storage
@@ -48,21 +48,47 @@ def prestart() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-@dataclass(frozen=True)
 class WriteToRunFolder:
     """The checkpoint sink in local mode (Ray Train's local mode keeps reported checkpoints in memory
-    only): rank 0's folder goes into the run folder, manifest last, and old checkpoints are pruned."""
+    only): rank 0's folder goes into the run folder, manifest last, and old checkpoints are pruned.
 
-    run: storage.Folder
-    keep_last: int
-    retry_s: float  # an outage of the storage is waited out this long (storage.with_retries)
+    The upload runs in a background thread on a copy of the folder, so training goes on while the
+    checkpoint travels (and while a storage outage is waited out, up to `retry_s`); the next checkpoint
+    and the end of the run (`wait`) wait for it, and raise its failure."""
+
+    def __init__(self, run: storage.Folder, keep_last: int, retry_s: float):
+        self.run, self.keep_last, self.retry_s = run, keep_last, retry_s
+        self._upload: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
 
     def __call__(self, folder: Optional[str], name: str, metrics: dict) -> None:
-        if folder is not None:
-            storage.with_retries(lambda: checkpoint.upload(folder, self.run.fs, self.run.file(name)),
-                                 f"writing {name}", self.retry_s)
+        if folder is None:
+            return
+        self.wait()
+        staging = tempfile.mkdtemp(prefix="aevb-upload-")
+        shutil.copytree(folder, os.path.join(staging, name))
+        self._upload = threading.Thread(target=self._write, args=(staging, name), name="aevb-upload", daemon=True)
+        self._upload.start()
+
+    def _write(self, staging: str, name: str) -> None:
+        try:
+            storage.with_retries(lambda: checkpoint.upload(os.path.join(staging, name), self.run.fs,
+                                                           self.run.file(name)), f"writing {name}", self.retry_s)
             storage.with_retries(lambda: checkpoint.prune(self.run.fs, self.run.path, self.keep_last),
                                  "pruning old checkpoints", self.retry_s)
+        except BaseException as err:  # raised in the training thread, by the next call or `wait`
+            self._error = err
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Until the last checkpoint is in the run folder; its upload's failure is raised here."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def launch_local(cfg: Config, run: storage.Folder, num_rows: int) -> None:
@@ -111,6 +137,7 @@ def _worker(spec: WorkerSpec, error_dir: str, driver_pid: int) -> None:
                                                 storage_filesystem=storage_fs))
     try:
         trainer.fit()
+        sink.wait()  # the last checkpoint, uploaded in the background, is in the run folder
     except BaseException as err:
         # The launcher only sees an exit code: leave it the cause in one line, and the user's mistake if any.
         user_error = user_error_in(err)
