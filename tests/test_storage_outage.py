@@ -34,14 +34,20 @@ def saved_step(run: storage.Folder) -> int:
     return checkpoint.manifest_step(run.fs, newest) if newest else 0
 
 
-def test_a_20_second_outage_is_waited_out_and_every_checkpoint_verifies(tiny_data, tmp_path, s3_endpoint):
-    link, args, run = outage_run(tiny_data, tmp_path, s3_endpoint, "short")
+def start_past_a_checkpoint(args: list[str], run: storage.Folder):
+    """`aevb-dist ARGS` started, its stderr collected in `output["err"]` by `reader`, once step 100 is saved."""
     proc = subprocess.Popen([sys.executable, "-m", "aevb_dist", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    output = {}
+    output: dict = {}
     reader = threading.Thread(target=lambda: output.update(err=proc.communicate()[1]), daemon=True)
     reader.start()
     wait_for(lambda: saved_step(run) >= 100, timeout=180)
+    return proc, output, reader
+
+
+def test_a_20_second_outage_is_waited_out_and_every_checkpoint_verifies(tiny_data, tmp_path, s3_endpoint):
+    link, args, run = outage_run(tiny_data, tmp_path, s3_endpoint, "short")
+    proc, output, reader = start_past_a_checkpoint(args, run)
     link.cut()
     time.sleep(20)
     link.restore()
@@ -58,12 +64,7 @@ def test_a_20_second_outage_is_waited_out_and_every_checkpoint_verifies(tiny_dat
 def test_an_outage_past_the_limit_stops_in_one_line_and_the_rerun_resumes(tiny_data, tmp_path, s3_endpoint):
     link, args, run = outage_run(tiny_data, tmp_path, s3_endpoint, "long",
                                  **{"run.storage_retry_s": 4, "run.lease_timeout_s": 4})
-    proc = subprocess.Popen([sys.executable, "-m", "aevb_dist", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    output = {}
-    reader = threading.Thread(target=lambda: output.update(err=proc.communicate()[1]), daemon=True)
-    reader.start()
-    wait_for(lambda: saved_step(run) >= 100, timeout=180)
+    proc, output, reader = start_past_a_checkpoint(args, run)
     link.cut()
     reader.join(timeout=300)
     kept = saved_step(run)
