@@ -34,7 +34,8 @@ class WorkerSpec:
 class CheckpointSink(Protocol):
     def __call__(self, folder: Optional[str], name: str, metrics: dict) -> None:
         """Called by every rank at the same steps (Ray Train's report is a barrier). On rank 0 `folder`
-        is a local folder holding the checkpoint `name`, written by `checkpoint.save`; None elsewhere."""
+        is a local folder holding the checkpoint `name`, written by `checkpoint.save` and removed when the
+        call returns (a sink that uploads later copies it first); None elsewhere."""
 
 
 def run_worker(spec: WorkerSpec, sink: CheckpointSink) -> None:
