@@ -53,7 +53,7 @@ def runtime_env(working_dir: str, *, pip: bool, pass_env: tuple[str, ...] = ()) 
         raise ValueError(f"--pass-env names {', '.join(missing)}, not set in this shell")
     if pass_env:
         say(f"warning: --pass-env puts {', '.join(pass_env)} into the job's metadata: every client of the job "
-            "server can read it (`aevb-dist jobs list`, Ray's list_jobs) and the cluster's runtime-env agent "
+            "server can read it (Ray's list_jobs, the dashboard) and the cluster's runtime-env agent "
             "logs it. Prefer the cluster's own identity (instance role, service account)")
         env["env_vars"] = {name: os.environ[name] for name in pass_env}
     if pip:
