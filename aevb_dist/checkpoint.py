@@ -48,28 +48,39 @@ def _read(fs, path: str) -> Optional[bytes]:
         return None
 
 
-def verify(fs, folder: str) -> Optional[str]:
-    """None when `folder` (on fsspec filesystem `fs`) is a complete checkpoint, else why not."""
+def _verified_payload(fs, folder: str) -> tuple[Optional[bytes], Optional[str]]:
+    """(the payload the manifest vouches for, None), or (None, why `folder` is not a complete checkpoint):
+    one read of each file, so a load does not download the state twice."""
     raw = _read(fs, f"{folder}/{MANIFEST}")
     try:
         manifest = json.loads(raw) if raw is not None else None
     except ValueError:
         manifest = None
     if not isinstance(manifest, dict) or "sha256" not in manifest:
-        return "no readable manifest.json (an incomplete write)"
+        return None, "no readable manifest.json (an incomplete write)"
     payload = _read(fs, f"{folder}/{manifest.get('file', STATE)}")
     if payload is None:
-        return f"{manifest.get('file')} is missing"
+        return None, f"{manifest.get('file')} is missing"
     if len(payload) != manifest["size"] or hashlib.sha256(payload).hexdigest() != manifest["sha256"]:
-        return f"{manifest['file']} does not match its checksum (a partial or corrupted write)"
-    return None
+        return None, f"{manifest['file']} does not match its checksum (a partial or corrupted write)"
+    return payload, None
+
+
+def verify(fs, folder: str) -> Optional[str]:
+    """None when `folder` (on fsspec filesystem `fs`) is a complete checkpoint, else why not."""
+    return _verified_payload(fs, folder)[1]
+
+
+def verified_state_bytes(fs, folder: str, where: Optional[str] = None) -> bytes:
+    """`state.pt`'s bytes, checked against the manifest; a ValueError naming `where` (or the folder) if not."""
+    payload, problem = _verified_payload(fs, folder)
+    if problem:
+        raise ValueError(f"checkpoint {where or folder} is not usable: {problem}")
+    return payload
 
 
 def load(fs, folder: str, map_location: str = "cpu") -> dict:
-    problem = verify(fs, folder)
-    if problem:
-        raise ValueError(f"checkpoint {folder} is not usable: {problem}")
-    return unpickle_state(fs.cat_file(f"{folder}/{STATE}"), folder, map_location)
+    return unpickle_state(verified_state_bytes(fs, folder), folder, map_location)
 
 
 def unpickle_state(state_bytes: bytes, where: str, map_location: str = "cpu") -> dict:
@@ -155,10 +166,7 @@ def find_checkpoint(uri: str, endpoint_url: Optional[str] = None) -> tuple[objec
 def load_checkpoint_bytes(uri: str, endpoint_url: Optional[str] = None) -> tuple[bytes, str]:
     """The verified bytes of `state.pt` (small enough to ship to Ray tasks whole) and its folder."""
     fs, folder = find_checkpoint(uri, endpoint_url)
-    problem = verify(fs, folder)
-    if problem:
-        raise ValueError(f"checkpoint {uri} is not usable: {problem}")
-    return fs.cat_file(f"{folder}/{STATE}"), folder
+    return verified_state_bytes(fs, folder, uri), folder
 
 
 def model_from_bytes(state_bytes: bytes, where: str = "") -> tuple[VAE, dict]:

@@ -22,7 +22,7 @@ import uuid
 from typing import Callable, Optional
 
 from aevb_dist import storage
-from aevb_dist.console import say
+from aevb_dist.console import first_line, say
 
 LEASE = "lease.json"
 
@@ -153,7 +153,7 @@ class RunLease:
             try:
                 version = self._file.write_if(self._record(), self._version)
             except Exception as err:  # a storage hiccup: the next beat tries again, well within the timeout
-                say(f"warning: could not renew the lease of {self.run.uri}: {type(err).__name__}: {err}")
+                say(f"warning: could not renew the lease of {self.run.uri}: {type(err).__name__}: {first_line(err)}")
                 continue
             if version is None:
                 if self.on_lost is not None:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, TypeVar
 import fsspec
 import fsspec.implementations.local
 
-from aevb_dist.console import say
+from aevb_dist.console import first_line, say
 from aevb_dist.uri import check_uri, join, local_path, scheme_of
 
 T = TypeVar("T")
@@ -75,9 +75,6 @@ class Folder:
     def file(self, name: str) -> str:
         """The path (inside `fs`) of `name` in this folder."""
         return f"{self.path}/{name}"
-
-    def child(self, name: str) -> "Folder":
-        return Folder(join(self.uri, name), self.fs, self.file(name))
 
 
 def run_folder(run_cfg) -> Folder:
@@ -138,7 +135,7 @@ def with_retries(action: Callable[[], T], what: str, limit_s: float) -> T:
             raise
         except Exception as err:  # connection refused or reset, timeouts, 5xx: botocore's, s3fs's, the OS's
             waited = time.monotonic() - start
-            cause = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            cause = f"{type(err).__name__}: {first_line(err)}"
             if waited >= limit_s:
                 raise StorageUnavailable(f"storage unreachable for {waited:.0f} s while {what} "
                                          f"(run.storage_retry_s={limit_s:g}): {cause}") from None
