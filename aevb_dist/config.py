@@ -44,6 +44,9 @@ class DataConfig:
     shuffle: bool = True
     # Rows are shuffled within a window of this many row groups (on top of a shuffled row-group order).
     shuffle_window_row_groups: int = 4
+    # Each worker holds the whole training set (as stored, e.g. uint8) in its device's memory, read once,
+    # and binarizes there with the reader's hash rule: the same batches and bits, no per-step host copy.
+    cache_on_device: bool = False
 
 
 @dataclass
@@ -68,6 +71,13 @@ class TrainConfig:
     # Gradients travel between workers in this dtype: "bfloat16" halves the all-reduce's bytes at
     # ~3 significant digits per summed gradient (ELBO sums and example counts stay exact).
     allreduce_dtype: str = "float32"
+    # torch.compile the objective (forward and backward): fewer, fused kernels; compiles on the first step.
+    compile: bool = False
+    # On a GPU with data.cache_on_device=true, the whole step (gather, binarize, bound, backward, all-reduce,
+    # optimizer update) is captured once as a CUDA graph and replayed: no per-step launch overhead.
+    cuda_graph: bool = True
+    # "bfloat16": the model's matrix products run under bf16 autocast (parameters and sums stay float32).
+    autocast: str = "none"
 
 
 @dataclass
@@ -243,6 +253,7 @@ def validate(cfg: Config) -> None:
     _choice("train.estimator", t.estimator, names.ESTIMATORS)
     _choice("train.on_nonfinite", t.on_nonfinite, names.ON_NONFINITE)
     _choice("train.allreduce_dtype", t.allreduce_dtype, names.ALLREDUCE_DTYPES)
+    _choice("train.autocast", t.autocast, names.AUTOCAST_DTYPES)
     _choice("optim.name", cfg.optim.name, names.OPTIMIZERS)
     _positive("optim.lr", cfg.optim.lr)
     _positive("train.num_workers", t.num_workers)
@@ -261,6 +272,13 @@ def validate(cfg: Config) -> None:
         raise ValueError("set only one of train.max_steps and train.num_epochs (the other must be null)")
     if t.estimator == "iwae" and t.num_latent_samples < 1:
         raise ValueError("train.estimator=iwae needs train.num_latent_samples >= 1 importance samples")
+    if t.use_gpu and cfg.data.cache_on_device and t.cuda_graph:
+        if cfg.optim.name == "adagrad":
+            raise ValueError("the captured CUDA-graph step (train.cuda_graph=true) needs optim.name=adam or sgd "
+                             "(Adagrad keeps its step count on the host); or set train.cuda_graph=false")
+        if t.on_nonfinite == "skip":
+            raise ValueError("train.on_nonfinite=skip needs the eager step: set train.cuda_graph=false (the "
+                             "captured step applies every update and stops at the next log line instead)")
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     _positive("run.lease_timeout_s", cfg.run.lease_timeout_s)

@@ -17,6 +17,7 @@ OPTIMIZERS = ("adagrad", "adam", "sgd")
 BINARIZATIONS = ("dynamic", "static", "none")
 MARGINAL_LIKELIHOOD_ESTIMATORS = ("is", "ais", "appendix-d")  # log p(x): `aevb-dist evaluate --estimator`
 ALLREDUCE_DTYPES = ("float32", "bfloat16")
+AUTOCAST_DTYPES = ("none", "bfloat16")
 ON_NONFINITE = ("error", "skip")
 DATASET_FORMATS = ("mnist", "fashion-mnist", "frey-face", "npy")  # `aevb-dist prepare --format`
 

@@ -201,19 +201,37 @@ class EpochStream:
         assignment = assign_row_groups(dataset.units, world_size, seed=seed, epoch=epoch, shuffle=shuffle)
         self.unit_ids = assignment[rank]
         rows = [sum(dataset.units[u].num_rows for u in ids) for ids in assignment]
-        self.num_rows = rows[rank]
+        self.num_rows, self.rows_per_rank = rows[rank], rows
         self.num_batches = max(math.ceil(r / batch_size) for r in rows)
         self.start_batch = start_batch
         if not 0 <= start_batch <= self.num_batches:
             raise ValueError(f"data position {start_batch} is outside this epoch's {self.num_batches} batches")
 
+    def global_counts(self) -> np.ndarray:
+        """Examples in each of the epoch's batches, summed over all ranks: [num_batches]."""
+        starts = np.arange(self.num_batches) * self.batch_size
+        return sum(np.clip(rows - starts, 0, self.batch_size) for rows in self.rows_per_rank)
+
     def _windows(self) -> list[list[int]]:
         return [self.unit_ids[i:i + self.window] for i in range(0, len(self.unit_ids), self.window)]
+
+    def _window_permutation(self, ids: list[int], num_rows: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch, ids[0], 1]).permutation(num_rows)
+
+    def row_positions(self) -> np.ndarray:
+        """The rows this rank's epoch yields, in order, as positions in the dataset's stored order (its
+        units concatenated): what iterating yields, computed from the footers without reading a row."""
+        starts = np.concatenate([[0], np.cumsum([u.num_rows for u in self.dataset.units])])
+        parts = []
+        for ids in self._windows():
+            rows = np.concatenate([np.arange(starts[u], starts[u + 1]) for u in ids])
+            parts.append(rows[self._window_permutation(ids, len(rows))] if self.shuffle else rows)
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def _load_window(self, ids: list[int]) -> Batch:
         batch = _concat([self.dataset.read_raw(self.dataset.units[u]) for u in ids])
         if self.shuffle:
-            perm = np.random.default_rng([self.seed, self.epoch, ids[0], 1]).permutation(len(batch))
+            perm = self._window_permutation(ids, len(batch))
             batch = Batch(batch.x[perm], batch.index[perm], None if batch.label is None else batch.label[perm])
         return to_model_input(self.dataset, batch, self.binarization, seed=self.seed, epoch=self.epoch)
 

@@ -81,14 +81,15 @@ def log_parameter_prior(module: nn.Module, std: float) -> torch.Tensor:
 
 
 def map_objective_sum(elbo_sum: torch.Tensor, module: nn.Module, theta_prior_std: Optional[float],
-                      batch_size: int, dataset_size: int) -> torch.Tensor:
+                      batch_size, dataset_size: int) -> torch.Tensor:
     """What a minibatch contributes to the objective, as a sum over its examples.
 
     Eq. 8 estimates the dataset bound as (N/M) Σ_i L̃(x_i); MAP adds log p(θ) once per
     dataset. Divided by N, a minibatch of M examples contributes Σ_i L̃(x_i) + (M/N) log p(θ),
     so that reduced sums over all workers, divided by the global batch size, are exactly
-    eq. 8 / N. With theta_prior_std=None this is maximum likelihood.
+    eq. 8 / N. With theta_prior_std=None this is maximum likelihood. `batch_size` is an int, or a
+    0-d tensor inside a captured CUDA graph (where a count of 0 makes the prior's term 0 by itself).
     """
-    if theta_prior_std is None or batch_size == 0:
+    if theta_prior_std is None or isinstance(batch_size, int) and batch_size == 0:
         return elbo_sum
     return elbo_sum + (batch_size / dataset_size) * log_parameter_prior(module, theta_prior_std)

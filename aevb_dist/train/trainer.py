@@ -16,7 +16,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,8 @@ from aevb_dist.data.reader import EpochStream, ParquetDataset
 from aevb_dist.data.schema import Batch
 from aevb_dist.model.elbo import map_objective_sum, per_example_bound
 from aevb_dist.model.vae import VAE
+from aevb_dist.train.captured_step import fit_captured, step_seed
+from aevb_dist.train.device_data import DeviceData
 
 
 @dataclass
@@ -48,15 +50,27 @@ OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "sgd": t
 names.require_registry("optimizer", names.OPTIMIZERS, OPTIMIZERS)
 
 
-def build_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(params, name: str, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
+    """`capturable`: the optimizer keeps its step counter on the device, so a CUDA graph can replay it."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optim.name={name!r} is not one of: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](params, lr=lr)
+    return OPTIMIZERS[name](params, lr=lr, **({"capturable": True} if capturable and name == "adam" else {}))
+
+
+def autocast_networks(vae: VAE, device: torch.device) -> None:
+    """bf16 autocast for the encoder's and decoder's matrix products only: their outputs return to float32,
+    so the noise ε, the likelihood, the KL and every sum stay float32."""
+    for network in (vae.encoder, vae.decoder):
+        def forward(x, _inner=network.forward):
+            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):  # CUDA-graph safe
+                out = _inner(x)
+            return out.float()
+        network.forward = forward
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+    gen.manual_seed(step_seed(seed, step, rank))
     return gen
 
 
@@ -116,7 +130,15 @@ class Trainer:
         # Initial parameters from the seed: identical on every rank. No input checks in the step:
         # ParquetDataset checked every row group (range, NaN/inf) already.
         self.vae = VAE.from_config(cfg.model, seed=cfg.seed, validate_inputs=False).to(self.device)
-        self.optimizer = build_optimizer(self.vae.parameters(), cfg.optim.name, cfg.optim.lr)
+        if cfg.train.autocast == "bfloat16":
+            autocast_networks(self.vae, self.device)
+        self.binarization = train_binarization(cfg.model.likelihood, cfg.data.binarization)
+        self.device_data = DeviceData(self.train_data, self.device, self.binarization, cfg.seed) \
+            if cfg.data.cache_on_device else None
+        self.graphed = self.device_data is not None and self.device.type == "cuda" and cfg.train.cuda_graph
+        self.optimizer = build_optimizer(self.vae.parameters(), cfg.optim.name, cfg.optim.lr, capturable=self.graphed)
+        # torch.compile traces the bound once per shape; the noise draws stay eager (graph breaks).
+        self.bound_sum = torch.compile(self._bound_sum) if cfg.train.compile else self._bound_sum
         self.params = list(self.vae.parameters())
         # One flat buffer holds every gradient (as views), then the ELBO sum and the example count:
         # backward accumulates straight into it and a single in-place all-reduce sums it, with no
@@ -152,41 +174,63 @@ class Trainer:
         return None
 
     # -- one step ----------------------------------------------------------------------------
-    def train_step(self, batch: Batch) -> tuple[float, int]:
-        """One synchronous update; returns the global (ELBO sum, example count) of the step."""
+    def _bound_sum(self, x_BD: torch.Tensor, weight_B: Optional[torch.Tensor],
+                   generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Σ_i L̃(x_i) over the batch (eq. 7 or 6 per example); `weight_B` zeroes padding rows."""
         t = self.cfg.train
-        x = torch.from_numpy(batch.x).to(self.device, non_blocking=True)
-        count = x.shape[0]
+        bound_B = per_example_bound(self.vae, x_BD, t.estimator, t.num_latent_samples, generator=generator)
+        return bound_B.sum() if weight_B is None else (bound_B * weight_B).sum()
+
+    def accumulate_gradients(self, x_BD: torch.Tensor, weight_B: Optional[torch.Tensor], count,
+                             generator: Optional[torch.Generator]) -> None:
+        """Backpropagate this rank's −(objective sum) into the flat buffer, and put its ELBO sum and
+        example count (an int, or a device tensor inside a CUDA graph) in the buffer's tail."""
+        t = self.cfg.train
+        elbo_sum = self.bound_sum(x_BD, weight_B, generator)
+        objective = map_objective_sum(elbo_sum, self.vae, t.theta_prior_std, count, self.train_data.num_rows)
+        (-objective).backward()
+        self._flat[-2] = elbo_sum.detach()
+        self._flat[-1] = count
+
+    def reduce_step_sums(self) -> None:
+        all_reduce_step_sums(self._flat, self._grad_comm_dtype)
+
+    def train_step(self, batch: Batch) -> tuple[float, int]:
+        """One synchronous update on a host batch; returns the global (ELBO sum, example count) of the step."""
+        return self.step_on(torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index)
+
+    def step_on(self, x_BD: torch.Tensor, index_B) -> tuple[float, int]:
+        """One synchronous update on this rank's examples `x_BD` (their dataset indices for messages)."""
+        count = x_BD.shape[0]
         flat = self._flat
         flat.zero_()  # an empty batch contributes zero gradients, a zero ELBO sum and a zero count
         if count:
             gen = step_generator(self.cfg.seed, self.state.step, self.rank, self.device)
-            elbo_sum = per_example_bound(self.vae, x, t.estimator, t.num_latent_samples, generator=gen).sum()
-            objective = map_objective_sum(elbo_sum, self.vae, t.theta_prior_std, count, self.train_data.num_rows)
-            loss = -objective
-            loss.backward()
-            flat[-2] = elbo_sum.detach()
-            flat[-1] = count
-        all_reduce_step_sums(flat, self._grad_comm_dtype)
+            self.accumulate_gradients(x_BD, None, count, gen)
+        self.reduce_step_sums()
         global_elbo, global_count = flat[-2:].tolist()
         grad_flat = flat[:-2]
         # One reduction: a NaN or inf anywhere makes the sum non-finite.
         if not (math.isfinite(global_elbo) and math.isfinite(grad_flat.sum().item())):
-            return self._nonfinite(batch, global_elbo)
+            return self._nonfinite(index_B, global_elbo)
         grad_flat.div_(global_count)
         self.optimizer.step()
         return global_elbo, int(global_count)
 
-    def _nonfinite(self, batch: Batch, elbo: float) -> tuple[float, int]:
+    def _nonfinite(self, index_B, elbo: float) -> tuple[float, int]:
         where = (f"step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch}, "
-                 f"rank {self.rank} example indices {batch.index[:3].tolist()}...)")
+                 f"rank {self.rank} example indices {index_B[:3].tolist()}...)")
         if self.cfg.train.on_nonfinite == "error":
-            raise NonFiniteError(f"non-finite objective or gradient at {where}: ELBO sum {elbo}; "
-                                 "lower optim.lr or set train.on_nonfinite=skip")
+            self.raise_nonfinite(f"{where}: ELBO sum {elbo}")
         self.state.skipped_steps += 1
         return math.nan, 0
 
-    def _check_parameters_finite(self) -> None:
+    @staticmethod
+    def raise_nonfinite(where: str) -> None:
+        raise NonFiniteError(f"non-finite objective or gradient at {where}; "
+                             "lower optim.lr or set train.on_nonfinite=skip")
+
+    def check_parameters_finite(self) -> None:
         """Never write a corrupted checkpoint: parameters that went non-finite stop the run here."""
         if not all(torch.isfinite(p).all() for p in self.params):
             raise NonFiniteError(f"model parameters became non-finite by step {self.state.step}; not saving a "
@@ -214,39 +258,73 @@ class Trainer:
     def fit(self, on_log: Callable[[dict], None], on_checkpoint: Callable[[dict, dict], None]) -> dict:
         """Train to the configured length. `on_log(row)` after each log interval (every rank);
         `on_checkpoint(state_dict, row)` at checkpoint steps and at the end (every rank, same steps)."""
-        t, s = self.cfg.train, self.state
-        window = {"elbo": 0.0, "count": 0, "start": time.perf_counter(), "steps": 0}
+        if self.graphed:
+            return fit_captured(self, on_log, on_checkpoint)
+        s = self.state
+        window = self.new_window()
         row: dict = {}
         while s.step < self.total_steps:
-            if s.step > 0 and s.batch_in_epoch >= epoch_num_batches(self.train_data, self.cfg, self.world_size, s.epoch):
-                s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-            stream = EpochStream(self.train_data, rank=self.rank, world_size=self.world_size,
-                                 batch_size=t.batch_size_per_worker, epoch=s.epoch, seed=self.cfg.seed,
-                                 shuffle=self.cfg.data.shuffle, window=self.cfg.data.shuffle_window_row_groups,
-                                 binarization=train_binarization(self.cfg.model.likelihood, self.cfg.data.binarization),
-                                 start_batch=s.batch_in_epoch)
-            for batch in stream:
-                elbo, count = self.train_step(batch)
+            self.advance_epoch_if_done()
+            stream = self.epoch_stream(s.epoch, s.batch_in_epoch)
+            for x_BD, index_B in self._batches(stream):
+                elbo, count = self.step_on(x_BD, index_B)
                 s.step, s.batch_in_epoch, s.samples_seen = s.step + 1, s.batch_in_epoch + 1, s.samples_seen + count
                 if count:
                     window["elbo"] += elbo
                     window["count"] += count
-                window["steps"] += 1
-                row = self._maybe_log(window, on_log)
-                if s.step % self.cfg.checkpoint.every_steps == 0 or s.step >= self.total_steps:
-                    self._check_parameters_finite()
-                    on_checkpoint(self.state_dict(), row)
+                row = self.after_step(window, on_log, on_checkpoint) or row
                 if s.step >= self.total_steps:
                     break
             if s.batch_in_epoch >= stream.num_batches:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         return row
 
+    @staticmethod
+    def new_window() -> dict:
+        return {"elbo": 0.0, "count": 0, "start": time.perf_counter()}
+
+    def advance_epoch_if_done(self) -> None:
+        s = self.state
+        if s.step > 0 and s.batch_in_epoch >= epoch_num_batches(self.train_data, self.cfg, self.world_size, s.epoch):
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+
+    def epoch_stream(self, epoch: int, start_batch: int) -> EpochStream:
+        return EpochStream(self.train_data, rank=self.rank, world_size=self.world_size,
+                           batch_size=self.cfg.train.batch_size_per_worker, epoch=epoch, seed=self.cfg.seed,
+                           shuffle=self.cfg.data.shuffle, window=self.cfg.data.shuffle_window_row_groups,
+                           binarization=self.binarization, start_batch=start_batch)
+
+    def _batches(self, stream: EpochStream) -> Iterator[tuple[torch.Tensor, object]]:
+        """(x [B, D] on the device, dataset indices) for each remaining batch of the epoch: read by the
+        streaming reader, or gathered from data.cache_on_device's copy (the same examples and bits)."""
+        if self.device_data is None:
+            for batch in stream:
+                yield torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index
+            return
+        plan, words_N = self.device_data.plan(stream), self.device_data.epoch_words(stream.epoch)
+        for b in range(stream.start_batch, stream.num_batches):
+            positions_B = plan.positions[b, :int(plan.counts[b])]
+            yield self.device_data.batch(positions_B, words_N), self.device_data.index_N[positions_B]
+
+    def after_step(self, window: dict, on_log, on_checkpoint) -> dict:
+        """Log and checkpoint when the step just taken calls for it; returns the logged row, if any."""
+        s = self.state
+        row = self._maybe_log(window, on_log)
+        if s.step % self.cfg.checkpoint.every_steps == 0 or s.step >= self.total_steps:
+            self.check_parameters_finite()
+            on_checkpoint(self.state_dict(), row)
+        return row
+
+    def wants_log(self) -> bool:
+        """Whether the step just taken ends a log interval. Step 1 is always logged: the user sees the
+        first step at once, and benchmarks time it."""
+        s = self.state
+        return s.step % self.cfg.train.log_every_steps == 0 or s.step >= self.total_steps or s.step == 1
+
     def _maybe_log(self, window: dict, on_log: Callable[[dict], None]) -> dict:
         t, s = self.cfg.train, self.state
         last = s.step >= self.total_steps
-        # Step 1 is always logged: the user sees the first step at once, and benchmarks time it.
-        if s.step % t.log_every_steps and not last and s.step != 1:
+        if not self.wants_log():
             return {}
         now = time.perf_counter()
         test_elbo = math.nan
@@ -257,5 +335,5 @@ class Trainer:
                "test_elbo": test_elbo, "skipped_steps": s.skipped_steps,
                "samples_per_s": window["count"] / max(now - window["start"], 1e-9), "time": time.time()}
         on_log(row)
-        window.update(elbo=0.0, count=0, start=time.perf_counter(), steps=0)
+        window.update(self.new_window())
         return row

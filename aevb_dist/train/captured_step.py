@@ -1,0 +1,149 @@
+"""The training step as one CUDA graph (`train.use_gpu=true data.cache_on_device=true`).
+
+A small VAE's step is ~100 kernels of a few microseconds each: launched one by one from Python,
+the GPU waits on the host. Here the whole step — gather the batch from the device-resident
+dataset, binarize it, the bound and its gradient, the all-reduce of [gradients, ELBO sum, count],
+the division by the global count and the optimizer update — is captured once and replayed, so a
+step costs one launch. The math is the eager step's: the same sums-and-counts rule (trainer.py),
+and the noise of step s is drawn from the device's generator seeded with `step_seed(seed, s, rank)`
+before each replay, so ε is the eager step's ε. Static shapes: every replay sees batch_size rows;
+a short last batch is padded with weight-0 rows (its ε is drawn for the padded shape, so that one
+step's noise differs from the eager step's).
+
+What the eager step checks each step, the graph counts on the device: a step whose ELBO or gradient
+is not finite is counted, and the run stops with NonFiniteError at the next log line (the optimizer
+has applied it: with `train.on_nonfinite=skip` use the eager step, `train.cuda_graph=false`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from aevb_dist.train.device_data import EpochPlan
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed `trainer.step_generator` gives the step's generator."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
+class CapturedStep:
+    def __init__(self, trainer):
+        self.trainer = trainer
+        data, device = trainer.device_data, trainer.device
+        size = trainer.cfg.train.batch_size_per_worker
+        # The epoch's plan, in buffers the graph reads. Epochs can differ in length (row groups are dealt
+        # anew), so the buffers hold the most batches a rank can have; rows past the epoch weigh 0.
+        capacity = -(-trainer.train_data.num_rows // size)
+        self.positions_NB = torch.zeros((capacity, size), dtype=torch.int64, device=device)
+        self.weights_NB = torch.zeros((capacity, size), device=device)
+        self.batch_no = torch.zeros((), dtype=torch.int64, device=device)  # which row of the plan
+        self.words_N = torch.zeros_like(data.index_N)
+        self.elbo_total = torch.zeros((), dtype=torch.float64, device=device)  # global ELBO sums since last read
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
+        # The graph draws from the device's default generator (CUDA graphs replay it from its seed).
+        self.generator = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" \
+            else torch.default_generator
+        self.graph = None
+
+    def load_epoch(self, plan: EpochPlan, words_N: torch.Tensor, start_batch: int) -> None:
+        """Point the captured gather at a new epoch: the graph reads these buffers, so they are filled in place."""
+        num_batches = plan.positions.shape[0]
+        self.positions_NB[:num_batches].copy_(plan.positions)
+        self.positions_NB[num_batches:].zero_()
+        self.weights_NB[:num_batches].copy_(plan.weights)
+        self.weights_NB[num_batches:].zero_()
+        self.words_N.copy_(words_N)
+        self.batch_no.fill_(start_batch)
+
+    def _step(self) -> None:
+        tr = self.trainer
+        flat = tr._flat
+        flat.zero_()
+        positions_B = self.positions_NB.index_select(0, self.batch_no).squeeze(0)
+        weight_B = self.weights_NB.index_select(0, self.batch_no).squeeze(0)
+        tr.accumulate_gradients(tr.device_data.batch(positions_B, self.words_N), weight_B, weight_B.sum(), None)
+        tr.reduce_step_sums()
+        grad_flat, global_elbo = flat[:-2], flat[-2]
+        self.nonfinite_steps += (~torch.isfinite(global_elbo + grad_flat.sum())).long()
+        self.elbo_total += global_elbo.double()
+        grad_flat.div_(flat[-1].clamp_min(1.0))
+        tr.optimizer.step()
+        self.batch_no += 1
+
+    def capture(self) -> None:
+        """Warm up on a side stream (kernel choice, lazy optimizer state, compilation), put the model and
+        optimizer back as they were, then record one step."""
+        tr = self.trainer
+        saved_model = {k: v.clone() for k, v in tr.vae.state_dict().items()}
+        saved_optim = {id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
+                       for p, st in tr.optimizer.state.items()}
+        saved_batch_no = self.batch_no.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        with torch.no_grad():  # in place: the graph holds these very tensors
+            for key, value in tr.vae.state_dict().items():
+                value.copy_(saved_model[key])
+            for p, st in tr.optimizer.state.items():
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        v.copy_(saved_optim[id(p)][k]) if id(p) in saved_optim else v.zero_()
+        self.batch_no.copy_(saved_batch_no)
+        self.elbo_total.zero_()
+        self.nonfinite_steps.zero_()
+
+    def replay(self, step: int) -> None:
+        """Step `step`: the graph, or before capture (and in tests on a CPU) the same computation eagerly."""
+        self.generator.manual_seed(step_seed(self.trainer.cfg.seed, step, self.trainer.rank))
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+
+def fit_captured(trainer, on_log: Callable[[dict], None], on_checkpoint: Callable[[dict, dict], None],
+                 capture: bool = True) -> dict:
+    """Trainer.fit with the captured step; the same logging, checkpoints and data positions. With
+    capture=False the step runs uncaptured (the CPU tests of this loop)."""
+    s = trainer.state
+    step = CapturedStep(trainer)
+    window = trainer.new_window()
+    row: dict = {}
+    while s.step < trainer.total_steps:
+        trainer.advance_epoch_if_done()
+        stream = trainer.epoch_stream(s.epoch, s.batch_in_epoch)
+        step.load_epoch(trainer.device_data.plan(stream), trainer.device_data.epoch_words(s.epoch), s.batch_in_epoch)
+        global_counts = stream.global_counts()
+        if capture and step.graph is None:
+            step.capture()
+        for b in range(s.batch_in_epoch, stream.num_batches):
+            step.replay(s.step)
+            count = int(global_counts[b])
+            s.step, s.batch_in_epoch, s.samples_seen = s.step + 1, s.batch_in_epoch + 1, s.samples_seen + count
+            window["count"] += count
+            if trainer.wants_log():
+                _read_sums(trainer, step, window)
+            row = trainer.after_step(window, on_log, on_checkpoint) or row
+            if s.step >= trainer.total_steps:
+                break
+        if s.batch_in_epoch >= stream.num_batches:
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+    return row
+
+
+def _read_sums(trainer, step: CapturedStep, window: dict) -> None:
+    """At a log line: the window's ELBO sum from the device, and the non-finite check the graph counted."""
+    bad = int(step.nonfinite_steps.item())
+    if bad:
+        trainer.raise_nonfinite(f"{bad} step(s) up to step {trainer.state.step} (captured CUDA graph step)")
+    window["elbo"] = step.elbo_total.item()
+    step.elbo_total.zero_()

@@ -1,0 +1,95 @@
+"""`data.cache_on_device=true`: the whole training set in the worker's device memory, read once.
+
+Rows are kept as stored (uint8 for byte images: 47 MB for MNIST) and every batch is gathered and
+binarized on the device with the reader's rule, ported to 32-bit integer arithmetic in torch: the
+same hash of (seed, epoch, example index, pixel), the same integer thresholds, so a batch holds the
+same examples, in the same order, with the same bits as `EpochStream` yields on the host (tested
+bit for bit). The epoch's order comes from `EpochStream.row_positions`, computed from the footers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aevb_dist.data.binarization import _BYTE_THRESHOLDS, _binarization_key
+from aevb_dist.data.reader import EpochStream, ParquetDataset
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, constant: int) -> torch.Tensor:
+    """(h · constant) mod 2³² for h in [0, 2³²) held in int64, without signed overflow: split h in
+    16-bit halves, so no partial product reaches 2⁶³."""
+    low, high = h & 0xFFFF, h >> 16
+    return (low * constant + (((high * constant) & 0xFFFF) << 16)) & _MASK32
+
+
+def fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer (data/binarization.py `_fmix32`) on int64 tensors holding uint32."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def example_hashes(index_N: torch.Tensor, key: int) -> torch.Tensor:
+    """Per-example words of `binarization._hash_inputs`: fmix32(fmix32(lo ^ key_lo) ^ hi ^ key_hi)."""
+    low, high = index_N & _MASK32, (index_N >> 32) & _MASK32
+    return fmix32(fmix32(low ^ (key & _MASK32)) ^ high ^ ((key >> 32) & _MASK32))
+
+
+@dataclass
+class EpochPlan:
+    """One rank's epoch: row positions [num_batches, B] (padded with row 0) and weights [num_batches, B]
+    (1 for a real example, 0 for padding), on the device; `counts` [num_batches] on the host."""
+    positions: torch.Tensor
+    weights: torch.Tensor
+    counts: np.ndarray
+
+
+class DeviceData:
+    def __init__(self, dataset: ParquetDataset, device: torch.device, binarization: str, seed: int):
+        raws = [dataset.read_raw(unit) for unit in dataset.units]  # the stored order, checked as read
+        rows = np.concatenate([r.x for r in raws])
+        # Byte images to binarize stay bytes (compared with integer thresholds, as `binarize_bytes` does);
+        # anything else is scaled to [0, 1] once, by the reader's own function.
+        self.is_bytes = binarization != "none" and dataset.is_bytes() and rows.dtype == np.uint8
+        self.rows_ND = torch.from_numpy(rows if self.is_bytes else dataset.to_unit_interval(rows)).to(device)
+        self.index_N = torch.from_numpy(np.concatenate([r.index for r in raws])).to(device)
+        self.dataset, self.device, self.binarization, self.seed = dataset, device, binarization, seed
+        dim = rows.shape[1]
+        self.pixel_words_D = (torch.arange(dim, dtype=torch.int64, device=device) * 0x9E3779B9) & _MASK32
+        self.thresholds = torch.from_numpy(_BYTE_THRESHOLDS.astype(np.int64)).to(device)
+
+    def plan(self, stream: EpochStream) -> EpochPlan:
+        """The batches `stream` would yield (all of them; the caller starts at its data position)."""
+        order = stream.row_positions()
+        size, num_batches = stream.batch_size, stream.num_batches
+        padded = np.zeros(num_batches * size, np.int64)
+        padded[:len(order)] = order
+        weights = np.zeros(num_batches * size, np.float32)
+        weights[:len(order)] = 1.0
+        counts = np.clip(len(order) - np.arange(num_batches) * size, 0, size)
+        return EpochPlan(torch.from_numpy(padded.reshape(num_batches, size)).to(self.device),
+                         torch.from_numpy(weights.reshape(num_batches, size)).to(self.device), counts)
+
+    def epoch_words(self, epoch: int) -> torch.Tensor:
+        """Per-example hash words [N] of this epoch's binarization key (zeros when not binarizing)."""
+        if self.binarization == "none":
+            return torch.zeros_like(self.index_N)
+        return example_hashes(self.index_N, _binarization_key(self.binarization, self.seed, epoch))
+
+    def batch(self, positions_B: torch.Tensor, words_N: torch.Tensor) -> torch.Tensor:
+        """The model's input [B, D] float32 for rows `positions_B`: binarized, or intensities in [0, 1]."""
+        rows_BD = self.rows_ND.index_select(0, positions_B)
+        if self.binarization == "none":
+            return rows_BD
+        bits24_BD = fmix32((words_N.index_select(0, positions_B)[:, None] + self.pixel_words_D[None, :])
+                           & _MASK32) >> 8
+        if self.is_bytes:  # u < v/255 compared in integers, as binarize_bytes does
+            return (bits24_BD < self.thresholds[rows_BD.long()]).float()
+        return ((bits24_BD.float() * 2.0**-24) < rows_BD).float()
