@@ -1,6 +1,6 @@
 """The GPU path, measured in one run: one script for one call on a GPU machine (~8 minutes).
 
-    python benchmarks/gpu.py --mnist DIR [--out DIR] [--train-s 240] [--tiny]
+    python benchmarks/gpu.py --mnist DIR [--out DIR] [--train-s 240] [--deadline-s 480] [--tiny]
 
 DIR holds MNIST's IDX .gz files. Printed as it goes:
 1. the device, and its matmul peak (fp32, the dtype of every step and of log p(x) here);
@@ -237,6 +237,8 @@ def main() -> None:
     parser.add_argument("--mnist", required=True, help="folder with MNIST's IDX .gz files")
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="aevb-gpu-"))
     parser.add_argument("--train-s", type=float, default=240.0, help="seconds for the Burda run's training")
+    parser.add_argument("--deadline-s", type=float, default=480.0,
+                        help="the whole script's time: training is shortened to end 60 s before it")
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal with tiny sizes")
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -254,7 +256,8 @@ def main() -> None:
     compiled = compiled_steps_per_s(data, runs, device, steps)
     extra = ("train.compile=true",) if compiled > rates[100] else ()
     rate = max(rates[100], 0 if math.isnan(compiled) else compiled)
-    epochs = 1 if args.tiny else max(1, min(3280, int(args.train_s * rate / 600)))  # 600 steps an epoch
+    train_s = min(args.train_s, args.deadline_s - (time.perf_counter() - STARTED) - 60)
+    epochs = 1 if args.tiny else max(1, min(3280, int(train_s * rate / 600)))  # 600 steps an epoch
     burda(data, runs, args.out, device, epochs, 50 if args.tiny else 5000, peak, *extra)
     say("done")
 
