@@ -65,7 +65,7 @@ def test_device_batches_equal_the_streaming_readers_bit_for_bit(request, fixture
 
 def _train(data: str, tmp_path, *extra: str) -> Trainer:
     cfg = load_config(SMOKE, tiny_overrides(data, str(tmp_path), **{"train.max_steps": 40}) + list(extra))
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, device="cuda:0" if cfg.train.use_gpu else "cpu")
     trainer.fit(on_log=lambda row: None, on_checkpoint=lambda state, row: None)
     return trainer
 
@@ -111,11 +111,12 @@ def test_the_captured_step_refuses_what_it_cannot_replay(tiny_data, tmp_path):
 def test_the_captured_cuda_graph_step_equals_the_eager_gpu_step(tiny_data, tmp_path):
     common = ["train.use_gpu=true", "data.cache_on_device=true", "optim.name=adam", "model.likelihood=bernoulli",
               "train.batch_size_per_worker=9"]  # no short batch: see the test above
-    eager = _train(tiny_data, tmp_path / "a", *common, "train.cuda_graph=false")
-    graphed = _train(tiny_data, tmp_path / "b", *common)
-    assert graphed.graphed and not eager.graphed and graphed.state == eager.state
-    for a, b in zip(eager.params, graphed.params):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for steps in (1, 40):  # one step: the same noise and data; forty: the same updates throughout
+        eager = _train(tiny_data, tmp_path / f"a{steps}", *common, "train.cuda_graph=false", f"train.max_steps={steps}")
+        graphed = _train(tiny_data, tmp_path / f"b{steps}", *common, f"train.max_steps={steps}")
+        assert graphed.graphed and not eager.graphed and graphed.state == eager.state
+        for a, b in zip(eager.params, graphed.params):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_the_captured_steps_loop_run_uncaptured_equals_the_eager_step(tiny_data, tmp_path):

@@ -136,7 +136,10 @@ class Trainer:
         self.device_data = DeviceData(self.train_data, self.device, self.binarization, cfg.seed) \
             if cfg.data.cache_on_device else None
         self.graphed = self.device_data is not None and self.device.type == "cuda" and cfg.train.cuda_graph
-        self.optimizer = build_optimizer(self.vae.parameters(), cfg.optim.name, cfg.optim.lr, capturable=self.graphed)
+        # On a GPU, Adam always keeps its step count on the device: the eager and the captured step then
+        # run the same update arithmetic (the host-counter variant rounds differently), and no step syncs on it.
+        self.optimizer = build_optimizer(self.vae.parameters(), cfg.optim.name, cfg.optim.lr,
+                                         capturable=self.device.type == "cuda")
         # torch.compile traces the bound once per shape; the noise draws stay eager (graph breaks).
         self.bound_sum = torch.compile(self._bound_sum) if cfg.train.compile else self._bound_sum
         self.params = list(self.vae.parameters())
