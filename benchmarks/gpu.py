@@ -96,7 +96,7 @@ def plain_steps_per_s(images: torch.Tensor, batch: int, steps: int, captured: bo
     torch.manual_seed(0)
     model = PlainVAE().to(device)
     # The fastest plain Adam on a GPU: fused (one kernel, graph-safe), as aevb_dist uses there.
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda", capturable=captured)
     num_batches = images.shape[0] // batch
     order = torch.randperm(num_batches * batch, device=device).view(num_batches, batch)
     position = torch.zeros((), dtype=torch.int64, device=device)  # the captured loop's batch counter
@@ -259,7 +259,8 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="aevb-gpu-work-")
     data, runs = os.path.join(work, "mnist"), os.path.join(work, "runs")
     prepare(args.mnist, data, num_shards=4, report=lambda m: None)
-    images = torch.from_numpy(read_idx(os.path.join(args.mnist, "train-images-idx3-ubyte.gz")).reshape(-1, D)).to(device)
+    images = torch.from_numpy(read_idx(os.path.join(args.mnist, "train-images-idx3-ubyte.gz")).reshape(-1, D).copy())
+    images = images.to(device)
     peak = matmul_peak(device, 100_000 if device.type == "cuda" else 2000)
     say(f"matmul peak, fp32 [N, 200] @ [200, 784]: {peak / 1e12:.2f} TFLOP/s")
     attempt("check", lambda: check_captured_step(data, runs, device))

@@ -52,10 +52,11 @@ names.require_registry("optimizer", names.OPTIMIZERS, OPTIMIZERS)
 
 def build_optimizer(params, name: str, lr: float, on_gpu: bool = False) -> torch.optim.Optimizer:
     """`on_gpu`: Adam is the fused implementation (one kernel for every parameter where the foreach one
-    takes several, measured on an H100; its step count lives on the device, so a CUDA graph replays it)."""
+    takes several, measured on an H100), capturable (its step count on the device, so a CUDA graph replays it)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optim.name={name!r} is not one of: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](params, lr=lr, **({"fused": True} if on_gpu and name == "adam" else {}))
+    gpu_adam = {"fused": True, "capturable": True} if on_gpu and name == "adam" else {}
+    return OPTIMIZERS[name](params, lr=lr, **gpu_adam)
 
 
 def autocast_networks(vae: VAE, device: torch.device) -> None:
