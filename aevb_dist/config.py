@@ -44,6 +44,10 @@ class DataConfig:
     shuffle: bool = True
     # Rows are shuffled within a window of this many row groups (on top of a shuffled row-group order).
     shuffle_window_row_groups: int = 4
+    # With train.global_batch_size: the epoch's order is defined over this many partitions of the data
+    # (fixed for a run, recorded in its checkpoints), and a worker takes whole partitions, so at most this
+    # many workers. None: the row groups' count, at most the global batch and at most 16.
+    num_partitions: Optional[int] = None
     # Each worker holds the whole training set (as stored, e.g. uint8) in its device's memory, read once,
     # and binarizes there with the reader's hash rule: the same batches and bits, no per-step host copy.
     cache_on_device: bool = False
@@ -56,6 +60,10 @@ class TrainConfig:
     # CPUs reserved per worker; None sizes workers to the embedded machine (leaves room for the driver).
     cpus_per_worker: Optional[float] = None
     batch_size_per_worker: int = 100
+    # The paper's M, whatever the number of workers: the global batches (examples, order, binarization,
+    # noise) do not depend on how many workers compute them, and a run may resume with another count.
+    # None: each worker takes batch_size_per_worker rows a step from its share of the row groups.
+    global_batch_size: Optional[int] = None
     max_steps: Optional[int] = None
     num_epochs: Optional[int] = None
     estimator: str = "B"
@@ -272,13 +280,7 @@ def validate(cfg: Config) -> None:
         raise ValueError("set only one of train.max_steps and train.num_epochs (the other must be null)")
     if t.estimator == "iwae" and t.num_latent_samples < 1:
         raise ValueError("train.estimator=iwae needs train.num_latent_samples >= 1 importance samples")
-    if t.use_gpu and cfg.data.cache_on_device and t.cuda_graph:
-        if cfg.optim.name == "adagrad":
-            raise ValueError("the captured CUDA-graph step (train.cuda_graph=true) needs optim.name=adam or sgd "
-                             "(Adagrad keeps its step count on the host); or set train.cuda_graph=false")
-        if t.on_nonfinite == "skip":
-            raise ValueError("train.on_nonfinite=skip needs the eager step: set train.cuda_graph=false (the "
-                             "captured step applies every update and stops at the next log line instead)")
+    _validate_placement(cfg)
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     _positive("run.lease_timeout_s", cfg.run.lease_timeout_s)
@@ -291,3 +293,29 @@ def validate(cfg: Config) -> None:
                          f"ray.address={cfg.ray.address} (unset one of them)")
     check_uri("data.train_uri", cfg.data.train_uri)
     check_uri("data.test_uri", cfg.data.test_uri or "")
+
+
+def _validate_placement(cfg: Config) -> None:
+    """How the data and the step are laid out: global batches over partitions, the device cache, the graph."""
+    t = cfg.train
+    _positive("train.global_batch_size", t.global_batch_size, allow_none=True)
+    _positive("data.num_partitions", cfg.data.num_partitions, allow_none=True)
+    if cfg.data.num_partitions is not None and t.global_batch_size is None:
+        raise ValueError("data.num_partitions applies to train.global_batch_size runs; set train.global_batch_size")
+    if t.global_batch_size is not None and cfg.data.num_partitions is not None:
+        if t.global_batch_size < cfg.data.num_partitions:
+            raise ValueError(f"train.global_batch_size={t.global_batch_size} is smaller than data.num_partitions="
+                             f"{cfg.data.num_partitions}: every partition gives at least one row to each global batch")
+        if t.num_workers > cfg.data.num_partitions:
+            raise ValueError(f"train.num_workers={t.num_workers} is more than data.num_partitions="
+                             f"{cfg.data.num_partitions}: a worker takes whole partitions")
+    if t.global_batch_size is not None and cfg.data.cache_on_device:
+        raise ValueError("data.cache_on_device=true does not yet serve train.global_batch_size runs; "
+                         "unset one of them")
+    if t.use_gpu and cfg.data.cache_on_device and t.cuda_graph:
+        if cfg.optim.name == "adagrad":
+            raise ValueError("the captured CUDA-graph step (train.cuda_graph=true) needs optim.name=adam or sgd "
+                             "(Adagrad keeps its step count on the host); or set train.cuda_graph=false")
+        if t.on_nonfinite == "skip":
+            raise ValueError("train.on_nonfinite=skip needs the eager step: set train.cuda_graph=false (the "
+                             "captured step applies every update and stops at the next log line instead)")

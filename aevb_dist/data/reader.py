@@ -195,14 +195,15 @@ class EpochStream:
 
     def __init__(self, dataset: ParquetDataset, *, rank: int, world_size: int, batch_size: int, epoch: int,
                  seed: int, shuffle: bool = True, window: int = 4, binarization: str = "none",
-                 start_batch: int = 0):
+                 start_batch: int = 0, num_batches: Optional[int] = None):
         self.dataset, self.batch_size, self.epoch, self.seed = dataset, batch_size, epoch, seed
         self.shuffle, self.window, self.binarization = shuffle, window, binarization
         assignment = assign_row_groups(dataset.units, world_size, seed=seed, epoch=epoch, shuffle=shuffle)
         self.unit_ids = assignment[rank]
         rows = [sum(dataset.units[u].num_rows for u in ids) for ids in assignment]
         self.num_rows, self.rows_per_rank = rows[rank], rows
-        self.num_batches = max(math.ceil(r / batch_size) for r in rows)
+        # The longest rank's batches, unless the caller sets the epoch's length (data/partitions.py).
+        self.num_batches = max(math.ceil(r / batch_size) for r in rows) if num_batches is None else num_batches
         self.start_batch = start_batch
         if not 0 <= start_batch <= self.num_batches:
             raise ValueError(f"data position {start_batch} is outside this epoch's {self.num_batches} batches")

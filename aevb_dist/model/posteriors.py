@@ -26,13 +26,14 @@ import torch
 
 from aevb_dist import names
 from aevb_dist.model.distributions import LOG_2PI, kl_diag_gaussian_to_standard_normal, log_normal_diag
+from aevb_dist.model.noise import standard_normal, standard_uniform
 
 EULER_GAMMA = 0.5772156649015329
 
 
 def _uniform(shape, like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     """u ~ U(0, 1), kept away from 0 and 1 so that logs of u and 1 − u stay finite."""
-    u = torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
+    u = standard_uniform(shape, like, generator)
     finfo = torch.finfo(like.dtype)
     return u.clamp(finfo.tiny, 1.0 - finfo.eps)
 
@@ -115,7 +116,7 @@ class Gaussian(_LocationScale):
     base_variance = 1.0
 
     def standard_noise(self, shape, like, generator):
-        return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+        return standard_normal(shape, like, generator)
 
     def scale(self, b_BZ):
         return torch.exp(0.5 * b_BZ)

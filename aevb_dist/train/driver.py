@@ -18,7 +18,8 @@ from aevb_dist.run_lease import LeaseHeld, RunLease
 from aevb_dist.run_log import MetricsTail, progress_line, read_metrics
 from aevb_dist.train.local_launcher import launch_local
 from aevb_dist.train.ray_launcher import launch_on_ray
-from aevb_dist.train.trainer import open_datasets, total_steps
+from aevb_dist.train.batches import BatchSource
+from aevb_dist.train.trainer import open_datasets
 
 
 def train(cfg: Config) -> dict:
@@ -31,7 +32,9 @@ def train(cfg: Config) -> dict:
     run = storage.run_folder(cfg.run)
     lease = _claim_run_folder(cfg, run)
     try:
-        steps = total_steps(train_data, cfg, cfg.train.num_workers)
+        # Steps from the config's partitions; a resumed run keeps its recorded ones (the workers count those).
+        steps = BatchSource(cfg, train_data, rank=0, world_size=cfg.train.num_workers, binarization="none",
+                            device=None).total_steps()
         start_step = _announce_resume(cfg, run, steps)
         if start_step < steps:
             launch = launch_local if cfg.ray.local_mode else launch_on_ray

@@ -8,11 +8,10 @@ group from them. Here torch.distributed's elastic launcher starts one process pe
 variables, forked from a server that has the heavy modules imported already, so a run starts in a
 few seconds. The worker function is the same as on a cluster (`worker.run_worker`).
 
-What Ray Train's controller did that local mode does not, is done here:
-- a failed worker stops the whole group (the elastic agent's job), which is launched again from the
-  newest complete checkpoint, up to `train.max_failures` times (`run_group`);
-- the checkpoint sink (`WriteToRunFolder`) writes rank 0's checkpoints into the run folder itself
-  (manifest last) and keeps the newest `checkpoint.keep_last`.
+What Ray Train's controller did that local mode does not, is done here: a failed worker stops the
+whole group (the elastic agent's job), which is launched again from the newest complete checkpoint,
+up to `train.max_failures` times (`run_group`). Checkpoints go into the run folder as on Ray
+(`run_folder_sink.WriteToRunFolder`: rank 0 writes them itself, manifest last, and prunes).
 """
 
 from __future__ import annotations
@@ -25,17 +24,16 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import select
-import shutil
 import tempfile
 import threading
 import time
 import uuid
-from typing import Optional
 
-from aevb_dist import checkpoint, storage
+from aevb_dist import storage
 from aevb_dist.config import Config
 from aevb_dist.console import first_line, say, user_error_in
 from aevb_dist.ray_runtime import threads_for_cpus
+from aevb_dist.train.run_folder_sink import WriteToRunFolder
 from aevb_dist.train.worker import WorkerSpec, run_worker
 
 _PRELOAD = ["aevb_dist.train.forkserver_preload"]  # imported once in the fork server, not in every worker
@@ -46,49 +44,6 @@ def prestart() -> None:
     """Start the fork server now, so its imports overlap with the caller's own start-up work."""
     multiprocessing.set_forkserver_preload(_PRELOAD)  # no effect once the server runs
     multiprocessing.forkserver.ensure_running()
-
-
-class WriteToRunFolder:
-    """The checkpoint sink in local mode (Ray Train's local mode keeps reported checkpoints in memory
-    only): rank 0's folder goes into the run folder, manifest last, and old checkpoints are pruned.
-
-    The upload runs in a background thread on a copy of the folder, so training goes on while the
-    checkpoint travels (and while a storage outage is waited out, up to `retry_s`); the next checkpoint
-    and the end of the run (`wait`) wait for it, and raise its failure."""
-
-    def __init__(self, run: storage.Folder, keep_last: int, retry_s: float):
-        self.run, self.keep_last, self.retry_s = run, keep_last, retry_s
-        self._upload: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
-
-    def __call__(self, folder: Optional[str], name: str, metrics: dict) -> None:
-        if folder is None:
-            return
-        self.wait()
-        staging = tempfile.mkdtemp(prefix="aevb-upload-")
-        shutil.copytree(folder, os.path.join(staging, name))
-        self._upload = threading.Thread(target=self._write, args=(staging, name), name="aevb-upload", daemon=True)
-        self._upload.start()
-
-    def _write(self, staging: str, name: str) -> None:
-        try:
-            storage.with_retries(lambda: checkpoint.upload(os.path.join(staging, name), self.run.fs,
-                                                           self.run.file(name)), f"writing {name}", self.retry_s)
-            storage.with_retries(lambda: checkpoint.prune(self.run.fs, self.run.path, self.keep_last),
-                                 "pruning old checkpoints", self.retry_s)
-        except BaseException as err:  # raised in the training thread, by the next call or `wait`
-            self._error = err
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    def wait(self) -> None:
-        """Until the last checkpoint is in the run folder; its upload's failure is raised here."""
-        if self._upload is not None:
-            self._upload.join()
-            self._upload = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
 
 
 def launch_local(cfg: Config, run: storage.Folder, num_rows: int) -> None:

@@ -1,34 +1,35 @@
 """Launching the workers on Ray: a TorchTrainer on the embedded Ray or a cluster (`ray.address`).
 
-Ray Train places the workers, joins them into a gloo (NCCL with GPUs) group, restarts the
-group up to `train.max_failures` times, and keeps the newest `checkpoint.keep_last` of the
-checkpoints the workers report into the run folder.
+Ray Train places the workers, joins them into a gloo (NCCL with GPUs) group and restarts the
+group up to `train.max_failures` times. Checkpoints do not go through Ray Train: rank 0 writes
+them into the run folder itself, retried through storage outages (`run_folder_sink`), and a
+restarted group resumes from the newest verified one there.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
-
 from aevb_dist import storage
 from aevb_dist.config import Config
 from aevb_dist.console import say, user_error_in
 from aevb_dist.ray_runtime import cluster_cpus, start_ray, stop_ray, threads_for_cpus
+from aevb_dist.train.run_folder_sink import WriteThenReport
 from aevb_dist.train.worker import WorkerSpec, run_worker
 
 
-def report_to_ray_train(folder: Optional[str], name: str, metrics: dict) -> None:
-    """The checkpoint sink on Ray: Ray Train copies rank 0's folder into the run folder as `name`."""
-    import ray.train
-
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None,
-                     checkpoint_dir_name=name)
+def train_on_ray(spec: WorkerSpec) -> None:
+    """The training function of each Ray Train worker: the worker, with checkpoints written into the run
+    folder by rank 0 (retried through storage outages, in the background) and metrics reported to Ray."""
+    cfg = spec.config
+    sink = WriteThenReport(spec.run, cfg.checkpoint.keep_last, cfg.run.storage_retry_s)
+    run_worker(spec, sink)
+    sink.wait()  # the last checkpoint is in the run folder before the worker reports success
 
 
 def launch_on_ray(cfg: Config, run: storage.Folder, num_rows: int) -> None:
     """Run the workers to the end; raises a one-line ValueError for a user's mistake."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = start_ray(cfg.ray.address, cfg.ray.show_worker_logs)
@@ -39,13 +40,12 @@ def launch_on_ray(cfg: Config, run: storage.Folder, num_rows: int) -> None:
             f"{spec.threads} thread(s) each, {num_rows:,} training examples → {run.uri}")
         storage_path, storage_fs = storage.ray_train_storage(run)
         trainer = TorchTrainer(
-            functools.partial(run_worker, spec, report_to_ray_train),
+            functools.partial(train_on_ray, spec),
             torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo", timeout_s=300),
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                          resources_per_worker={"CPU": cpus}),
             run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
         )
         try:
             trainer.fit()

@@ -16,19 +16,21 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from aevb_dist import names
 from aevb_dist.config import Config
 from aevb_dist.data.binarization import eval_binarization, train_binarization
-from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.data.reader import ParquetDataset, assign_row_groups, to_model_input
 from aevb_dist.data.schema import Batch
 from aevb_dist.model.elbo import map_objective_sum, per_example_bound
 from aevb_dist.model.vae import VAE
 from aevb_dist.train.captured_step import fit_captured, step_seed
+from aevb_dist.model.noise import SegmentedNoise
+from aevb_dist.train.collectives import all_reduce_step_sums, all_reduce_sum
+from aevb_dist.train.batches import BatchSource, Segments, Stream
 from aevb_dist.train.device_data import DeviceData
 
 
@@ -76,30 +78,6 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return gen
 
 
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum(buffer: torch.Tensor) -> torch.Tensor:
-    if distributed():
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    return buffer
-
-
-def all_reduce_step_sums(flat: torch.Tensor, grad_dtype: Optional[torch.dtype]) -> None:
-    """Sum [gradients..., ELBO sum, count] across ranks in place. With `grad_dtype` (bfloat16) the
-    gradients travel compressed, in one all-reduce, and the two scalars in float64, so counts stay exact."""
-    if grad_dtype is None or not distributed():
-        all_reduce_sum(flat)
-        return
-    grads = flat[:-2].to(grad_dtype)
-    scalars = flat[-2:].double()
-    dist.all_reduce(grads, op=dist.ReduceOp.SUM)
-    dist.all_reduce(scalars, op=dist.ReduceOp.SUM)
-    flat[:-2].copy_(grads)
-    flat[-2:].copy_(scalars)
-
-
 def open_datasets(cfg: Config) -> tuple[ParquetDataset, Optional[ParquetDataset]]:
     endpoint = cfg.run.s3_endpoint_url
     if not cfg.data.train_uri:
@@ -108,18 +86,6 @@ def open_datasets(cfg: Config) -> tuple[ParquetDataset, Optional[ParquetDataset]
     test = ParquetDataset(cfg.data.test_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint) \
         if cfg.data.test_uri else None
     return train, test
-
-
-def epoch_num_batches(data: ParquetDataset, cfg: Config, world_size: int, epoch: int) -> int:
-    return EpochStream(data, rank=0, world_size=world_size, batch_size=cfg.train.batch_size_per_worker,
-                       epoch=epoch, seed=cfg.seed, shuffle=cfg.data.shuffle).num_batches
-
-
-def total_steps(data: ParquetDataset, cfg: Config, world_size: int) -> int:
-    if cfg.train.max_steps is not None:
-        return cfg.train.max_steps
-    epochs = cfg.train.num_epochs or 1
-    return sum(epoch_num_batches(data, cfg, world_size, e) for e in range(epochs))
 
 
 class Trainer:
@@ -154,12 +120,20 @@ class Trainer:
             offset += p.numel()
         self._grad_comm_dtype = torch.bfloat16 if cfg.train.allreduce_dtype == "bfloat16" else None
         self.state = TrainState(world_size=world_size)
-        self.total_steps = total_steps(self.train_data, cfg, world_size)
+        self.source = BatchSource(cfg, self.train_data, rank=rank, world_size=world_size,
+                                  binarization=self.binarization, device=self.device, device_data=self.device_data)
+        self.total_steps = self.source.total_steps()
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"model": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "state": dataclasses.asdict(self.state), "image_shape": list(self.train_data.shape)}
+                "state": dataclasses.asdict(self.state), "image_shape": list(self.train_data.shape),
+                "partitioning": self._partitioning()}
+
+    def _partitioning(self) -> Optional[dict]:
+        if self.source.num_partitions is None:
+            return None
+        return {"num_partitions": self.source.num_partitions, "global_batch_size": self.source.global_batch_size}
 
     def load_state_dict(self, saved: dict) -> Optional[str]:
         """Restore everything; returns a warning when the data position cannot carry over."""
@@ -170,12 +144,37 @@ class Trainer:
                              + str(err).splitlines()[1 if len(str(err).splitlines()) > 1 else 0].strip()) from None
         self.optimizer.load_state_dict(saved["optimizer"])
         self.state = TrainState(**saved["state"])
-        if self.state.world_size != self.world_size:
+        if self._resume_partitioning(saved.get("partitioning")):
+            self.state.world_size = self.world_size  # global batches do not depend on it: the epoch goes on
+        elif self.state.world_size != self.world_size:
             old = self.state.world_size
             self.state.batch_in_epoch, self.state.world_size = 0, self.world_size
             return (f"resuming with {self.world_size} workers instead of {old}: row groups are dealt anew, "
                     f"so epoch {self.state.epoch} restarts from its beginning")
         return None
+
+    def _resume_partitioning(self, saved: Optional[dict]) -> bool:
+        """Keep the run's partitions: a resumed run takes the checkpoint's data.num_partitions (a different
+        value set in the config, or a different global batch, is refused: the data position would change)."""
+        now = self._partitioning()
+        if saved is None and now is None:
+            return False
+        if saved is None or now is None:
+            raise ValueError("this run was started " + ("without" if saved is None else "with") +
+                             " train.global_batch_size; resume it as it was started (or use a new run.name)")
+        if saved["global_batch_size"] != now["global_batch_size"]:
+            raise ValueError(f"train.global_batch_size={now['global_batch_size']} differs from the run's "
+                             f"{saved['global_batch_size']}; a run keeps its global batch (or use a new run.name)")
+        configured = self.cfg.data.num_partitions
+        if configured is not None and configured != saved["num_partitions"]:
+            raise ValueError(f"data.num_partitions={configured} differs from the run's {saved['num_partitions']}, "
+                             "recorded in its first checkpoint; a run keeps its partitions (or use a new run.name)")
+        if saved["num_partitions"] != now["num_partitions"]:
+            self.source = BatchSource(self.cfg, self.train_data, rank=self.rank, world_size=self.world_size,
+                                      binarization=self.binarization, device=self.device,
+                                      num_partitions=saved["num_partitions"])
+            self.total_steps = self.source.total_steps()
+        return True
 
     # -- one step ----------------------------------------------------------------------------
     def _bound_sum(self, x_BD: torch.Tensor, weight_B: Optional[torch.Tensor],
@@ -203,14 +202,21 @@ class Trainer:
         """One synchronous update on a host batch; returns the global (ELBO sum, example count) of the step."""
         return self.step_on(torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index)
 
-    def step_on(self, x_BD: torch.Tensor, index_B) -> tuple[float, int]:
+    def _noise(self, segments: Segments):
+        """Step s's noise: one generator of (seed, s, rank), or per partition one of (seed, s, partition)."""
+        seed, step = self.cfg.seed, self.state.step
+        if segments is None:
+            return step_generator(seed, step, self.rank, self.device)
+        partitions, sizes = segments
+        return SegmentedNoise([step_generator(seed, step, p, self.device) for p in partitions], sizes)
+
+    def step_on(self, x_BD: torch.Tensor, index_B, segments: Segments = None) -> tuple[float, int]:
         """One synchronous update on this rank's examples `x_BD` (their dataset indices for messages)."""
         count = x_BD.shape[0]
         flat = self._flat
         flat.zero_()  # an empty batch contributes zero gradients, a zero ELBO sum and a zero count
         if count:
-            gen = step_generator(self.cfg.seed, self.state.step, self.rank, self.device)
-            self.accumulate_gradients(x_BD, None, count, gen)
+            self.accumulate_gradients(x_BD, None, count, self._noise(segments))
         self.reduce_step_sums()
         global_elbo, global_count = flat[-2:].tolist()
         grad_flat = flat[:-2]
@@ -244,17 +250,18 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, data: ParquetDataset, estimator: str = "B", num_samples: int = 1) -> float:
-        """Dataset mean of the bound: this rank's row groups, sums and counts all-reduced, divided once."""
+        """Dataset mean of the bound: this rank's row groups, sums and counts all-reduced, divided once.
+        Each row group's noise has its own generator, so the estimate does not depend on the worker count."""
         binarization = eval_binarization(self.cfg.model.likelihood, self.cfg.data.binarization)
-        stream = EpochStream(data, rank=self.rank, world_size=self.world_size, batch_size=1000, epoch=0,
-                             seed=self.cfg.seed, shuffle=False, binarization=binarization)
-        gen = step_generator(self.cfg.seed + 1, 0, self.rank, self.device)
+        ids = assign_row_groups(data.units, self.world_size, seed=self.cfg.seed, epoch=0, shuffle=False)[self.rank]
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch in stream:
-            if len(batch):
-                x = torch.from_numpy(batch.x).to(self.device)
+        for uid in ids:
+            batch = to_model_input(data, data.read_raw(data.units[uid]), binarization, seed=self.cfg.seed, epoch=0)
+            gen = step_generator(self.cfg.seed + 1, 0, uid, self.device)
+            for start in range(0, len(batch), 1000):
+                x = torch.from_numpy(batch.x[start:start + 1000]).to(self.device)
                 total[0] += per_example_bound(self.vae, x, estimator, num_samples, generator=gen).sum().double()
-                total[1] += len(batch)
+                total[1] += len(x)
         all_reduce_sum(total)
         return (total[0] / total[1]).item()
 
@@ -270,8 +277,8 @@ class Trainer:
         while s.step < self.total_steps:
             self.advance_epoch_if_done()
             stream = self.epoch_stream(s.epoch, s.batch_in_epoch)
-            for x_BD, index_B in self._batches(stream):
-                elbo, count = self.step_on(x_BD, index_B)
+            for x_BD, index_B, segments in self.source.batches(stream):
+                elbo, count = self.step_on(x_BD, index_B, segments)
                 s.step, s.batch_in_epoch, s.samples_seen = s.step + 1, s.batch_in_epoch + 1, s.samples_seen + count
                 if count:
                     window["elbo"] += elbo
@@ -289,26 +296,11 @@ class Trainer:
 
     def advance_epoch_if_done(self) -> None:
         s = self.state
-        if s.step > 0 and s.batch_in_epoch >= epoch_num_batches(self.train_data, self.cfg, self.world_size, s.epoch):
+        if s.step > 0 and s.batch_in_epoch >= self.source.num_batches(s.epoch):
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
 
-    def epoch_stream(self, epoch: int, start_batch: int) -> EpochStream:
-        return EpochStream(self.train_data, rank=self.rank, world_size=self.world_size,
-                           batch_size=self.cfg.train.batch_size_per_worker, epoch=epoch, seed=self.cfg.seed,
-                           shuffle=self.cfg.data.shuffle, window=self.cfg.data.shuffle_window_row_groups,
-                           binarization=self.binarization, start_batch=start_batch)
-
-    def _batches(self, stream: EpochStream) -> Iterator[tuple[torch.Tensor, object]]:
-        """(x [B, D] on the device, dataset indices) for each remaining batch of the epoch: read by the
-        streaming reader, or gathered from data.cache_on_device's copy (the same examples and bits)."""
-        if self.device_data is None:
-            for batch in stream:
-                yield torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index
-            return
-        plan, words_N = self.device_data.plan(stream), self.device_data.epoch_words(stream.epoch)
-        for b in range(stream.start_batch, stream.num_batches):
-            positions_B = plan.positions[b, :int(plan.counts[b])]
-            yield self.device_data.batch(positions_B, words_N), self.device_data.index_N[positions_B]
+    def epoch_stream(self, epoch: int, start_batch: int) -> Stream:
+        return self.source.stream(epoch, start_batch)
 
     def after_step(self, window: dict, on_log, on_checkpoint) -> dict:
         """Log and checkpoint when the step just taken calls for it; returns the logged row, if any."""

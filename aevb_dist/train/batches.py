@@ -1,0 +1,80 @@
+"""What one rank trains on, epoch by epoch: the streaming reader's batches of `train.batch_size_per_worker`
+(the epoch dealt to W ranks), or with `train.global_batch_size` the rank's part of every global batch
+of a partitioned epoch (data/partitions.py), whose order does not depend on W. No Ray here.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Union
+
+import torch
+
+from aevb_dist.config import Config
+from aevb_dist.data.partitions import PartitionedEpoch, check_partitioning, partitioned_num_batches
+from aevb_dist.data.reader import EpochStream, ParquetDataset
+
+Stream = Union[EpochStream, PartitionedEpoch]
+# A batch: x [B, D] on the device, its dataset indices, and for a partitioned epoch the partitions its
+# rows come from with their row counts (each partition's noise has its own generator), else None.
+Segments = Optional[tuple[list[int], list[int]]]
+
+MAX_DEFAULT_PARTITIONS = 16
+
+
+def default_num_partitions(data: ParquetDataset, global_batch_size: int) -> int:
+    """Partitions for a run that does not set data.num_partitions: the most workers it can ever use."""
+    return max(1, min(len(data.units), global_batch_size, MAX_DEFAULT_PARTITIONS))
+
+
+class BatchSource:
+    def __init__(self, cfg: Config, data: ParquetDataset, *, rank: int, world_size: int, binarization: str,
+                 device: torch.device, device_data=None, num_partitions: Optional[int] = None):
+        self.cfg, self.data, self.rank, self.world_size = cfg, data, rank, world_size
+        self.binarization, self.device, self.device_data = binarization, device, device_data
+        self.global_batch_size = cfg.train.global_batch_size
+        self.num_partitions = None
+        if self.global_batch_size is not None:
+            self.num_partitions = num_partitions or cfg.data.num_partitions or \
+                default_num_partitions(data, self.global_batch_size)
+            check_partitioning(self.num_partitions, self.global_batch_size, world_size)
+
+    def num_batches(self, epoch: int) -> int:
+        """Steps in `epoch`, the same on every rank."""
+        if self.num_partitions is not None:
+            return partitioned_num_batches(self.data, num_partitions=self.num_partitions,
+                                           global_batch_size=self.global_batch_size, epoch=epoch,
+                                           seed=self.cfg.seed, shuffle=self.cfg.data.shuffle)
+        return EpochStream(self.data, rank=0, world_size=self.world_size, batch_size=self.cfg.train.batch_size_per_worker,
+                           epoch=epoch, seed=self.cfg.seed, shuffle=self.cfg.data.shuffle).num_batches
+
+    def total_steps(self) -> int:
+        t = self.cfg.train
+        if t.max_steps is not None:
+            return t.max_steps
+        return sum(self.num_batches(e) for e in range(t.num_epochs or 1))
+
+    def stream(self, epoch: int, start_batch: int) -> Stream:
+        common = dict(epoch=epoch, seed=self.cfg.seed, shuffle=self.cfg.data.shuffle,
+                      window=self.cfg.data.shuffle_window_row_groups, binarization=self.binarization,
+                      start_batch=start_batch)
+        if self.num_partitions is not None:
+            return PartitionedEpoch(self.data, rank=self.rank, world_size=self.world_size,
+                                    num_partitions=self.num_partitions, global_batch_size=self.global_batch_size,
+                                    **common)
+        return EpochStream(self.data, rank=self.rank, world_size=self.world_size,
+                           batch_size=self.cfg.train.batch_size_per_worker, **common)
+
+    def batches(self, stream: Stream) -> Iterator[tuple[torch.Tensor, object, Segments]]:
+        """Each remaining batch of the epoch: read by the streaming reader, or gathered from
+        data.cache_on_device's copy (the same examples and bits)."""
+        if isinstance(stream, PartitionedEpoch):
+            for batch, partitions, sizes in stream:
+                yield torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index, (partitions, sizes)
+        elif self.device_data is None:
+            for batch in stream:
+                yield torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index, None
+        else:
+            plan, words_N = self.device_data.plan(stream), self.device_data.epoch_words(stream.epoch)
+            for b in range(stream.start_batch, stream.num_batches):
+                positions_B = plan.positions[b, :int(plan.counts[b])]
+                yield self.device_data.batch(positions_B, words_N), self.device_data.index_N[positions_B], None

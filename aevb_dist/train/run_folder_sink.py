@@ -1,0 +1,70 @@
+"""Where rank 0's checkpoints go: straight into the run folder, in the background, retried.
+
+Both launchers use this sink; the worker resumes from the newest verified checkpoint in the run
+folder either way, so no launcher needs its own list of checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from typing import Optional
+
+from aevb_dist import checkpoint, storage
+
+
+class WriteToRunFolder:
+    """The checkpoint sink under both launchers: rank 0's folder goes into the run folder, manifest last,
+    and old checkpoints are pruned. (Ray Train's local mode keeps reported checkpoints in memory only; on
+    Ray, Ray Train would upload them itself inside `report`, once, so an outage failed the whole group.)
+
+    The upload runs in a background thread on a copy of the folder, so training goes on while the
+    checkpoint travels (and while a storage outage is waited out, up to `retry_s`); the next checkpoint
+    and the end of the run (`wait`) wait for it, and raise its failure."""
+
+    def __init__(self, run: storage.Folder, keep_last: int, retry_s: float):
+        self.run, self.keep_last, self.retry_s = run, keep_last, retry_s
+        self._upload: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def __call__(self, folder: Optional[str], name: str, metrics: dict) -> None:
+        if folder is None:
+            return
+        self.wait()
+        staging = tempfile.mkdtemp(prefix="aevb-upload-")
+        shutil.copytree(folder, os.path.join(staging, name))
+        self._upload = threading.Thread(target=self._write, args=(staging, name), name="aevb-upload", daemon=True)
+        self._upload.start()
+
+    def _write(self, staging: str, name: str) -> None:
+        try:
+            storage.with_retries(lambda: checkpoint.upload(os.path.join(staging, name), self.run.fs,
+                                                           self.run.file(name)), f"writing {name}", self.retry_s)
+            storage.with_retries(lambda: checkpoint.prune(self.run.fs, self.run.path, self.keep_last),
+                                 "pruning old checkpoints", self.retry_s)
+        except BaseException as err:  # raised in the training thread, by the next call or `wait`
+            self._error = err
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Until the last checkpoint is in the run folder; its upload's failure is raised here."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+class WriteThenReport(WriteToRunFolder):
+    """The sink on Ray: the checkpoint is written by `WriteToRunFolder`, and every rank reports the metrics
+    (not the checkpoint) to Ray Train, whose `report` is the barrier that keeps the ranks in step."""
+
+    def __call__(self, folder: Optional[str], name: str, metrics: dict) -> None:
+        import ray.train
+
+        super().__call__(folder, name, metrics)
+        ray.train.report(metrics)
