@@ -6,7 +6,7 @@ DIR holds MNIST's IDX .gz files. Printed as it goes:
 1. the device, and its matmul peak (fp32, the dtype of every step and of log p(x) here);
 2. a check: the captured CUDA-graph step against the eager GPU step, 60 steps, parameters compared;
 3. steps/s of the Burda et al. model (784-200-200-50, Adam, dynamic binarization) at M=100 and M=1000:
-   an independent plain PyTorch loop (its own nn.Linear layers and closed-form loss, fused Adam; eager,
+   an independent plain PyTorch loop (benchmarks/plain.py: nn.Linear layers, closed-form loss; fused Adam; eager,
    then the same loop captured as a CUDA graph, the standard PyTorch recipe), against aevb_dist's Trainer with
    `train.use_gpu=true data.cache_on_device=true` (captured step; and the eager step), ratio to the
    faster plain loop;
@@ -30,8 +30,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -43,6 +41,7 @@ from aevb_dist.data.sources import read_idx  # noqa: E402
 from aevb_dist.model.marginal_likelihood import log_marginal_likelihood  # noqa: E402
 from aevb_dist.train.device_data import DeviceData  # noqa: E402
 from aevb_dist.train.trainer import Trainer  # noqa: E402
+from plain import PlainVAE  # noqa: E402  (benchmarks/plain.py: written without aevb_dist)
 
 BURDA = os.path.join(REPO, "configs", "mnist_burda.yaml")
 D, H, Z = 784, 200, 50
@@ -75,26 +74,10 @@ def matmul_peak(device: torch.device, rows: int, seconds: float = 2.0) -> float:
 
 
 # -- the independent plain loop ---------------------------------------------------------------
-class PlainVAE(nn.Module):
-    """784-200-200-50 with tanh, written without aevb_dist: what a user would write by hand."""
-
-    def __init__(self):
-        super().__init__()
-        self.enc = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, H), nn.Tanh(), nn.Linear(H, 2 * Z))
-        self.dec = nn.Sequential(nn.Linear(Z, H), nn.Tanh(), nn.Linear(H, H), nn.Tanh(), nn.Linear(H, D))
-
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        mu, logvar = self.enc(x).chunk(2, dim=-1)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        rec = F.binary_cross_entropy_with_logits(self.dec(z), x, reduction="sum")
-        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-        return (rec + kl) / x.shape[0]
-
-
 def plain_steps_per_s(images: torch.Tensor, batch: int, steps: int, captured: bool) -> float:
     device = images.device
     torch.manual_seed(0)
-    model = PlainVAE().to(device)
+    model = PlainVAE((H, H), Z).to(device)
     # The fastest plain Adam on a GPU: fused (one kernel, graph-safe), as aevb_dist uses there.
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda", capturable=captured)
     num_batches = images.shape[0] // batch
@@ -111,7 +94,7 @@ def plain_steps_per_s(images: torch.Tensor, batch: int, steps: int, captured: bo
             host_position[0] += 1
         x = torch.bernoulli(images.index_select(0, idx).float() / 255.0)
         opt.zero_grad(set_to_none=False)
-        model.loss(x).backward()
+        model(x).backward()
         opt.step()
 
     for p in model.parameters():

@@ -3,7 +3,7 @@
     python benchmarks/step_profile.py [--batch 100] [--steps 600] [--repeats 3]
 
 Both use the paper's MNIST model (784-500-20, tanh, Bernoulli, SGVB-B, L=1, Adagrad) and all
-cores' threads. The plain loop reads in-memory intensities and binarizes them with
+cores' threads. The plain loop (benchmarks/plain.py, written without aevb_dist's code) reads in-memory intensities and binarizes them with
 `torch.bernoulli`; `Trainer.fit` streams the same data from Parquet through aevb-dist's
 reader (hash-seeded dynamic binarization, background prefetch) and does everything a
 training step does (sums all-reduced as one buffer, a non-finite check, logging). The ratio
@@ -23,7 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import MNIST, ForwardELBO, make_step, mnist_in_memory, timed_loop  # noqa: E402
+from plain import PlainVAE  # noqa: E402
+from throughput import MNIST, make_step, mnist_in_memory, timed_loop  # noqa: E402
 
 from aevb_dist.config import load_config  # noqa: E402
 from aevb_dist.data.prepare import prepare  # noqa: E402
@@ -59,7 +60,7 @@ def main() -> None:
         for _ in range(args.repeats):
             torch.manual_seed(0)
             seconds = args.steps * args.batch / 25_000
-            plain.append(timed_loop(make_step(ForwardELBO(), data, args.batch), seconds) * args.batch)
+            plain.append(timed_loop(make_step(PlainVAE(), data, args.batch), seconds) * args.batch)
             ours.append(trainer_rate(f"{tmp}/mnist/train", args.batch, args.steps))
     p, o = statistics.median(plain), statistics.median(ours)
     print(f"M={args.batch} plain samples_per_s={p:,.0f} trainer samples_per_s={o:,.0f} trainer_over_plain={o / p:.2f}")

@@ -3,7 +3,8 @@
     python benchmarks/throughput.py [--repeats 3] [--seconds 8] [--batches 100 1000] [--compare-bf16]
 
 The paper's MNIST model (784-500-20, tanh, Bernoulli decoder, SGVB-B, L=1, Adagrad) on real
-MNIST with dynamic binarization, M = global minibatch:
+MNIST with dynamic binarization, M = global minibatch. The ceilings are written independently of
+aevb_dist (benchmarks/plain.py: nn.Linear layers and the closed-form loss, no project code):
 - plain single process, all cores' threads, data in memory (`torch.bernoulli` per batch);
 - plain torch DDP, gloo on 127.0.0.1, 2 processes × 1 thread, data in memory;
 - `aevb-dist train` streaming the same data from Parquet, 1 worker and 2 workers, on its
@@ -34,10 +35,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from aevb_dist.model.elbo import sgvb_b
 from aevb_dist.data.prepare import prepare
 from aevb_dist.data.sources import read_idx
-from aevb_dist.model.vae import VAE
+from plain import PlainVAE  # benchmarks/plain.py: the ceiling written without aevb_dist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(REPO, "..", "shared", "data", "mnist")
@@ -60,17 +60,6 @@ def timed_loop(step, seconds: float = 0.0, warmup: int = 10, num_steps: int = 0)
     return n / (time.perf_counter() - start)
 
 
-class ForwardELBO(torch.nn.Module):
-    """The VAE with its SGVB-B loss as `forward`, so DDP sees the whole computation."""
-
-    def __init__(self):
-        super().__init__()
-        self.vae = VAE(784, [500], 20)
-
-    def forward(self, x):
-        return -sgvb_b(self.vae, x, 1).mean()
-
-
 def make_step(model: torch.nn.Module, data: torch.Tensor, batch: int, rank: int = 0, world: int = 1):
     """One plain training step: a slice of the in-memory data, dynamically binarized."""
     opt = torch.optim.Adagrad(model.parameters(), lr=0.02)
@@ -90,7 +79,7 @@ def make_step(model: torch.nn.Module, data: torch.Tensor, batch: int, rank: int 
 def plain_single(data: torch.Tensor, batch: int, seconds: float) -> float:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    return timed_loop(make_step(ForwardELBO(), data, batch), seconds) * batch
+    return timed_loop(make_step(PlainVAE(), data, batch), seconds) * batch
 
 
 def _ddp_rank(rank: int, world: int, port: int, batch: int, num_steps: int, out: str) -> None:
@@ -98,7 +87,7 @@ def _ddp_rank(rank: int, world: int, port: int, batch: int, num_steps: int, out:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(ForwardELBO())
+    model = torch.nn.parallel.DistributedDataParallel(PlainVAE())
     rate = timed_loop(make_step(model, mnist_in_memory(), batch // world, rank, world), num_steps=num_steps) * batch
     if rank == 0:
         with open(out, "w") as f:
