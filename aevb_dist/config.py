@@ -56,6 +56,10 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     num_workers: int = 1
+    # Elastic: with this set, Ray Train runs between train.min_workers and train.num_workers workers, restarts
+    # the group smaller from the newest checkpoint when a node is lost, and grows back when capacity returns.
+    # Needs train.global_batch_size (results independent of the count) and train.max_failures > 0.
+    min_workers: Optional[int] = None
     use_gpu: bool = False
     # CPUs reserved per worker; None sizes workers to the embedded machine (leaves room for the driver).
     cpus_per_worker: Optional[float] = None
@@ -309,6 +313,8 @@ def _validate_placement(cfg: Config) -> None:
         if t.num_workers > cfg.data.num_partitions:
             raise ValueError(f"train.num_workers={t.num_workers} is more than data.num_partitions="
                              f"{cfg.data.num_partitions}: a worker takes whole partitions")
+    if t.min_workers is not None:
+        _elastic(cfg)
     if t.global_batch_size is not None and cfg.data.cache_on_device:
         raise ValueError("data.cache_on_device=true does not yet serve train.global_batch_size runs; "
                          "unset one of them")
@@ -319,3 +325,19 @@ def _validate_placement(cfg: Config) -> None:
         if t.on_nonfinite == "skip":
             raise ValueError("train.on_nonfinite=skip needs the eager step: set train.cuda_graph=false (the "
                              "captured step applies every update and stops at the next log line instead)")
+
+
+def _elastic(cfg: Config) -> None:
+    t = cfg.train
+    _positive("train.min_workers", t.min_workers)
+    if t.min_workers > t.num_workers:
+        raise ValueError(f"train.min_workers={t.min_workers} is more than train.num_workers={t.num_workers}")
+    if t.global_batch_size is None:
+        raise ValueError("train.min_workers (elastic) needs train.global_batch_size: the worker count may change "
+                         "mid-run, and only global batches keep the training the same for every count")
+    if t.max_failures == 0:
+        raise ValueError("train.min_workers (elastic) needs train.max_failures > 0 (or -1): Ray Train resizes "
+                         "the group by restarting it")
+    if cfg.ray.local_mode:
+        raise ValueError("train.min_workers (elastic) needs Ray (a cluster or the embedded one), not "
+                         "ray.local_mode=true")

@@ -20,7 +20,8 @@ from typing import Optional
 
 from aevb_dist import storage
 
-COLUMNS = ["step", "epoch", "samples_seen", "train_elbo", "test_elbo", "samples_per_s", "skipped_steps", "time"]
+COLUMNS = ["step", "epoch", "samples_seen", "train_elbo", "test_elbo", "samples_per_s", "skipped_steps", "time",
+           "num_workers"]
 
 
 def read_metrics(fs, path: str) -> list[dict]:
@@ -33,7 +34,7 @@ def read_metrics(fs, path: str) -> list[dict]:
 def _number(key: str, value: Optional[str]):
     if value in ("", None):
         return math.nan
-    return int(value) if key in ("step", "epoch", "samples_seen", "skipped_steps") else float(value)
+    return int(value) if key in ("step", "epoch", "samples_seen", "skipped_steps", "num_workers") else float(value)
 
 
 def _csv_text(rows: list[dict], header: bool = False) -> str:

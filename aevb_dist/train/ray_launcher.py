@@ -16,6 +16,9 @@ from aevb_dist.ray_runtime import cluster_cpus, start_ray, stop_ray, threads_for
 from aevb_dist.train.run_folder_sink import WriteThenReport
 from aevb_dist.train.worker import WorkerSpec, run_worker
 
+# How often an elastic run looks for room to grow back (Ray's default is 60 s); growing is a restart.
+ELASTIC_CHECK_S = 10.0
+
 
 def train_on_ray(spec: WorkerSpec) -> None:
     """The training function of each Ray Train worker: the worker, with checkpoints written into the run
@@ -29,7 +32,7 @@ def train_on_ray(spec: WorkerSpec) -> None:
 def launch_on_ray(cfg: Config, run: storage.Folder, num_rows: int) -> None:
     """Run the workers to the end; raises a one-line ValueError for a user's mistake."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = start_ray(cfg.ray.address, cfg.ray.show_worker_logs)
@@ -42,8 +45,7 @@ def launch_on_ray(cfg: Config, run: storage.Folder, num_rows: int) -> None:
         trainer = TorchTrainer(
             functools.partial(train_on_ray, spec),
             torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo", timeout_s=300),
-            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                         resources_per_worker={"CPU": cpus}),
+            scaling_config=_scaling(cfg, cpus),
             run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
                                  failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
         )
@@ -53,6 +55,17 @@ def launch_on_ray(cfg: Config, run: storage.Folder, num_rows: int) -> None:
             raise _user_error(err) from None
     finally:
         stop_ray(started)
+
+
+def _scaling(cfg: Config, cpus: float):
+    """Fixed, or elastic between train.min_workers and train.num_workers (Ray Train V2's resizing)."""
+    from ray.train import ScalingConfig
+
+    t = cfg.train
+    if t.min_workers is None:
+        return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": cpus})
+    return ScalingConfig(num_workers=(t.min_workers, t.num_workers), use_gpu=t.use_gpu,
+                         resources_per_worker={"CPU": cpus}, elastic_resize_monitor_interval_s=ELASTIC_CHECK_S)
 
 
 def _cpus_per_worker(cfg: Config) -> float:

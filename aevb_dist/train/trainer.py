@@ -329,7 +329,8 @@ class Trainer:
         row = {"step": s.step, "epoch": s.epoch, "samples_seen": s.samples_seen,
                "train_elbo": window["elbo"] / window["count"] if window["count"] else math.nan,
                "test_elbo": test_elbo, "skipped_steps": s.skipped_steps,
-               "samples_per_s": window["count"] / max(now - window["start"], 1e-9), "time": time.time()}
+               "samples_per_s": window["count"] / max(now - window["start"], 1e-9), "time": time.time(),
+               "num_workers": self.world_size}
         on_log(row)
         window.update(self.new_window())
         return row
