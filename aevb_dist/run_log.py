@@ -34,7 +34,12 @@ def read_metrics(fs, path: str) -> list[dict]:
 def _number(key: str, value: Optional[str]):
     if value in ("", None):
         return math.nan
-    return int(value) if key in ("step", "epoch", "samples_seen", "skipped_steps", "num_workers") else float(value)
+    if key in ("step", "epoch", "samples_seen", "skipped_steps", "num_workers"):
+        try:
+            return int(value)
+        except ValueError:  # "nan": a column that rows written before it existed lack (num_workers)
+            return float(value)
+    return float(value)
 
 
 def _csv_text(rows: list[dict], header: bool = False) -> str:
