@@ -288,3 +288,45 @@ def test_byte_binarization_is_bernoulli_of_the_intensity_and_matches_its_definit
     assert abs(mean.mean() - (raw.x / 255.0).mean()) < 0.001
     assert (binarize_bytes(raw, "dynamic", seed=0, epoch=0).x[raw.x == 0] == 0).all()
     assert (binarize_bytes(raw, "dynamic", seed=0, epoch=0).x[raw.x == 255] == 1).all()
+
+
+def test_prepare_writes_an_index_that_opens_the_dataset_without_its_footers(tiny_data, monkeypatch):
+    from aevb_dist.data.index import INDEX_NAME
+
+    folder = f"{tiny_data}/train"
+    from_footers_calls = []
+    original = ParquetDataset._add_file
+    monkeypatch.setattr(ParquetDataset, "_add_file", lambda self, *a: (from_footers_calls.append(a), original(self, *a)))
+    indexed = ParquetDataset(folder, expected_dim=16)
+    assert os.path.exists(f"{folder}/{INDEX_NAME}") and from_footers_calls == []  # no footer read
+    again = ParquetDataset(folder, description=indexed.describe())  # a worker given the driver's description
+    os.rename(f"{folder}/{INDEX_NAME}", f"{folder}/moved")
+    try:
+        footers = ParquetDataset(folder, expected_dim=16)
+    finally:
+        os.rename(f"{folder}/moved", f"{folder}/{INDEX_NAME}")
+    assert len(from_footers_calls) == 3  # one per shard without the index
+    assert indexed.units == footers.units == again.units and indexed.describe() == footers.describe()
+    assert (indexed.shape, indexed.value_range, indexed.has_label) == (footers.shape, footers.value_range,
+                                                                      footers.has_label)
+    np.testing.assert_array_equal(indexed.read_all().x, footers.read_all().x)
+    with pytest.raises(ValueError, match="model.input_dim=17"):
+        ParquetDataset(folder, expected_dim=17)
+
+
+def test_a_stale_or_corrupted_index_is_never_trusted(tmp_path, capsys):
+    from aevb_dist.data.index import INDEX_NAME
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 5)).astype(np.float32))
+    prepare(str(tmp_path / "x.npy"), str(tmp_path / "pq"), num_shards=2, rows_per_row_group=8, **quiet)
+    folder = tmp_path / "pq" / "train"
+    extra = next(folder.glob("*.parquet")).read_bytes()
+    (folder / "part-99999.parquet").write_bytes(extra)  # a file added after prepare: the index is stale
+    stale = ParquetDataset(str(folder))
+    assert "lists other files than the folder holds" in capsys.readouterr().err
+    assert stale.num_rows == 36 + 18  # the 36 training rows and the added copy of an 18-row shard
+    (folder / "part-99999.parquet").unlink()
+    index = folder / INDEX_NAME
+    index.write_bytes(index.read_bytes().replace(b'"dim": 5', b'"dim": 6'))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        ParquetDataset(str(folder))

@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 
 from aevb_dist import names, storage
 from aevb_dist.data import sources
+from aevb_dist.data.index import INDEX_NAME, index_bytes
+from aevb_dist.data.reader import pixel_width
 from aevb_dist.data.schema import (INDEX, LABEL, META_CHECKSUM, META_RANGE, META_SHAPE, META_SOURCE, PIXELS,
                                    metadata_checksum)
 
@@ -112,11 +114,18 @@ def _write_split(fs, folder: str, name: str, split: sources.Split, fmt: str, num
                 META_CHECKSUM: metadata_checksum(shape, value_range_json)}
     fs.makedirs(folder, exist_ok=True)
     bounds = np.linspace(0, n, min(num_shards, n) + 1).astype(int)
+    files = []
     for shard, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
         table = _table(split, slice(start, stop), metadata)
-        with fs.open(f"{folder}/part-{shard:05d}.parquet", "wb") as f:
+        file = f"part-{shard:05d}.parquet"
+        with fs.open(f"{folder}/{file}", "wb") as f:
             pq.write_table(table, f, row_group_size=rows_per_row_group, write_page_checksum=True)
+        # pyarrow cuts a table into row groups of row_group_size rows, the last one shorter.
+        files.append([file, [int(min(rows_per_row_group, stop - i)) for i in range(start, stop, rows_per_row_group)]])
         report(f"prepare: {name} shard {shard + 1}/{len(bounds) - 1} written ({stop:,}/{n:,} rows)")
+    description = {"dim": pixel_width(table.schema.field(PIXELS).type, name), "shape": list(split.images.shape[1:]),
+                   "value_range": [lo, hi], "has_label": split.labels is not None, "files": files}
+    fs.pipe_file(f"{folder}/{INDEX_NAME}", index_bytes(description))  # opening the dataset reads this, not footers
     return n
 
 

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 
 from aevb_dist import storage
 from aevb_dist.data.binarization import binarize, binarize_bytes
-from aevb_dist.console import first_line
+from aevb_dist.console import first_line, say
+from aevb_dist.data.index import INDEX_NAME, read_index
 from aevb_dist.data.schema import (INDEX, LABEL, META_CHECKSUM, META_RANGE, META_SHAPE, PIXELS, Batch,
                                    metadata_checksum)
 
@@ -40,24 +41,68 @@ class RowGroup:
 
 
 class ParquetDataset:
-    """The row groups of every `*.parquet` file under a URI, validated from the footers."""
+    """The row groups of every `*.parquet` file under a URI: from its index (data/index.py) where the index
+    lists exactly the files there, else validated from the footers; or from a `description` another
+    process made of it (`describe()`: the driver's, handed to every worker), with no storage request."""
 
-    def __init__(self, uri: str, *, expected_dim: Optional[int] = None, endpoint_url: Optional[str] = None):
+    def __init__(self, uri: str, *, expected_dim: Optional[int] = None, endpoint_url: Optional[str] = None,
+                 description: Optional[dict] = None):
         self.uri = uri
-        self.fs, root = storage.resolve(uri, endpoint_url)
-        if not self.fs.exists(root):
-            raise FileNotFoundError(f"dataset not found: {uri}")
-        paths = sorted(p for p in self.fs.find(root) if p.endswith(".parquet") and not _hidden(p, root))
-        if not paths:
-            raise ValueError(f"{uri}: no Parquet files found (run `aevb-dist prepare` to make a dataset)")
+        self.fs, self.root = storage.resolve(uri, endpoint_url)
         self.units: list[RowGroup] = []
         self.dim = self.shape = self.value_range = None
         self.has_label = True
-        for path in paths:
-            self._add_file(path, expected_dim)
+        if description is None:
+            paths = self._list()
+            description = self._index_for(paths)
+            if description is None:
+                for path in paths:
+                    self._add_file(path, expected_dim)
+        if description is not None:
+            self._load(description, expected_dim)
         self.num_rows = sum(u.num_rows for u in self.units)
         if self.num_rows == 0:
             raise ValueError(f"{uri}: the dataset is empty (0 rows)")
+
+    def _list(self) -> list[str]:
+        if not self.fs.exists(self.root):
+            raise FileNotFoundError(f"dataset not found: {self.uri}")
+        paths = sorted(p for p in self.fs.find(self.root) if p.endswith(".parquet") and not _hidden(p, self.root))
+        if not paths:
+            raise ValueError(f"{self.uri}: no Parquet files found (run `aevb-dist prepare` to make a dataset)")
+        return paths
+
+    def _index_for(self, paths: list[str]) -> Optional[dict]:
+        """The dataset's index where it lists exactly `paths`; None (read the footers) where there is none."""
+        index = read_index(self.fs, self.root)
+        if index is None:
+            return None
+        if [name for name, _ in index["files"]] != [self._relative(p) for p in paths]:
+            say(f"warning: {self.uri}: its index ({INDEX_NAME}) lists other files than the folder holds; "
+                "reading the footers instead (prepare the dataset again to refresh it)")
+            return None
+        return index
+
+    def _relative(self, path: str) -> str:
+        return path[len(self.root):].lstrip("/")
+
+    def describe(self) -> dict:
+        """What opening the dataset found, as plain values: files in order with their row groups' rows."""
+        files: dict[str, list[int]] = {}
+        for unit in self.units:
+            files.setdefault(self._relative(unit.path), []).append(unit.num_rows)
+        return {"dim": self.dim, "shape": list(self.shape), "value_range": list(self.value_range),
+                "has_label": self.has_label, "files": [[name, rows] for name, rows in files.items()]}
+
+    def _load(self, description: dict, expected_dim: Optional[int]) -> None:
+        dim = description["dim"]
+        if expected_dim is not None and dim != expected_dim:
+            raise ValueError(f"{self.uri}: column '{PIXELS}' has width {dim} but the model expects "
+                             f"model.input_dim={expected_dim}")
+        self.dim, self.shape = dim, list(description["shape"])
+        self.value_range, self.has_label = tuple(description["value_range"]), description["has_label"]
+        for name, rows in description["files"]:
+            self.units += [RowGroup(f"{self.root}/{name}", i, n) for i, n in enumerate(rows)]
 
     def _add_file(self, path: str, expected_dim: Optional[int]) -> None:
         try:
@@ -68,15 +113,7 @@ class ParquetDataset:
             raise ValueError(f"{path}: not a readable Parquet file ({first_line(err)})") from None
         if PIXELS not in schema.names or INDEX not in schema.names:
             raise ValueError(f"{path}: needs columns '{PIXELS}' and '{INDEX}', found {', '.join(schema.names)}")
-        pix = schema.field(PIXELS).type
-        if pa.types.is_fixed_size_binary(pix):
-            dim = pix.byte_width  # one uint8 per pixel
-        elif pa.types.is_fixed_size_list(pix) and (pa.types.is_integer(pix.value_type)
-                                                    or pa.types.is_floating(pix.value_type)):
-            dim = pix.list_size
-        else:
-            raise ValueError(f"{path}: column '{PIXELS}' must be fixed_size_binary (uint8) or a fixed-size list "
-                             f"of numbers, got {pix}")
+        dim = pixel_width(schema.field(PIXELS).type, path)
         if expected_dim is not None and dim != expected_dim:
             raise ValueError(f"{path}: column '{PIXELS}' has width {dim} but the model expects "
                              f"model.input_dim={expected_dim}")
@@ -154,6 +191,16 @@ class ParquetDataset:
     def read_all(self) -> Batch:
         """Every row in file order; for small data and tests only."""
         return _concat([self.read(u) for u in self.units])
+
+
+def pixel_width(pix: pa.DataType, path: str) -> int:
+    """D, the pixels per example, from the pixels column's type."""
+    if pa.types.is_fixed_size_binary(pix):
+        return pix.byte_width  # one uint8 per pixel
+    if pa.types.is_fixed_size_list(pix) and (pa.types.is_integer(pix.value_type) or pa.types.is_floating(pix.value_type)):
+        return pix.list_size
+    raise ValueError(f"{path}: column '{PIXELS}' must be fixed_size_binary (uint8) or a fixed-size list "
+                     f"of numbers, got {pix}")
 
 
 def _hidden(path: str, root: str) -> bool:

@@ -39,7 +39,7 @@ def train(cfg: Config) -> dict:
         if start_step < steps:
             launch = launch_local if cfg.ray.local_mode else launch_on_ray
             with ProgressPrinter(run, steps, start_step):
-                launch(cfg, run, train_data.num_rows)
+                launch(cfg, run, train_data)
     finally:
         lease.release()
     rows = read_metrics(run.fs, run.file("metrics.csv"))

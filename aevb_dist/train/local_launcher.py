@@ -31,6 +31,7 @@ import uuid
 
 from aevb_dist import storage
 from aevb_dist.config import Config
+from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.console import first_line, say, user_error_in
 from aevb_dist.ray_runtime import threads_for_cpus
 from aevb_dist.train.run_folder_sink import WriteToRunFolder
@@ -46,7 +47,7 @@ def prestart() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-def launch_local(cfg: Config, run: storage.Folder, num_rows: int) -> None:
+def launch_local(cfg: Config, run: storage.Folder, train_data: ParquetDataset) -> None:
     """Run the workers as processes of this machine to the end; raises ValueError for a user's mistake."""
     import torch
 
@@ -56,9 +57,9 @@ def launch_local(cfg: Config, run: storage.Folder, num_rows: int) -> None:
                          f"train.num_workers={n}, GPUs visible: {torch.cuda.device_count()}")
     _forget_ray_checkpoint_list(run)
     cpus = cfg.train.cpus_per_worker if cfg.train.cpus_per_worker is not None else (os.cpu_count() or 1) // n
-    spec = WorkerSpec(cfg, run, threads_for_cpus(cpus))
+    spec = WorkerSpec(cfg, run, threads_for_cpus(cpus), train_data.describe())
     say(f"training {cfg.run.name} in Ray Train's local mode: {n} worker process(es), {spec.threads} thread(s) "
-        f"each, {num_rows:,} training examples → {run.uri}")
+        f"each, {train_data.num_rows:,} training examples → {run.uri}")
     run_group(spec, num_workers=n, max_failures=cfg.train.max_failures)
 
 

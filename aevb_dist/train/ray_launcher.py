@@ -9,8 +9,10 @@ restarted group resumes from the newest verified one there.
 from __future__ import annotations
 
 import functools
+
 from aevb_dist import storage
 from aevb_dist.config import Config
+from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.console import say, user_error_in
 from aevb_dist.ray_runtime import cluster_cpus, start_ray, stop_ray, threads_for_cpus
 from aevb_dist.train.run_folder_sink import WriteThenReport
@@ -29,7 +31,7 @@ def train_on_ray(spec: WorkerSpec) -> None:
     sink.wait()  # the last checkpoint is in the run folder before the worker reports success
 
 
-def launch_on_ray(cfg: Config, run: storage.Folder, num_rows: int) -> None:
+def launch_on_ray(cfg: Config, run: storage.Folder, train_data: ParquetDataset) -> None:
     """Run the workers to the end; raises a one-line ValueError for a user's mistake."""
     import ray
     from ray.train import FailureConfig, RunConfig
@@ -38,9 +40,11 @@ def launch_on_ray(cfg: Config, run: storage.Folder, num_rows: int) -> None:
     started = start_ray(cfg.ray.address, cfg.ray.show_worker_logs)
     try:
         cpus = _cpus_per_worker(cfg)
-        spec = WorkerSpec(cfg, run, threads_for_cpus(cpus))
-        say(f"training {cfg.run.name}: {cfg.train.num_workers} worker(s) × {cpus:g} CPU, "
-            f"{spec.threads} thread(s) each, {num_rows:,} training examples → {run.uri}")
+        spec = WorkerSpec(cfg, run, threads_for_cpus(cpus), train_data.describe())
+        workers = f"{cfg.train.min_workers}–{cfg.train.num_workers} (elastic)" if cfg.train.min_workers \
+            else str(cfg.train.num_workers)
+        say(f"training {cfg.run.name}: {workers} worker(s) × {cpus:g} CPU, "
+            f"{spec.threads} thread(s) each, {train_data.num_rows:,} training examples → {run.uri}")
         storage_path, storage_fs = storage.ray_train_storage(run)
         trainer = TorchTrainer(
             functools.partial(train_on_ray, spec),

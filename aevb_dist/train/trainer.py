@@ -6,8 +6,10 @@ gradient is divided once by the global count. That is exactly the gradient of th
 global minibatch mean (eq. 8 / N) even when ranks hold different numbers of examples,
 including none at the end of an epoch, where a DDP mean of means would be wrong.
 
-Noise ε is drawn from a generator seeded by (seed, step, rank), so the random state is a
-function of the step: a resumed run draws the same noise as an uninterrupted one.
+Noise ε is drawn from a generator seeded by (seed, step, rank) — with `train.global_batch_size`,
+one per data partition, seeded by (seed, step, partition), so the noise does not depend on the
+worker count either — so the random state is a function of the step: a resumed run draws the same
+noise as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from aevb_dist.data.binarization import eval_binarization, train_binarization
 from aevb_dist.data.reader import ParquetDataset, assign_row_groups, to_model_input
 from aevb_dist.data.schema import Batch
 from aevb_dist.model.elbo import map_objective_sum, per_example_bound
-from aevb_dist.model.vae import VAE
-from aevb_dist.train.captured_step import fit_captured, step_seed
 from aevb_dist.model.noise import SegmentedNoise
-from aevb_dist.train.collectives import all_reduce_step_sums, all_reduce_sum
+from aevb_dist.model.vae import VAE
 from aevb_dist.train.batches import BatchSource, Segments, Stream
+from aevb_dist.train.captured_step import fit_captured, step_seed
+from aevb_dist.train.collectives import all_reduce_step_sums, all_reduce_sum
 from aevb_dist.train.device_data import DeviceData
 
 
@@ -78,11 +80,14 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return gen
 
 
-def open_datasets(cfg: Config) -> tuple[ParquetDataset, Optional[ParquetDataset]]:
+def open_datasets(cfg: Config, train_description: Optional[dict] = None
+                  ) -> tuple[ParquetDataset, Optional[ParquetDataset]]:
+    """The training and test sets; the training set from `train_description` (the driver's) where given."""
     endpoint = cfg.run.s3_endpoint_url
     if not cfg.data.train_uri:
         raise ValueError("data.train_uri is empty; point it at a dataset made by `aevb-dist prepare`")
-    train = ParquetDataset(cfg.data.train_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint)
+    train = ParquetDataset(cfg.data.train_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint,
+                           description=train_description)
     test = ParquetDataset(cfg.data.test_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint) \
         if cfg.data.test_uri else None
     return train, test
@@ -91,10 +96,11 @@ def open_datasets(cfg: Config) -> tuple[ParquetDataset, Optional[ParquetDataset]
 class Trainer:
     """One rank's view of data-parallel training."""
 
-    def __init__(self, cfg: Config, *, rank: int = 0, world_size: int = 1, device: str = "cpu"):
+    def __init__(self, cfg: Config, *, rank: int = 0, world_size: int = 1, device: str = "cpu",
+                 train_description: Optional[dict] = None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
-        self.train_data, self.test_data = open_datasets(cfg)
+        self.train_data, self.test_data = open_datasets(cfg, train_description)
         # Initial parameters from the seed: identical on every rank. No input checks in the step:
         # ParquetDataset checked every row group (range, NaN/inf) already.
         self.vae = VAE.from_config(cfg.model, seed=cfg.seed, validate_inputs=False).to(self.device)

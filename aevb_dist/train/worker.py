@@ -29,6 +29,9 @@ class WorkerSpec:
     config: Config  # validated, with local paths made absolute by the driver
     run: storage.Folder  # the run folder, resolved once on the driver
     threads: int  # torch threads of each worker (ray_runtime.threads_for_cpus of its CPUs)
+    # The training set as the driver found it (ParquetDataset.describe): workers open it without reading
+    # its index or footers, O(1) storage requests per worker whatever the number of shards.
+    train_description: Optional[dict] = None
 
 
 class CheckpointSink(Protocol):
@@ -47,7 +50,7 @@ def run_worker(spec: WorkerSpec, sink: CheckpointSink) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     # Ray Train makes the worker's GPU torch's current device, on a cluster and in local mode alike.
     device = f"cuda:{torch.cuda.current_device()}" if cfg.train.use_gpu else "cpu"
-    trainer = Trainer(cfg, rank=rank, world_size=world_size, device=device)
+    trainer = Trainer(cfg, rank=rank, world_size=world_size, device=device, train_description=spec.train_description)
     run = spec.run
     newest = checkpoint.latest(run.fs, run.path)
     if newest is not None:
