@@ -1,12 +1,13 @@
 """The training step as one CUDA graph (`train.use_gpu=true data.cache_on_device=true`).
 
-A small VAE's step is ~100 kernels of a few microseconds each: launched one by one from Python,
-the GPU waits on the host. Here the whole step — gather the batch from the device-resident
+A small VAE's step is ~150-200 kernels of a few microseconds each (194 for Burda et al.'s model,
+measured on an H100: benchmarks/gpu_profile.py): launched one by one from Python, the GPU waits on
+the host. Here the whole step — gather the batch from the device-resident
 dataset, binarize it, the bound and its gradient, the all-reduce of [gradients, ELBO sum, count],
 the division by the global count and the optimizer update — is captured once and replayed, so a
 step costs one launch. The math is the eager step's: the same sums-and-counts rule (trainer.py),
-and the noise of step s is drawn from the device's generator seeded with `step_seed(seed, s, rank)`
-before each replay, so ε is the eager step's ε. Static shapes: every replay sees batch_size rows;
+and the noise of step s is drawn from the device's generator seeded with the eager step's seed
+(`Trainer.seed_of_step`) before each replay, so ε is the eager step's ε. Static shapes: every replay sees batch_size rows;
 a short last batch is padded with weight-0 rows (its ε is drawn for the padded shape, so that one
 step's noise differs from the eager step's).
 
@@ -22,11 +23,6 @@ from typing import Callable
 import torch
 
 from aevb_dist.train.device_data import EpochPlan
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The seed `trainer.step_generator` gives the step's generator."""
-    return (seed * 1_000_003 + step) * 4099 + rank
 
 
 class CapturedStep:
@@ -60,7 +56,7 @@ class CapturedStep:
 
     def _step(self) -> None:
         tr = self.trainer
-        flat = tr._flat
+        flat = tr.flat
         flat.zero_()
         positions_B = self.positions_NB.index_select(0, self.batch_no).squeeze(0)
         weight_B = self.weights_NB.index_select(0, self.batch_no).squeeze(0)
@@ -74,8 +70,8 @@ class CapturedStep:
         self.batch_no += 1
 
     def capture(self) -> None:
-        """Warm up on a side stream (kernel choice, lazy optimizer state, compilation), put the model and
-        optimizer back as they were, then record one step."""
+        """Warm up on a side stream (kernel choice, lazy optimizer state, compilation), record one step,
+        then put the model, the optimizer and the counters back as they were before the warm-up."""
         tr = self.trainer
         saved_model = {k: v.clone() for k, v in tr.vae.state_dict().items()}
         saved_optim = {id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
@@ -103,7 +99,7 @@ class CapturedStep:
 
     def replay(self, step: int) -> None:
         """Step `step`: the graph, or before capture (and in tests on a CPU) the same computation eagerly."""
-        self.generator.manual_seed(step_seed(self.trainer.cfg.seed, step, self.trainer.rank))
+        self.generator.manual_seed(self.trainer.seed_of_step(step))
         if self.graph is not None:
             self.graph.replay()
         else:

@@ -31,7 +31,7 @@ from aevb_dist.model.elbo import map_objective_sum, per_example_bound
 from aevb_dist.model.noise import SegmentedNoise
 from aevb_dist.model.vae import VAE
 from aevb_dist.train.batches import BatchSource, Segments, Stream
-from aevb_dist.train.captured_step import fit_captured, step_seed
+from aevb_dist.train.captured_step import fit_captured
 from aevb_dist.train.collectives import all_reduce_step_sums, all_reduce_sum
 from aevb_dist.train.device_data import DeviceData
 
@@ -72,6 +72,11 @@ def autocast_networks(vae: VAE, device: torch.device) -> None:
                 out = _inner(x)
             return out.float()
         network.forward = forward
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of step `step`'s noise on `rank` (or, in a global-batch run, of a data partition)."""
+    return (seed * 1_000_003 + step) * 4099 + rank
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -119,10 +124,10 @@ class Trainer:
         # One flat buffer holds every gradient (as views), then the ELBO sum and the example count:
         # backward accumulates straight into it and a single in-place all-reduce sums it, with no
         # per-step copies (what DDP calls gradient_as_bucket_view).
-        self._flat = torch.zeros(sum(p.numel() for p in self.params) + 2, device=self.device)
+        self.flat = torch.zeros(sum(p.numel() for p in self.params) + 2, device=self.device)
         offset = 0
         for p in self.params:
-            p.grad = self._flat[offset:offset + p.numel()].view_as(p)
+            p.grad = self.flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
         self._grad_comm_dtype = torch.bfloat16 if cfg.train.allreduce_dtype == "bfloat16" else None
         self.state = TrainState(world_size=world_size)
@@ -198,15 +203,18 @@ class Trainer:
         elbo_sum = self.bound_sum(x_BD, weight_B, generator)
         objective = map_objective_sum(elbo_sum, self.vae, t.theta_prior_std, count, self.train_data.num_rows)
         (-objective).backward()
-        self._flat[-2] = elbo_sum.detach()
-        self._flat[-1] = count
+        self.flat[-2] = elbo_sum.detach()
+        self.flat[-1] = count
 
     def reduce_step_sums(self) -> None:
-        all_reduce_step_sums(self._flat, self._grad_comm_dtype)
+        all_reduce_step_sums(self.flat, self._grad_comm_dtype)
 
     def train_step(self, batch: Batch) -> tuple[float, int]:
         """One synchronous update on a host batch; returns the global (ELBO sum, example count) of the step."""
         return self.step_on(torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index)
+
+    def seed_of_step(self, step: int) -> int:
+        return step_seed(self.cfg.seed, step, self.rank)
 
     def _noise(self, segments: Segments):
         """Step s's noise: one generator of (seed, s, rank), or per partition one of (seed, s, partition)."""
@@ -219,7 +227,7 @@ class Trainer:
     def step_on(self, x_BD: torch.Tensor, index_B, segments: Segments = None) -> tuple[float, int]:
         """One synchronous update on this rank's examples `x_BD` (their dataset indices for messages)."""
         count = x_BD.shape[0]
-        flat = self._flat
+        flat = self.flat
         flat.zero_()  # an empty batch contributes zero gradients, a zero ELBO sum and a zero count
         if count:
             self.accumulate_gradients(x_BD, None, count, self._noise(segments))
