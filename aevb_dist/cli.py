@@ -52,7 +52,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                       num_workers=args.num_workers, batch_size=args.batch_size, chunk_size=args.chunk_size,
                       seed=args.seed, output_uri=args.output, endpoint_url=args.s3_endpoint_url,
                       ray_address=args.ray_address, estimator=args.estimator, num_steps=args.num_steps,
-                      num_leapfrog=args.leapfrog_steps)
+                      num_leapfrog=args.leapfrog_steps, use_gpu=args.use_gpu)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=100, help="importance samples per pass (default 100: 100 × a batch of 100 stays cache-friendly)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and the test binarization")
     p.add_argument("--output", default=None, help="also write the JSON to this URI")
+    p.add_argument("--use-gpu", action="store_true",
+                   help="one GPU per Ray task (the cluster must have GPUs); the noise then comes from the GPU's generator")
     add_cluster_args(p)
     p.set_defaults(func=_cmd_evaluate)
 

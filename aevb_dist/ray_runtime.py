@@ -87,11 +87,11 @@ def threads_for_cpus(cpus: float) -> int:
 
 
 def run_tasks(remote_fn, arg_lists: list[tuple], *, max_in_flight: int, num_cpus: float,
-              on_done: Callable[[int, Any], None]) -> None:
+              on_done: Callable[[int, Any], None], num_gpus: float = 0) -> None:
     """Run `remote_fn(*args)` for each args tuple, at most `max_in_flight` at once; `on_done(i, result)`."""
     import ray
 
-    task = ray.remote(num_cpus=num_cpus, max_retries=2)(remote_fn)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)(remote_fn)
     pending: dict = {}
     next_i = 0
     while next_i < len(arg_lists) or pending:

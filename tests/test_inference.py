@@ -56,6 +56,13 @@ def test_evaluate_matches_single_process_and_worker_count(trained):
     assert abs(precise_elbo - one["elbo"]) < 4 * one["elbo_sem"]
 
 
+def test_evaluate_use_gpu_on_a_cluster_without_gpus_is_refused_at_once(trained):
+    """--use-gpu asks for a GPU per Ray task; a cluster without one is told so (a ValueError: one line on
+    the command line), never left waiting for tasks that cannot be placed."""
+    with pytest.raises(ValueError, match="--use-gpu: the Ray cluster has no GPU"):
+        evaluate(trained["run"], trained["test"], num_importance_samples=10, num_workers=1, use_gpu=True)
+
+
 def test_evaluate_cli_prints_json_and_writes_output(trained, tmp_path):
     result = evaluate(trained["run"], trained["test"], num_importance_samples=10, num_workers=2,
                       output_uri=str(tmp_path / "eval.json"))

@@ -50,8 +50,9 @@ class Sums:
         return out
 
 
-def unit_generator(seed: int, unit_id: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 7_919 + unit_id * 104_729 + 17)
+def unit_generator(seed: int, unit_id: int, device: torch.device = torch.device("cpu")) -> torch.Generator:
+    """A row group's noise: the same on any worker (on a GPU, the device's own stream of the same seed)."""
+    return torch.Generator(device=device).manual_seed(seed * 7_919 + unit_id * 104_729 + 17)
 
 
 def _batches(dataset: ParquetDataset, unit_id: int, batch_size: int, binarization: str, seed: int):
@@ -70,11 +71,12 @@ def evaluate_units(vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, nu
     """ELBO (estimator B, L=1) and, with K > 0, log p(x) by `estimator` (see marginal_likelihood.py)
     over the given row groups. K is the number of importance samples, or of chains for ais/appendix-d."""
     vae.eval()
+    device = next(vae.parameters()).device
     total = Sums()
     for uid in unit_ids:
-        gen = unit_generator(seed, uid)
+        gen = unit_generator(seed, uid, device)
         for batch in _batches(dataset, uid, batch_size, binarization, seed):
-            x = torch.from_numpy(batch.x)
+            x = torch.from_numpy(batch.x).to(device)
             elbo = sgvb_b(vae, x, 1, generator=gen).double()
             total += Sums(count=len(batch), elbo=elbo.sum().item(), elbo_sq=elbo.pow(2).sum().item())
             if num_importance_samples > 0:

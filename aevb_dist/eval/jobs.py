@@ -33,24 +33,29 @@ def _open(data_uri: str, vae: VAE, endpoint_url: Optional[str]) -> ParquetDatase
     return ParquetDataset(data_uri, expected_dim=vae.input_dim, endpoint_url=endpoint_url)
 
 
-def _evaluate_task(state_bytes, data_uri, endpoint_url, unit_ids, options, threads) -> Sums:
+def _evaluate_task(state_bytes, data_uri, endpoint_url, unit_ids, options, use_gpu, threads) -> Sums:
     torch.set_num_threads(threads)
     vae, _ = model_from_bytes(state_bytes)
+    vae = vae.to("cuda") if use_gpu else vae  # Ray made the task's GPU the only one it sees
     return evaluate_units(vae, _open(data_uri, vae, endpoint_url), unit_ids, **options)
 
 
 def _run_chunks(task, state_bytes: bytes, chunk_args: list[tuple], *, num_workers: int,
-                ray_address: Optional[str], on_done) -> None:
+                ray_address: Optional[str], on_done, use_gpu: bool = False) -> None:
     """`task(state, *args, threads)` per chunk on Ray tasks, `num_workers` at once, each holding an equal
-    share of the cluster's CPUs; the checkpoint's bytes go to the object store once."""
+    share of the cluster's CPUs (and with `use_gpu` a GPU); the checkpoint's bytes go to the object store once."""
     started = start_ray(ray_address)
     try:
         import ray
 
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if use_gpu and gpus < 1:
+            raise ValueError("--use-gpu: the Ray cluster has no GPU (ray.cluster_resources() lists none); "
+                             "drop --use-gpu or join a cluster with GPUs (--ray-address)")
         cpus = max(cluster_cpus() / num_workers, 0.01)
         state_ref = ray.put(state_bytes)
         run_tasks(task, [(state_ref, *args, threads_for_cpus(cpus)) for args in chunk_args],
-                  max_in_flight=num_workers, num_cpus=cpus, on_done=on_done)
+                  max_in_flight=num_workers, num_cpus=cpus, num_gpus=1 if use_gpu else 0, on_done=on_done)
     finally:
         stop_ray(started)
 
@@ -71,8 +76,9 @@ def _check_evaluate_args(num_importance_samples: int, num_workers: int, estimato
 def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int = 5000, num_workers: int = 2,
              batch_size: int = 100, chunk_size: int = 100, seed: int = 0, output_uri: Optional[str] = None,
              endpoint_url: Optional[str] = None, ray_address: Optional[str] = None, estimator: str = "is",
-             num_steps: int = 500, num_leapfrog: int = 10) -> dict:
-    """Dataset means (and standard errors) of the ELBO and log p(x), every row group computed once."""
+             num_steps: int = 500, num_leapfrog: int = 10, use_gpu: bool = False) -> dict:
+    """Dataset means (and standard errors) of the ELBO and log p(x), every row group computed once; with
+    `use_gpu` each Ray task holds one of the cluster's GPUs (the noise then comes from the GPU's generator)."""
     _check_evaluate_args(num_importance_samples, num_workers, estimator, num_steps, num_leapfrog)
     data_uri = absolute_uri(data_uri)
     state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
@@ -93,9 +99,9 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
         total = total + sums
         progress.add(sums.count)
 
-    _run_chunks(_evaluate_task, state_bytes, [(data_uri, endpoint_url, c, options)
+    _run_chunks(_evaluate_task, state_bytes, [(data_uri, endpoint_url, c, options, use_gpu)
                                               for c in _chunks(len(dataset.units), num_workers)],
-                num_workers=num_workers, ray_address=ray_address, on_done=done)
+                num_workers=num_workers, ray_address=ray_address, on_done=done, use_gpu=use_gpu)
     if total.count != dataset.num_rows:
         raise RuntimeError(f"evaluated {total.count} examples of {dataset.num_rows}; refusing a partial result")
     result = {**total.summary(), "estimator": estimator, "num_importance_samples": num_importance_samples,
