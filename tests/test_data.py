@@ -279,8 +279,8 @@ def test_byte_binarization_is_bernoulli_of_the_intensity_and_matches_its_definit
     assert raw.x.dtype == np.uint8 and ds.is_bytes()
     fast = binarize_bytes(raw, "dynamic", seed=4, epoch=2)
     # Its definition: pixel on iff ⌊2²⁴u⌋·255 < v·2²⁴ for the keyed uniform u, i.e. u < v/255.
-    from aevb_dist.data.binarization import _binarization_key
-    z = uniform_bits24(raw.index, 784, _binarization_key("dynamic", 4, 2)).astype(np.float64)
+    from aevb_dist.data.binarization import binarization_key
+    z = uniform_bits24(raw.index, 784, binarization_key("dynamic", 4, 2)).astype(np.float64)
     np.testing.assert_array_equal(fast.x, (z / 2**24 < raw.x / 255.0).astype(np.float32))
     assert (to_model_input(ds, raw, "dynamic", seed=4, epoch=2).x == fast.x).all()
     mean = np.mean([binarize_bytes(raw, "dynamic", seed=0, epoch=e).x for e in range(300)], axis=0)

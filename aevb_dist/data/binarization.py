@@ -57,7 +57,8 @@ def uniform_hash(index_B: np.ndarray, dim: int, key: int) -> np.ndarray:
     return uniform_bits24(index_B, dim, key).astype(np.float32) * np.float32(2.0**-24)
 
 
-def _binarization_key(mode: str, seed: int, epoch: int) -> int:
+def binarization_key(mode: str, seed: int, epoch: int) -> int:
+    """The hash key of a draw: `dynamic` has one per epoch, `static` one for all (the device cache uses it too)."""
     if mode not in ("dynamic", "static"):
         raise ValueError(f"data.binarization={mode!r} is not one of: {', '.join(names.BINARIZATIONS)}")
     return (seed + 1) * 1_000_003 + (epoch + 1 if mode == "dynamic" else 0)
@@ -67,12 +68,12 @@ def binarize(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
     """x ~ Bernoulli(intensity): `dynamic` draws anew each epoch, `static` once; seeded per example and pixel."""
     if mode == "none" or len(batch) == 0:
         return batch
-    u = uniform_hash(batch.index, batch.x.shape[1], _binarization_key(mode, seed, epoch))
+    u = uniform_hash(batch.index, batch.x.shape[1], binarization_key(mode, seed, epoch))
     return Batch((u < batch.x).astype(np.float32), batch.index, batch.label)
 
 
 # u < v/255 ⟺ ⌊2²⁴u⌋ < ⌈v·2²⁴/255⌉ for integers ⌊2²⁴u⌋: one threshold per byte value.
-_BYTE_THRESHOLDS = np.array([-(-(v << 24) // 255) for v in range(256)], dtype=np.uint32)
+BYTE_THRESHOLDS = np.array([-(-(v << 24) // 255) for v in range(256)], dtype=np.uint32)
 _ROWS_PER_CHUNK = 64  # 64 × 784 uint32 = 200 KB: each pass over a chunk stays in cache
 
 
@@ -85,7 +86,7 @@ def binarize_bytes(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
     if n == 0:
         return Batch(out, batch.index, batch.label)
     with np.errstate(over="ignore"):
-        per_example, per_pixel = _hash_inputs(batch.index, dim, _binarization_key(mode, seed, epoch))
+        per_example, per_pixel = _hash_inputs(batch.index, dim, binarization_key(mode, seed, epoch))
         h = np.empty((min(_ROWS_PER_CHUNK, n), dim), np.uint32)
         tmp, threshold = np.empty_like(h), np.empty_like(h)
         for start in range(0, n, _ROWS_PER_CHUNK):
@@ -94,7 +95,7 @@ def binarize_bytes(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
             np.add(per_example[start:stop, None], per_pixel[None, :], out=hh)
             _fmix32(hh, tt)
             hh >>= np.uint32(8)
-            np.take(_BYTE_THRESHOLDS, batch.x[start:stop], out=th)
+            np.take(BYTE_THRESHOLDS, batch.x[start:stop], out=th)
             np.less(hh, th, out=out[start:stop])
     return Batch(out, batch.index, batch.label)
 

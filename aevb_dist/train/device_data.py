@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aevb_dist.data.binarization import _BYTE_THRESHOLDS, _binarization_key
+from aevb_dist.data.binarization import BYTE_THRESHOLDS, binarization_key
 from aevb_dist.data.reader import EpochStream, ParquetDataset
 
 _MASK32 = 0xFFFFFFFF
@@ -63,7 +63,7 @@ class DeviceData:
         self.dataset, self.device, self.binarization, self.seed = dataset, device, binarization, seed
         dim = rows.shape[1]
         self.pixel_words_D = (torch.arange(dim, dtype=torch.int64, device=device) * 0x9E3779B9) & _MASK32
-        self.thresholds = torch.from_numpy(_BYTE_THRESHOLDS.astype(np.int64)).to(device)
+        self.thresholds = torch.from_numpy(BYTE_THRESHOLDS.astype(np.int64)).to(device)
 
     def plan(self, stream: EpochStream) -> EpochPlan:
         """The batches `stream` would yield (all of them; the caller starts at its data position)."""
@@ -81,7 +81,7 @@ class DeviceData:
         """Per-example hash words [N] of this epoch's binarization key (zeros when not binarizing)."""
         if self.binarization == "none":
             return torch.zeros_like(self.index_N)
-        return example_hashes(self.index_N, _binarization_key(self.binarization, self.seed, epoch))
+        return example_hashes(self.index_N, binarization_key(self.binarization, self.seed, epoch))
 
     def batch(self, positions_B: torch.Tensor, words_N: torch.Tensor) -> torch.Tensor:
         """The model's input [B, D] float32 for rows `positions_B`: binarized, or intensities in [0, 1]."""
