@@ -307,12 +307,7 @@ def _validate_placement(cfg: Config) -> None:
     if cfg.data.num_partitions is not None and t.global_batch_size is None:
         raise ValueError("data.num_partitions applies to train.global_batch_size runs; set train.global_batch_size")
     if t.global_batch_size is not None and cfg.data.num_partitions is not None:
-        if t.global_batch_size < cfg.data.num_partitions:
-            raise ValueError(f"train.global_batch_size={t.global_batch_size} is smaller than data.num_partitions="
-                             f"{cfg.data.num_partitions}: every partition gives at least one row to each global batch")
-        if t.num_workers > cfg.data.num_partitions:
-            raise ValueError(f"train.num_workers={t.num_workers} is more than data.num_partitions="
-                             f"{cfg.data.num_partitions}: a worker takes whole partitions")
+        check_partitioning(cfg.data.num_partitions, t.global_batch_size, t.num_workers)
     if t.min_workers is not None:
         _elastic(cfg)
     if t.global_batch_size is not None and cfg.data.cache_on_device:
@@ -341,3 +336,14 @@ def _elastic(cfg: Config) -> None:
     if cfg.ray.local_mode:
         raise ValueError("train.min_workers (elastic) needs Ray (a cluster or the embedded one), not "
                          "ray.local_mode=true")
+
+
+def check_partitioning(num_partitions: int, global_batch_size: int, num_workers: int) -> None:
+    """A global-batch run's layout: every partition gives each global batch a row, every worker whole
+    partitions. Checked on the config and again by each worker (the default or recorded partitions)."""
+    if global_batch_size < num_partitions:
+        raise ValueError(f"train.global_batch_size={global_batch_size} is smaller than data.num_partitions="
+                         f"{num_partitions}: every partition gives at least one row to each global batch")
+    if num_workers > num_partitions:
+        raise ValueError(f"train.num_workers={num_workers} is more than data.num_partitions={num_partitions}: "
+                         "a worker takes whole partitions (raise data.num_partitions for a new run)")

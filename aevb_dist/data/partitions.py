@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
+from aevb_dist.config import check_partitioning
 from aevb_dist.data.reader import EpochStream, ParquetDataset, _concat, assign_row_groups
 from aevb_dist.data.schema import Batch
 
@@ -29,15 +30,6 @@ def partition_shares(global_batch_size: int, num_partitions: int) -> list[int]:
 
 def owned_partitions(rank: int, world_size: int, num_partitions: int) -> list[int]:
     return list(range(rank, num_partitions, world_size))
-
-
-def check_partitioning(num_partitions: int, global_batch_size: int, world_size: int) -> None:
-    if global_batch_size < num_partitions:
-        raise ValueError(f"train.global_batch_size={global_batch_size} is smaller than data.num_partitions="
-                         f"{num_partitions}: every partition gives at least one row to each global batch")
-    if world_size > num_partitions:
-        raise ValueError(f"{world_size} workers for data.num_partitions={num_partitions}: a worker takes whole "
-                         f"partitions, so at most {num_partitions} workers (raise data.num_partitions for a new run)")
 
 
 def partitioned_num_batches(dataset: ParquetDataset, *, num_partitions: int, global_batch_size: int, epoch: int,
