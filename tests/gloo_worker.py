@@ -25,3 +25,21 @@ def take_one_step(rank: int, world_size: int, port: int, overrides: list, rows: 
         dist.barrier()  # tear the group down together: a rank leaving early can abort its peer in gloo
     finally:
         dist.destroy_process_group()
+
+
+def stop_on_one_ranks_vote(rank: int, world_size: int, port: int, overrides: list, out: str) -> None:
+    """Only the last rank's probe turns true (at step 5): every rank must stop after the same step."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        trainer = Trainer(load_config(None, overrides), rank=rank, world_size=world_size)
+        if rank == world_size - 1:
+            trainer.stop_probe = lambda: trainer.state.step >= 5
+        saved = []
+        trainer.fit(on_log=lambda row: None, on_checkpoint=lambda state, row: saved.append(state["state"]["step"]))
+        torch.save({"step": trainer.state.step, "saved": saved, "stopped": trainer.stop_requested},
+                   os.path.join(out, f"stop{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -7,9 +7,10 @@ import torch.multiprocessing as mp
 
 from aevb_dist.config import load_config
 from aevb_dist.model.elbo import map_objective_sum, per_example_bound
-from aevb_dist.train.trainer import Trainer, step_generator
+from aevb_dist.train.step_setup import step_generator
+from aevb_dist.train.trainer import Trainer
 from tests.helpers import free_port, tiny_overrides
-from tests.gloo_worker import take_one_step
+from tests.gloo_worker import stop_on_one_ranks_vote, take_one_step
 
 pytestmark = pytest.mark.slow  # two processes in a real gloo group
 
@@ -46,3 +47,13 @@ def test_sum_reduced_gradient_is_the_global_mean_gradient(tiny_data, tmp_path, r
         else:  # bfloat16 keeps 8 significant bits of each rank's summed gradient (errors of 2⁻⁹ of its scale)
             torch.testing.assert_close(p1 - p0, g, rtol=2e-2, atol=1e-2 * g.abs().max().item())
         assert not torch.equal(p1, p0)
+
+
+def test_one_ranks_stop_vote_stops_every_rank_after_the_same_step(tiny_data, tmp_path):
+    """A preemption notice or a stop request seen by one rank only: the vote rides on the step's all-reduce,
+    so both ranks checkpoint step 6 and return (a rank that went on would hang its peer's next all-reduce)."""
+    overrides = tiny_overrides(tiny_data, str(tmp_path), **{"train.max_steps": 30, "checkpoint.every_steps": 4})
+    mp.spawn(stop_on_one_ranks_vote, args=(2, free_port(), overrides, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"stop{rank}.pt")
+        assert got == {"step": 6, "saved": [4, 6], "stopped": True}, (rank, got)

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES
 from aevb_dist.train.device_data import EpochPlan
 
 
@@ -39,10 +40,14 @@ class CapturedStep:
         self.words_N = torch.zeros_like(data.index_N)
         self.elbo_total = torch.zeros((), dtype=torch.float64, device=device)  # global ELBO sums since last read
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
+        # This rank's stop vote, set from the host when its probe turns true; the graph copies it into the
+        # flat buffer, and the reduced votes are read at log lines (where the host syncs anyway).
+        self.stop_vote = torch.zeros((), device=device)
         # The graph draws from the device's default generator (CUDA graphs replay it from its seed).
         self.generator = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" \
             else torch.default_generator
         self.graph = None
+        self.stop_vote_sent = False
 
     def load_epoch(self, plan: EpochPlan, words_N: torch.Tensor, start_batch: int) -> None:
         """Point the captured gather at a new epoch: the graph reads these buffers, so they are filled in place."""
@@ -58,14 +63,15 @@ class CapturedStep:
         tr = self.trainer
         flat = tr.flat
         flat.zero_()
+        flat[STOP_VOTES] = self.stop_vote
         positions_B = self.positions_NB.index_select(0, self.batch_no).squeeze(0)
         weight_B = self.weights_NB.index_select(0, self.batch_no).squeeze(0)
         tr.accumulate_gradients(tr.device_data.batch(positions_B, self.words_N), weight_B, weight_B.sum(), None)
         tr.reduce_step_sums()
-        grad_flat, global_elbo = flat[:-2], flat[-2]
+        grad_flat, global_elbo = flat[:-NUM_SCALARS], flat[ELBO_SUM]
         self.nonfinite_steps += (~torch.isfinite(global_elbo + grad_flat.sum())).long()
         self.elbo_total += global_elbo.double()
-        grad_flat.div_(flat[-1].clamp_min(1.0))
+        grad_flat.div_(flat[COUNT].clamp_min(1.0))
         tr.optimizer.step()
         self.batch_no += 1
 
@@ -100,6 +106,9 @@ class CapturedStep:
     def replay(self, step: int) -> None:
         """Step `step`: the graph, or before capture (and in tests on a CPU) the same computation eagerly."""
         self.generator.manual_seed(self.trainer.seed_of_step(step))
+        if not self.stop_vote_sent and self.trainer.stop_probe():
+            self.stop_vote.fill_(1.0)
+            self.stop_vote_sent = True
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -109,12 +118,13 @@ class CapturedStep:
 def fit_captured(trainer, on_log: Callable[[dict], None], on_checkpoint: Callable[[dict, dict], None],
                  capture: bool = True) -> dict:
     """Trainer.fit with the captured step; the same logging, checkpoints and data positions. With
-    capture=False the step runs uncaptured (the CPU tests of this loop)."""
+    capture=False the step runs uncaptured (the CPU tests of this loop). A stop request is seen at the next
+    log line (reading the reduced votes each step would sync the host with the GPU every step)."""
     s = trainer.state
     step = CapturedStep(trainer)
     window = trainer.new_window()
     row: dict = {}
-    while s.step < trainer.total_steps:
+    while s.step < trainer.total_steps and not trainer.stop_requested:
         trainer.advance_epoch_if_done()
         stream = trainer.epoch_stream(s.epoch, s.batch_in_epoch)
         step.load_epoch(trainer.device_data.plan(stream), trainer.device_data.epoch_words(s.epoch), s.batch_in_epoch)
@@ -129,7 +139,7 @@ def fit_captured(trainer, on_log: Callable[[dict], None], on_checkpoint: Callabl
             if trainer.wants_log():
                 _read_sums(trainer, step, window)
             row = trainer.after_step(window, on_log, on_checkpoint) or row
-            if s.step >= trainer.total_steps:
+            if s.step >= trainer.total_steps or trainer.stop_requested:
                 break
         if s.batch_in_epoch >= stream.num_batches:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
@@ -143,3 +153,4 @@ def _read_sums(trainer, step: CapturedStep, window: dict) -> None:
         trainer.raise_nonfinite(f"{bad} step(s) up to step {trainer.state.step} (captured CUDA graph step)")
     window["elbo"] = step.elbo_total.item()
     step.elbo_total.zero_()
+    trainer.stop_requested = trainer.stop_requested or trainer.flat[STOP_VOTES].item() > 0

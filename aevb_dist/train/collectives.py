@@ -1,4 +1,4 @@
-"""The two collectives of a step: sums of [gradients..., ELBO sum, count] and of evaluation sums.
+"""The two collectives of a step: sums of [gradients..., ELBO sum, count, stop votes] and of evaluation sums.
 
 Gradients are reduced as sums, never averaged (trainer.py says why); on CPU over gloo, on GPU over NCCL.
 """
@@ -9,6 +9,13 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+
+# The flat buffer's tail, after the gradients: the step's ELBO sum, its example count, and how many ranks ask
+# to stop after this step (a preemption notice, Ctrl-C or SIGTERM; trainer.py). The vote rides on the
+# gradients' all-reduce, so every rank learns it at the same step, at no cost.
+ELBO_SUM, COUNT, STOP_VOTES = -3, -2, -1
+NUM_SCALARS = 3
 
 
 def distributed() -> bool:
@@ -22,14 +29,14 @@ def all_reduce_sum(buffer: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_step_sums(flat: torch.Tensor, grad_dtype: Optional[torch.dtype]) -> None:
-    """Sum [gradients..., ELBO sum, count] across ranks in place. With `grad_dtype` (bfloat16) the
-    gradients travel compressed, in one all-reduce, and the two scalars in float64, so counts stay exact."""
+    """Sum [gradients..., ELBO sum, count, stop votes] across ranks in place. With `grad_dtype` (bfloat16) the
+    gradients travel compressed, in one all-reduce, and the scalars in float64, so counts stay exact."""
     if grad_dtype is None or not distributed():
         all_reduce_sum(flat)
         return
-    grads = flat[:-2].to(grad_dtype)
-    scalars = flat[-2:].double()
+    grads = flat[:-NUM_SCALARS].to(grad_dtype)
+    scalars = flat[-NUM_SCALARS:].double()
     dist.all_reduce(grads, op=dist.ReduceOp.SUM)
     dist.all_reduce(scalars, op=dist.ReduceOp.SUM)
-    flat[:-2].copy_(grads)
-    flat[-2:].copy_(scalars)
+    flat[:-NUM_SCALARS].copy_(grads)
+    flat[-NUM_SCALARS:].copy_(scalars)

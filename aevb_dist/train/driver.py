@@ -18,8 +18,9 @@ from aevb_dist.run_lease import LeaseHeld, RunLease
 from aevb_dist.run_log import MetricsTail, progress_line, read_metrics
 from aevb_dist.train.local_launcher import launch_local
 from aevb_dist.train.ray_launcher import launch_on_ray
+from aevb_dist.train import stop_request
 from aevb_dist.train.batches import BatchSource
-from aevb_dist.train.trainer import open_datasets
+from aevb_dist.train.step_setup import open_datasets
 
 
 def train(cfg: Config) -> dict:
@@ -38,13 +39,20 @@ def train(cfg: Config) -> dict:
         start_step = _announce_resume(cfg, run, steps)
         if start_step < steps:
             launch = launch_local if cfg.ray.local_mode else launch_on_ray
-            with ProgressPrinter(run, steps, start_step):
-                launch(cfg, run, train_data)
+            stop_request.clear(run)  # one left by an earlier run is not this run's
+            try:
+                with ProgressPrinter(run, steps, start_step), stop_request.maybe_stop_on_signals(run):
+                    launch(cfg, run, train_data)
+            finally:
+                stop_request.clear(run)
     finally:
         lease.release()
     rows = read_metrics(run.fs, run.file("metrics.csv"))
     last = rows[-1] if rows else {}
-    if start_step < steps:
+    if start_step < steps and last.get("step", 0) < steps:
+        say(f"stopped at step {last.get('step', 0)} of {steps}, with a checkpoint of it in {run.uri}; "
+            "run the same command again to resume")
+    elif start_step < steps:
         say(f"done: {run.uri} (step {last.get('step', 0)}, test ELBO {last.get('test_elbo', float('nan')):.2f})")
     return last
 

@@ -24,6 +24,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import select
+import signal
 import tempfile
 import threading
 import time
@@ -76,6 +77,8 @@ def _forget_ray_checkpoint_list(run: storage.Folder) -> None:
 def _worker(spec: WorkerSpec, error_dir: str, driver_pid: int) -> None:
     """One worker process: Ray Train's local-mode TorchTrainer around the cluster worker function."""
     _die_with_driver(driver_pid)
+    # Ctrl-C in a terminal reaches every process of the group; the driver answers it (stop_request.py).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = spec.config
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if not cfg.train.use_gpu:
@@ -168,6 +171,8 @@ def _launch(spec: WorkerSpec, num_workers: int, tmp: str) -> None:
         min_nodes=1, max_nodes=1, nproc_per_node=num_workers, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1", max_restarts=0,
         monitor_interval=0.1, start_method="forkserver",
+        # SIGINT and SIGTERM stay the driver's (stop_request.stop_on_signals): the agent must not take them over.
+        signals_to_handle="SIGHUP,SIGQUIT",
         logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))
     elastic_launch(launch, _worker)(spec, os.path.join(tmp, "errors"), os.getpid())
 

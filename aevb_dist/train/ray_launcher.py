@@ -4,11 +4,18 @@ Ray Train places the workers, joins them into a gloo (NCCL with GPUs) group and 
 group up to `train.max_failures` times. Checkpoints do not go through Ray Train: rank 0 writes
 them into the run folder itself, retried through storage outages (`run_folder_sink`), and a
 restarted group resumes from the newest verified one there.
+
+Preemption: Ray Train's watcher marks every worker when a node of the group is being drained for
+preemption (a spot reclaim; `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`). The workers then
+checkpoint the next step and wait for the reclaim: Ray Train restarts the group at the deadline, on the
+nodes that remain (elastic) or when a replacement joins, from that checkpoint, so no step is lost.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+import time
 
 from aevb_dist import storage
 from aevb_dist.config import Config
@@ -20,6 +27,9 @@ from aevb_dist.train.worker import WorkerSpec, run_worker
 
 # How often an elastic run looks for room to grow back (Ray's default is 60 s); growing is a restart.
 ELASTIC_CHECK_S = 10.0
+# How long past a preemption deadline a checkpointed worker waits for Ray Train to restart the group
+# (its controller does so at the deadline, or 120 s after the notice when the notice has none).
+RECLAIM_WAIT_S = 300.0
 
 
 def train_on_ray(spec: WorkerSpec) -> None:
@@ -27,8 +37,42 @@ def train_on_ray(spec: WorkerSpec) -> None:
     folder by rank 0 (retried through storage outages, in the background) and metrics reported to Ray."""
     cfg = spec.config
     sink = WriteThenReport(spec.run, cfg.checkpoint.keep_last, cfg.run.storage_retry_s)
-    run_worker(spec, sink)
+    notice = PreemptionNotice()
+    stopped = run_worker(spec, sink, preemption_notice=notice)
     sink.wait()  # the last checkpoint is in the run folder before the worker reports success
+    if stopped == "preempted":
+        notice.wait_for_reclaim()
+
+
+class PreemptionNotice:
+    """Whether Ray Train's preemption watcher has marked this worker: read from the worker's own context at
+    every step. (`ray.train.get_preemption_info()` is a barrier through Ray's actors at each call; our ranks
+    agree through the step's all-reduce instead, `collectives.STOP_VOTES`.) An internal attribute of
+    Ray Train 2.60: where it is missing, no notice is ever seen and a preemption costs the steps since
+    the last checkpoint, as a node failure does."""
+
+    def __init__(self):
+        try:
+            from ray.train.v2._internal.execution.context import get_train_context
+
+            self._context = get_train_context().preemption_context
+        except Exception:
+            self._context = None
+
+    def info(self):
+        return getattr(self._context, "preemption_info", None)
+
+    def __call__(self) -> bool:
+        return self.info() is not None
+
+    def wait_for_reclaim(self) -> None:
+        """Returning now would end the run as finished: wait until Ray Train restarts the group."""
+        deadline_ms = getattr(self.info(), "deadline_ms", None)
+        until = max(time.time(), (deadline_ms or 0) / 1000) + RECLAIM_WAIT_S
+        while time.time() < until:
+            time.sleep(1.0)
+        raise RuntimeError(f"a preemption notice stopped training, but Ray Train did not restart the group "
+                           f"within {RECLAIM_WAIT_S:g} s of its deadline")
 
 
 def launch_on_ray(cfg: Config, run: storage.Folder, train_data: ParquetDataset) -> None:
@@ -51,14 +95,36 @@ def launch_on_ray(cfg: Config, run: storage.Folder, train_data: ParquetDataset) 
             torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo", timeout_s=300),
             scaling_config=_scaling(cfg, cpus),
             run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                                 # a preemption restarts the group however often it happens
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                                                              max_preemption_failures=-1)),
         )
         try:
-            trainer.fit()
+            _fit_off_the_main_thread(trainer)
         except ray.train.TrainingFailedError as err:
             raise _user_error(err) from None
     finally:
         stop_ray(started)
+
+
+def _fit_off_the_main_thread(trainer) -> None:
+    """TorchTrainer.fit() called from the main thread takes SIGINT over (Ctrl-C aborts the run, losing the
+    steps since the last checkpoint); from another thread it leaves the driver's handler in place
+    (stop_request: a checkpoint at the next step). The main thread waits, and takes the signals."""
+    failed: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - raised again on the main thread
+            failed.append(err)
+
+    runner = threading.Thread(target=fit, name="aevb-ray-train-fit", daemon=True)
+    runner.start()
+    while runner.is_alive():
+        runner.join(0.2)
+    if failed:
+        raise failed[0]
 
 
 def _scaling(cfg: Config, cpus: float):

@@ -22,7 +22,6 @@ from typing import Callable, Optional
 
 import torch
 
-from aevb_dist import names
 from aevb_dist.config import Config
 from aevb_dist.data.binarization import eval_binarization, train_binarization
 from aevb_dist.data.reader import ParquetDataset, assign_row_groups, to_model_input
@@ -32,8 +31,10 @@ from aevb_dist.model.noise import SegmentedNoise
 from aevb_dist.model.vae import VAE
 from aevb_dist.train.batches import BatchSource, Segments, Stream
 from aevb_dist.train.captured_step import fit_captured
-from aevb_dist.train.collectives import all_reduce_step_sums, all_reduce_sum
+from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES, all_reduce_step_sums, all_reduce_sum
 from aevb_dist.train.device_data import DeviceData
+from aevb_dist.train.step_setup import (autocast_networks, build_optimizer, open_datasets, step_generator,
+                                        step_seed)
 
 
 @dataclass
@@ -50,60 +51,15 @@ class NonFiniteError(ValueError):
     pass
 
 
-OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-names.require_registry("optimizer", names.OPTIMIZERS, OPTIMIZERS)
-
-
-def build_optimizer(params, name: str, lr: float, on_gpu: bool = False) -> torch.optim.Optimizer:
-    """`on_gpu`: Adam is the fused implementation (one kernel for every parameter where the foreach one
-    takes several, measured on an H100), capturable (its step count on the device, so a CUDA graph replays it)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optim.name={name!r} is not one of: {', '.join(OPTIMIZERS)}")
-    gpu_adam = {"fused": True, "capturable": True} if on_gpu and name == "adam" else {}
-    return OPTIMIZERS[name](params, lr=lr, **gpu_adam)
-
-
-def autocast_networks(vae: VAE, device: torch.device) -> None:
-    """bf16 autocast for the encoder's and decoder's matrix products only: their outputs return to float32,
-    so the noise ε, the likelihood, the KL and every sum stay float32."""
-    for network in (vae.encoder, vae.decoder):
-        def forward(x, _inner=network.forward):
-            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):  # CUDA-graph safe
-                out = _inner(x)
-            return out.float()
-        network.forward = forward
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of step `step`'s noise on `rank` (or, in a global-batch run, of a data partition)."""
-    return (seed * 1_000_003 + step) * 4099 + rank
-
-
-def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(step_seed(seed, step, rank))
-    return gen
-
-
-def open_datasets(cfg: Config, train_description: Optional[dict] = None
-                  ) -> tuple[ParquetDataset, Optional[ParquetDataset]]:
-    """The training and test sets; the training set from `train_description` (the driver's) where given."""
-    endpoint = cfg.run.s3_endpoint_url
-    if not cfg.data.train_uri:
-        raise ValueError("data.train_uri is empty; point it at a dataset made by `aevb-dist prepare`")
-    train = ParquetDataset(cfg.data.train_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint,
-                           description=train_description)
-    test = ParquetDataset(cfg.data.test_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint) \
-        if cfg.data.test_uri else None
-    return train, test
-
-
 class Trainer:
     """One rank's view of data-parallel training."""
 
     def __init__(self, cfg: Config, *, rank: int = 0, world_size: int = 1, device: str = "cpu",
-                 train_description: Optional[dict] = None):
+                 train_description: Optional[dict] = None, stop_probe: Callable[[], bool] = lambda: False):
+        """`stop_probe()`: whether this rank asks to stop after the current step (read every step: a flag, no I/O)."""
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.stop_probe = stop_probe
+        self.stop_requested = False  # some rank asked: the step just taken is checkpointed and fit() returns
         self.device = torch.device(device)
         self.train_data, self.test_data = open_datasets(cfg, train_description)
         # Initial parameters from the seed: identical on every rank. No input checks in the step:
@@ -121,10 +77,10 @@ class Trainer:
         # torch.compile traces the bound once per shape; the noise draws stay eager (graph breaks).
         self.bound_sum = torch.compile(self._bound_sum) if cfg.train.compile else self._bound_sum
         self.params = list(self.vae.parameters())
-        # One flat buffer holds every gradient (as views), then the ELBO sum and the example count:
+        # One flat buffer holds every gradient (as views), then the ELBO sum, the example count and the stop votes:
         # backward accumulates straight into it and a single in-place all-reduce sums it, with no
         # per-step copies (what DDP calls gradient_as_bucket_view).
-        self.flat = torch.zeros(sum(p.numel() for p in self.params) + 2, device=self.device)
+        self.flat = torch.zeros(sum(p.numel() for p in self.params) + NUM_SCALARS, device=self.device)
         offset = 0
         for p in self.params:
             p.grad = self.flat[offset:offset + p.numel()].view_as(p)
@@ -203,8 +159,8 @@ class Trainer:
         elbo_sum = self.bound_sum(x_BD, weight_B, generator)
         objective = map_objective_sum(elbo_sum, self.vae, t.theta_prior_std, count, self.train_data.num_rows)
         (-objective).backward()
-        self.flat[-2] = elbo_sum.detach()
-        self.flat[-1] = count
+        self.flat[ELBO_SUM] = elbo_sum.detach()
+        self.flat[COUNT] = count
 
     def reduce_step_sums(self) -> None:
         all_reduce_step_sums(self.flat, self._grad_comm_dtype)
@@ -231,9 +187,11 @@ class Trainer:
         flat.zero_()  # an empty batch contributes zero gradients, a zero ELBO sum and a zero count
         if count:
             self.accumulate_gradients(x_BD, None, count, self._noise(segments))
+        flat[STOP_VOTES] = float(self.stop_probe())
         self.reduce_step_sums()
-        global_elbo, global_count = flat[-2:].tolist()
-        grad_flat = flat[:-2]
+        global_elbo, global_count, stop_votes = flat[-NUM_SCALARS:].tolist()
+        self.stop_requested = self.stop_requested or stop_votes > 0
+        grad_flat = flat[:-NUM_SCALARS]
         # One reduction: a NaN or inf anywhere makes the sum non-finite.
         if not (math.isfinite(global_elbo) and math.isfinite(grad_flat.sum().item())):
             return self._nonfinite(index_B, global_elbo)
@@ -282,13 +240,14 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, on_log: Callable[[dict], None], on_checkpoint: Callable[[dict, dict], None]) -> dict:
         """Train to the configured length. `on_log(row)` after each log interval (every rank);
-        `on_checkpoint(state_dict, row)` at checkpoint steps and at the end (every rank, same steps)."""
+        `on_checkpoint(state_dict, row)` at checkpoint steps and at the end (every rank, same steps), and
+        at the step where a rank asked to stop (then fit returns there, with `stop_requested` set)."""
         if self.graphed:
             return fit_captured(self, on_log, on_checkpoint)
         s = self.state
         window = self.new_window()
         row: dict = {}
-        while s.step < self.total_steps:
+        while s.step < self.total_steps and not self.stop_requested:
             self.advance_epoch_if_done()
             stream = self.epoch_stream(s.epoch, s.batch_in_epoch)
             for x_BD, index_B, segments in self.source.batches(stream):
@@ -298,7 +257,7 @@ class Trainer:
                     window["elbo"] += elbo
                     window["count"] += count
                 row = self.after_step(window, on_log, on_checkpoint) or row
-                if s.step >= self.total_steps:
+                if s.step >= self.total_steps or self.stop_requested:
                     break
             if s.batch_in_epoch >= stream.num_batches:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
@@ -320,7 +279,7 @@ class Trainer:
         """Log and checkpoint when the step just taken calls for it; returns the logged row, if any."""
         s = self.state
         row = self._maybe_log(window, on_log)
-        if s.step % self.cfg.checkpoint.every_steps == 0 or s.step >= self.total_steps:
+        if s.step % self.cfg.checkpoint.every_steps == 0 or s.step >= self.total_steps or self.stop_requested:
             self.check_parameters_finite()
             on_checkpoint(self.state_dict(), row)
         return row
@@ -329,11 +288,12 @@ class Trainer:
         """Whether the step just taken ends a log interval. Step 1 is always logged: the user sees the
         first step at once, and benchmarks time it."""
         s = self.state
-        return s.step % self.cfg.train.log_every_steps == 0 or s.step >= self.total_steps or s.step == 1
+        return (s.step % self.cfg.train.log_every_steps == 0 or s.step >= self.total_steps or s.step == 1
+                or self.stop_requested)
 
     def _maybe_log(self, window: dict, on_log: Callable[[dict], None]) -> dict:
         t, s = self.cfg.train, self.state
-        last = s.step >= self.total_steps
+        last = s.step >= self.total_steps  # (a stop is not the end: no test-set pass before its checkpoint)
         if not self.wants_log():
             return {}
         now = time.perf_counter()

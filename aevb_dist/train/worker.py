@@ -6,6 +6,9 @@ size and the process group come from Ray Train's context either way. The worker 
 the newest checkpoint in the run folder whose manifest verifies (so an upload cut off part way
 is skipped in favour of the last good one), trains, writes metrics.csv on rank 0, and gives each
 checkpoint to the sink. Where a checkpoint goes is the sink's business, never the worker's.
+
+It stops early, after the checkpoint of the step where it stopped, when a rank asks to: rank 0 when the
+driver asked (Ctrl-C / SIGTERM: `stop_request`), any rank when the launcher's `preemption_notice` says so.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import math
 import tempfile
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -21,6 +24,7 @@ from aevb_dist import checkpoint, storage
 from aevb_dist.config import Config, to_dict
 from aevb_dist.console import say
 from aevb_dist.run_log import RunLog
+from aevb_dist.train.stop_request import StopRequestWatch
 from aevb_dist.train.trainer import Trainer
 
 
@@ -41,7 +45,10 @@ class CheckpointSink(Protocol):
         call returns (a sink that uploads later copies it first); None elsewhere."""
 
 
-def run_worker(spec: WorkerSpec, sink: CheckpointSink) -> None:
+def run_worker(spec: WorkerSpec, sink: CheckpointSink,
+               preemption_notice: Callable[[], bool] = lambda: False) -> Optional[str]:
+    """Train to the end (returns None), or stop early after a checkpoint: returns "preempted" when this rank
+    got a preemption notice, "requested" when the driver asked (then the sink may still be uploading)."""
     import ray.train
 
     cfg = spec.config
@@ -50,8 +57,10 @@ def run_worker(spec: WorkerSpec, sink: CheckpointSink) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     # Ray Train makes the worker's GPU torch's current device, on a cluster and in local mode alike.
     device = f"cuda:{torch.cuda.current_device()}" if cfg.train.use_gpu else "cpu"
-    trainer = Trainer(cfg, rank=rank, world_size=world_size, device=device, train_description=spec.train_description)
     run = spec.run
+    watch: Optional[StopRequestWatch] = None  # rank 0's, started with the loop (the probe reads it then)
+    trainer = Trainer(cfg, rank=rank, world_size=world_size, device=device, train_description=spec.train_description,
+                      stop_probe=lambda: preemption_notice() or (watch is not None and watch.requested))
     newest = checkpoint.latest(run.fs, run.path)
     if newest is not None:
         note = trainer.load_state_dict(checkpoint.load(run.fs, newest, map_location=device))
@@ -59,10 +68,18 @@ def run_worker(spec: WorkerSpec, sink: CheckpointSink) -> None:
             say(f"warning: {note}")
     log = RunLog(run, resume_step=trainer.state.step, total_steps=trainer.total_steps,
                  retry_s=cfg.run.storage_retry_s) if rank == 0 else None
-    trainer.fit(on_log=log.append if log is not None else lambda row: None,
-                on_checkpoint=lambda state, row: _save(cfg, rank, state, row, log, sink))
+    watch = StopRequestWatch(run) if rank == 0 else None
+    try:
+        trainer.fit(on_log=log.append if log is not None else lambda row: None,
+                    on_checkpoint=lambda state, row: _save(cfg, rank, state, row, log, sink))
+    finally:
+        if watch is not None:
+            watch.close()
     if log is not None:
         log.close()
+    if not trainer.stop_requested:
+        return None
+    return "preempted" if preemption_notice() else "requested"
 
 
 def _save(cfg: Config, rank: int, state: dict, row: dict, log: Optional[RunLog], sink: CheckpointSink) -> None:

@@ -1,0 +1,61 @@
+"""What the Trainer builds before its first step: the datasets, the optimizer, bf16 autocast of the
+networks, and the seed rule of each step's noise. No Ray here."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from aevb_dist import names
+from aevb_dist.config import Config
+from aevb_dist.data.reader import ParquetDataset
+from aevb_dist.model.vae import VAE
+
+
+OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+names.require_registry("optimizer", names.OPTIMIZERS, OPTIMIZERS)
+
+
+def build_optimizer(params, name: str, lr: float, on_gpu: bool = False) -> torch.optim.Optimizer:
+    """`on_gpu`: Adam is the fused implementation (one kernel for every parameter where the foreach one
+    takes several, measured on an H100), capturable (its step count on the device, so a CUDA graph replays it)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={name!r} is not one of: {', '.join(OPTIMIZERS)}")
+    gpu_adam = {"fused": True, "capturable": True} if on_gpu and name == "adam" else {}
+    return OPTIMIZERS[name](params, lr=lr, **gpu_adam)
+
+
+def autocast_networks(vae: VAE, device: torch.device) -> None:
+    """bf16 autocast for the encoder's and decoder's matrix products only: their outputs return to float32,
+    so the noise ε, the likelihood, the KL and every sum stay float32."""
+    for network in (vae.encoder, vae.decoder):
+        def forward(x, _inner=network.forward):
+            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):  # CUDA-graph safe
+                out = _inner(x)
+            return out.float()
+        network.forward = forward
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of step `step`'s noise on `rank` (or, in a global-batch run, of a data partition)."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(step_seed(seed, step, rank))
+    return gen
+
+
+def open_datasets(cfg: Config, train_description: Optional[dict] = None
+                  ) -> tuple[ParquetDataset, Optional[ParquetDataset]]:
+    """The training and test sets; the training set from `train_description` (the driver's) where given."""
+    endpoint = cfg.run.s3_endpoint_url
+    if not cfg.data.train_uri:
+        raise ValueError("data.train_uri is empty; point it at a dataset made by `aevb-dist prepare`")
+    train = ParquetDataset(cfg.data.train_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint,
+                           description=train_description)
+    test = ParquetDataset(cfg.data.test_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint) \
+        if cfg.data.test_uri else None
+    return train, test

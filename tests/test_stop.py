@@ -1,0 +1,77 @@
+"""Ctrl-C or SIGTERM of `aevb-dist train`: the workers checkpoint the next step and the command exits, saying
+so; a rerun resumes from that step and ends bit for bit where an uninterrupted run ends. (A preemption
+notice on a Ray node: tests/test_multinode.py.)"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from aevb_dist import checkpoint, storage
+from aevb_dist.config import load_config
+from aevb_dist.train.driver import train
+from tests.faults import SLOW, logged_step, wait_for
+from tests.helpers import SMOKE, assert_bitwise_equal, final_state, tiny_overrides
+
+pytestmark = pytest.mark.slow  # worker processes, and the embedded Ray
+
+LOCAL = {"ray.local_mode": "true", "train.num_workers": 2}
+
+
+def _start(overrides: list[str]) -> subprocess.Popen:
+    """`aevb-dist train` in a session of its own, as in a terminal: a signal to its process group reaches
+    the driver and every process it started."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen([sys.executable, "-m", "aevb_dist", "train", SMOKE, *overrides], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _stopped_run(overrides: list[str], run_dir: str, send) -> tuple[str, int, int]:
+    """Start a run, signal it (send(proc)) once it has logged step 20, and return (stderr, the step logged
+    when the signal went, the step of its newest checkpoint)."""
+    proc = _start(overrides)
+    try:
+        wait_for(lambda: logged_step(run_dir) >= 20 or proc.poll() is not None, timeout=240)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        seen = logged_step(run_dir)
+        send(proc)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    fs, path = storage.resolve(run_dir)
+    return err, seen, checkpoint.manifest_step(fs, checkpoint.latest(fs, path))
+
+
+@pytest.mark.parametrize("launcher,signum", [("local-mode", signal.SIGTERM), ("embedded-ray", signal.SIGINT)])
+def test_a_signal_checkpoints_the_next_step_and_a_rerun_ends_bit_for_bit(tiny_data, tmp_path, launcher, signum):
+    """SIGTERM to the command (what a scheduler sends), or Ctrl-C to its process group (what a terminal does:
+    the workers get it too, and leave it to the driver)."""
+    local = launcher == "local-mode"
+    extra = {**SLOW, **LOCAL, "ray.local_mode": str(local).lower(), "checkpoint.every_steps": 500}
+    overrides = tiny_overrides(tiny_data, str(tmp_path), **extra)
+
+    def send(proc):
+        if local:
+            proc.send_signal(signum)
+        else:
+            os.killpg(proc.pid, signum)
+
+    err, seen, saved = _stopped_run(overrides + ["run.name=stopped"], f"{tmp_path}/stopped", send)
+    name = signal.Signals(signum).name
+    assert f"{name}: stopping after the next step" in err, err[-3000:]
+    # Within a poll of the request (2 s) and a step of it: far from a checkpoint interval (500 steps).
+    assert seen <= saved < 500, (seen, saved)
+    assert f"stopped at step {saved} of 600, with a checkpoint of it" in err and "Traceback" not in err
+    assert logged_step(f"{tmp_path}/stopped") == saved  # metrics.csv ends at the checkpoint: nothing to redo
+    fs, path = storage.resolve(f"{tmp_path}/stopped")
+    assert not fs.exists(f"{path}/stop_request.json")  # answered, and removed
+    end = ["train.max_steps=" + str(saved + 12)]
+    train(load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path), **{**extra, "ray.local_mode": "true"})
+                      + ["run.name=stopped"] + end))
+    train(load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path), **{**extra, "ray.local_mode": "true"})
+                      + ["run.name=straight"] + end))
+    assert_bitwise_equal(final_state(f"{tmp_path}/straight"), final_state(f"{tmp_path}/stopped"))
