@@ -39,7 +39,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     prepare(args.source, args.output_uri, fmt=args.format, num_shards=args.num_shards, split=args.split,
             overwrite=args.overwrite, rows_per_row_group=args.rows_per_row_group, seed=args.seed,
-            test_fraction=args.test_fraction)
+            test_fraction=args.test_fraction, value_range=args.value_range)
     return 0
 
 
@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test share for sources without a split (Frey Face, .npy), default 0.1")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split for sources without one")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at OUTPUT_URI")
+    p.add_argument("--value-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="the pixels' full scale, mapped to [0, 1] (default: 0/1 data is binary, uint8 is 0 255, "
+                        "floats in [0, 1] stay; other integers must say it)")
     p.set_defaults(func=_cmd_prepare)
 
     def add_cluster_args(p: argparse.ArgumentParser, workers: bool = True) -> None:

@@ -21,6 +21,7 @@ from aevb_dist import names, storage
 from aevb_dist.data import sources
 from aevb_dist.data.index import INDEX_NAME, index_bytes
 from aevb_dist.data.reader import pixel_width
+from aevb_dist.data.value_range import decide_value_range
 from aevb_dist.data.schema import (INDEX, LABEL, META_CHECKSUM, META_RANGE, META_SHAPE, META_SOURCE, PIXELS,
                                    metadata_checksum)
 
@@ -65,29 +66,6 @@ def load_splits(source: str, fmt: str, wanted: list[str], test_fraction: float, 
                                 rows[name].astype(np.int64)) for name in wanted}
 
 
-def value_range(images: np.ndarray, where: str) -> tuple[float, float]:
-    """The range the reader maps to [0, 1]: the dtype's for integers, [0, 1] or the data's own for floats."""
-    if images.size == 0:
-        raise ValueError(f"{where}: the dataset is empty")
-    if np.issubdtype(images.dtype, np.integer):
-        if images.dtype == np.uint8:
-            return 0.0, 255.0
-        lo, hi = int(images.min()), int(images.max())
-        if lo < 0:
-            raise ValueError(f"{where}: integer pixels must be >= 0, found {lo}")
-        return 0.0, float(max(hi, 1))
-    if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"{where}: pixels must be numbers, got dtype {images.dtype}")
-    if not np.isfinite(images).all():
-        raise ValueError(f"{where}: the data contain NaN or inf values")
-    lo, hi = float(images.min()), float(images.max())
-    if lo >= 0.0 and hi <= 1.0:
-        return 0.0, 1.0
-    if hi == lo:
-        raise ValueError(f"{where}: every value equals {lo}; nothing to learn")
-    return lo, hi
-
-
 def _table(split: sources.Split, rows: slice, metadata: dict[bytes, bytes]) -> pa.Table:
     images = split.images[rows]
     flat = images.reshape(images.shape[0], -1)
@@ -106,9 +84,9 @@ def _table(split: sources.Split, rows: slice, metadata: dict[bytes, bytes]) -> p
 
 
 def _write_split(fs, folder: str, name: str, split: sources.Split, fmt: str, num_shards: int,
-                 rows_per_row_group: int, report: Callable[[str], None]) -> int:
+                 rows_per_row_group: int, value_range: tuple[float, float], report: Callable[[str], None]) -> int:
     n = split.images.shape[0]
-    lo, hi = value_range(split.images, f"{name} split")
+    lo, hi = value_range
     shape, value_range_json = json.dumps(list(split.images.shape[1:])).encode(), json.dumps([lo, hi]).encode()
     metadata = {META_SHAPE: shape, META_RANGE: value_range_json, META_SOURCE: fmt.encode(),
                 META_CHECKSUM: metadata_checksum(shape, value_range_json)}
@@ -131,8 +109,10 @@ def _write_split(fs, folder: str, name: str, split: sources.Split, fmt: str, num
 
 def prepare(source: str, output_uri: str, *, fmt: str = "auto", num_shards: int = 4, split: str = "both",
             overwrite: bool = False, rows_per_row_group: int = 1000, seed: int = 0, test_fraction: float = 0.1,
-            endpoint_url: Optional[str] = None, report: Callable[[str], None] = _stderr) -> dict[str, int]:
-    """Convert `source` into sharded Parquet at `output_uri`; returns rows written per split."""
+            endpoint_url: Optional[str] = None, value_range: Optional[tuple[float, float]] = None,
+            report: Callable[[str], None] = _stderr) -> dict[str, int]:
+    """Convert `source` into sharded Parquet at `output_uri`; returns rows written per split. `value_range`:
+    the pixels' full scale (LO, HI), when the data cannot tell it (data/value_range.py)."""
     if num_shards < 1:
         raise ValueError(f"--num-shards={num_shards} must be at least 1")
     if rows_per_row_group < 1:
@@ -148,11 +128,14 @@ def prepare(source: str, output_uri: str, *, fmt: str = "auto", num_shards: int 
         raise PermissionError(f"source not readable: {source}")
     fmt = detect_format(source) if fmt == "auto" else fmt
     splits = load_splits(source, fmt, wanted, test_fraction, seed)
+    lo, hi, why = decide_value_range([s.images for s in splits.values()], source, value_range)
+    report(f"prepare: value range [{lo:g}, {hi:g}] ({why}); the reader maps it to [0, 1]")
 
     counts = {}
     with storage.replace_folder(fs, root) as staging:
         for name, data in splits.items():
-            counts[name] = _write_split(fs, f"{staging}/{name}", name, data, fmt, num_shards, rows_per_row_group, report)
+            counts[name] = _write_split(fs, f"{staging}/{name}", name, data, fmt, num_shards, rows_per_row_group,
+                                        (lo, hi), report)
     report(f"prepare: wrote {', '.join(f'{k} {v:,} rows' for k, v in counts.items())} to {output_uri}")
     return counts
 

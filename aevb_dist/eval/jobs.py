@@ -17,6 +17,7 @@ from aevb_dist import names, storage
 from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes, saved_eval_binarization
 from aevb_dist.console import Progress, say
 from aevb_dist.data.reader import ParquetDataset
+from aevb_dist.data.value_range import refuse_nearly_blank
 from aevb_dist.eval.evaluation import Sums, encode_units, evaluate_units
 from aevb_dist.model.vae import VAE
 from aevb_dist.uri import absolute_uri
@@ -84,6 +85,7 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
     state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
     vae, saved = model_from_bytes(state_bytes, folder)
     dataset = _open(data_uri, vae, endpoint_url)
+    refuse_nearly_blank(dataset, vae.likelihood.name, data_uri)
     if estimator == "is" and vae.posterior.support != "real":
         say(f"warning: q(z|x) is {vae.posterior.name}, supported on the {vae.posterior.support} values only, while "
             "p(z|x) covers the real line: importance sampling then estimates a lower bound on log p(x), not log "
