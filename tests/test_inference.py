@@ -113,6 +113,30 @@ def test_plot_writes_pngs_including_the_2d_manifold(trained, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
 
+def test_image_grids_are_readable_at_any_image_size_and_in_color(tmp_path):
+    """8×8 digits drawn at >= 48 screen pixels a tile (the figure once drew them 16 pixels wide), tiles parted
+    by gray lines, and [3, H, W] images in color."""
+    import matplotlib.image
+
+    from aevb_dist.eval.plotting import BORDER_PX, MIN_TILE_PX, image_grid
+
+    digits = np.zeros((100, 64), dtype=np.float32)
+    digits[:, 27:29] = 1.0  # two white pixels in the middle of each 8×8 tile
+    write_figure(image_grid(digits, [8, 8], 10, "digits"), str(tmp_path / "digits.png"))
+    png = matplotlib.image.imread(tmp_path / "digits.png")
+    assert png.shape[1] >= 10 * (MIN_TILE_PX + BORDER_PX)
+    gray = np.abs(png[..., :3] - 0.5).max(axis=2) < 0.01
+    assert gray.sum(axis=0).max() > 0.9 * 10 * MIN_TILE_PX  # whole columns of border between tiles
+    color = np.zeros((4, 3, 5, 5), dtype=np.float32)
+    color[:, 0] = 1.0  # red channel, channels first
+    color[1, 0], color[1, 2] = 0.0, 1.0  # the second image blue
+    write_figure(image_grid(color.reshape(4, -1), [3, 5, 5], 2, "color"), str(tmp_path / "color.png"))
+    rgb = matplotlib.image.imread(tmp_path / "color.png")[..., :3].reshape(-1, 3)
+    reds = (rgb[:, 0] > 0.9) & (rgb[:, 1] < 0.1) & (rgb[:, 2] < 0.1)
+    blues = (rgb[:, 2] > 0.9) & (rgb[:, 0] < 0.1) & (rgb[:, 1] < 0.1)
+    assert reds.sum() >= 3 * MIN_TILE_PX ** 2 * 0.9 and blues.sum() >= MIN_TILE_PX ** 2 * 0.9
+
+
 def test_gradient_variance_of_a_b_and_iwae(trained, tmp_path):
     vae, _ = model_from_bytes(load_checkpoint_bytes(trained["run"])[0])
     x = torch.from_numpy(binarize(ParquetDataset(trained["train"]).read_all(), "static", seed=0, epoch=0).x[:50])

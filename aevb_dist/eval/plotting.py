@@ -17,7 +17,7 @@ from aevb_dist.run_log import read_metrics
 
 def _figure_bytes(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     return buf.getvalue()
 
 
@@ -78,19 +78,55 @@ def write_figure(fig, uri: str, endpoint_url: Optional[str] = None) -> str:
     return path
 
 
+# Each tile is drawn at least this many screen pixels wide and high (an 8×8 digit drawn 16 pixels wide,
+# as the figure sized for 28×28 images did, is a striped texture in which no digit can be recognised).
+MIN_TILE_PX = 48
+BORDER_PX = 2
+DPI = 110
+
+
+def to_pixels(images: np.ndarray, shape: list[int]) -> np.ndarray:
+    """Flat rows → [N, H, W, C] with C = 1 (gray) or 3 (color); a [C, H, W] or [H, W, C] shape with C = 3 is
+    color, a flat shape is one row of pixels."""
+    n = len(images)
+    if len(shape) == 3 and shape[0] in (1, 3):  # channels first
+        return images.reshape(n, *shape).transpose(0, 2, 3, 1)
+    if len(shape) == 3 and shape[2] in (1, 3):
+        return images.reshape(n, *shape)
+    h, w = (shape[0], shape[1]) if len(shape) == 2 else (1, int(np.prod(shape)))
+    return images.reshape(n, h, w, 1)
+
+
+def tile_canvas(pixels: np.ndarray, cols: int) -> np.ndarray:
+    """Tiles of [N, H, W, C], each scaled up by a whole factor to at least MIN_TILE_PX screen pixels, separated
+    by BORDER_PX lines of mid gray: [rows, cols] of tiles as one RGB image."""
+    n, h, w, c = pixels.shape
+    scale = max(1, math.ceil(MIN_TILE_PX / min(h, w)))
+    tiles = np.repeat(np.repeat(np.clip(pixels, 0, 1), scale, axis=1), scale, axis=2)
+    tiles = np.repeat(tiles, 3, axis=3) if c == 1 else tiles
+    th, tw = h * scale, w * scale
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * (th + BORDER_PX) + BORDER_PX, cols * (tw + BORDER_PX) + BORDER_PX, 3), 0.5,
+                     dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        top, left = BORDER_PX + r * (th + BORDER_PX), BORDER_PX + col * (tw + BORDER_PX)
+        canvas[top:top + th, left:left + tw] = tiles[i]
+    return canvas
+
+
 def image_grid(images: np.ndarray, shape: list[int], cols: int, title: str):
+    """A grid of images at one screen pixel per canvas pixel (the figure is sized to the canvas)."""
     import matplotlib.pyplot as plt
 
-    h, w = (shape + [1])[:2] if len(shape) >= 2 else (1, shape[0])
-    rows = math.ceil(len(images) / cols)
-    canvas = np.ones((rows * h, cols * w), dtype=np.float32)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img.reshape(h, w)
-    fig, ax = plt.subplots(figsize=(cols * w / 28 * 0.6 + 1, rows * h / 28 * 0.6 + 0.6))
-    ax.imshow(np.clip(canvas, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    canvas = tile_canvas(to_pixels(images, shape), cols)
+    height, width = canvas.shape[:2]
+    title_px = 30
+    fig = plt.figure(figsize=(width / DPI, (height + title_px) / DPI), dpi=DPI)
+    ax = fig.add_axes((0, 0, 1, height / (height + title_px)))
+    ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
-    ax.set_title(title)
+    fig.suptitle(title, y=1 - 0.15 * title_px / (height + title_px), fontsize=9)
     return fig
 
 
