@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-from aevb_dist.config import check_partitioning
+from aevb_dist.config_checks import check_partitioning
 from aevb_dist.data.reader import EpochStream, ParquetDataset, _concat, assign_row_groups
 from aevb_dist.data.schema import Batch
 

@@ -9,7 +9,8 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from aevb_dist.config import Config, check_partitioning
+from aevb_dist.config import Config
+from aevb_dist.config_checks import check_partitioning
 from aevb_dist.data.partitions import PartitionedEpoch, partitioned_num_batches
 from aevb_dist.data.reader import EpochStream, ParquetDataset
 

@@ -7,6 +7,7 @@ and `run.name` continues from the newest complete checkpoint in the run folder.
 from __future__ import annotations
 
 import _thread
+import dataclasses
 import sys
 import threading
 from typing import Optional
@@ -15,6 +16,7 @@ from aevb_dist import checkpoint, storage
 from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml
 from aevb_dist.console import first_line, say
 from aevb_dist.data.value_range import refuse_nearly_blank
+from aevb_dist.model.vae import VAE
 from aevb_dist.run_lease import LeaseHeld, RunLease
 from aevb_dist.run_log import MetricsTail, progress_line, read_metrics
 from aevb_dist.train.local_launcher import launch_local
@@ -29,6 +31,7 @@ def train(cfg: Config) -> dict:
     cfg = absolute_local_uris(cfg)
     train_data, _ = open_datasets(cfg)  # fail fast, before any worker starts
     refuse_nearly_blank(train_data, cfg.model.likelihood, cfg.data.train_uri)
+    cfg = model_for_data(cfg, train_data.shape)
     if storage.scheme_of(cfg.run.storage_uri) == "memory":
         raise ValueError("run.storage_uri=memory://... is private to one process; workers cannot share it. "
                          "Use a local path or s3://")
@@ -57,6 +60,25 @@ def train(cfg: Config) -> dict:
     elif start_step < steps:
         say(f"done: {run.uri} (step {last.get('step', 0)}, test ELBO {last.get('test_elbo', float('nan')):.2f})")
     return last
+
+
+def model_for_data(cfg: Config, data_shape: list[int]) -> Config:
+    """model.input_shape from the training data when unset, refused in one line when it differs; then the
+    networks are built once here, so that a factory that does not import, or returns the wrong shapes, or a
+    conv network too deep for the images, stops the run before any worker starts."""
+    m = cfg.model
+    if m.input_shape is None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, input_shape=list(data_shape)))
+    elif _squeezed(m.input_shape) != _squeezed(data_shape):
+        raise ValueError(f"model.input_shape={list(m.input_shape)} differs from the training data's shape "
+                         f"{list(data_shape)} ({cfg.data.train_uri})")
+    VAE.from_config(cfg.model)
+    return cfg
+
+
+def _squeezed(shape) -> list[int]:
+    """[1, H, W] is [H, W]: one channel."""
+    return list(shape)[1:] if len(shape) == 3 and shape[0] == 1 else list(shape)
 
 
 def _stop_main_thread(reason: str) -> None:

@@ -1,0 +1,137 @@
+"""The config's cross-field checks: every user mistake a one-line ValueError naming the key and the fix."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from aevb_dist import names
+from aevb_dist.uri import check_uri
+
+Config = Any  # aevb_dist.config.Config (which imports this module)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: Optional[float], allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ValueError(f"{key}={value} must be a positive number")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span fields; raises ValueError naming the key and the fix."""
+    m, t = cfg.model, cfg.train
+    _choice("model.activation", m.activation, names.ACTIVATIONS)
+    _choice("model.likelihood", m.likelihood, names.LIKELIHOODS)
+    _choice("model.posterior", m.posterior, names.POSTERIORS)
+    _positive("model.input_dim", m.input_dim)
+    _positive("model.latent_dim", m.latent_dim)
+    for i, h in enumerate(m.hidden_sizes):
+        _positive(f"model.hidden_sizes[{i}]", h)
+    _positive("model.init_std", m.init_std, allow_none=True)
+    _architecture(m)
+    if m.squash_mean and m.likelihood != "gaussian":
+        raise ValueError("model.squash_mean=true only applies to model.likelihood=gaussian")
+    _choice("data.binarization", cfg.data.binarization, names.BINARIZATIONS)
+    _positive("data.shuffle_window_row_groups", cfg.data.shuffle_window_row_groups)
+    _choice("train.estimator", t.estimator, names.ESTIMATORS)
+    _choice("train.on_nonfinite", t.on_nonfinite, names.ON_NONFINITE)
+    _choice("train.allreduce_dtype", t.allreduce_dtype, names.ALLREDUCE_DTYPES)
+    _choice("train.autocast", t.autocast, names.AUTOCAST_DTYPES)
+    _choice("optim.name", cfg.optim.name, names.OPTIMIZERS)
+    _positive("optim.lr", cfg.optim.lr)
+    _positive("train.num_workers", t.num_workers)
+    _positive("train.batch_size_per_worker", t.batch_size_per_worker)
+    _positive("train.num_latent_samples", t.num_latent_samples)
+    _positive("train.cpus_per_worker", t.cpus_per_worker, allow_none=True)
+    _positive("train.theta_prior_std", t.theta_prior_std, allow_none=True)
+    _positive("train.max_steps", t.max_steps, allow_none=True)
+    _positive("train.num_epochs", t.num_epochs, allow_none=True)
+    _positive("train.log_every_steps", t.log_every_steps)
+    if t.eval_every_steps < 0:
+        raise ValueError(f"train.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = only at the end)")
+    if t.max_failures < -1:
+        raise ValueError(f"train.max_failures={t.max_failures} must be >= -1 (-1 retries forever)")
+    if t.max_steps is not None and t.num_epochs is not None:
+        raise ValueError("set only one of train.max_steps and train.num_epochs (the other must be null)")
+    if t.estimator == "iwae" and t.num_latent_samples < 1:
+        raise ValueError("train.estimator=iwae needs train.num_latent_samples >= 1 importance samples")
+    _validate_placement(cfg)
+    _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    _positive("run.lease_timeout_s", cfg.run.lease_timeout_s)
+    _positive("run.storage_retry_s", cfg.run.storage_retry_s)
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise ValueError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
+    check_uri("run.storage_uri", cfg.run.storage_uri)
+    if cfg.ray.local_mode and cfg.ray.address:
+        raise ValueError(f"ray.local_mode=true runs on this machine without a cluster; it cannot join "
+                         f"ray.address={cfg.ray.address} (unset one of them)")
+    check_uri("data.train_uri", cfg.data.train_uri)
+    check_uri("data.test_uri", cfg.data.test_uri or "")
+
+
+def _architecture(m: Any) -> None:
+    if m.architecture not in ("mlp", "conv") and ":" not in m.architecture:
+        raise ValueError(f"model.architecture={m.architecture!r} is not mlp, conv or a \"package.module:function\" "
+                         "of your own")
+    for i, width in enumerate(m.conv_channels):
+        _positive(f"model.conv_channels[{i}]", width)
+    if m.input_shape is not None and math.prod(m.input_shape) != m.input_dim:
+        raise ValueError(f"model.input_shape={list(m.input_shape)} holds {math.prod(m.input_shape)} values, "
+                         f"model.input_dim={m.input_dim}")
+
+
+def _validate_placement(cfg: Config) -> None:
+    """How the data and the step are laid out: global batches over partitions, the device cache, the graph."""
+    t = cfg.train
+    _positive("train.global_batch_size", t.global_batch_size, allow_none=True)
+    _positive("data.num_partitions", cfg.data.num_partitions, allow_none=True)
+    if cfg.data.num_partitions is not None and t.global_batch_size is None:
+        raise ValueError("data.num_partitions applies to train.global_batch_size runs; set train.global_batch_size")
+    if t.global_batch_size is not None and cfg.data.num_partitions is not None:
+        check_partitioning(cfg.data.num_partitions, t.global_batch_size, t.num_workers)
+    if t.min_workers is not None:
+        _elastic(cfg)
+    if t.global_batch_size is not None and cfg.data.cache_on_device:
+        raise ValueError("data.cache_on_device=true does not yet serve train.global_batch_size runs; "
+                         "unset one of them")
+    if t.use_gpu and cfg.data.cache_on_device and t.cuda_graph:
+        if cfg.optim.name == "adagrad":
+            raise ValueError("the captured CUDA-graph step (train.cuda_graph=true) needs optim.name=adam or sgd "
+                             "(Adagrad keeps its step count on the host); or set train.cuda_graph=false")
+        if t.on_nonfinite == "skip":
+            raise ValueError("train.on_nonfinite=skip needs the eager step: set train.cuda_graph=false (the "
+                             "captured step applies every update and stops at the next log line instead)")
+
+
+def _elastic(cfg: Config) -> None:
+    t = cfg.train
+    _positive("train.min_workers", t.min_workers)
+    if t.min_workers > t.num_workers:
+        raise ValueError(f"train.min_workers={t.min_workers} is more than train.num_workers={t.num_workers}")
+    if t.global_batch_size is None:
+        raise ValueError("train.min_workers (elastic) needs train.global_batch_size: the worker count may change "
+                         "mid-run, and only global batches keep the training the same for every count")
+    if t.max_failures == 0:
+        raise ValueError("train.min_workers (elastic) needs train.max_failures > 0 (or -1): Ray Train resizes "
+                         "the group by restarting it")
+    if cfg.ray.local_mode:
+        raise ValueError("train.min_workers (elastic) needs Ray (a cluster or the embedded one), not "
+                         "ray.local_mode=true")
+
+
+def check_partitioning(num_partitions: int, global_batch_size: int, num_workers: int) -> None:
+    """A global-batch run's layout: every partition gives each global batch a row, every worker whole
+    partitions. Checked on the config and again by each worker (the default or recorded partitions)."""
+    if global_batch_size < num_partitions:
+        raise ValueError(f"train.global_batch_size={global_batch_size} is smaller than data.num_partitions="
+                         f"{num_partitions}: every partition gives at least one row to each global batch")
+    if num_workers > num_partitions:
+        raise ValueError(f"train.num_workers={num_workers} is more than data.num_partitions={num_partitions}: "
+                         "a worker takes whole partitions (raise data.num_partitions for a new run)")
