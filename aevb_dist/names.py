@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable
 
 ACTIVATIONS = ("tanh", "relu", "softplus", "sigmoid", "elu")
-LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli")
+LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli", "discretized_logistic")
 POSTERIORS = ("gaussian", "laplace", "logistic", "kumaraswamy", "lognormal")
 ESTIMATORS = ("A", "B", "iwae")  # the training bound: SGVB A, SGVB B, or the IWAE bound
 OPTIMIZERS = ("adagrad", "adam", "sgd")

@@ -55,9 +55,14 @@ def _declared(declared: tuple[float, float], lo: float, hi: float, where: str) -
     return low, high, "as given by --value-range"
 
 
-def refuse_nearly_blank(dataset, likelihood: str, where: str) -> None:
-    """One line for a Bernoulli model on data whose brightest pixel in the first row group (after mapping the
-    recorded range to [0, 1]) is nearly 0: every pixel would be read as almost surely off. One row group read."""
+def check_range_fits(dataset, likelihood: str, where: str) -> None:
+    """One line for data the likelihood would misread: a discretized logistic (256 levels) on data that is
+    not recorded as 8-bit, or a Bernoulli model on data whose brightest pixel in the first row group (after
+    mapping the recorded range to [0, 1]) is nearly 0, so that every pixel reads as almost surely off."""
+    if likelihood == "discretized_logistic" and tuple(dataset.value_range) != (0.0, 255.0):
+        lo, hi = dataset.value_range
+        raise ValueError(f"model.likelihood=discretized_logistic models 8-bit pixels (256 levels); {where} is "
+                         f"recorded with the value range [{lo:g}, {hi:g}]")
     if likelihood != "bernoulli" or not dataset.units:
         return
     max_intensity = float(dataset.to_unit_interval(dataset.read_raw(dataset.units[0]).x).max(initial=0.0))

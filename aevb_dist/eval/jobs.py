@@ -8,6 +8,7 @@ the sums and divides once. Every row group is computed exactly once.
 from __future__ import annotations
 
 import json
+import math
 from typing import Optional
 
 import numpy as np
@@ -17,7 +18,7 @@ from aevb_dist import names, storage
 from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes, saved_eval_binarization
 from aevb_dist.console import Progress, say
 from aevb_dist.data.reader import ParquetDataset
-from aevb_dist.data.value_range import refuse_nearly_blank
+from aevb_dist.data.value_range import check_range_fits
 from aevb_dist.eval.evaluation import Sums, encode_units, evaluate_units
 from aevb_dist.model.vae import VAE
 from aevb_dist.uri import absolute_uri
@@ -85,7 +86,7 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
     state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
     vae, saved = model_from_bytes(state_bytes, folder)
     dataset = _open(data_uri, vae, endpoint_url)
-    refuse_nearly_blank(dataset, vae.likelihood.name, data_uri)
+    check_range_fits(dataset, vae.likelihood.name, data_uri)
     if estimator == "is" and vae.posterior.support != "real":
         say(f"warning: q(z|x) is {vae.posterior.name}, supported on the {vae.posterior.support} values only, while "
             "p(z|x) covers the real line: importance sampling then estimates a lower bound on log p(x), not log "
@@ -110,6 +111,10 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
               **({} if estimator == "is" else {"num_steps": num_steps, "num_leapfrog": num_leapfrog}),
               "checkpoint": folder, "step": saved["state"]["step"], "data": data_uri,
               "binarization": options["binarization"], "seed": seed}
+    if vae.likelihood.name == "discretized_logistic":  # a probability mass over 256 levels: bits per pixel
+        for key in ("elbo", "log_marginal_likelihood"):
+            if key in result:
+                result[f"{key}_bits_per_dim"] = -result[key] / (vae.input_dim * math.log(2.0))
     if output_uri:
         fs, path = storage.resolve(output_uri, endpoint_url)
         fs.pipe_file(path, (json.dumps(result, indent=2) + "\n").encode())

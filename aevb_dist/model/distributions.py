@@ -128,8 +128,49 @@ class ContinuousBernoulliLikelihood(BernoulliLikelihood):
         return torch.where(small, 0.5 + eta / 12.0, torch.sigmoid(safe) / torch.tanh(safe / 2) - 1.0 / safe)
 
 
+class DiscretizedLogisticLikelihood(Likelihood):
+    """8-bit pixels as 256 bins of a logistic (PixelCNN++, Salimans et al. 2017; IAF; NVAE): the decoder
+    gives a mean μ and a log-scale per pixel on [−1, 1], where value k of 255 is y = 2k/255 − 1 and its bin
+    is y ± 1/255 (the end bins reach ±∞). log p(x|z) is the log of a probability mass, so log p(x) of 8-bit
+    data in bits per dimension is −log p(x) / (D ln 2) with no correction. Inputs are the reader's k/255."""
+
+    name = "discretized_logistic"
+    params_per_dim = 2
+    HALF_BIN = 1.0 / 255.0
+
+    def validate(self, x_BD: torch.Tensor) -> None:
+        super().validate(x_BD)
+        if x_BD.numel() and (x_BD.min() < 0 or x_BD.max() > 1):
+            raise ValueError(f"a {self.name} decoder needs 8-bit values read as k/255 in [0, 1]")
+
+    @staticmethod
+    def _split(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_scale = out.chunk(2, dim=-1)
+        return mean, log_scale.clamp_min(-7.0)  # a scale below e^-7 is far inside one bin: no gain, only overflow
+
+    def log_prob(self, out_LBP: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
+        mean, log_scale = self._split(out_LBP)
+        centered = (2.0 * x_BD - 1.0) - mean
+        inv_scale = torch.exp(-log_scale)
+        upper, lower = inv_scale * (centered + self.HALF_BIN), inv_scale * (centered - self.HALF_BIN)
+        log_cdf_upper = upper - F.softplus(upper)  # log σ(upper): the lowest bin, from −∞
+        log_survival_lower = -F.softplus(lower)  # log (1 − σ(lower)): the highest bin, to +∞
+        mass = torch.sigmoid(upper) - torch.sigmoid(lower)
+        # Where the mass underflows (a bin far in a tail), its density at the bin's centre times the width.
+        middle = inv_scale * centered
+        log_mass_tail = middle - log_scale - 2.0 * F.softplus(middle) + math.log(2.0 * self.HALF_BIN)
+        log_mass = torch.where(mass > 1e-5, torch.log(mass.clamp_min(1e-12)), log_mass_tail)
+        y = 2.0 * x_BD - 1.0
+        per_pixel = torch.where(y < -0.999, log_cdf_upper, torch.where(y > 0.999, log_survival_lower, log_mass))
+        return per_pixel.sum(-1)
+
+    def mean(self, out_BP: torch.Tensor) -> torch.Tensor:
+        return (self._split(out_BP)[0].clamp(-1.0, 1.0) + 1.0) / 2.0
+
+
 LIKELIHOODS = {"bernoulli": BernoulliLikelihood, "gaussian": GaussianLikelihood,
-               "continuous_bernoulli": ContinuousBernoulliLikelihood}
+               "continuous_bernoulli": ContinuousBernoulliLikelihood,
+               "discretized_logistic": DiscretizedLogisticLikelihood}
 names.require_registry("likelihood", names.LIKELIHOODS, LIKELIHOODS)
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml
 from aevb_dist.console import first_line, say
-from aevb_dist.data.value_range import refuse_nearly_blank
+from aevb_dist.data.value_range import check_range_fits
 from aevb_dist.model.vae import VAE
 from aevb_dist.run_lease import LeaseHeld, RunLease
 from aevb_dist.run_log import MetricsTail, progress_line, read_metrics
@@ -30,7 +30,7 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training; returns the last row of metrics.csv."""
     cfg = absolute_local_uris(cfg)
     train_data, _ = open_datasets(cfg)  # fail fast, before any worker starts
-    refuse_nearly_blank(train_data, cfg.model.likelihood, cfg.data.train_uri)
+    check_range_fits(train_data, cfg.model.likelihood, cfg.data.train_uri)
     cfg = model_for_data(cfg, train_data.shape)
     if storage.scheme_of(cfg.run.storage_uri) == "memory":
         raise ValueError("run.storage_uri=memory://... is private to one process; workers cannot share it. "
