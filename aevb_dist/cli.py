@@ -35,11 +35,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    from aevb_dist.data.images import ImageOptions
     from aevb_dist.data.prepare import prepare
 
     prepare(args.source, args.output_uri, fmt=args.format, num_shards=args.num_shards, split=args.split,
             overwrite=args.overwrite, rows_per_row_group=args.rows_per_row_group, seed=args.seed,
-            test_fraction=args.test_fraction, value_range=args.value_range)
+            test_fraction=args.test_fraction, value_range=args.value_range,
+            image_options=ImageOptions(size=tuple(args.size) if args.size else None, grayscale=args.grayscale,
+                                       skip_bad=args.skip_bad, image_column=args.image_column,
+                                       label_column=args.label_column))
     return 0
 
 
@@ -143,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("prepare", help="convert MNIST/Fashion-MNIST IDX, Frey Face .mat or .npy/.npz to sharded Parquet")
-    p.add_argument("source", help="a folder of IDX .gz files, a .mat file, or a .npy/.npz file")
+    p = sub.add_parser("prepare", help="convert MNIST/Fashion-MNIST IDX, Frey Face .mat, .npy/.npz, a folder of "
+                                       "PNG/JPEG images or Parquet of encoded images to sharded Parquet")
+    p.add_argument("source", help="a folder of IDX .gz files, a .mat file, a .npy/.npz file, a folder of images "
+                                  "(--format imagefolder) or a Parquet file/folder of encoded images")
     p.add_argument("output_uri", help="where to write OUTPUT_URI/train/part-*.parquet and OUTPUT_URI/test/...")
     p.add_argument("--format", choices=["auto", *names.DATASET_FORMATS], default="auto",
                    help="source format (default: guessed from the source)")
@@ -156,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test share for sources without a split (Frey Face, .npy), default 0.1")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split for sources without one")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at OUTPUT_URI")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="images (imagefolder, parquet): center-crop to this aspect ratio, then resize")
+    p.add_argument("--grayscale", action="store_true", help="images: convert to one channel")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="images: leave out (and count) files that do not decode, instead of stopping")
+    p.add_argument("--image-column", default=None, help="parquet: the column of encoded images (default: image)")
+    p.add_argument("--label-column", default=None, help="parquet: the label column (default: label, if any)")
     p.add_argument("--value-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="the pixels' full scale, mapped to [0, 1] (default: 0/1 data is binary, uint8 is 0 255, "
                         "floats in [0, 1] stay; other integers must say it)")

@@ -19,7 +19,7 @@ MARGINAL_LIKELIHOOD_ESTIMATORS = ("is", "ais", "appendix-d")  # log p(x): `aevb-
 ALLREDUCE_DTYPES = ("float32", "bfloat16")
 AUTOCAST_DTYPES = ("none", "bfloat16")
 ON_NONFINITE = ("error", "skip")
-DATASET_FORMATS = ("mnist", "fashion-mnist", "frey-face", "npy")  # `aevb-dist prepare --format`
+DATASET_FORMATS = ("mnist", "fashion-mnist", "frey-face", "npy", "imagefolder", "parquet")  # `aevb-dist prepare --format`
 
 
 def require_registry(kind: str, listed: tuple[str, ...], implemented: Iterable[str]) -> None:

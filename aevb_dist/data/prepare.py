@@ -18,12 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aevb_dist import names, storage
+from aevb_dist.data import images as images_module
 from aevb_dist.data import sources
+from aevb_dist.data.images import ImageOptions
 from aevb_dist.data.index import INDEX_NAME, index_bytes
 from aevb_dist.data.reader import pixel_width
 from aevb_dist.data.value_range import decide_value_range
-from aevb_dist.data.schema import (INDEX, LABEL, META_CHECKSUM, META_RANGE, META_SHAPE, META_SOURCE, PIXELS,
-                                   metadata_checksum)
+from aevb_dist.data.schema import (INDEX, LABEL, META_CHECKSUM, META_LABEL_NAMES, META_RANGE, META_SHAPE,
+                                   META_SOURCE, PIXELS, metadata_checksum)
 
 FORMATS = names.DATASET_FORMATS
 
@@ -43,10 +45,15 @@ def detect_format(source: str) -> str:
         return "frey-face"
     if ext in (".npy", ".npz"):
         return "npy"
+    if ext == ".parquet":
+        return "parquet"
     raise ValueError(f"{source}: cannot tell the format from the name; pass --format ({', '.join(FORMATS)})")
 
 
-def load_splits(source: str, fmt: str, wanted: list[str], test_fraction: float, seed: int) -> dict[str, sources.Split]:
+def load_splits(source: str, fmt: str, wanted: list[str], test_fraction: float, seed: int,
+                image_options: Optional[ImageOptions] = None, report: Callable[[str], None] = _stderr
+                ) -> dict[str, sources.Split]:
+    label_names = None
     if fmt in ("mnist", "fashion-mnist"):
         if not os.path.isdir(source):
             raise ValueError(f"{source}: --format {fmt} expects a folder of IDX .gz files")
@@ -55,6 +62,8 @@ def load_splits(source: str, fmt: str, wanted: list[str], test_fraction: float, 
         images, labels = sources.read_frey_face(source), None
     elif fmt == "npy":
         images, labels = sources.read_array(source)
+    elif fmt in ("imagefolder", "parquet"):
+        images, labels, label_names = _decoded_images(source, fmt, image_options or ImageOptions(), report)
     else:
         raise ValueError(f"--format {fmt!r} is not one of: auto, {', '.join(FORMATS)}")
     if images.ndim < 2 or images.shape[0] == 0:
@@ -63,7 +72,20 @@ def load_splits(source: str, fmt: str, wanted: list[str], test_fraction: float, 
         raise ValueError(f"{source}: labels of shape {labels.shape} do not match {images.shape[0]} examples")
     rows = sources.split_rows(images.shape[0], test_fraction, seed)
     return {name: sources.Split(images[rows[name]], None if labels is None else labels[rows[name]].astype(np.int64),
-                                rows[name].astype(np.int64)) for name in wanted}
+                                rows[name].astype(np.int64), label_names) for name in wanted}
+
+
+def _decoded_images(source: str, fmt: str, options: ImageOptions, report: Callable[[str], None]):
+    """(images, labels, class names) of an image folder or a Parquet dataset of encoded images."""
+    label_names = None
+    if fmt == "imagefolder":
+        encoded, labels, label_names = images_module.list_image_folder(source)
+        names = encoded
+    else:
+        encoded, names, labels = images_module.read_parquet_images(source, options.image_column, options.label_column)
+    images, kept = images_module.decode_images(encoded, names, size=options.size, grayscale=options.grayscale,
+                                               skip_bad=options.skip_bad, report=report)
+    return images, None if labels is None else labels[kept], label_names
 
 
 def _table(split: sources.Split, rows: slice, metadata: dict[bytes, bytes]) -> pa.Table:
@@ -90,6 +112,8 @@ def _write_split(fs, folder: str, name: str, split: sources.Split, fmt: str, num
     shape, value_range_json = json.dumps(list(split.images.shape[1:])).encode(), json.dumps([lo, hi]).encode()
     metadata = {META_SHAPE: shape, META_RANGE: value_range_json, META_SOURCE: fmt.encode(),
                 META_CHECKSUM: metadata_checksum(shape, value_range_json)}
+    if split.label_names:
+        metadata[META_LABEL_NAMES] = json.dumps(split.label_names).encode()
     fs.makedirs(folder, exist_ok=True)
     bounds = np.linspace(0, n, min(num_shards, n) + 1).astype(int)
     files = []
@@ -102,7 +126,8 @@ def _write_split(fs, folder: str, name: str, split: sources.Split, fmt: str, num
         files.append([file, [int(min(rows_per_row_group, stop - i)) for i in range(start, stop, rows_per_row_group)]])
         report(f"prepare: {name} shard {shard + 1}/{len(bounds) - 1} written ({stop:,}/{n:,} rows)")
     description = {"dim": pixel_width(table.schema.field(PIXELS).type, name), "shape": list(split.images.shape[1:]),
-                   "value_range": [lo, hi], "has_label": split.labels is not None, "files": files}
+                   "value_range": [lo, hi], "has_label": split.labels is not None, "files": files,
+                   **({"label_names": split.label_names} if split.label_names else {})}
     fs.pipe_file(f"{folder}/{INDEX_NAME}", index_bytes(description))  # opening the dataset reads this, not footers
     return n
 
@@ -110,7 +135,7 @@ def _write_split(fs, folder: str, name: str, split: sources.Split, fmt: str, num
 def prepare(source: str, output_uri: str, *, fmt: str = "auto", num_shards: int = 4, split: str = "both",
             overwrite: bool = False, rows_per_row_group: int = 1000, seed: int = 0, test_fraction: float = 0.1,
             endpoint_url: Optional[str] = None, value_range: Optional[tuple[float, float]] = None,
-            report: Callable[[str], None] = _stderr) -> dict[str, int]:
+            image_options: Optional[ImageOptions] = None, report: Callable[[str], None] = _stderr) -> dict[str, int]:
     """Convert `source` into sharded Parquet at `output_uri`; returns rows written per split. `value_range`:
     the pixels' full scale (LO, HI), when the data cannot tell it (data/value_range.py)."""
     if num_shards < 1:
@@ -127,7 +152,7 @@ def prepare(source: str, output_uri: str, *, fmt: str = "auto", num_shards: int 
     if not os.access(source, os.R_OK):
         raise PermissionError(f"source not readable: {source}")
     fmt = detect_format(source) if fmt == "auto" else fmt
-    splits = load_splits(source, fmt, wanted, test_fraction, seed)
+    splits = load_splits(source, fmt, wanted, test_fraction, seed, image_options, report)
     lo, hi, why = decide_value_range([s.images for s in splits.values()], source, value_range)
     report(f"prepare: value range [{lo:g}, {hi:g}] ({why}); the reader maps it to [0, 1]")
 

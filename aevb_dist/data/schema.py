@@ -23,6 +23,7 @@ import numpy as np
 PIXELS, INDEX, LABEL = "pixels", "index", "label"
 META_SHAPE, META_RANGE, META_SOURCE = b"aevb.shape", b"aevb.value_range", b"aevb.source"
 META_CHECKSUM = b"aevb.metadata_sha256"
+META_LABEL_NAMES = b"aevb.label_names"  # JSON list: the class of each label value (image folders)
 
 
 def metadata_checksum(shape: bytes, value_range: bytes) -> bytes:

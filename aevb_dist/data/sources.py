@@ -25,6 +25,7 @@ class Split:
     images: np.ndarray  # [N, ...]
     labels: Optional[np.ndarray]  # [N] int64, or None
     index: np.ndarray  # [N] int64: the example's position in the source
+    label_names: Optional[list[str]] = None  # the class of each label value, where the source names them
 
 
 def read_idx(path: str) -> np.ndarray:
