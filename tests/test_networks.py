@@ -25,8 +25,8 @@ def _model(architecture: str, shape: list[int], likelihood: str = "bernoulli", *
 
 @pytest.mark.parametrize("architecture", ["conv", EXAMPLE])
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-def test_every_estimator_trains_every_parameter_of_a_shaped_architecture(architecture, likelihood):
-    shape = [1, 7, 6]  # odd sizes: 7 → 3 → 1 and back through output_padding
+@pytest.mark.parametrize("shape", [[1, 7, 6], [7, 6]])  # odd sizes: 7 → 3 → 1 and back through output_padding
+def test_every_estimator_trains_every_parameter_of_a_shaped_architecture(architecture, likelihood, shape):
     vae = _model(architecture, shape, likelihood)
     x = torch.rand(5, 42) if likelihood == "gaussian" else (torch.rand(5, 42) < 0.5).float()
     for estimator, samples in (("A", 2), ("B", 1), ("iwae", 4)):

@@ -59,6 +59,7 @@ class ConvEncoder(nn.Module):
     def __init__(self, shape: list[int], channels: list[int], latent_dim: int, activation: str):
         super().__init__()
         c, h, w = self.shape = image_shape(shape)
+        self.input_shape = list(shape)  # as the data has it: [H, W] or [C, H, W]
         layers: list[nn.Module] = []
         self.sizes = [(h, w)]
         for width in channels:
@@ -83,7 +84,7 @@ class ConvDecoder(nn.Module):
                  activation: str):
         super().__init__()
         c, _, _ = encoder.shape
-        self.params_per_dim, self.shape = params_per_dim, encoder.shape
+        self.params_per_dim, self.out_shape = params_per_dim, encoder.input_shape
         sizes = encoder.sizes
         self.start = (channels[-1], *sizes[-1])
         self.inp = nn.Linear(latent_dim, channels[-1] * sizes[-1][0] * sizes[-1][1])
@@ -100,7 +101,7 @@ class ConvDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         maps = self.features(self.inp(z).reshape(z.shape[0], *self.start))  # [N, P·C, H, W]
-        return maps.reshape(z.shape[0], self.params_per_dim, *self.shape)
+        return maps.reshape(z.shape[0], self.params_per_dim, *self.out_shape)
 
 
 def conv_networks(shape: list[int], latent_dim: int, params_per_dim: int, channels: list[int],
