@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
 from typing import Any, Callable, Optional
 
 from aevb_dist.console import say
@@ -56,15 +59,29 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
 
     if ray.is_initialized():
         return False
-    if address:
-        if from_environment:  # said, so that nobody joins a cluster without knowing it
-            say(f"joining the Ray cluster at $RAY_ADDRESS={address} (unset RAY_ADDRESS for an embedded Ray)")
-        ray.init(address=address, log_to_driver=show_worker_logs)
-        return False
-    # address="local": always a new embedded cluster, never one that `ray start` left on this machine.
-    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-             log_to_driver=show_worker_logs, configure_logging=True, logging_level="WARNING")
-    return True
+    with _keeping_sigterm_handler():
+        if address:
+            if from_environment:  # said, so that nobody joins a cluster without knowing it
+                say(f"joining the Ray cluster at $RAY_ADDRESS={address} (unset RAY_ADDRESS for an embedded Ray)")
+            ray.init(address=address, log_to_driver=show_worker_logs)
+            return False
+        # address="local": always a new embedded cluster, never one that `ray start` left on this machine.
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                 log_to_driver=show_worker_logs, configure_logging=True, logging_level="WARNING")
+        return True
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler():
+    """ray.init makes SIGTERM exit the driver at once (sys.exit); the caller's own handler stays (train's:
+    a checkpoint at the next step, then exit; train/stop_request.py)."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGTERM, before)
 
 
 def stop_ray(started: bool) -> None:
