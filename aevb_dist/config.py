@@ -45,6 +45,9 @@ class ModelConfig:
 class DataConfig:
     train_uri: str = ""
     test_uri: Optional[str] = None  # none: no test-set ELBO during training
+    # Parquet written elsewhere with encoded PNG/JPEG images (e.g. by Hugging Face `datasets`): the image
+    # column, decoded as it streams. None: `image`, for files that have no `pixels` column.
+    image_column: Optional[str] = None
     # Bernoulli models: how [0, 1] intensities become {0, 1} (a reader option, not baked in).
     binarization: str = "dynamic"
     shuffle: bool = True

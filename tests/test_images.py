@@ -116,3 +116,47 @@ def test_parquet_with_encoded_images_in_the_hugging_face_layout(tmp_path):
     with pytest.raises(ValueError, match=r"no image column 'photo'; pass --image-column \(columns: image, label\)"):
         prepare(str(tmp_path / "hf.parquet"), str(tmp_path / "missing"), image_options=ImageOptions(image_column="photo"),
                 report=lambda m: None)
+
+
+def _hf_parquet(folder, images: np.ndarray, files: int = 2) -> None:
+    """Hugging Face's layout: struct {bytes, path} images and a label column, in `files` files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, rows in enumerate(np.array_split(np.arange(len(images)), files)):
+        struct = pa.array([{"bytes": _png(images[i]), "path": f"{i}.png"} for i in rows],
+                          type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        pq.write_table(pa.table({"image": struct, "label": pa.array(rows % 5)}), folder / f"train-{part:05d}.parquet",
+                       row_group_size=8)
+
+
+def test_training_streams_parquet_of_encoded_images_without_converting_it(tmp_path):
+    """The reader decodes the images as it reads each row group (in its background thread): the same
+    pixels, in the same order, as the dataset `prepare` converts from the same files."""
+    from aevb_dist.config import load_config
+    from aevb_dist.train.driver import train
+    from tests.helpers import SMOKE, tiny_overrides
+
+    images = _color(np.random.default_rng(3), 40, 4, 6)
+    _hf_parquet(tmp_path / "hf", images)
+    streamed = ParquetDataset(str(tmp_path / "hf"))
+    assert streamed.shape == [3, 4, 6] and streamed.value_range == (0.0, 255.0) and streamed.num_rows == 40
+    x = np.concatenate([streamed.read_raw(u).x for u in streamed.units])
+    index = np.concatenate([streamed.read_raw(u).index for u in streamed.units])
+    np.testing.assert_array_equal(index, np.arange(40))
+    np.testing.assert_array_equal(x.reshape(40, 3, 4, 6), images.transpose(0, 3, 1, 2))
+    worker_view = ParquetDataset(str(tmp_path / "hf"), description=streamed.describe())  # what a worker opens
+    np.testing.assert_array_equal(worker_view.read_raw(worker_view.units[3]).x, streamed.read_raw(streamed.units[3]).x)
+    last = train(load_config(SMOKE, tiny_overrides(str(tmp_path), str(tmp_path / "runs"), **{
+        "data.train_uri": str(tmp_path / "hf"), "data.test_uri": "null", "model.input_dim": 72, "model.likelihood": "discretized_logistic",
+        "model.architecture": "conv", "model.conv_channels": "[4]", "ray.local_mode": "true",
+        "train.num_workers": 2, "train.max_steps": 4})))
+    assert last["step"] == 4 and np.isfinite(last["train_elbo"])
+    odd = images.copy()
+    _hf_parquet(tmp_path / "odd", odd)
+    table = pq.read_table(tmp_path / "odd" / "train-00001.parquet")
+    wrong = pa.array([{"bytes": _png(np.zeros((5, 6, 3), np.uint8)), "path": "x.png"}] * table.num_rows,
+                     type=table.column("image").type)
+    pq.write_table(table.set_column(0, "image", wrong), tmp_path / "odd" / "train-00001.parquet")
+    with pytest.raises(ValueError, match=r"train-00001.parquet row group 0 row 0: an image of shape \[3, 5, 6\], "
+                                         r"the dataset's is \[3, 4, 6\]"):
+        data = ParquetDataset(str(tmp_path / "odd"))
+        [data.read_raw(u) for u in data.units]

@@ -174,3 +174,45 @@ def read_parquet_images(path: str, image_column: Optional[str], label_column: Op
     if any(image is None for image in images):
         raise ValueError(f"{path}: column {image_column!r} has empty (null) images")
     return images, names, labels
+
+
+# -- streaming a Parquet dataset of encoded images in training (ParquetDataset with an image column) ------
+def describe_encoded_file(parquet_file, path: str, column: str) -> list[int]:
+    """The example shape of a Parquet file of encoded images, from its first image: [H, W] for a gray one,
+    [3, H, W] otherwise (every later image must match it)."""
+    from PIL import Image
+
+    table = parquet_file.read_row_group(0, columns=[column])
+    first = _encoded_values(table.column(column).combine_chunks(), path, column)[0]
+    with Image.open(io.BytesIO(first)) as img:
+        width, height = img.size
+        return [height, width] if img.mode in ("1", "L", "LA", "I", "I;16", "F") else [3, height, width]
+
+
+def _encoded_values(column, path: str, name: str) -> list:
+    import pyarrow as pa
+
+    if pa.types.is_struct(column.type):
+        column = column.field("bytes")
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise ValueError(f"{path}: column {name!r} holds {column.type}, not encoded image bytes")
+    return column.to_pylist()
+
+
+def decode_rows(column, shape: list[int], where: str) -> np.ndarray:
+    """A row group's encoded images → uint8 [n, prod(shape)], channels first; one line for an image that
+    does not decode or does not have the dataset's shape."""
+    values = _encoded_values(column, where, "image")
+    rows = np.empty((len(values), int(np.prod(shape))), dtype=np.uint8)
+    for i, value in enumerate(values):
+        try:
+            image = _decode(value, None, grayscale=len(shape) == 2)
+        except Exception as err:
+            raise ValueError(f"{where} row {i}: not a readable image ({type(err).__name__})") from None
+        if image.ndim == 3:
+            image = image.transpose(2, 0, 1)
+        if list(image.shape) != list(shape):
+            raise ValueError(f"{where} row {i}: an image of shape {list(image.shape)}, the dataset's is {list(shape)} "
+                             "(prepare it with --size to resize)")
+        rows[i] = image.reshape(-1)
+    return rows

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aevb_dist import storage
+from aevb_dist.data import images
 from aevb_dist.data.binarization import binarize, binarize_bytes
 from aevb_dist.console import first_line, say
 from aevb_dist.data.index import INDEX_NAME, read_index
@@ -46,8 +47,10 @@ class ParquetDataset:
     process made of it (`describe()`: the driver's, handed to every worker), with no storage request."""
 
     def __init__(self, uri: str, *, expected_dim: Optional[int] = None, endpoint_url: Optional[str] = None,
-                 description: Optional[dict] = None):
-        self.uri = uri
+                 description: Optional[dict] = None, image_column: Optional[str] = None):
+        """`image_column`: Parquet written elsewhere whose images are encoded PNG/JPEG bytes (data/images.py),
+        decoded as row groups are read; by default the column `image` of files without a `pixels` column."""
+        self.uri, self.image_column = uri, image_column
         self.fs, self.root = storage.resolve(uri, endpoint_url)
         self.units: list[RowGroup] = []
         self.dim = self.shape = self.value_range = None
@@ -92,7 +95,8 @@ class ParquetDataset:
         for unit in self.units:
             files.setdefault(self._relative(unit.path), []).append(unit.num_rows)
         return {"dim": self.dim, "shape": list(self.shape), "value_range": list(self.value_range),
-                "has_label": self.has_label, "files": [[name, rows] for name, rows in files.items()]}
+                "has_label": self.has_label, "files": [[name, rows] for name, rows in files.items()],
+                **({"image_column": self.image_column} if self.image_column else {})}
 
     def _load(self, description: dict, expected_dim: Optional[int]) -> None:
         dim = description["dim"]
@@ -101,6 +105,7 @@ class ParquetDataset:
                              f"model.input_dim={expected_dim}")
         self.dim, self.shape = dim, list(description["shape"])
         self.value_range, self.has_label = tuple(description["value_range"]), description["has_label"]
+        self.image_column = description.get("image_column")
         for name, rows in description["files"]:
             self.units += [RowGroup(f"{self.root}/{name}", i, n) for i, n in enumerate(rows)]
 
@@ -111,6 +116,8 @@ class ParquetDataset:
             schema = meta.schema.to_arrow_schema()
         except (pa.ArrowException, OSError) as err:
             raise ValueError(f"{path}: not a readable Parquet file ({first_line(err)})") from None
+        if PIXELS not in schema.names and (self.image_column or "image") in schema.names:
+            return self._add_encoded_file(path, meta, schema, expected_dim)
         if PIXELS not in schema.names or INDEX not in schema.names:
             raise ValueError(f"{path}: needs columns '{PIXELS}' and '{INDEX}', found {', '.join(schema.names)}")
         dim = pixel_width(schema.field(PIXELS).type, path)
@@ -133,8 +140,33 @@ class ParquetDataset:
         self.has_label = self.has_label and LABEL in schema.names
         self.units += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
 
+    def _add_encoded_file(self, path: str, meta, schema, expected_dim: Optional[int]) -> None:
+        """A file of encoded images: 8-bit pixels, the shape of its first image, a label column if any."""
+        self.image_column = self.image_column or "image"
+        if self.shape is None:
+            with self.fs.open(path, "rb") as f:
+                self.shape = images.describe_encoded_file(pq.ParquetFile(f), path, self.image_column)
+            self.dim, self.value_range = int(np.prod(self.shape)), (0.0, 255.0)
+        if expected_dim is not None and self.dim != expected_dim:
+            raise ValueError(f"{path}: images of shape {self.shape} ({self.dim} values) but the model expects "
+                             f"model.input_dim={expected_dim}")
+        self.has_label = self.has_label and LABEL in schema.names
+        self.units += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+
+    def _read_encoded(self, unit: RowGroup) -> Batch:
+        """Decoded in the reader's background thread; an example's index is its row in the dataset."""
+        with self.fs.open(unit.path, "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=[self.image_column] + [LABEL] * self.has_label)
+        raw = images.decode_rows(table.column(self.image_column).combine_chunks(), self.shape,
+                                 f"{unit.path} row group {unit.row_group}")
+        first = sum(u.num_rows for u in self.units[:self.units.index(unit)])
+        label = table.column(LABEL).to_numpy().astype(np.int64) if self.has_label else None
+        return Batch(raw, np.arange(first, first + len(raw), dtype=np.int64), label)
+
     def read_raw(self, unit: RowGroup) -> Batch:
         """One row group as stored (uint8 or float), checked against the declared range."""
+        if self.image_column:
+            return self._read_encoded(unit)
         columns = [PIXELS, INDEX] + ([LABEL] if self.has_label else [])
         try:
             with self.fs.open(unit.path, "rb") as f:  # pages written with checksums are verified

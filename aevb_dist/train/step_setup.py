@@ -55,7 +55,8 @@ def open_datasets(cfg: Config, train_description: Optional[dict] = None
     if not cfg.data.train_uri:
         raise ValueError("data.train_uri is empty; point it at a dataset made by `aevb-dist prepare`")
     train = ParquetDataset(cfg.data.train_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint,
-                           description=train_description)
-    test = ParquetDataset(cfg.data.test_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint) \
+                           description=train_description, image_column=cfg.data.image_column)
+    test = ParquetDataset(cfg.data.test_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint,
+                          image_column=cfg.data.image_column) \
         if cfg.data.test_uri else None
     return train, test
