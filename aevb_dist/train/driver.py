@@ -49,7 +49,10 @@ def train(cfg: Config) -> dict:
                 with ProgressPrinter(run, steps, start_step), stop_request.maybe_stop_on_signals(run):
                     launch(cfg, run, train_data)
             finally:
-                stop_request.clear(run)
+                try:
+                    stop_request.clear(run)
+                except Exception:  # storage unreachable (the run's own error says so): the next run clears it
+                    pass
     finally:
         lease.release()
     rows = read_metrics(run.fs, run.file("metrics.csv"))
@@ -74,6 +77,14 @@ def model_for_data(cfg: Config, data_shape: list[int]) -> Config:
                          f"{list(data_shape)} ({cfg.data.train_uri})")
     VAE.from_config(cfg.model)
     return cfg
+
+
+def _same_setting(key: str, saved, now) -> bool:
+    """init_std only shaped the first step; an input_shape the checkpoint left unset (None: the data's) or wrote
+    with/without its one channel is the same shape."""
+    if key == "init_std" or saved == now:
+        return True
+    return key == "input_shape" and (saved is None or _squeezed(saved) == _squeezed(now))
 
 
 def _squeezed(shape) -> list[int]:
@@ -134,7 +145,7 @@ def _check_same_model(cfg: Config, run: storage.Folder, saved_model: Optional[di
         return
     current = to_dict(cfg)["model"]
     changed = [f"model.{k}: {saved_model[k]} in {name}, {current[k]} now"
-               for k in current if k in saved_model and saved_model[k] != current[k] and k != "init_std"]
+               for k in current if k in saved_model and not _same_setting(k, saved_model[k], current[k])]
     if changed:
         raise ValueError(f"{run.uri} holds a checkpoint of a different model ({'; '.join(changed)}); "
                          "use another run.name, or the model settings it was trained with")
