@@ -169,12 +169,32 @@ def load_checkpoint_bytes(uri: str, endpoint_url: Optional[str] = None) -> tuple
     return verified_state_bytes(fs, folder, uri), folder
 
 
-def model_from_bytes(state_bytes: bytes, where: str = "") -> tuple[VAE, dict]:
-    """The trained model held by `state.pt`'s bytes, and everything saved with it."""
+# Names of a user's network factories ("package.module:function", comma-separated) that a checkpoint may name.
+TRUSTED_ARCHITECTURES_ENV = "AEVB_TRUSTED_ARCHITECTURES"
+
+
+def model_from_bytes(state_bytes: bytes, where: str = "", architecture_checked: bool = False) -> tuple[VAE, dict]:
+    """The trained model held by `state.pt`'s bytes, and everything saved with it. A model built by a user's
+    factory is refused unless $AEVB_TRUSTED_ARCHITECTURES names it (`architecture_checked`: a caller that
+    checked these very bytes already, e.g. on the driver before its Ray tasks)."""
     saved = unpickle_state(state_bytes, where)
-    vae = VAE.from_config(config_from_dict(saved["config"]).model)
+    model_cfg = config_from_dict(saved["config"]).model
+    if not architecture_checked:
+        check_trusted_architecture(model_cfg.architecture, where)
+    vae = VAE.from_config(model_cfg)
     vae.load_state_dict(saved["model"])
     return vae, saved
+
+
+def check_trusted_architecture(architecture: str, where: str) -> None:
+    """Building a checkpoint's model imports and calls the function its config names: a checkpoint from
+    elsewhere could name any importable code. Weights are loaded without code (`unpickle_state`); so is this."""
+    if architecture in ("mlp", "conv"):
+        return
+    trusted = [a.strip() for a in os.environ.get(TRUSTED_ARCHITECTURES_ENV, "").split(",") if a.strip()]
+    if architecture not in trusted:
+        raise ValueError(f"{where or 'the checkpoint'}: its model is built by {architecture!r}, code that is imported "
+                         f"and run by name; if you trust it, set {TRUSTED_ARCHITECTURES_ENV}={architecture}")
 
 
 def saved_eval_binarization(vae: VAE, saved: dict) -> str:

@@ -74,7 +74,8 @@ def one_output_per_pixel(model_cfg, input_shape, params_per_dim):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["conv", EXAMPLE])
-def test_a_shaped_architecture_trains_with_2_workers_resumes_bit_for_bit_and_evaluates(architecture, tmp_path):
+def test_a_shaped_architecture_trains_with_2_workers_resumes_bit_for_bit_and_evaluates(architecture, tmp_path,
+                                                                                        monkeypatch):
     from aevb_dist.eval.jobs import encode, evaluate
     from aevb_dist.eval.plotting import plot_run
 
@@ -93,6 +94,12 @@ def test_a_shaped_architecture_trains_with_2_workers_resumes_bit_for_bit_and_eva
     assert_bitwise_equal(straight, resumed)
     assert last["step"] == 12 and np.isfinite(last["test_elbo"])
     run = str(tmp_path / "runs" / "straight")
+    if architecture == EXAMPLE:
+        # A checkpoint names the code that builds its model: evaluating one runs that code only when trusted.
+        with pytest.raises(ValueError, match=f"built by '{EXAMPLE}', code that is imported and run by name; "
+                                             f"if you trust it, set AEVB_TRUSTED_ARCHITECTURES={EXAMPLE}"):
+            evaluate(run, str(tmp_path / "pq" / "test"), num_importance_samples=8, num_workers=1)
+        monkeypatch.setenv("AEVB_TRUSTED_ARCHITECTURES", f"other.module:f, {EXAMPLE}")
     result = evaluate(run, str(tmp_path / "pq" / "test"), num_importance_samples=8, num_workers=1)
     assert np.isfinite(result["log_marginal_likelihood"]) and result["log_marginal_likelihood"] >= result["elbo"] - 1
     encode(run, str(tmp_path / "pq" / "test"), str(tmp_path / "codes"), num_workers=1)

@@ -37,7 +37,7 @@ def _open(data_uri: str, vae: VAE, endpoint_url: Optional[str]) -> ParquetDatase
 
 def _evaluate_task(state_bytes, data_uri, endpoint_url, unit_ids, options, use_gpu, threads) -> Sums:
     torch.set_num_threads(threads)
-    vae, _ = model_from_bytes(state_bytes)
+    vae, _ = model_from_bytes(state_bytes, architecture_checked=True)  # on the driver, before the tasks
     vae = vae.to("cuda") if use_gpu else vae  # Ray made the task's GPU the only one it sees
     return evaluate_units(vae, _open(data_uri, vae, endpoint_url), unit_ids, **options)
 
@@ -126,7 +126,7 @@ def _encode_task(state_bytes, data_uri, endpoint_url, unit_ids, options, staging
     import pyarrow.parquet as pq
 
     torch.set_num_threads(threads)
-    vae, _ = model_from_bytes(state_bytes)
+    vae, _ = model_from_bytes(state_bytes, architecture_checked=True)  # on the driver, before the tasks
     out = encode_units(vae, _open(data_uri, vae, endpoint_url), unit_ids, **options)
     columns = {"index": pa.array(out["index"])}
     if "label" in out:
