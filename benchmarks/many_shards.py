@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,9 @@ from aevb_dist.data.prepare import prepare  # noqa: E402
 from aevb_dist.data.reader import ParquetDataset  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from tests.s3_server import start_moto  # noqa: E402 - the S3 server as the tests start it
+
 REQUESTS = [0]
 _call_s3 = s3fs.S3FileSystem._call_s3
 
@@ -45,23 +47,6 @@ async def _counted_call_s3(self, *args, **kwargs):
 
 
 s3fs.S3FileSystem._call_s3 = _counted_call_s3
-
-
-def moto_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    endpoint = f"http://127.0.0.1:{port}"
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir("bench")
-    return proc, endpoint
 
 
 def opened(uri: str, endpoint: str, **kwargs) -> tuple[ParquetDataset, int, float]:
@@ -90,7 +75,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[4, 2000])
     parser.add_argument("--rows", type=int, default=20_000)
     args = parser.parse_args()
-    proc, endpoint = moto_server()
+    proc, endpoint = start_moto("bench")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             np.save(f"{tmp}/x.npy", np.random.default_rng(0).integers(0, 256, (args.rows, 784), dtype=np.uint8))

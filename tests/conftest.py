@@ -1,6 +1,5 @@
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import free_port
+from tests.s3_server import start_moto
 
 # Everything stays on loopback: the embedded Ray, gloo, the S3 server.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -46,20 +46,7 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3-compatible server (moto's server mode) on 127.0.0.1, with a bucket `aevb-test`."""
-    import s3fs
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    endpoint = f"http://127.0.0.1:{port}"
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir("aevb-test")
+    proc, endpoint = start_moto("aevb-test")
     yield endpoint
     proc.terminate()
     proc.wait(timeout=10)
