@@ -124,7 +124,7 @@ def fit_captured(trainer, on_log: Callable[[dict], None], on_checkpoint: Callabl
     step = CapturedStep(trainer)
     window = trainer.new_window()
     row: dict = {}
-    while s.step < trainer.total_steps and not trainer.stop_requested:
+    while not trainer.finished():
         trainer.advance_epoch_if_done()
         stream = trainer.epoch_stream(s.epoch, s.batch_in_epoch)
         step.load_epoch(trainer.device_data.plan(stream), trainer.device_data.epoch_words(s.epoch), s.batch_in_epoch)
@@ -139,7 +139,7 @@ def fit_captured(trainer, on_log: Callable[[dict], None], on_checkpoint: Callabl
             if trainer.wants_log():
                 _read_sums(trainer, step, window)
             row = trainer.after_step(window, on_log, on_checkpoint) or row
-            if s.step >= trainer.total_steps or trainer.stop_requested:
+            if trainer.finished():
                 break
         if s.batch_in_epoch >= stream.num_batches:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0

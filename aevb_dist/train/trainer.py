@@ -247,7 +247,7 @@ class Trainer:
         s = self.state
         window = self.new_window()
         row: dict = {}
-        while s.step < self.total_steps and not self.stop_requested:
+        while not self.finished():
             self.advance_epoch_if_done()
             stream = self.epoch_stream(s.epoch, s.batch_in_epoch)
             for x_BD, index_B, segments in self.source.batches(stream):
@@ -257,11 +257,15 @@ class Trainer:
                     window["elbo"] += elbo
                     window["count"] += count
                 row = self.after_step(window, on_log, on_checkpoint) or row
-                if s.step >= self.total_steps or self.stop_requested:
+                if self.finished():
                     break
             if s.batch_in_epoch >= stream.num_batches:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         return row
+
+    def finished(self) -> bool:
+        """The loop ends here: the configured length is reached, or a rank asked to stop after this step."""
+        return self.state.step >= self.total_steps or self.stop_requested
 
     @staticmethod
     def new_window() -> dict:
@@ -279,7 +283,7 @@ class Trainer:
         """Log and checkpoint when the step just taken calls for it; returns the logged row, if any."""
         s = self.state
         row = self._maybe_log(window, on_log)
-        if s.step % self.cfg.checkpoint.every_steps == 0 or s.step >= self.total_steps or self.stop_requested:
+        if s.step % self.cfg.checkpoint.every_steps == 0 or self.finished():
             self.check_parameters_finite()
             on_checkpoint(self.state_dict(), row)
         return row
@@ -288,8 +292,7 @@ class Trainer:
         """Whether the step just taken ends a log interval. Step 1 is always logged: the user sees the
         first step at once, and benchmarks time it."""
         s = self.state
-        return (s.step % self.cfg.train.log_every_steps == 0 or s.step >= self.total_steps or s.step == 1
-                or self.stop_requested)
+        return s.step % self.cfg.train.log_every_steps == 0 or s.step == 1 or self.finished()
 
     def _maybe_log(self, window: dict, on_log: Callable[[dict], None]) -> dict:
         t, s = self.cfg.train, self.state
