@@ -154,16 +154,9 @@ def read_parquet_images(path: str, image_column: Optional[str], label_column: Op
     if image_column not in columns:
         raise ValueError(f"{path}: no image column {image_column!r}; pass --image-column (columns: {', '.join(columns)})")
     column = table.column(image_column).combine_chunks()
-    paths = None
-    if pa.types.is_struct(column.type):
-        fields = [column.type.field(i).name for i in range(column.type.num_fields)]
-        if "bytes" not in fields:
-            raise ValueError(f"{path}: column {image_column!r} is a struct without a 'bytes' field ({', '.join(fields)})")
-        paths = column.field("path").to_pylist() if "path" in fields else None
-        column = column.field("bytes")
-    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-        raise ValueError(f"{path}: column {image_column!r} holds {column.type}, not encoded image bytes")
-    images = column.to_pylist()
+    images = _encoded_values(column, path, image_column)
+    paths = column.field("path").to_pylist() if pa.types.is_struct(column.type) and \
+        column.type.get_field_index("path") >= 0 else None
     names = [f"{path} row {i}" + (f" ({paths[i]})" if paths and paths[i] else "") for i in range(len(images))]
     labels = None
     label_column = label_column or ("label" if "label" in columns else None)
@@ -190,19 +183,23 @@ def describe_encoded_file(parquet_file, path: str, column: str) -> list[int]:
 
 
 def _encoded_values(column, path: str, name: str) -> list:
+    """The encoded images of a column: a struct {bytes, path, ...}'s bytes, or a binary column's values."""
     import pyarrow as pa
 
     if pa.types.is_struct(column.type):
+        fields = [column.type.field(i).name for i in range(column.type.num_fields)]
+        if "bytes" not in fields:
+            raise ValueError(f"{path}: column {name!r} is a struct without a 'bytes' field ({', '.join(fields)})")
         column = column.field("bytes")
     if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
         raise ValueError(f"{path}: column {name!r} holds {column.type}, not encoded image bytes")
     return column.to_pylist()
 
 
-def decode_rows(column, shape: list[int], where: str) -> np.ndarray:
+def decode_rows(column, name: str, shape: list[int], where: str) -> np.ndarray:
     """A row group's encoded images → uint8 [n, prod(shape)], channels first; one line for an image that
     does not decode or does not have the dataset's shape."""
-    values = _encoded_values(column, where, "image")
+    values = _encoded_values(column, where, name)
     rows = np.empty((len(values), int(np.prod(shape))), dtype=np.uint8)
     for i, value in enumerate(values):
         try:

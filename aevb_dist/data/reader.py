@@ -157,7 +157,7 @@ class ParquetDataset:
         """Decoded in the reader's background thread; an example's index is its row in the dataset."""
         with self.fs.open(unit.path, "rb") as f:
             table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=[self.image_column] + [LABEL] * self.has_label)
-        raw = images.decode_rows(table.column(self.image_column).combine_chunks(), self.shape,
+        raw = images.decode_rows(table.column(self.image_column).combine_chunks(), self.image_column, self.shape,
                                  f"{unit.path} row group {unit.row_group}")
         first = sum(u.num_rows for u in self.units[:self.units.index(unit)])
         label = table.column(LABEL).to_numpy().astype(np.int64) if self.has_label else None
