@@ -6,9 +6,9 @@ print each worker's peak RSS, for two dataset sizes, so that growth with the dat
 For each size: a synthetic uint8 dataset of 784-byte rows (5 M rows: 3.9 GB of pixels, 90% of them in the
 training split) is prepared with `aevb_dist.data.prepare` into a temporary folder (64 shards, row groups of 1,000 rows), then W worker
 processes each stream their part of epoch 0 exactly as a training worker does (`BatchSource.batches`:
-reader thread, shuffle window, dynamic binarization, float32 batches as torch tensors), in both data
+reader, shuffle window, dynamic binarization, float32 batches as torch tensors), in both data
 modes: per-worker batches (train.batch_size_per_worker=100) and global batches
-(train.global_batch_size=200 over the default 16 partitions, each rank holding one prefetching stream
+(train.global_batch_size=200 over the default 16 partitions, each rank holding one stream
 per partition it owns). Each worker reports rows, seconds and its peak RSS (VmHWM, which includes torch
 and pyarrow themselves: the "after imports" column is RSS once the dataset is open).
 Exits 1 if any worker's peak passes --bound-gb. Run by hand, not in CI (the 5 M-row dataset takes

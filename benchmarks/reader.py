@@ -3,7 +3,7 @@
     python benchmarks/reader.py [--data /tmp/mnist_pq/train] [--batch-size 100] [--encoded 20000]
 
 Prepares MNIST from ../shared/data/mnist if --data is not given. Prints rows/s of the
-streaming reader (read + scale + dynamic binarization, background prefetch) and of the
+streaming reader (read + scale + dynamic binarization) and of the
 paper's MNIST training step (784-500-20, SGVB-B, Adagrad) on in-memory data, and their ratio.
 With --encoded N, the first N images are also written as PNG bytes in the Hugging Face layout
 (a struct {bytes, path} column, 1,000-row row groups) and streamed as training streams such data
@@ -90,7 +90,7 @@ def main() -> None:
           f"reader_over_step={reader / step:.2f} (torch threads={torch.get_num_threads()})")
     if encoded is not None:
         print(f"encoded_png_images_per_s={encoded:,.0f} encoded_over_step={encoded / step:.2f} "
-              f"({args.encoded:,} images decoded in the reader's background thread)")
+              f"({args.encoded:,} images decoded by the reader)")
 
 
 if __name__ == "__main__":

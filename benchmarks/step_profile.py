@@ -5,7 +5,7 @@
 Both use the paper's MNIST model (784-500-20, tanh, Bernoulli, SGVB-B, L=1, Adagrad) and all
 cores' threads. The plain loop (benchmarks/plain.py, written without aevb_dist's code) reads in-memory intensities and binarizes them with
 `torch.bernoulli`; `Trainer.fit` streams the same data from Parquet through aevb-dist's
-reader (hash-seeded dynamic binarization, background prefetch) and does everything a
+reader (hash-seeded dynamic binarization, windows loaded as needed from local files) and does everything a
 training step does (sums all-reduced as one buffer, a non-finite check, logging). The ratio
 `trainer_over_plain` bounds what a 1-worker `aevb-dist train` can reach; the rest of the gap
 in benchmarks/throughput.py is Ray's. Run by hand, not in CI.

@@ -330,3 +330,46 @@ def test_a_stale_or_corrupted_index_is_never_trusted(tmp_path, capsys):
     index.write_bytes(index.read_bytes().replace(b'"dim": 5', b'"dim": 6'))
     with pytest.raises(ValueError, match="does not match its checksum"):
         ParquetDataset(str(folder))
+
+
+def test_byte_binarization_equals_its_definition_for_every_byte_value():
+    """binarize_bytes compares ⌊255·u24 / 2²⁴⌋ < v instead of u24 < ⌈v·2²⁴/255⌉: the same bit for every
+    byte value v and every 24-bit u (checked here on 784 × 2,048 hashes per value, all 256 values)."""
+    from aevb_dist.data.binarization import binarization_key, binarize_bytes, uniform_bits24
+    from aevb_dist.data.schema import Batch
+
+    index = np.arange(2048, dtype=np.int64) * 7919 + 3
+    values = np.broadcast_to((np.arange(2048 * 784) % 256).astype(np.uint8).reshape(2048, 784), (2048, 784))
+    fast = binarize_bytes(Batch(np.ascontiguousarray(values), index), "static", seed=11, epoch=0).x
+    u24 = uniform_bits24(index, 784, binarization_key("static", 11, 0)).astype(np.float64)
+    np.testing.assert_array_equal(fast, (u24 / 2**24 < values / 255.0).astype(np.float32))
+    assert fast[values == 0].max() == 0 and fast[values == 255].min() == 1
+
+
+def test_local_files_load_in_line_remote_ones_one_window_ahead(uneven_dataset, s3_endpoint):
+    """prefetch.py: a stream from local files starts no reader thread (the training thread reads as it
+    needs); from S3 one thread loads the next window. Both yield the same batches, bits and order."""
+    import threading
+
+    import fsspec
+
+    s3 = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_endpoint})
+    for unit in {u.path for u in uneven_dataset.units}:
+        s3.put(unit, f"aevb-test/uneven/{os.path.basename(unit)}")
+    remote = ParquetDataset("s3://aevb-test/uneven", endpoint_url=s3_endpoint)
+    kw = dict(rank=0, world_size=1, batch_size=7, epoch=1, seed=2, window=2, binarization="dynamic")
+
+    def batches_and_reader_threads(dataset):
+        out, threads = [], set()
+        for batch in EpochStream(dataset, **kw):
+            out.append(batch)
+            threads |= {t.name for t in threading.enumerate() if t.name.startswith("aevb-read")}
+        return out, threads
+
+    local, local_threads = batches_and_reader_threads(uneven_dataset)
+    from_s3, s3_threads = batches_and_reader_threads(remote)
+    assert not local_threads and s3_threads
+    assert len(local) == len(from_s3) == 15
+    for a, b in zip(local, from_s3):
+        np.testing.assert_array_equal(a.index, b.index)
+        np.testing.assert_array_equal(a.x, b.x)

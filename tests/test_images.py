@@ -129,7 +129,7 @@ def _hf_parquet(folder, images: np.ndarray, files: int = 2) -> None:
 
 
 def test_training_streams_parquet_of_encoded_images_without_converting_it(tmp_path):
-    """The reader decodes the images as it reads each row group (in its background thread): the same
+    """The reader decodes the images as it reads each row group: the same
     pixels, in the same order, as the dataset `prepare` converts from the same files."""
     from aevb_dist.config import load_config
     from aevb_dist.train.driver import train

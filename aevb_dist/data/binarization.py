@@ -80,7 +80,7 @@ _ROWS_PER_CHUNK = 64  # 64 × 784 uint32 = 200 KB: each pass over a chunk stays 
 def binarize_bytes(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
     """`binarize` for uint8 intensities v/255, exactly (u < v/255 compared in integers), without a
     float conversion of the pixels. Same bits as `uniform_bits24`, computed in cache-sized chunks
-    with in-place passes: the reader thread shares the cores with the training step."""
+    with in-place passes: the reader shares the cores with the training step."""
     n, dim = batch.x.shape
     out = np.empty((n, dim), np.float32)
     if n == 0:
@@ -88,15 +88,18 @@ def binarize_bytes(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
     with np.errstate(over="ignore"):
         per_example, per_pixel = _hash_inputs(batch.index, dim, binarization_key(mode, seed, epoch))
         h = np.empty((min(_ROWS_PER_CHUNK, n), dim), np.uint32)
-        tmp, threshold = np.empty_like(h), np.empty_like(h)
+        tmp = np.empty_like(h)
         for start in range(0, n, _ROWS_PER_CHUNK):
             stop = min(start + _ROWS_PER_CHUNK, n)
-            hh, tt, th = h[:stop - start], tmp[:stop - start], threshold[:stop - start]
+            hh, tt = h[:stop - start], tmp[:stop - start]
             np.add(per_example[start:stop, None], per_pixel[None, :], out=hh)
             _fmix32(hh, tt)
+            # u < ⌈v·2²⁴/255⌉ ⟺ 255u < v·2²⁴ ⟺ ⌊255u / 2²⁴⌋ < v for the integer u = h >> 8 < 2²⁴ (255u < 2³²):
+            # two cheap passes and a byte comparison instead of a gather of BYTE_THRESHOLDS per pixel.
             hh >>= np.uint32(8)
-            np.take(BYTE_THRESHOLDS, batch.x[start:stop], out=th)
-            np.less(hh, th, out=out[start:stop])
+            hh *= np.uint32(255)
+            hh >>= np.uint32(24)
+            np.less(hh, batch.x[start:stop], out=out[start:stop])
     return Batch(out, batch.index, batch.label)
 
 

@@ -10,14 +10,13 @@ assignment of row groups to ranks from the footers alone (seed, epoch, world siz
 - the position in an epoch is one integer (batches consumed), and resuming skips whole
   row groups by their row counts without reading them.
 Shuffling: a seeded permutation of row groups per epoch, then rows shuffled within a
-window of consecutive row groups. Reads run one window ahead in a background thread.
+window of consecutive row groups, loaded one window ahead in a thread from remote storage (prefetch.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -30,6 +29,7 @@ from aevb_dist.data import images
 from aevb_dist.data.binarization import binarize, binarize_bytes
 from aevb_dist.console import first_line, say
 from aevb_dist.data.index import INDEX_NAME, read_index
+from aevb_dist.data.prefetch import window_loader
 from aevb_dist.data.schema import (INDEX, LABEL, META_CHECKSUM, META_RANGE, META_SHAPE, PIXELS, Batch,
                                    metadata_checksum)
 
@@ -154,7 +154,7 @@ class ParquetDataset:
         self.units += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
 
     def _read_encoded(self, unit: RowGroup) -> Batch:
-        """Decoded in the reader's background thread; an example's index is its row in the dataset."""
+        """Decoded as the row group is read (prefetch.py: where); an example's index is its row in the dataset."""
         with self.fs.open(unit.path, "rb") as f:
             table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=[self.image_column] + [LABEL] * self.has_label)
         raw = images.decode_rows(table.column(self.image_column).combine_chunks(), self.image_column, self.shape,
@@ -325,8 +325,8 @@ class EpochStream:
             else:
                 windows.append(ids)
         emitted = self.start_batch
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="aevb-read") as pool:
-            pending: Optional[Future] = pool.submit(self._load_window, windows[0]) if windows else None
+        with window_loader(self.dataset.fs) as pool:  # ahead in a thread for remote storage (prefetch.py)
+            pending = pool.submit(self._load_window, windows[0]) if windows else None
             carry: Optional[Batch] = None
             for i in range(len(windows)):
                 current = pending.result()
