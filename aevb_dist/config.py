@@ -60,6 +60,10 @@ class DataConfig:
     # Each worker holds the whole training set (as stored, e.g. uint8) in its device's memory, read once,
     # and binarizes there with the reader's hash rule: the same batches and bits, no per-step host copy.
     cache_on_device: bool = False
+    # Load the next shuffle window in a background thread while steps run. None: yes from remote storage
+    # (hides a GET's latency) and when training on a GPU (the CPU is free), else no: on CPU the step's
+    # threads use every core and a reader thread competes with them (data/prefetch.py).
+    read_ahead: Optional[bool] = None
 
 
 @dataclass

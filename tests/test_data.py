@@ -348,7 +348,8 @@ def test_byte_binarization_equals_its_definition_for_every_byte_value():
 
 def test_local_files_load_in_line_remote_ones_one_window_ahead(uneven_dataset, s3_endpoint):
     """prefetch.py: a stream from local files starts no reader thread (the training thread reads as it
-    needs); from S3 one thread loads the next window. Both yield the same batches, bits and order."""
+    needs); from S3 one thread loads the next window. Both yield the same batches, bits and order;
+    `read_ahead` (data.read_ahead) overrides the rule."""
     import threading
 
     import fsspec
@@ -359,9 +360,9 @@ def test_local_files_load_in_line_remote_ones_one_window_ahead(uneven_dataset, s
     remote = ParquetDataset("s3://aevb-test/uneven", endpoint_url=s3_endpoint)
     kw = dict(rank=0, world_size=1, batch_size=7, epoch=1, seed=2, window=2, binarization="dynamic")
 
-    def batches_and_reader_threads(dataset):
+    def batches_and_reader_threads(dataset, read_ahead=None):
         out, threads = [], set()
-        for batch in EpochStream(dataset, **kw):
+        for batch in EpochStream(dataset, read_ahead=read_ahead, **kw):
             out.append(batch)
             threads |= {t.name for t in threading.enumerate() if t.name.startswith("aevb-read")}
         return out, threads
@@ -369,6 +370,9 @@ def test_local_files_load_in_line_remote_ones_one_window_ahead(uneven_dataset, s
     local, local_threads = batches_and_reader_threads(uneven_dataset)
     from_s3, s3_threads = batches_and_reader_threads(remote)
     assert not local_threads and s3_threads
+    # data.read_ahead overrides the storage rule either way (the trainer sets it on a GPU).
+    assert batches_and_reader_threads(uneven_dataset, read_ahead=True)[1]
+    assert not batches_and_reader_threads(remote, read_ahead=False)[1]
     assert len(local) == len(from_s3) == 15
     for a, b in zip(local, from_s3):
         np.testing.assert_array_equal(a.index, b.index)

@@ -15,7 +15,7 @@ consumed in the epoch), the same for any W: a run resumed with another W continu
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 from aevb_dist.config_checks import check_partitioning
 from aevb_dist.data.reader import EpochStream, ParquetDataset, _concat, assign_row_groups
@@ -47,7 +47,7 @@ class PartitionedEpoch:
 
     def __init__(self, dataset: ParquetDataset, *, rank: int, world_size: int, num_partitions: int,
                  global_batch_size: int, epoch: int, seed: int, shuffle: bool = True, window: int = 4,
-                 binarization: str = "none", start_batch: int = 0):
+                 binarization: str = "none", start_batch: int = 0, read_ahead: Optional[bool] = None):
         check_partitioning(num_partitions, global_batch_size, world_size)
         self.epoch, self.start_batch = epoch, start_batch
         self.num_batches = partitioned_num_batches(dataset, num_partitions=num_partitions,
@@ -57,7 +57,7 @@ class PartitionedEpoch:
         self.partitions = owned_partitions(rank, world_size, num_partitions)
         self.streams = [EpochStream(dataset, rank=p, world_size=num_partitions, batch_size=shares[p], epoch=epoch,
                                     seed=seed, shuffle=shuffle, window=window, binarization=binarization,
-                                    start_batch=start_batch, num_batches=self.num_batches)
+                                    start_batch=start_batch, num_batches=self.num_batches, read_ahead=read_ahead)
                         for p in self.partitions]
 
     def __iter__(self) -> Iterator[tuple[Batch, list[int], list[int]]]:

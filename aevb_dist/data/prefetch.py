@@ -1,17 +1,18 @@
 """Where the reader loads the next shuffle window: ahead in a background thread, or when it is needed.
 
 Remote storage (S3, GCS, ...): ahead, in one thread — a GET waits tens of milliseconds on the network, and
-the steps go on meanwhile. Local files: when needed, in the training thread. Reading them is CPU work
-(page-cache copies, zstd, checksums, binarization), not waiting, and the step's compute threads already
-use every core: a third thread makes one of them wait at each parallel operation's end, so the step
-loses more than the reader's own CPU time. Measured on 2 cores, the paper's MNIST model at M=100,
-`benchmarks/step_profile.py`: the background thread cost ~4% more throughput than loading in line.
+the steps go on meanwhile. Local files, training on CPU: when needed, in the training thread. Reading them
+is CPU work (page-cache copies, zstd, checksums, binarization), not waiting, and the step's compute
+threads already use every core: a third thread makes one of them wait at each parallel operation's end,
+so the step loses more than the reader's own CPU time (on 2 cores, the paper's MNIST model at M=100: ~4%
+of throughput more than loading in line). Training on a GPU leaves the CPU free: ahead again
+(`data.read_ahead`, set by the trainer, decides; None is this module's storage rule).
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Optional
 
 import fsspec
 
@@ -39,8 +40,11 @@ class LoadWhenNeeded:
         return _Deferred(load, args)
 
 
-def window_loader(fs: fsspec.AbstractFileSystem):
-    """A context manager with `submit(load, *args).result()`: a one-thread pool for remote storage."""
-    if storage.is_local(fs):
+def window_loader(fs: fsspec.AbstractFileSystem, read_ahead: Optional[bool] = None):
+    """A context manager with `submit(load, *args).result()`: a one-thread pool when `read_ahead`
+    (None: for remote storage only), else loading in the caller's thread when the result is needed."""
+    if read_ahead is None:
+        read_ahead = not storage.is_local(fs)
+    if not read_ahead:
         return LoadWhenNeeded()
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="aevb-read")

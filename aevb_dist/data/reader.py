@@ -274,9 +274,9 @@ class EpochStream:
 
     def __init__(self, dataset: ParquetDataset, *, rank: int, world_size: int, batch_size: int, epoch: int,
                  seed: int, shuffle: bool = True, window: int = 4, binarization: str = "none",
-                 start_batch: int = 0, num_batches: Optional[int] = None):
+                 start_batch: int = 0, num_batches: Optional[int] = None, read_ahead: Optional[bool] = None):
         self.dataset, self.batch_size, self.epoch, self.seed = dataset, batch_size, epoch, seed
-        self.shuffle, self.window, self.binarization = shuffle, window, binarization
+        self.shuffle, self.window, self.binarization, self.read_ahead = shuffle, window, binarization, read_ahead
         assignment = assign_row_groups(dataset.units, world_size, seed=seed, epoch=epoch, shuffle=shuffle)
         self.unit_ids = assignment[rank]
         rows = [sum(dataset.units[u].num_rows for u in ids) for ids in assignment]
@@ -325,7 +325,7 @@ class EpochStream:
             else:
                 windows.append(ids)
         emitted = self.start_batch
-        with window_loader(self.dataset.fs) as pool:  # ahead in a thread for remote storage (prefetch.py)
+        with window_loader(self.dataset.fs, self.read_ahead) as pool:  # in a thread or when needed: prefetch.py
             pending = pool.submit(self._load_window, windows[0]) if windows else None
             carry: Optional[Batch] = None
             for i in range(len(windows)):
@@ -333,7 +333,7 @@ class EpochStream:
                 pending = pool.submit(self._load_window, windows[i + 1]) if i + 1 < len(windows) else None
                 if skip:
                     current, skip = _slice(current, skip, len(current)), 0
-                carry = current if carry is None else _concat([carry, current])
+                carry = current if carry is None or not len(carry) else _concat([carry, current])
                 while len(carry) >= self.batch_size:
                     yield _slice(carry, 0, self.batch_size)
                     carry = _slice(carry, self.batch_size, len(carry))

@@ -39,6 +39,11 @@ class BatchSource:
                 default_num_partitions(data, self.global_batch_size)
             check_partitioning(self.num_partitions, self.global_batch_size, world_size)
 
+    def read_ahead(self):
+        """data.read_ahead; by default also on a GPU, whose step leaves the CPU free (data/prefetch.py)."""
+        configured = self.cfg.data.read_ahead
+        return True if configured is None and self.device.type == "cuda" else configured
+
     def num_batches(self, epoch: int) -> int:
         """Steps in `epoch`, the same on every rank."""
         if self.num_partitions is not None:
@@ -57,7 +62,7 @@ class BatchSource:
     def stream(self, epoch: int, start_batch: int) -> Stream:
         common = dict(epoch=epoch, seed=self.cfg.seed, shuffle=self.cfg.data.shuffle,
                       window=self.cfg.data.shuffle_window_row_groups, binarization=self.binarization,
-                      start_batch=start_batch)
+                      start_batch=start_batch, read_ahead=self.read_ahead())
         if self.num_partitions is not None:
             return PartitionedEpoch(self.data, rank=self.rank, world_size=self.world_size,
                                     num_partitions=self.num_partitions, global_batch_size=self.global_batch_size,
