@@ -7,12 +7,14 @@ MNIST with dynamic binarization, M = global minibatch. The ceilings are written 
 aevb_dist (benchmarks/plain.py: nn.Linear layers and the closed-form loss, no project code):
 - plain single process, all cores' threads, data in memory (`torch.bernoulli` per batch);
 - plain torch DDP, gloo on 127.0.0.1, 2 processes × 1 thread, data in memory;
+- the same 2 processes with a hand-written all-reduce of one flat gradient buffer instead of DDP
+  (the 2-worker ceiling is the faster of the two);
 - `aevb-dist train` streaming the same data from Parquet, 1 worker and 2 workers, on its
   embedded Ray and in Ray Train's local mode (`ray.local_mode=true`, no Ray cluster): steady
   samples/s from metrics.csv, the wall time from command start to the first step and from the
   last step to exit.
 For each aevb-dist case it prints `ratio_vs_ceiling` (1 worker against the single process,
-2 workers against plain DDP). Values are medians over --repeats runs. With --compare-bf16
+2 workers against the faster 2-process loop). Values are medians over --repeats runs. With --compare-bf16
 it also runs 2 workers with `train.allreduce_dtype=bfloat16` and prints each case's final
 train ELBO (same seed, same steps), the measured effect of compressing the all-reduce.
 Run by hand, not in CI.
@@ -82,26 +84,55 @@ def plain_single(data: torch.Tensor, batch: int, seconds: float) -> float:
     return timed_loop(make_step(PlainVAE(), data, batch), seconds) * batch
 
 
-def _ddp_rank(rank: int, world: int, port: int, batch: int, num_steps: int, out: str) -> None:
+def make_flat_step(model: torch.nn.Module, data: torch.Tensor, batch: int, rank: int, world: int):
+    """A hand-written data-parallel step: the gradients live in one flat buffer (as views), one all-reduce
+    sums it, a division makes it the global mean. What DDP does without its hooks and buckets."""
+    params = list(model.parameters())
+    flat = torch.zeros(sum(p.numel() for p in params))
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    opt = torch.optim.Adagrad(params, lr=0.02)
+    gen = torch.Generator().manual_seed(rank)
+    cursor = [rank * batch]
+
+    def step():
+        i = cursor[0] % (data.shape[0] - batch)
+        cursor[0] += batch * world
+        x = torch.bernoulli(data[i:i + batch], generator=gen)
+        flat.zero_()
+        model(x).backward()
+        dist.all_reduce(flat)
+        flat.div_(world)
+        opt.step()
+    return step
+
+
+def _ddp_rank(rank: int, world: int, port: int, batch: int, num_steps: int, out: str, flat: bool) -> None:
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(PlainVAE())
-    rate = timed_loop(make_step(model, mnist_in_memory(), batch // world, rank, world), num_steps=num_steps) * batch
+    if flat:
+        step = make_flat_step(PlainVAE(), mnist_in_memory(), batch // world, rank, world)
+    else:
+        step = make_step(torch.nn.parallel.DistributedDataParallel(PlainVAE()), mnist_in_memory(), batch // world,
+                         rank, world)
+    rate = timed_loop(step, num_steps=num_steps) * batch
     if rank == 0:
         with open(out, "w") as f:
             f.write(str(rate))
     dist.destroy_process_group()
 
 
-def plain_ddp(batch: int, num_steps: int) -> float:
+def plain_ddp(batch: int, num_steps: int, flat: bool = False) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rate")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(_ddp_rank, args=(2, port, batch, num_steps, out), nprocs=2, join=True)
+        mp.spawn(_ddp_rank, args=(2, port, batch, num_steps, out, flat), nprocs=2, join=True)
         return float(open(out).read())
 
 
@@ -147,12 +178,17 @@ def main() -> None:
             ddp_steps = max(int(args.seconds * 0.7 * single / batch), 20)
             ddp = statistics.median(plain_ddp(batch, ddp_steps) for _ in range(args.repeats))
             print(f"M={batch} plain_single samples_per_s={single:,.0f}", flush=True)
+            flat = statistics.median(plain_ddp(batch, ddp_steps, flat=True) for _ in range(args.repeats))
             print(f"M={batch} plain_ddp_2x1 samples_per_s={ddp:,.0f} ratio_vs_single={ddp / single:.2f}", flush=True)
+            print(f"M={batch} plain_flat_allreduce_2x1 samples_per_s={flat:,.0f} ratio_vs_single={flat / single:.2f}",
+                  flush=True)
+            # The 2-worker ceiling: the faster of the two hand-written 2-process loops.
+            two, two_label = max((ddp, "plain_ddp"), (flat, "plain_flat_allreduce"))
             local = ("ray.local_mode=true",)
-            cases = [(1, single, "plain_single", (), ""), (2, ddp, "plain_ddp", (), ""),
-                     (1, single, "plain_single", local, "_local"), (2, ddp, "plain_ddp", local, "_local")]
+            cases = [(1, single, "plain_single", (), ""), (2, two, two_label, (), ""),
+                     (1, single, "plain_single", local, "_local"), (2, two, two_label, local, "_local")]
             if args.compare_bf16:
-                cases.append((2, ddp, "plain_ddp", ("train.allreduce_dtype=bfloat16",), "_bf16"))
+                cases.append((2, two, two_label, ("train.allreduce_dtype=bfloat16",), "_bf16"))
             for workers, ceiling, label, extra, tag in cases:
                 steps = max(int(args.seconds * 1.5 * ceiling / batch), 50)
                 runs = [aevb_train(f"{tmp}/mnist", f"{tmp}/runs", batch, workers, steps,

@@ -123,3 +123,26 @@ def test_map_prior_matches_torch_distributions_and_scales_by_dataset_size():
     torch.testing.assert_close(got, elbo_sum + 0.05 * want)
     assert map_objective_sum(elbo_sum, vae, None, 50, 1000) is elbo_sum
 
+
+
+def test_prior_gradient_in_closed_form_equals_backpropagating_the_map_term():
+    """The trainer adds (M/N) θ/σ² to each gradient instead of backpropagating map_objective_sum's prior
+    term: the same gradient, for an int batch size and for a 0-d tensor (the captured CUDA-graph step)."""
+    from aevb_dist.model.elbo import add_prior_gradient
+
+    torch.manual_seed(0)
+    vae = VAE(input_dim=5, hidden_sizes=[4], latent_dim=2)
+    params = list(vae.parameters())
+    elbo_sum = sgvb_b(vae, torch.rand(50, 5).round(), 1).sum()
+    want = torch.autograd.grad(-map_objective_sum(elbo_sum, vae, 0.3, 50, 1000), params, retain_graph=True)
+    for batch_size in (50, torch.tensor(50.0)):
+        for p in params:
+            p.grad = None
+        (-elbo_sum).backward(retain_graph=True)
+        add_prior_gradient(params, 0.3, batch_size, 1000)
+        for p, g in zip(params, want):
+            torch.testing.assert_close(p.grad, g)
+    before = [p.grad.clone() for p in params]
+    add_prior_gradient(params, None, 50, 1000)  # maximum likelihood: nothing added
+    add_prior_gradient(params, 0.3, 0, 1000)  # an empty batch carries no prior term
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))

@@ -93,3 +93,21 @@ def map_objective_sum(elbo_sum: torch.Tensor, module: nn.Module, theta_prior_std
     if theta_prior_std is None or isinstance(batch_size, int) and batch_size == 0:
         return elbo_sum
     return elbo_sum + (batch_size / dataset_size) * log_parameter_prior(module, theta_prior_std)
+
+
+@torch.no_grad()
+def add_prior_gradient(params: list[torch.Tensor], theta_prior_std: Optional[float], batch_size,
+                       dataset_size: int) -> None:
+    """Adds the MAP term's gradient to each parameter's `.grad`, for a loss of −map_objective_sum:
+    ∇_θ −(M/N) log p(θ) = (M/N) θ / σ² for p(θ) = N(0, σ² I). The gradient that backpropagating
+    map_objective_sum's prior term gives, in closed form and one fused pass: autograd through Σ θ² took
+    ~1.5 ms a step for the paper's MNIST model on 2 CPU cores (about a third of the step).
+    `batch_size`: an int, or a 0-d device tensor inside a captured CUDA graph."""
+    if theta_prior_std is None or isinstance(batch_size, int) and batch_size == 0:
+        return
+    scale = batch_size / (dataset_size * theta_prior_std ** 2)
+    grads = [p.grad for p in params]
+    if isinstance(scale, torch.Tensor):
+        torch._foreach_add_(grads, [p * scale for p in params])
+    else:
+        torch._foreach_add_(grads, params, alpha=scale)
