@@ -8,6 +8,8 @@ sees the whole computation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,3 +34,21 @@ class PlainVAE(nn.Module):
         rec = F.binary_cross_entropy_with_logits(self.dec(z), x, reduction="sum")
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
         return (rec + kl) / x.shape[0]
+
+
+@torch.no_grad()
+def plain_log_px(model: PlainVAE, x: torch.Tensor, k: int, chunk: int, generator: torch.Generator) -> torch.Tensor:
+    """The importance-sampled log p(x) as a user writes it by hand: log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x),
+    z_k ~ q(z|x), `chunk` samples per pass, BCE with logits. [B]."""
+    mu, logvar = model.enc(x).chunk(2, dim=-1)
+    std = torch.exp(0.5 * logvar)
+    log_w = []
+    for start in range(0, k, chunk):
+        eps = torch.randn(min(chunk, k - start), *mu.shape, generator=generator)
+        z = mu + std * eps
+        logits = model.dec(z)
+        log_px_z = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+        log_qz = -0.5 * (eps.pow(2) + math.log(2 * math.pi) + logvar).sum(-1)
+        log_w.append(log_px_z + log_pz - log_qz)
+    return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)

@@ -9,7 +9,8 @@ Each file holds
 and in the schema metadata the image shape and the value range the reader scales to [0, 1], with a
 checksum of the two. Parquet's footer has no checksum of its own, and a flipped byte in the range
 would silently rescale every pixel; pages carry CRC32 checksums (`write_page_checksum`) that the
-reader verifies, so a flipped byte in the data is an error, never a wrong pixel.
+reader verifies, so a flipped byte in the data is an error, never a wrong pixel. Columns are zstd-compressed
+(prepare.py `PIXEL_ENCODING`; files written elsewhere may use any codec Parquet has).
 """
 
 from __future__ import annotations
