@@ -160,3 +160,20 @@ def test_training_streams_parquet_of_encoded_images_without_converting_it(tmp_pa
                                          r"the dataset's is \[3, 4, 6\]"):
         data = ParquetDataset(str(tmp_path / "odd"))
         [data.read_raw(u) for u in data.units]
+
+
+def test_encoded_images_are_decoded_one_window_ahead_in_a_thread_even_from_local_files(tmp_path):
+    """data/prefetch.py: decoding PNG/JPEG is the heavy part of streaming such a dataset, so it runs in the
+    reader's thread by default wherever the files are (plain local Parquet is read in line)."""
+    import threading
+
+    from aevb_dist.data.reader import EpochStream
+
+    _hf_parquet(tmp_path / "hf", _color(np.random.default_rng(5), 24, 4, 6))
+    dataset = ParquetDataset(str(tmp_path / "hf"))
+    seen = set()
+    rows = 0
+    for batch in EpochStream(dataset, rank=0, world_size=1, batch_size=5, epoch=0, seed=0, window=1):
+        rows += len(batch)
+        seen |= {t.name for t in threading.enumerate() if t.name.startswith("aevb-read")}
+    assert rows == 24 and seen

@@ -325,7 +325,7 @@ class EpochStream:
             else:
                 windows.append(ids)
         emitted = self.start_batch
-        with window_loader(self.dataset.fs, self.read_ahead) as pool:  # in a thread or when needed: prefetch.py
+        with window_loader(self.dataset, self.read_ahead) as pool:  # in a thread or when needed: prefetch.py
             pending = pool.submit(self._load_window, windows[0]) if windows else None
             carry: Optional[Batch] = None
             for i in range(len(windows)):
