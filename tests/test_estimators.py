@@ -124,7 +124,6 @@ def test_map_prior_matches_torch_distributions_and_scales_by_dataset_size():
     assert map_objective_sum(elbo_sum, vae, None, 50, 1000) is elbo_sum
 
 
-
 def test_prior_gradient_in_closed_form_equals_backpropagating_the_map_term():
     """The trainer adds (M/N) θ/σ² to each gradient instead of backpropagating map_objective_sum's prior
     term: the same gradient, for an int batch size and for a 0-d tensor (the captured CUDA-graph step)."""
