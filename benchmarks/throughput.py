@@ -62,16 +62,25 @@ def timed_loop(step, seconds: float = 0.0, warmup: int = 10, num_steps: int = 0)
     return n / (time.perf_counter() - start)
 
 
-def make_step(model: torch.nn.Module, data: torch.Tensor, batch: int, rank: int = 0, world: int = 1):
-    """One plain training step: a slice of the in-memory data, dynamically binarized."""
-    opt = torch.optim.Adagrad(model.parameters(), lr=0.02)
+def plain_batches(data: torch.Tensor, batch: int, rank: int = 0, world: int = 1):
+    """next_batch(): the rank's next slice of the in-memory data, dynamically binarized."""
     gen = torch.Generator().manual_seed(rank)
     cursor = [rank * batch]
 
-    def step():
+    def next_batch() -> torch.Tensor:
         i = cursor[0] % (data.shape[0] - batch)
         cursor[0] += batch * world
-        x = torch.bernoulli(data[i:i + batch], generator=gen)
+        return torch.bernoulli(data[i:i + batch], generator=gen)
+    return next_batch
+
+
+def make_step(model: torch.nn.Module, data: torch.Tensor, batch: int, rank: int = 0, world: int = 1):
+    """One plain training step on `plain_batches`."""
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.02)
+    next_batch = plain_batches(data, batch, rank, world)
+
+    def step():
+        x = next_batch()
         opt.zero_grad(set_to_none=True)
         model(x).backward()
         opt.step()
@@ -94,13 +103,10 @@ def make_flat_step(model: torch.nn.Module, data: torch.Tensor, batch: int, rank:
         p.grad = flat[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
     opt = torch.optim.Adagrad(params, lr=0.02)
-    gen = torch.Generator().manual_seed(rank)
-    cursor = [rank * batch]
+    next_batch = plain_batches(data, batch, rank, world)
 
     def step():
-        i = cursor[0] % (data.shape[0] - batch)
-        cursor[0] += batch * world
-        x = torch.bernoulli(data[i:i + batch], generator=gen)
+        x = next_batch()
         flat.zero_()
         model(x).backward()
         dist.all_reduce(flat)
