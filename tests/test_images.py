@@ -118,13 +118,13 @@ def test_parquet_with_encoded_images_in_the_hugging_face_layout(tmp_path):
                 report=lambda m: None)
 
 
-def _hf_parquet(folder, images: np.ndarray, files: int = 2) -> None:
+def _hf_parquet(folder, images: np.ndarray, files: int = 2, column: str = "image") -> None:
     """Hugging Face's layout: struct {bytes, path} images and a label column, in `files` files."""
     folder.mkdir(parents=True, exist_ok=True)
     for part, rows in enumerate(np.array_split(np.arange(len(images)), files)):
         struct = pa.array([{"bytes": _png(images[i]), "path": f"{i}.png"} for i in rows],
                           type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
-        pq.write_table(pa.table({"image": struct, "label": pa.array(rows % 5)}), folder / f"train-{part:05d}.parquet",
+        pq.write_table(pa.table({column: struct, "label": pa.array(rows % 5)}), folder / f"train-{part:05d}.parquet",
                        row_group_size=8)
 
 
@@ -177,3 +177,24 @@ def test_encoded_images_are_decoded_one_window_ahead_in_a_thread_even_from_local
         rows += len(batch)
         seen |= {t.name for t in threading.enumerate() if t.name.startswith("aevb-read")}
     assert rows == 24 and seen
+
+
+@pytest.mark.slow
+def test_a_run_on_encoded_images_is_evaluated_and_encoded_under_its_own_column_name(tmp_path):
+    """A run trained with data.image_column=img: evaluate and encode read the images from that column (the
+    run's config says it; the tasks open the driver's description of the dataset)."""
+    from aevb_dist.config import load_config
+    from aevb_dist.eval.jobs import encode, evaluate
+    from aevb_dist.train.driver import train
+    from tests.helpers import SMOKE, tiny_overrides
+
+    _hf_parquet(tmp_path / "hf", _color(np.random.default_rng(4), 32, 4, 6), column="img")
+    train(load_config(SMOKE, tiny_overrides(str(tmp_path), str(tmp_path / "runs"), **{
+        "data.train_uri": str(tmp_path / "hf"), "data.test_uri": "null", "data.image_column": "img",
+        "model.input_dim": 72, "model.likelihood": "discretized_logistic", "model.architecture": "conv",
+        "model.conv_channels": "[4]", "ray.local_mode": "true", "train.num_workers": 1, "train.max_steps": 3,
+        "run.name": "encoded"})))
+    run = str(tmp_path / "runs" / "encoded")
+    result = evaluate(run, str(tmp_path / "hf"), num_importance_samples=4, num_workers=2)
+    assert result["num_examples"] == 32 and 0 < result["log_marginal_likelihood_bits_per_dim"] < 9
+    assert encode(run, str(tmp_path / "hf"), str(tmp_path / "codes"), num_workers=1) == 32

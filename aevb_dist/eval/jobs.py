@@ -31,15 +31,22 @@ def _chunks(num_units: int, num_workers: int) -> list[list[int]]:
     return [c.tolist() for c in np.array_split(np.arange(num_units), num_chunks) if len(c)]
 
 
-def _open(data_uri: str, vae: VAE, endpoint_url: Optional[str]) -> ParquetDataset:
-    return ParquetDataset(data_uri, expected_dim=vae.input_dim, endpoint_url=endpoint_url)
+def _open(data_uri: str, vae: VAE, endpoint_url: Optional[str], saved: dict) -> ParquetDataset:
+    """The dataset, on the driver; encoded images under the column the run trained on (`data.image_column`)."""
+    image_column = saved["config"]["data"].get("image_column")
+    return ParquetDataset(data_uri, expected_dim=vae.input_dim, endpoint_url=endpoint_url, image_column=image_column)
 
 
-def _evaluate_task(state_bytes, data_uri, endpoint_url, unit_ids, options, use_gpu, threads) -> Sums:
+def _reopen(data_uri: str, endpoint_url: Optional[str], description: dict) -> ParquetDataset:
+    """The driver's dataset in a task, from its description: no storage request to open it."""
+    return ParquetDataset(data_uri, endpoint_url=endpoint_url, description=description)
+
+
+def _evaluate_task(state_bytes, data_uri, endpoint_url, description, unit_ids, options, use_gpu, threads) -> Sums:
     torch.set_num_threads(threads)
     vae, _ = model_from_bytes(state_bytes, architecture_checked=True)  # on the driver, before the tasks
     vae = vae.to("cuda") if use_gpu else vae  # Ray made the task's GPU the only one it sees
-    return evaluate_units(vae, _open(data_uri, vae, endpoint_url), unit_ids, **options)
+    return evaluate_units(vae, _reopen(data_uri, endpoint_url, description), unit_ids, **options)
 
 
 def _run_chunks(task, state_bytes: bytes, chunk_args: list[tuple], *, num_workers: int,
@@ -85,7 +92,7 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
     data_uri = absolute_uri(data_uri)
     state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
     vae, saved = model_from_bytes(state_bytes, folder)
-    dataset = _open(data_uri, vae, endpoint_url)
+    dataset = _open(data_uri, vae, endpoint_url, saved)
     check_range_fits(dataset, vae.likelihood.name, data_uri)
     if estimator == "is" and vae.posterior.support != "real":
         say(f"warning: q(z|x) is {vae.posterior.name}, supported on the {vae.posterior.support} values only, while "
@@ -102,7 +109,7 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
         total = total + sums
         progress.add(sums.count)
 
-    _run_chunks(_evaluate_task, state_bytes, [(data_uri, endpoint_url, c, options, use_gpu)
+    _run_chunks(_evaluate_task, state_bytes, [(data_uri, endpoint_url, dataset.describe(), c, options, use_gpu)
                                               for c in _chunks(len(dataset.units), num_workers)],
                 num_workers=num_workers, ray_address=ray_address, on_done=done, use_gpu=use_gpu)
     if total.count != dataset.num_rows:
@@ -121,13 +128,14 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
     return result
 
 
-def _encode_task(state_bytes, data_uri, endpoint_url, unit_ids, options, staging_uri, part, threads) -> int:
+def _encode_task(state_bytes, data_uri, endpoint_url, description, unit_ids, options, staging_uri, part,
+                 threads) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     torch.set_num_threads(threads)
     vae, _ = model_from_bytes(state_bytes, architecture_checked=True)  # on the driver, before the tasks
-    out = encode_units(vae, _open(data_uri, vae, endpoint_url), unit_ids, **options)
+    out = encode_units(vae, _reopen(data_uri, endpoint_url, description), unit_ids, **options)
     columns = {"index": pa.array(out["index"])}
     if "label" in out:
         columns["label"] = pa.array(out["label"])
@@ -149,7 +157,7 @@ def encode(checkpoint_uri: str, data_uri: str, output_uri: str, *, num_workers: 
     data_uri, output_uri = absolute_uri(data_uri), absolute_uri(output_uri)
     state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
     vae, saved = model_from_bytes(state_bytes, folder)
-    dataset = _open(data_uri, vae, endpoint_url)
+    dataset = _open(data_uri, vae, endpoint_url, saved)
     fs, root = storage.resolve(output_uri, endpoint_url)
     if fs.exists(root) and fs.ls(root) and not overwrite:
         raise ValueError(f"{output_uri} is not empty; pass --overwrite to replace it")
@@ -166,7 +174,7 @@ def encode(checkpoint_uri: str, data_uri: str, output_uri: str, *, num_workers: 
     with storage.replace_folder(fs, root) as staging:
         scheme = storage.scheme_of(output_uri)
         staging_uri = staging if scheme == "file" else f"{scheme}://{staging}"
-        _run_chunks(_encode_task, state_bytes, [(data_uri, endpoint_url, c, options, staging_uri, i)
+        _run_chunks(_encode_task, state_bytes, [(data_uri, endpoint_url, dataset.describe(), c, options, staging_uri, i)
                                                 for i, c in enumerate(_chunks(len(dataset.units), num_workers))],
                     num_workers=num_workers, ray_address=ray_address, on_done=done)
         if written != dataset.num_rows:
