@@ -63,14 +63,15 @@ class ParquetDataset:
                     self._add_file(path, expected_dim)
         if description is not None:
             self._load(description, expected_dim)
-        self.num_rows = sum(u.num_rows for u in self.units)
+        starts = np.cumsum([0] + [u.num_rows for u in self.units]).tolist()
+        self.first_rows, self.num_rows = dict(zip(self.units, starts)), starts[-1]  # in the stored order
         if self.num_rows == 0:
             raise ValueError(f"{uri}: the dataset is empty (0 rows)")
 
     def _list(self) -> list[str]:
         if not self.fs.exists(self.root):
             raise FileNotFoundError(f"dataset not found: {self.uri}")
-        paths = sorted(p for p in self.fs.find(self.root) if p.endswith(".parquet") and not _hidden(p, self.root))
+        paths = sorted(p for p in self.fs.find(self.root) if p.endswith(".parquet") and not _hidden(self._relative(p)))
         if not paths:
             raise ValueError(f"{self.uri}: no Parquet files found (run `aevb-dist prepare` to make a dataset)")
         return paths
@@ -159,7 +160,7 @@ class ParquetDataset:
             table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=[self.image_column] + [LABEL] * self.has_label)
         raw = images.decode_rows(table.column(self.image_column).combine_chunks(), self.image_column, self.shape,
                                  f"{unit.path} row group {unit.row_group}")
-        first = sum(u.num_rows for u in self.units[:self.units.index(unit)])
+        first = self.first_rows[unit]
         label = table.column(LABEL).to_numpy().astype(np.int64) if self.has_label else None
         return Batch(raw, np.arange(first, first + len(raw), dtype=np.int64), label)
 
@@ -235,9 +236,8 @@ def pixel_width(pix: pa.DataType, path: str) -> int:
                      f"of numbers, got {pix}")
 
 
-def _hidden(path: str, root: str) -> bool:
-    rel = path[len(root):].lstrip("/")
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
+def _hidden(relative_path: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative_path.split("/"))
 
 
 def _concat(batches: list[Batch]) -> Batch:
@@ -301,10 +301,10 @@ class EpochStream:
     def row_positions(self) -> np.ndarray:
         """The rows this rank's epoch yields, in order, as positions in the dataset's stored order (its
         units concatenated): what iterating yields, computed from the footers without reading a row."""
-        starts = np.concatenate([[0], np.cumsum([u.num_rows for u in self.dataset.units])])
+        first, units = self.dataset.first_rows, self.dataset.units
         parts = []
         for ids in self._windows():
-            rows = np.concatenate([np.arange(starts[u], starts[u + 1]) for u in ids])
+            rows = np.concatenate([np.arange(first[units[u]], first[units[u]] + units[u].num_rows) for u in ids])
             parts.append(rows[self._window_permutation(ids, len(rows))] if self.shuffle else rows)
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 

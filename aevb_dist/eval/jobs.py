@@ -109,7 +109,8 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
         total = total + sums
         progress.add(sums.count)
 
-    _run_chunks(_evaluate_task, state_bytes, [(data_uri, endpoint_url, dataset.describe(), c, options, use_gpu)
+    description = dataset.describe()
+    _run_chunks(_evaluate_task, state_bytes, [(data_uri, endpoint_url, description, c, options, use_gpu)
                                               for c in _chunks(len(dataset.units), num_workers)],
                 num_workers=num_workers, ray_address=ray_address, on_done=done, use_gpu=use_gpu)
     if total.count != dataset.num_rows:
@@ -174,7 +175,8 @@ def encode(checkpoint_uri: str, data_uri: str, output_uri: str, *, num_workers: 
     with storage.replace_folder(fs, root) as staging:
         scheme = storage.scheme_of(output_uri)
         staging_uri = staging if scheme == "file" else f"{scheme}://{staging}"
-        _run_chunks(_encode_task, state_bytes, [(data_uri, endpoint_url, dataset.describe(), c, options, staging_uri, i)
+        description = dataset.describe()
+        _run_chunks(_encode_task, state_bytes, [(data_uri, endpoint_url, description, c, options, staging_uri, i)
                                                 for i, c in enumerate(_chunks(len(dataset.units), num_workers))],
                     num_workers=num_workers, ray_address=ray_address, on_done=done)
         if written != dataset.num_rows:
