@@ -1,4 +1,4 @@
-from aevb_dist.cli import main
+from aevb_dist.cli import console_main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console_main()

@@ -6,7 +6,10 @@ A user mistake prints one line and exits 2; `--debug` shows the traceback instea
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
+import threading
 from typing import Optional
 
 from aevb_dist import __version__, names
@@ -25,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if cfg.ray.local_mode:  # the workers' fork server imports torch while this process does
-        from aevb_dist.train.local_launcher import prestart
+        from aevb_dist.train.fork_server import prestart
 
         prestart()
     from aevb_dist.train.driver import train
@@ -283,5 +286,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
 
 
+def console_main() -> None:
+    """The `aevb-dist` command: `main`, then a quick exit. Tearing down an interpreter that has torch,
+    pyarrow and Ray loaded takes ~0.5 s after the work is done and every file is closed; the command skips
+    it once the exit handlers have run (multiprocessing's, logging's) and no thread of ours is running."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):  # a reader that has gone away, a closed stream: exit the usual way
+        raise SystemExit(code) from None
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        raise SystemExit(code)  # the interpreter's exit joins them
+    atexit._run_exitfuncs()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console_main()

@@ -104,3 +104,30 @@ def test_local_mode_checkpoints_and_resumes_on_s3(tiny_data, s3_endpoint):
     assert names == [checkpoint.checkpoint_name(12), checkpoint.checkpoint_name(16)]  # keep_last=2
     steps = [row["step"] for row in read_metrics(fs, f"{path}/metrics.csv")]
     assert steps == [1, *range(2, 17, 2)]  # every row uploaded by the end, none twice
+
+
+def test_the_command_exits_quickly_yet_flushed_and_clean(tiny_data, tmp_path):
+    """`aevb-dist` skips the interpreter's teardown at exit (console_main): everything it printed still
+    arrives through a pipe, its exit code is main's, and the exit handlers it does not skip ran (the fork
+    server's temporary folder is removed, the server itself is gone)."""
+    import os
+
+    import psutil
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    args = [sys.executable, "-m", "aevb_dist", "train", SMOKE, "run.name=quick", "train.max_steps=4",
+            *tiny_overrides(tiny_data, str(tmp_path), **LOCAL)]
+    env = {**os.environ, "TMPDIR": str(temp)}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    servers = []
+    while proc.poll() is None and not servers:  # local mode's fork server, started by the command
+        servers = [p for p in psutil.Process(proc.pid).children() if "forkserver" in " ".join(p.cmdline())]
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert err.rstrip().splitlines()[-1].startswith("aevb-dist: done:"), err[-3000:]
+    assert servers and not any(s.is_running() and s.status() != psutil.STATUS_ZOMBIE for s in servers)
+    assert not list(temp.glob("pymp-*")), list(temp.iterdir())
+    # A user's mistake: exit code 2 and the one line, through the same quick exit.
+    proc = subprocess.run([*args, "train.max_steps=-3"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "aevb-dist train: error:" in proc.stderr, proc.stderr[-3000:]

@@ -5,6 +5,12 @@ import atexit
 import os
 
 import ray.train.torch  # noqa: F401
+import torch._dynamo  # noqa: F401  (every torch optimizer's constructor imports it on first use: ~1 s a worker)
+
+try:
+    import torch.utils.tensorboard  # noqa: F401  (rank 0's RunLog)
+except ImportError:  # optional
+    pass
 
 import aevb_dist.train.local_launcher  # noqa: F401  (the worker entry point and everything it imports)
 
@@ -13,3 +19,4 @@ import aevb_dist.train.local_launcher  # noqa: F401  (the worker entry point and
 # stderr open (anyone reading it, a pipe or a CI log, waits). Its forked workers always leave by
 # os._exit, so they never run this.
 atexit.register(os._exit, 0)
+

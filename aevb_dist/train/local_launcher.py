@@ -20,8 +20,6 @@ import contextlib
 import functools
 import json
 import logging
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import select
 import signal
@@ -35,17 +33,11 @@ from aevb_dist.config import Config
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.console import first_line, say, user_error_in
 from aevb_dist.ray_runtime import threads_for_cpus
+from aevb_dist.train.fork_server import prestart
 from aevb_dist.train.run_folder_sink import WriteToRunFolder
 from aevb_dist.train.worker import WorkerSpec, run_worker
 
-_PRELOAD = ["aevb_dist.train.forkserver_preload"]  # imported once in the fork server, not in every worker
 _PROCESS_LOGGERS = ["torch.distributed.elastic.multiprocessing", "torch.multiprocessing"]
-
-
-def prestart() -> None:
-    """Start the fork server now, so its imports overlap with the caller's own start-up work."""
-    multiprocessing.set_forkserver_preload(_PRELOAD)  # no effect once the server runs
-    multiprocessing.forkserver.ensure_running()
 
 
 def launch_local(cfg: Config, run: storage.Folder, train_data: ParquetDataset) -> None:
