@@ -64,6 +64,10 @@ class DataConfig:
     # (hides a GET's latency) and when training on a GPU (the CPU is free), else no: on CPU the step's
     # threads use every core and a reader thread competes with them (data/prefetch.py).
     read_ahead: Optional[bool] = None
+    # Each worker keeps the training row groups it reads in memory, decoded (uint8: a byte a pixel), up to this
+    # many MiB, and later epochs read them from there: no decompression, checksums or GETs again. What does not
+    # fit is read every epoch. 0: read every row group from storage every epoch (data/decoded_cache.py).
+    decoded_cache_mib: int = 512
 
 
 @dataclass

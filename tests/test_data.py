@@ -378,3 +378,58 @@ def test_local_files_load_in_line_remote_ones_one_window_ahead(uneven_dataset, s
     for a, b in zip(local, from_s3):
         np.testing.assert_array_equal(a.index, b.index)
         np.testing.assert_array_equal(a.x, b.x)
+
+
+def test_row_groups_read_once_are_kept_decoded_within_the_budget(uneven_dataset, tmp_path):
+    """data/decoded_cache.py: with room for every row group, the second epoch reads nothing from storage (the
+    files are gone, and it still yields) and yields exactly what a dataset without the cache yields; with room
+    for a few, those are kept and the rest must be read again; kept arrays cannot be written into."""
+    import shutil
+
+    source = os.path.dirname(uneven_dataset.units[0].path)
+    kw = dict(rank=0, world_size=1, batch_size=7, seed=2, window=2, binarization="dynamic")
+
+    def epoch(dataset, e):
+        return list(EpochStream(dataset, epoch=e, **kw))
+
+    shutil.copytree(source, tmp_path / "all")
+    cached = ParquetDataset(str(tmp_path / "all"), cache_bytes=1 << 20)
+    first = epoch(cached, 0)
+    assert len(cached.decoded) == len(cached.units) == 14
+    shutil.rmtree(tmp_path / "all")
+    again = epoch(cached, 1)
+    for a, b in zip(again, epoch(uneven_dataset, 1), strict=True):  # uneven_dataset: no cache
+        np.testing.assert_array_equal(a.index, b.index)
+        np.testing.assert_array_equal(a.x, b.x)
+    assert [len(b) for b in first] == [len(b) for b in again]
+    held = cached.read_raw(cached.units[0])
+    with pytest.raises(ValueError, match="read-only"):
+        held.x[0] = 0.5
+    with pytest.raises(ValueError, match="read-only"):
+        held.index[0] = 7
+
+    shutil.copytree(source, tmp_path / "some")
+    budget = 3 * (8 * 6 * 4 + 8 * 8)  # three full row groups of 8 rows (6 float32 pixels, an int64 index)
+    partial = ParquetDataset(str(tmp_path / "some"), cache_bytes=budget)
+    epoch(partial, 0)
+    assert 3 <= len(partial.decoded) < len(partial.units) and partial.decoded.used_bytes <= budget
+    shutil.rmtree(tmp_path / "some")
+    with pytest.raises((FileNotFoundError, ValueError)):
+        epoch(partial, 1)  # what did not fit is read from storage again
+
+
+def test_training_sets_get_the_configured_cache_and_test_sets_none(tiny_data):
+    from aevb_dist.config import load_config
+    from aevb_dist.train.step_setup import open_datasets
+    from tests.helpers import SMOKE, tiny_overrides
+
+    overrides = tiny_overrides(tiny_data, "unused")
+    train, test = open_datasets(load_config(SMOKE, overrides))
+    assert train.decoded.budget_bytes == 512 << 20 and test.decoded.budget_bytes == 0
+    train, _ = open_datasets(load_config(SMOKE, overrides + ["data.decoded_cache_mib=3"]))
+    assert train.decoded.budget_bytes == 3 << 20
+    # data.cache_on_device holds the set on the device: no second copy in host memory.
+    train, _ = open_datasets(load_config(SMOKE, overrides + ["data.cache_on_device=true"]))
+    assert train.decoded.budget_bytes == 0
+    with pytest.raises(ValueError, match="data.decoded_cache_mib=-1 must be >= 0"):
+        load_config(SMOKE, overrides + ["data.decoded_cache_mib=-1"])

@@ -22,10 +22,9 @@ from aevb_dist.data import images as images_module
 from aevb_dist.data import sources
 from aevb_dist.data.images import ImageOptions
 from aevb_dist.data.index import INDEX_NAME, index_bytes
-from aevb_dist.data.reader import pixel_width
 from aevb_dist.data.value_range import decide_value_range
 from aevb_dist.data.schema import (INDEX, LABEL, META_CHECKSUM, META_LABEL_NAMES, META_RANGE, META_SHAPE,
-                                   META_SOURCE, PIXELS, metadata_checksum)
+                                   META_SOURCE, PIXELS, metadata_checksum, pixel_width)
 
 FORMATS = names.DATASET_FORMATS
 

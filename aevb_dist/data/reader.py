@@ -30,8 +30,9 @@ from aevb_dist.data.binarization import binarize, binarize_bytes
 from aevb_dist.console import first_line, say
 from aevb_dist.data.index import INDEX_NAME, read_index
 from aevb_dist.data.prefetch import window_loader
+from aevb_dist.data.decoded_cache import DecodedRowGroups
 from aevb_dist.data.schema import (INDEX, LABEL, META_CHECKSUM, META_RANGE, META_SHAPE, PIXELS, Batch,
-                                   metadata_checksum)
+                                   metadata_checksum, pixel_width)
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,11 @@ class ParquetDataset:
     process made of it (`describe()`: the driver's, handed to every worker), with no storage request."""
 
     def __init__(self, uri: str, *, expected_dim: Optional[int] = None, endpoint_url: Optional[str] = None,
-                 description: Optional[dict] = None, image_column: Optional[str] = None):
+                 description: Optional[dict] = None, image_column: Optional[str] = None, cache_bytes: int = 0):
         """`image_column`: Parquet written elsewhere whose images are encoded PNG/JPEG bytes (data/images.py),
-        decoded as row groups are read; by default the column `image` of files without a `pixels` column."""
-        self.uri, self.image_column = uri, image_column
+        decoded as row groups are read; by default the column `image` of files without a `pixels` column.
+        `cache_bytes`: row groups read are kept in memory, decoded, up to this size (decoded_cache.py)."""
+        self.uri, self.image_column, self.decoded = uri, image_column, DecodedRowGroups(cache_bytes)
         self.fs, self.root = storage.resolve(uri, endpoint_url)
         self.units: list[RowGroup] = []
         self.dim = self.shape = self.value_range = None
@@ -165,7 +167,10 @@ class ParquetDataset:
         return Batch(raw, np.arange(first, first + len(raw), dtype=np.int64), label)
 
     def read_raw(self, unit: RowGroup) -> Batch:
-        """One row group as stored (uint8 or float), checked against the declared range."""
+        """One row group as stored (uint8 or float), checked against the declared range; read-only arrays."""
+        return self.decoded.get(unit, lambda: self._read_stored(unit))
+
+    def _read_stored(self, unit: RowGroup) -> Batch:
         if self.image_column:
             return self._read_encoded(unit)
         columns = [PIXELS, INDEX] + ([LABEL] if self.has_label else [])
@@ -224,16 +229,6 @@ class ParquetDataset:
     def read_all(self) -> Batch:
         """Every row in file order; for small data and tests only."""
         return _concat([self.read(u) for u in self.units])
-
-
-def pixel_width(pix: pa.DataType, path: str) -> int:
-    """D, the pixels per example, from the pixels column's type."""
-    if pa.types.is_fixed_size_binary(pix):
-        return pix.byte_width  # one uint8 per pixel
-    if pa.types.is_fixed_size_list(pix) and (pa.types.is_integer(pix.value_type) or pa.types.is_floating(pix.value_type)):
-        return pix.list_size
-    raise ValueError(f"{path}: column '{PIXELS}' must be fixed_size_binary (uint8) or a fixed-size list "
-                     f"of numbers, got {pix}")
 
 
 def _hidden(relative_path: str) -> bool:

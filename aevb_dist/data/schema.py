@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 
 PIXELS, INDEX, LABEL = "pixels", "index", "label"
 META_SHAPE, META_RANGE, META_SOURCE = b"aevb.shape", b"aevb.value_range", b"aevb.source"
@@ -40,3 +41,13 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
+
+
+def pixel_width(pix: pa.DataType, path: str) -> int:
+    """D, the pixels per example, from the pixels column's type."""
+    if pa.types.is_fixed_size_binary(pix):
+        return pix.byte_width  # one uint8 per pixel
+    if pa.types.is_fixed_size_list(pix) and (pa.types.is_integer(pix.value_type) or pa.types.is_floating(pix.value_type)):
+        return pix.list_size
+    raise ValueError(f"{path}: column '{PIXELS}' must be fixed_size_binary (uint8) or a fixed-size list "
+                     f"of numbers, got {pix}")

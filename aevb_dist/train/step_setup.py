@@ -54,8 +54,11 @@ def open_datasets(cfg: Config, train_description: Optional[dict] = None
     endpoint = cfg.run.s3_endpoint_url
     if not cfg.data.train_uri:
         raise ValueError("data.train_uri is empty; point it at a dataset made by `aevb-dist prepare`")
+    # data.cache_on_device holds the training set on the device already: no second copy in host memory.
+    cache_mib = 0 if cfg.data.cache_on_device else cfg.data.decoded_cache_mib
     train = ParquetDataset(cfg.data.train_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint,
-                           description=train_description, image_column=cfg.data.image_column)
+                           description=train_description, image_column=cfg.data.image_column,
+                           cache_bytes=cache_mib << 20)
     test = ParquetDataset(cfg.data.test_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint,
                           image_column=cfg.data.image_column) \
         if cfg.data.test_uri else None
