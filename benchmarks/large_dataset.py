@@ -6,7 +6,8 @@ print each worker's peak RSS, for two dataset sizes, so that growth with the dat
 For each size: a synthetic uint8 dataset of 784-byte rows (5 M rows: 3.9 GB of pixels, 90% of them in the
 training split) is prepared with `aevb_dist.data.prepare` into a temporary folder (64 shards, row groups of 1,000 rows), then W worker
 processes each stream their part of epoch 0 exactly as a training worker does (`BatchSource.batches`:
-reader, shuffle window, dynamic binarization, float32 batches as torch tensors), in both data
+reader, shuffle window, the decoded-row-group cache at its default 512 MiB, dynamic binarization, float32
+batches as torch tensors), in both data
 modes: per-worker batches (train.batch_size_per_worker=100) and global batches
 (train.global_batch_size=200 over the default 16 partitions, each rank holding one stream
 per partition it owns). Each worker reports rows, seconds and its peak RSS (VmHWM, which includes torch
@@ -68,12 +69,12 @@ def stream_epoch(rank: int, world_size: int, uri: str, description: dict, overri
     import torch
 
     from aevb_dist.config import load_config
-    from aevb_dist.data.reader import ParquetDataset
     from aevb_dist.train.batches import BatchSource
+    from aevb_dist.train.step_setup import open_datasets
 
     torch.set_num_threads(1)
     cfg = load_config(None, [f"data.train_uri={uri}", f"model.input_dim={DIM}", *overrides])
-    data = ParquetDataset(uri, expected_dim=DIM, description=description)
+    data, _ = open_datasets(cfg, description)  # as a training worker opens it: data.decoded_cache_mib included
     source = BatchSource(cfg, data, rank=rank, world_size=world_size, binarization="dynamic",
                          device=torch.device("cpu"))
     opened = rss_mb()

@@ -11,6 +11,7 @@ assignment of row groups to ranks from the footers alone (seed, epoch, world siz
   row groups by their row counts without reading them.
 Shuffling: a seeded permutation of row groups per epoch, then rows shuffled within a
 window of consecutive row groups, loaded one window ahead in a thread from remote storage (prefetch.py).
+Row groups read are kept decoded in memory up to a budget, for the next epochs (decoded_cache.py).
 """
 
 from __future__ import annotations
