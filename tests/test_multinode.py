@@ -146,7 +146,10 @@ def test_an_elastic_run_through_a_preemption_a_return_and_a_node_death_ends_as_o
     assert resized["state"]["step"] == one["state"]["step"] == end
     worst = max(((resized["model"][k] - one["model"][k]).abs().max() / one["model"][k].abs().max()).item()
                 for k in one["model"])
-    assert worst <= 1e-5
+    # fp32 sums in another order differ by ~1e-7 a step and the differences add up like a random walk. This run's
+    # length is set by wall time (a stop request), so the bound grows with √steps from 1e-5 at 1,000 steps; a
+    # wrong example, order or noise differs by ~1e-2.
+    assert worst <= 1e-5 * max(1.0, end / 1000) ** 0.5, (worst, end)
 
 
 def _drain_for_preemption(address: str, node_id: str, deadline_s: int) -> tuple[bool, str]:

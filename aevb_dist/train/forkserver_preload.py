@@ -19,4 +19,3 @@ import aevb_dist.train.local_launcher  # noqa: F401  (the worker entry point and
 # stderr open (anyone reading it, a pipe or a CI log, waits). Its forked workers always leave by
 # os._exit, so they never run this.
 atexit.register(os._exit, 0)
-
