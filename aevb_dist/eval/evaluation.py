@@ -22,6 +22,13 @@ from aevb_dist.model.marginal_likelihood import estimate_log_marginal_likelihood
 from aevb_dist.model.vae import VAE
 
 
+def open_as_trained(data_uri: str, vae: VAE, saved: dict, endpoint_url: Optional[str] = None) -> ParquetDataset:
+    """`data_uri` opened for a checkpoint's model: its input size, and encoded images read from the column the
+    run trained on (`data.image_column` of the saved config)."""
+    return ParquetDataset(data_uri, expected_dim=vae.input_dim, endpoint_url=endpoint_url,
+                          image_column=saved["config"]["data"].get("image_column"))
+
+
 @dataclass
 class Sums:
     count: int = 0

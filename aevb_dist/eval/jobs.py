@@ -19,8 +19,7 @@ from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes, saved_
 from aevb_dist.console import Progress, say
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.data.value_range import check_range_fits
-from aevb_dist.eval.evaluation import Sums, encode_units, evaluate_units
-from aevb_dist.model.vae import VAE
+from aevb_dist.eval.evaluation import Sums, encode_units, evaluate_units, open_as_trained
 from aevb_dist.uri import absolute_uri
 from aevb_dist.ray_runtime import cluster_cpus, run_tasks, start_ray, stop_ray, threads_for_cpus
 
@@ -29,12 +28,6 @@ def _chunks(num_units: int, num_workers: int) -> list[list[int]]:
     """Several chunks per worker, so the work balances and progress moves."""
     num_chunks = min(num_units, max(1, num_workers) * 4)
     return [c.tolist() for c in np.array_split(np.arange(num_units), num_chunks) if len(c)]
-
-
-def _open(data_uri: str, vae: VAE, endpoint_url: Optional[str], saved: dict) -> ParquetDataset:
-    """The dataset, on the driver; encoded images under the column the run trained on (`data.image_column`)."""
-    image_column = saved["config"]["data"].get("image_column")
-    return ParquetDataset(data_uri, expected_dim=vae.input_dim, endpoint_url=endpoint_url, image_column=image_column)
 
 
 def _reopen(data_uri: str, endpoint_url: Optional[str], description: dict) -> ParquetDataset:
@@ -92,7 +85,7 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
     data_uri = absolute_uri(data_uri)
     state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
     vae, saved = model_from_bytes(state_bytes, folder)
-    dataset = _open(data_uri, vae, endpoint_url, saved)
+    dataset = open_as_trained(data_uri, vae, saved, endpoint_url)
     check_range_fits(dataset, vae.likelihood.name, data_uri)
     if estimator == "is" and vae.posterior.support != "real":
         say(f"warning: q(z|x) is {vae.posterior.name}, supported on the {vae.posterior.support} values only, while "
@@ -158,7 +151,7 @@ def encode(checkpoint_uri: str, data_uri: str, output_uri: str, *, num_workers: 
     data_uri, output_uri = absolute_uri(data_uri), absolute_uri(output_uri)
     state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
     vae, saved = model_from_bytes(state_bytes, folder)
-    dataset = _open(data_uri, vae, endpoint_url, saved)
+    dataset = open_as_trained(data_uri, vae, saved, endpoint_url)
     fs, root = storage.resolve(output_uri, endpoint_url)
     if fs.exists(root) and fs.ls(root) and not overwrite:
         raise ValueError(f"{output_uri} is not empty; pass --overwrite to replace it")

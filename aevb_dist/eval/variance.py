@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes, saved_eval_binarization
-from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.data.reader import EpochStream
+from aevb_dist.eval.evaluation import open_as_trained
 from aevb_dist.model.gradient_variance import variance_sweep
 
 
@@ -17,8 +18,7 @@ def checkpoint_gradient_variance(checkpoint_uri: str, data_uri: str, *, batch_si
                                  endpoint_url: Optional[str] = None) -> dict:
     """The variance report of `variance_sweep` on the first (seeded) batch of `data_uri`."""
     vae, saved = model_from_bytes(*load_checkpoint_bytes(checkpoint_uri, endpoint_url))
-    data = ParquetDataset(data_uri, expected_dim=vae.input_dim, endpoint_url=endpoint_url,
-                          image_column=saved["config"]["data"].get("image_column"))
+    data = open_as_trained(data_uri, vae, saved, endpoint_url)
     binarization = saved_eval_binarization(vae, saved)
     batch = next(iter(EpochStream(data, rank=0, world_size=1, batch_size=batch_size, epoch=0, seed=seed,
                                   binarization=binarization)))
