@@ -2,8 +2,8 @@
 
 A small VAE's step is ~150-200 kernels of a few microseconds each (194 for Burda et al.'s model,
 measured on an H100: benchmarks/gpu_profile.py): launched one by one from Python, the GPU waits on
-the host. Here the whole step — gather the batch from the device-resident
-dataset, binarize it, the bound and its gradient, the all-reduce of [gradients, ELBO sum, count],
+the host. Here the whole step — gather the batch from the epoch's inputs (binarized on the device
+when the epoch starts), the bound and its gradient, the all-reduce of [gradients, ELBO sum, count],
 the division by the global count and the optimizer update — is captured once and replayed, so a
 step costs one launch. The math is the eager step's: the same sums-and-counts rule (trainer.py),
 and the noise of step s is drawn from the device's generator seeded with the eager step's seed
@@ -25,19 +25,24 @@ import torch
 from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES
 from aevb_dist.train.device_data import EpochPlan
 
+_EPOCH_CHUNK_ROWS = 8192
+
 
 class CapturedStep:
     def __init__(self, trainer):
         self.trainer = trainer
         data, device = trainer.device_data, trainer.device
         size = trainer.cfg.train.batch_size_per_worker
-        # The epoch's plan, in buffers the graph reads. Epochs can differ in length (row groups are dealt
-        # anew), so the buffers hold the most batches a rank can have; rows past the epoch weigh 0.
+        # The epoch's inputs and weights, in buffers the graph reads. Epochs can differ in length (row groups
+        # are dealt anew), so the buffers hold the most batches a rank can have; rows past the epoch weigh 0.
+        # The inputs are binarized for the whole epoch when it starts (load_epoch): the same bits, but a
+        # dozen int64 kernels over [B, D] per step become a few over [rows, D] per epoch (the hash is
+        # launch-bound at small B), and the step only gathers its batch and casts it.
         capacity = -(-trainer.train_data.num_rows // size)
-        self.positions_NB = torch.zeros((capacity, size), dtype=torch.int64, device=device)
+        self.inputs_NBD = torch.zeros((capacity, size, data.rows_ND.shape[1]), dtype=data.input_dtype,
+                                      device=device)
         self.weights_NB = torch.zeros((capacity, size), device=device)
         self.batch_no = torch.zeros((), dtype=torch.int64, device=device)  # which row of the plan
-        self.words_N = torch.zeros_like(data.index_N)
         self.elbo_total = torch.zeros((), dtype=torch.float64, device=device)  # global ELBO sums since last read
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
         # This rank's stop vote, set from the host when its probe turns true; the graph copies it into the
@@ -51,12 +56,16 @@ class CapturedStep:
 
     def load_epoch(self, plan: EpochPlan, words_N: torch.Tensor, start_batch: int) -> None:
         """Point the captured gather at a new epoch: the graph reads these buffers, so they are filled in place."""
-        num_batches = plan.positions.shape[0]
-        self.positions_NB[:num_batches].copy_(plan.positions)
-        self.positions_NB[num_batches:].zero_()
+        num_batches, size = plan.positions.shape
+        data = self.trainer.device_data
+        chunk = max(1, _EPOCH_CHUNK_ROWS // size)  # bounds the hash's int64 temporaries (~50 MB each)
+        for first in range(0, num_batches, chunk):
+            positions = plan.positions[first:first + chunk].reshape(-1)
+            self.inputs_NBD[first:first + chunk].copy_(data.inputs(positions, words_N).view(-1, size,
+                                                                                            self.inputs_NBD.shape[2]))
+        self.inputs_NBD[num_batches:].zero_()
         self.weights_NB[:num_batches].copy_(plan.weights)
         self.weights_NB[num_batches:].zero_()
-        self.words_N.copy_(words_N)
         self.batch_no.fill_(start_batch)
 
     def _step(self) -> None:
@@ -64,9 +73,9 @@ class CapturedStep:
         flat = tr.flat
         flat.zero_()
         flat[STOP_VOTES] = self.stop_vote
-        positions_B = self.positions_NB.index_select(0, self.batch_no).squeeze(0)
+        x_BD = self.inputs_NBD.index_select(0, self.batch_no).squeeze(0).float()
         weight_B = self.weights_NB.index_select(0, self.batch_no).squeeze(0)
-        tr.accumulate_gradients(tr.device_data.batch(positions_B, self.words_N), weight_B, weight_B.sum(), None)
+        tr.accumulate_gradients(x_BD, weight_B, weight_B.sum(), None)
         tr.reduce_step_sums()
         grad_flat, global_elbo = flat[:-NUM_SCALARS], flat[ELBO_SUM]
         self.nonfinite_steps += (~torch.isfinite(global_elbo + grad_flat.sum())).long()

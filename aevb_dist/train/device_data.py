@@ -85,11 +85,19 @@ class DeviceData:
 
     def batch(self, positions_B: torch.Tensor, words_N: torch.Tensor) -> torch.Tensor:
         """The model's input [B, D] float32 for rows `positions_B`: binarized, or intensities in [0, 1]."""
+        return self.inputs(positions_B, words_N).float()
+
+    def inputs(self, positions_B: torch.Tensor, words_N: torch.Tensor) -> torch.Tensor:
+        """`batch` before the cast: bits as bool when binarizing (1 byte a pixel), else float32 rows."""
         rows_BD = self.rows_ND.index_select(0, positions_B)
         if self.binarization == "none":
             return rows_BD
         bits24_BD = fmix32((words_N.index_select(0, positions_B)[:, None] + self.pixel_words_D[None, :])
                            & _MASK32) >> 8
         if self.is_bytes:  # u < v/255 compared in integers, as binarize_bytes does
-            return (bits24_BD < self.thresholds[rows_BD.long()]).float()
-        return ((bits24_BD.float() * 2.0**-24) < rows_BD).float()
+            return bits24_BD < self.thresholds[rows_BD.long()]
+        return (bits24_BD.float() * 2.0**-24) < rows_BD
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.float32 if self.binarization == "none" else torch.bool
