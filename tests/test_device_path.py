@@ -2,6 +2,8 @@
 binarization in torch, torch.compile (train.compile) and bf16 autocast (train.autocast). The captured
 CUDA-graph step needs a GPU: its test is skipped here, and benchmarks/gpu.py runs it on one."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,27 @@ def test_device_batches_equal_the_streaming_readers_bit_for_bit(request, fixture
             assert int(plan.weights[b].sum()) == len(batch) == int(plan.counts[b])
             np.testing.assert_array_equal(cache.index_N[positions].numpy(), batch.index)
             np.testing.assert_array_equal(cache.batch(positions, words).numpy(), batch.x)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("fixture, mode", [("byte_data", "dynamic"), ("tiny_data", "dynamic"),
+                                           ("byte_data", "none")])
+def test_the_compiled_epoch_binarization_gives_the_eager_bits(request, fixture, mode, device):
+    """What the captured step uses on a GPU (FusedInputs: torch.compile of DeviceData.inputs) gives the
+    eager rule's bits, for chunks of different lengths (one compiled kernel for dynamic shapes)."""
+    from aevb_dist.train.device_data import FusedInputs
+
+    data = ParquetDataset(f"{request.getfixturevalue(fixture)}/train")
+    cache = DeviceData(data, torch.device(device), mode, seed=4)
+    fused, words = FusedInputs(cache), cache.epoch_words(3)
+    order = torch.randperm(data.num_rows, generator=torch.Generator().manual_seed(0)).to(device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="data.cache_on_device")  # a fallback to eager: vacuous
+        for chunk in (order[:64], order[64:101], order[101:]):
+            got = fused(chunk, words)
+            assert got.dtype == cache.input_dtype
+            torch.testing.assert_close(got, cache.inputs(chunk, words), rtol=0, atol=0)
+    assert fused.compiled is not None
 
 
 def _train(data: str, tmp_path, *extra: str) -> Trainer:

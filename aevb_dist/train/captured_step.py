@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES
-from aevb_dist.train.device_data import EpochPlan
+from aevb_dist.train.device_data import EpochPlan, FusedInputs
 
 _EPOCH_CHUNK_ROWS = 8192
 
@@ -37,7 +37,9 @@ class CapturedStep:
         # are dealt anew), so the buffers hold the most batches a rank can have; rows past the epoch weigh 0.
         # The inputs are binarized for the whole epoch when it starts (load_epoch): the same bits, but a
         # dozen int64 kernels over [B, D] per step become a few over [rows, D] per epoch (the hash is
-        # launch-bound at small B), and the step only gathers its batch and casts it.
+        # launch-bound at small B), and the step only gathers its batch and casts it. On a GPU the epoch's
+        # binarization is one compiled kernel (FusedInputs): eager, it is memory-bound at large B.
+        self.epoch_inputs = FusedInputs(data) if device.type == "cuda" else data.inputs
         capacity = -(-trainer.train_data.num_rows // size)
         self.inputs_NBD = torch.zeros((capacity, size, data.rows_ND.shape[1]), dtype=data.input_dtype,
                                       device=device)
@@ -57,12 +59,11 @@ class CapturedStep:
     def load_epoch(self, plan: EpochPlan, words_N: torch.Tensor, start_batch: int) -> None:
         """Point the captured gather at a new epoch: the graph reads these buffers, so they are filled in place."""
         num_batches, size = plan.positions.shape
-        data = self.trainer.device_data
-        chunk = max(1, _EPOCH_CHUNK_ROWS // size)  # bounds the hash's int64 temporaries (~50 MB each)
+        chunk = max(1, _EPOCH_CHUNK_ROWS // size)  # bounds eager torch's int64 temporaries (~50 MB each)
         for first in range(0, num_batches, chunk):
             positions = plan.positions[first:first + chunk].reshape(-1)
-            self.inputs_NBD[first:first + chunk].copy_(data.inputs(positions, words_N).view(-1, size,
-                                                                                            self.inputs_NBD.shape[2]))
+            self.inputs_NBD[first:first + chunk].copy_(self.epoch_inputs(positions, words_N).view(
+                -1, size, self.inputs_NBD.shape[2]))
         self.inputs_NBD[num_batches:].zero_()
         self.weights_NB[:num_batches].copy_(plan.weights)
         self.weights_NB[num_batches:].zero_()

@@ -9,6 +9,7 @@ bit for bit). The epoch's order comes from `EpochStream.row_positions`, computed
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,3 +102,25 @@ class DeviceData:
     @property
     def input_dtype(self) -> torch.dtype:
         return torch.float32 if self.binarization == "none" else torch.bool
+
+
+class FusedInputs:
+    """`DeviceData.inputs` compiled by torch.compile into one kernel: the same integer arithmetic, hence
+    the same bits, with one read of the rows and one write of the bits, where eager torch makes ~28
+    int64 passes over [rows, D] (on an H100 at M=1000, ~130 µs of a 673 µs step: README "On a GPU").
+    Compiled for dynamic shapes (chunks differ at an epoch's end). If compilation fails (no Triton, no C++
+    compiler), it warns once and computes eagerly."""
+
+    def __init__(self, data: DeviceData):
+        self.data = data
+        self.compiled = torch.compile(data.inputs, dynamic=True)
+
+    def __call__(self, positions_B: torch.Tensor, words_N: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(positions_B, words_N)
+            except Exception as err:  # the eager function is the same rule: only speed is lost
+                warnings.warn(f"data.cache_on_device: compiling the binarization failed, computing it eagerly "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})")
+                self.compiled = None
+        return self.data.inputs(positions_B, words_N)
