@@ -39,25 +39,55 @@ AUTH_HELP = ("get the cluster's token with `ray get-auth-token` on the head, the
              "or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in ~/.ray/auth_token")
 
 
+# The embedded Ray serves one run on this machine, and shares its cores with the workers. Its settings are
+# environment variables (read when Ray is imported or started, and by Ray Train when a run starts), set
+# only where the user set none, and taken back by stop_ray: a later cluster run in this process keeps Ray's.
+EMBEDDED_RAY_ENV = {
+    # On loopback only (read when ray is imported), and gloo too.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "GLOO_SOCKET_IFNAME": "lo",
+    # Ray Train's controller polls its workers (each poll wakes the worker's main thread, which takes the
+    # GIL from the training thread); Ray's default 2 s adds seconds to every short run, 0.2 s cost ~5% of
+    # the steady state at M=100 on 2 cores (README "Performance"). 1 s ends a run ≤ 1 s after its last step.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
+    # Ray prestarts one idle worker per CPU for the first driver; Ray Train's actors (their own runtime
+    # env) never use them, and on 2 cores starting them delays the controller: a tiny run measured
+    # 18.3 → 17.0 s from command to exit (means of 3). Tasks start workers on demand.
+    "RAY_prestart_worker_first_driver": "0",
+    # Every Ray Python process wakes ~100 times a second; each wake on a busy core stalls a training thread
+    # and, at a small batch, its partner thread with it. Not started on a machine of its own: the
+    # preemption watcher (its one node is never drained by an autoscaler) and the metrics that no
+    # dashboard or Prometheus reads here. Measured with the health-check change above: +8% samples/s at
+    # M=100, 1 worker, in 6 of 6 alternated pairs.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_enable_metrics_collection": "0",
+}
+_embedded_env_set: list[str] = []  # what start_ray set, for stop_ray to take back
+
+
+def _use_embedded_ray_env() -> list[str]:
+    names = [name for name in EMBEDDED_RAY_ENV if name not in os.environ]
+    for name in names:
+        os.environ[name] = EMBEDDED_RAY_ENV[name]
+    return names
+
+
+def _drop_env(names: list[str]) -> None:
+    for name in names:
+        os.environ.pop(name, None)
+
+
 def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS, set inside Ray Jobs), or start an embedded
     local Ray; True when we started it."""
     from_environment = not address and bool(os.environ.get("RAY_ADDRESS"))
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if not address:
-        # An embedded Ray serves this machine only: keep it on loopback (read when ray is imported),
-        # and let gloo use loopback too.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        # Ray Train's controller polls its workers; the default 2 s adds seconds to every short run.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-        # Ray prestarts one idle worker per CPU for the first driver; Ray Train's actors (their own
-        # runtime env) never use them, and on 2 cores starting them delays the controller: a tiny run
-        # measured 18.3 → 17.0 s from command to exit (means of 3). Tasks start workers on demand.
-        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    set_now = [] if address else _use_embedded_ray_env()
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # a Ray this process joined before (ours: its settings stay until stop_ray)
+        _drop_env(set_now)
         return False
     with _keeping_sigterm_handler():
         if address:
@@ -66,8 +96,13 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
             ray.init(address=address, log_to_driver=show_worker_logs)
             return False
         # address="local": always a new embedded cluster, never one that `ray start` left on this machine.
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 log_to_driver=show_worker_logs, configure_logging=True, logging_level="WARNING")
+        try:
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                     log_to_driver=show_worker_logs, configure_logging=True, logging_level="WARNING")
+        except BaseException:
+            _drop_env(set_now)
+            raise
+        _embedded_env_set.extend(set_now)
         return True
 
 
@@ -89,6 +124,8 @@ def stop_ray(started: bool) -> None:
         import ray
 
         ray.shutdown()
+        _drop_env(_embedded_env_set)
+        _embedded_env_set.clear()
 
 
 def cluster_cpus() -> float:
