@@ -3,7 +3,8 @@
     python benchmarks/gpu_profile.py --mnist DIR [--batch 100] [--compile]
 
 The Burda et al. model (configs/mnist_burda.yaml) with `train.use_gpu=true data.cache_on_device=true`,
-in this process. Prints, for the eager step and for the captured CUDA-graph step: wall time per step,
+in this process. Prints, for benchmarks/gpu.py's independent plain loop captured as a CUDA graph (the
+ceiling), aevb_dist's eager step and its captured CUDA-graph step: wall time per step,
 kernels per step, their summed device time per step, and the ten kernels that take the most. A step
 whose summed kernel time is close to its wall time is bound by the kernels themselves (many small ones),
 not by the host. Run by hand on a GPU machine, not in CI.
