@@ -74,7 +74,8 @@ def matmul_peak(device: torch.device, rows: int, seconds: float = 2.0) -> float:
 
 
 # -- the independent plain loop ---------------------------------------------------------------
-def plain_steps_per_s(images: torch.Tensor, batch: int, steps: int, captured: bool) -> float:
+def plain_step(images: torch.Tensor, batch: int, captured: bool):
+    """One step of the plain loop, as a callable: the step itself, or the replay of its CUDA graph."""
     device = images.device
     torch.manual_seed(0)
     model = PlainVAE((H, H), Z).to(device)
@@ -109,9 +110,13 @@ def plain_steps_per_s(images: torch.Tensor, batch: int, steps: int, captured: bo
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        run = graph.replay
-    else:
-        run = step
+        return graph.replay
+    return step
+
+
+def plain_steps_per_s(images: torch.Tensor, batch: int, steps: int, captured: bool) -> float:
+    device = images.device
+    run = plain_step(images, batch, captured)
     for _ in range(20):
         run()
     sync(device)

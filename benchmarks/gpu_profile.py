@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aevb_dist.data.prepare import prepare  # noqa: E402
 from aevb_dist.train.captured_step import CapturedStep  # noqa: E402
 from aevb_dist.train.trainer import Trainer  # noqa: E402
-from benchmarks.gpu import burda_config  # noqa: E402
+from benchmarks.gpu import burda_config, plain_step  # noqa: E402
 
 STEPS = 50
 
@@ -51,34 +51,6 @@ def profile_steps(run_step, label: str) -> None:
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=10, max_name_column_width=60), flush=True)
 
 
-def plain_captured_step(images: torch.Tensor, batch: int):
-    """benchmarks/gpu.py's independent plain loop (nn.Linear layers, torch.bernoulli, fused Adam), captured."""
-    from plain import PlainVAE  # benchmarks/plain.py, on the path when run as a script
-
-    model = PlainVAE((200, 200), 50).to(images.device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=True)
-    idx = torch.randperm(images.shape[0], device=images.device)[:batch]
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-
-    def step():
-        x = torch.bernoulli(images.index_select(0, idx).float() / 255.0)
-        opt.zero_grad(set_to_none=False)
-        model(x).backward()
-        opt.step()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist", required=True)
@@ -100,7 +72,7 @@ def main() -> None:
         trainer.step_on(trainer.device_data.batch(positions, words), positions)
         batch_no[0] += 1
 
-    profile_steps(plain_captured_step(trainer.device_data.rows_ND, args.batch), "plain loop, captured")
+    profile_steps(plain_step(trainer.device_data.rows_ND, args.batch, captured=True), "plain loop, captured")
     profile_steps(eager_step, "eager step")
     captured = CapturedStep(trainer)
     captured.load_epoch(plan, words, 0)
