@@ -113,6 +113,11 @@ class TrainConfig:
 class OptimConfig:
     name: str = "adagrad"
     lr: float = 0.02
+    # The learning rate by epoch: "constant", or "burda2015" (optim.lr·10^(−i/7) for 3^i epochs, i = 0…7:
+    # 3,280 epochs, then the last rate; Burda et al. 2015, §5). Set from the epoch, so a resume keeps it.
+    lr_schedule: str = "constant"
+    # The optimizer's ε (Adam: added to √v̂; Adagrad: to √Σg²); None: torch's default (1e-8, 1e-10).
+    eps: Optional[float] = None
 
 
 @dataclass

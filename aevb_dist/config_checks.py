@@ -47,6 +47,10 @@ def validate(cfg: Config) -> None:
     _choice("train.autocast", t.autocast, names.AUTOCAST_DTYPES)
     _choice("optim.name", cfg.optim.name, names.OPTIMIZERS)
     _positive("optim.lr", cfg.optim.lr)
+    _choice("optim.lr_schedule", cfg.optim.lr_schedule, names.LR_SCHEDULES)
+    _positive("optim.eps", cfg.optim.eps, allow_none=True)
+    if cfg.optim.eps is not None and cfg.optim.name == "sgd":
+        raise ValueError("optim.eps applies to adam and adagrad; SGD has no ε (unset optim.eps)")
     _positive("train.num_workers", t.num_workers)
     _positive("train.batch_size_per_worker", t.batch_size_per_worker)
     _positive("train.num_latent_samples", t.num_latent_samples)
@@ -107,6 +111,10 @@ def _validate_placement(cfg: Config) -> None:
         if cfg.optim.name == "adagrad":
             raise ValueError("the captured CUDA-graph step (train.cuda_graph=true) needs optim.name=adam or sgd "
                              "(Adagrad keeps its step count on the host); or set train.cuda_graph=false")
+        if cfg.optim.lr_schedule != "constant" and cfg.optim.name != "adam":
+            raise ValueError(f"optim.lr_schedule={cfg.optim.lr_schedule} with the captured CUDA-graph step needs "
+                             "optim.name=adam (its learning rate is a device tensor the graph reads); or set "
+                             "train.cuda_graph=false")
         if t.on_nonfinite == "skip":
             raise ValueError("train.on_nonfinite=skip needs the eager step: set train.cuda_graph=false (the "
                              "captured step applies every update and stops at the next log line instead)")

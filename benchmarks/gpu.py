@@ -216,8 +216,14 @@ def burda(data: str, runs: str, out: str, device: torch.device, epochs: int, k: 
     elapsed = time.perf_counter() - start
     say(f"burda: trained {epochs} epochs in {elapsed:.0f} s; test ELBO {last['test_elbo']:.2f}")
     torch.save(trainer.vae.state_dict(), os.path.join(out, "burda_model.pt"))
+    test_log_px(trainer, data, device, k, peak, f"after {epochs} epochs")
+
+
+def test_log_px(trainer: Trainer, data: str, device: torch.device, k: int, peak: float, when: str) -> float:
+    """The Burda model's test log p(x): K importance samples on every test image (statically binarized, as
+    evaluation is), printed with the computation's FLOP/s as a fraction of the matmul peak."""
     test = ParquetDataset(f"{data}/test")
-    test_x = DeviceData(test, device, "static", cfg.seed)  # the fixed binarization evaluation uses
+    test_x = DeviceData(test, device, "static", trainer.cfg.seed)  # the fixed binarization evaluation uses
     x = test_x.batch(torch.arange(test.num_rows, device=device), test_x.epoch_words(0))
     vae = trainer.vae.eval()
     gen = torch.Generator(device=device).manual_seed(1)
@@ -227,8 +233,9 @@ def burda(data: str, runs: str, out: str, device: torch.device, epochs: int, k: 
         total += log_marginal_likelihood(vae, x[i:i + 100], k, min(k, 1000), gen).sum().item()
     elapsed = time.perf_counter() - start
     flops = len(x) * (k * 2 * (Z * H + H * H + H * D) + 2 * (D * H + H * H + H * 2 * Z))
-    say(f"burda: test log p(x), K={k}, {len(x)} images: {total / len(x):.2f} nats after {epochs} epochs "
+    say(f"burda: test log p(x), K={k}, {len(x)} images: {total / len(x):.2f} nats {when} "
         f"({elapsed:.1f} s, {flops / elapsed / 1e12:.2f} TFLOP/s, fraction_of_peak={flops / elapsed / peak:.2f})")
+    return total / len(x)
 
 
 def main() -> None:

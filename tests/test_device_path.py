@@ -131,9 +131,10 @@ def test_the_captured_step_refuses_what_it_cannot_replay(tiny_data, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.py runs it on one)")
-def test_the_captured_cuda_graph_step_equals_the_eager_gpu_step(tiny_data, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "burda2015"])  # burda2015: the rate changes at epoch 1
+def test_the_captured_cuda_graph_step_equals_the_eager_gpu_step(tiny_data, tmp_path, schedule):
     common = ["train.use_gpu=true", "data.cache_on_device=true", "optim.name=adam", "model.likelihood=bernoulli",
-              "train.batch_size_per_worker=9"]  # no short batch: see the test above
+              "train.batch_size_per_worker=9", f"optim.lr_schedule={schedule}"]  # no short batch: see the test above
     for steps in (1, 40):  # one step: the same noise and data; forty: the same updates throughout
         eager = _train(tiny_data, tmp_path / f"a{steps}", *common, "train.cuda_graph=false", f"train.max_steps={steps}")
         graphed = _train(tiny_data, tmp_path / f"b{steps}", *common, f"train.max_steps={steps}")
@@ -142,14 +143,15 @@ def test_the_captured_cuda_graph_step_equals_the_eager_gpu_step(tiny_data, tmp_p
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_the_captured_steps_loop_run_uncaptured_equals_the_eager_step(tiny_data, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "burda2015"])  # burda2015: the rate changes at epoch 1
+def test_the_captured_steps_loop_run_uncaptured_equals_the_eager_step(tiny_data, tmp_path, schedule):
     """What the CUDA graph records — static batches, weights, device-side counters and sums, the device
     generator reseeded per step — computes the eager step's update (run here without capture). 270 rows
     in batches of 9: no short batch (a short batch is padded, and its noise is drawn for the padded shape)."""
     from aevb_dist.train.captured_step import fit_captured
 
     extra = ("data.cache_on_device=true", "optim.name=adam", "model.likelihood=bernoulli",
-             "train.batch_size_per_worker=9")
+             "train.batch_size_per_worker=9", f"optim.lr_schedule={schedule}")
     eager = _train(tiny_data, tmp_path / "a", *extra)
     cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path / "b"), **{"train.max_steps": 40}) + list(extra))
     uncaptured, rows = Trainer(cfg), []

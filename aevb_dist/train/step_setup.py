@@ -17,13 +17,43 @@ OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "sgd": t
 names.require_registry("optimizer", names.OPTIMIZERS, OPTIMIZERS)
 
 
-def build_optimizer(params, name: str, lr: float, on_gpu: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(params, name: str, lr: float, on_gpu: bool = False, eps: Optional[float] = None
+                    ) -> torch.optim.Optimizer:
     """`on_gpu`: Adam is the fused implementation (one kernel for every parameter where the foreach one
-    takes several, measured on an H100), capturable (its step count on the device, so a CUDA graph replays it)."""
+    takes several, measured on an H100), capturable (its step count on the device, so a CUDA graph replays it),
+    with its learning rate a device tensor (a captured graph reads it, so `set_learning_rate` reaches the
+    replays). `eps`: the optimizer's ε where given, else torch's default."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optim.name={name!r} is not one of: {', '.join(OPTIMIZERS)}")
-    gpu_adam = {"fused": True, "capturable": True} if on_gpu and name == "adam" else {}
-    return OPTIMIZERS[name](params, lr=lr, **gpu_adam)
+    params = list(params)
+    options = {} if eps is None else {"eps": eps}
+    if on_gpu and name == "adam":
+        return OPTIMIZERS[name](params, lr=torch.tensor(lr, device=params[0].device), fused=True, capturable=True,
+                                **options)
+    return OPTIMIZERS[name](params, lr=lr, **options)
+
+
+def learning_rate(lr: float, schedule: str, epoch: int) -> float:
+    """The learning rate of epoch `epoch` (0-based). "burda2015": Burda et al. (2015), §5: lr·10^(−i/7) for
+    3^i epochs, i = 0…7 (1 + 3 + … + 2187 = 3,280 epochs), and the last rate after those."""
+    if schedule == "constant":
+        return lr
+    if schedule != "burda2015":
+        raise ValueError(f"optim.lr_schedule={schedule!r} is not one of: {', '.join(names.LR_SCHEDULES)}")
+    stage, stage_end = 0, 1  # epochs [0, stage_end) are stages 0…stage
+    while epoch >= stage_end and stage < 7:
+        stage += 1
+        stage_end += 3 ** stage
+    return lr * 10 ** (-stage / 7)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """Every group's rate to `value`: in place where it is a tensor (what a captured CUDA graph reads)."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
 
 
 def autocast_networks(vae: VAE, device: torch.device) -> None:

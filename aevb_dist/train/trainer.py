@@ -33,8 +33,8 @@ from aevb_dist.train.batches import BatchSource, Segments, Stream
 from aevb_dist.train.captured_step import fit_captured
 from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES, all_reduce_step_sums, all_reduce_sum
 from aevb_dist.train.device_data import DeviceData
-from aevb_dist.train.step_setup import (autocast_networks, build_optimizer, open_datasets, step_generator,
-                                        step_seed)
+from aevb_dist.train.step_setup import (autocast_networks, build_optimizer, learning_rate, open_datasets,
+                                       set_learning_rate, step_generator, step_seed)
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Trainer:
         self.graphed = self.device_data is not None and self.device.type == "cuda" and cfg.train.cuda_graph
         # On a GPU the eager and the captured step use the same (fused) Adam: the same update arithmetic.
         self.optimizer = build_optimizer(self.vae.parameters(), cfg.optim.name, cfg.optim.lr,
-                                         on_gpu=self.device.type == "cuda")
+                                         on_gpu=self.device.type == "cuda", eps=cfg.optim.eps)
         # torch.compile traces the bound once per shape; the noise draws stay eager (graph breaks).
         self.bound_sum = torch.compile(self._bound_sum) if cfg.train.compile else self._bound_sum
         self.params = list(self.vae.parameters())
@@ -109,7 +109,11 @@ class Trainer:
         except RuntimeError as err:
             raise ValueError("the checkpoint holds a model of a different shape than model.* in the config: "
                              + str(err).splitlines()[1 if len(str(err).splitlines()) > 1 else 0].strip()) from None
+        rates = [group["lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(saved["optimizer"])
+        # The rate is the config's schedule's (set as each epoch starts), held in the object a captured graph reads.
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
         self.state = TrainState(**saved["state"])
         if self._resume_partitioning(saved.get("partitioning")):
             self.state.world_size = self.world_size  # global batches do not depend on it: the epoch goes on
@@ -272,9 +276,11 @@ class Trainer:
         return {"elbo": 0.0, "count": 0, "start": time.perf_counter()}
 
     def advance_epoch_if_done(self) -> None:
+        """Move on to the next epoch when this one's batches are done, and set the epoch's learning rate."""
         s = self.state
         if s.step > 0 and s.batch_in_epoch >= self.source.num_batches(s.epoch):
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+        set_learning_rate(self.optimizer, learning_rate(self.cfg.optim.lr, self.cfg.optim.lr_schedule, s.epoch))
 
     def epoch_stream(self, epoch: int, start_batch: int) -> Stream:
         return self.source.stream(epoch, start_batch)
