@@ -34,7 +34,7 @@ from aevb_dist.train.captured_step import fit_captured
 from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES, all_reduce_step_sums, all_reduce_sum
 from aevb_dist.train.device_data import DeviceData
 from aevb_dist.train.step_setup import (autocast_networks, build_optimizer, learning_rate, open_datasets,
-                                       set_learning_rate, step_generator, step_seed)
+                                        set_learning_rate, step_generator, step_seed)
 
 
 @dataclass
