@@ -9,7 +9,7 @@ captured, compiled GPU step (`train.use_gpu=true data.cache_on_device=true train
 
 A device call is at most 600 s, and the whole schedule takes ~540 s of steps on an H100. So the run
 stops itself after --stop-after-s, with a checkpoint in the run folder --run (the product's checkpoint
-format, written by the workers' own `_save`, with metrics.csv beside it), and the same command with
+format, written by the workers' own `save_checkpoint`, with metrics.csv beside it), and the same command with
 the same --run resumes it from there. When all 3,280 epochs are done it prints the test ELBO and the
 test log p(x) with K importance samples on the 10,000 test images (benchmarks/gpu.py: test_log_px).
 `--tiny` rehearses it on this machine's CPU: 3 epochs of a small model, stopping once on the way.
@@ -35,7 +35,7 @@ from aevb_dist.run_log import RunLog  # noqa: E402
 from aevb_dist.train.run_folder_sink import WriteToRunFolder  # noqa: E402
 from aevb_dist.train.step_setup import learning_rate  # noqa: E402
 from aevb_dist.train.trainer import Trainer  # noqa: E402
-from aevb_dist.train.worker import _save  # noqa: E402  (what every worker's rank 0 runs at a checkpoint)
+from aevb_dist.train.worker import save_checkpoint  # noqa: E402  (what every worker's rank 0 runs at a checkpoint)
 from gpu import burda_config, matmul_peak, say, test_log_px  # noqa: E402
 
 TINY = ("train.num_epochs=3", "model.hidden_sizes=[20,20]", "model.latent_dim=5")
@@ -80,7 +80,7 @@ def main() -> None:
             f"({row['samples_per_s']:,.0f} samples/s)")
 
     start_step, start = trainer.state.step, time.perf_counter()
-    last = trainer.fit(on_log=on_log, on_checkpoint=lambda state, row: _save(cfg, 0, state, row, log, sink))
+    last = trainer.fit(on_log=on_log, on_checkpoint=lambda state, row: save_checkpoint(cfg, 0, state, row, log, sink))
     sink.wait()
     log.close()
     steps = trainer.state.step - start_step

@@ -135,7 +135,7 @@ def fit_captured(trainer, on_log: Callable[[dict], None], on_checkpoint: Callabl
     window = trainer.new_window()
     row: dict = {}
     while not trainer.finished():
-        trainer.advance_epoch_if_done()
+        trainer.begin_epoch()
         stream = trainer.epoch_stream(s.epoch, s.batch_in_epoch)
         step.load_epoch(trainer.device_data.plan(stream), trainer.device_data.epoch_words(s.epoch), s.batch_in_epoch)
         global_counts = stream.global_counts()

@@ -252,7 +252,7 @@ class Trainer:
         window = self.new_window()
         row: dict = {}
         while not self.finished():
-            self.advance_epoch_if_done()
+            self.begin_epoch()
             stream = self.epoch_stream(s.epoch, s.batch_in_epoch)
             for x_BD, index_B, segments in self.source.batches(stream):
                 elbo, count = self.step_on(x_BD, index_B, segments)
@@ -275,8 +275,9 @@ class Trainer:
     def new_window() -> dict:
         return {"elbo": 0.0, "count": 0, "start": time.perf_counter()}
 
-    def advance_epoch_if_done(self) -> None:
-        """Move on to the next epoch when this one's batches are done, and set the epoch's learning rate."""
+    def begin_epoch(self) -> None:
+        """Before an epoch's batches: move on to the next epoch when this one's are done, and set the learning
+        rate of the epoch that runs (optim.lr_schedule)."""
         s = self.state
         if s.step > 0 and s.batch_in_epoch >= self.source.num_batches(s.epoch):
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0

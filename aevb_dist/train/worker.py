@@ -71,7 +71,7 @@ def run_worker(spec: WorkerSpec, sink: CheckpointSink,
     watch = StopRequestWatch(run) if rank == 0 else None
     try:
         trainer.fit(on_log=log.append if log is not None else lambda row: None,
-                    on_checkpoint=lambda state, row: _save(cfg, rank, state, row, log, sink))
+                    on_checkpoint=lambda state, row: save_checkpoint(cfg, rank, state, row, log, sink))
     finally:
         if watch is not None:
             watch.close()
@@ -82,7 +82,8 @@ def run_worker(spec: WorkerSpec, sink: CheckpointSink,
     return "preempted" if preemption_notice() else "requested"
 
 
-def _save(cfg: Config, rank: int, state: dict, row: dict, log: Optional[RunLog], sink: CheckpointSink) -> None:
+def save_checkpoint(cfg: Config, rank: int, state: dict, row: dict, log: Optional[RunLog],
+                    sink: CheckpointSink) -> None:
     """Every rank calls the sink with the same name and metrics; only rank 0 writes (the checkpoint into
     a local folder for the sink, then the metrics it holds back)."""
     step = state["state"]["step"]
