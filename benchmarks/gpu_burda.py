@@ -56,10 +56,10 @@ def main() -> None:
     data = os.path.join(tempfile.mkdtemp(prefix="aevb-burda-"), "mnist")
     prepare(args.mnist, data, num_shards=4, report=lambda m: None)  # deterministic: a resume sees the same rows
     run_uri = os.path.abspath(args.run)
-    extra = [f"run.name={os.path.basename(run_uri)}", "train.log_every_steps=12000", "train.eval_every_steps=0",
-             "checkpoint.every_steps=60000", "checkpoint.keep_last=2"]
-    extra += list(TINY) + ["train.log_every_steps=200", "checkpoint.every_steps=600"] if args.tiny \
-        else ["train.compile=true"]
+    log_every, checkpoint_every = (200, 600) if args.tiny else (12000, 60000)
+    extra = [f"run.name={os.path.basename(run_uri)}", f"train.log_every_steps={log_every}",
+             "train.eval_every_steps=0", f"checkpoint.every_steps={checkpoint_every}", "checkpoint.keep_last=2",
+             *(TINY if args.tiny else ("train.compile=true",))]
     cfg = burda_config(data, os.path.dirname(run_uri), device, *extra)
     run = storage.run_folder(cfg.run)
     trainer = Trainer(cfg, device=str(device))

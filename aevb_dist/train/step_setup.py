@@ -33,18 +33,25 @@ def build_optimizer(params, name: str, lr: float, on_gpu: bool = False, eps: Opt
     return OPTIMIZERS[name](params, lr=lr, **options)
 
 
-def learning_rate(lr: float, schedule: str, epoch: int) -> float:
-    """The learning rate of epoch `epoch` (0-based). "burda2015": Burda et al. (2015), §5: lr·10^(−i/7) for
-    3^i epochs, i = 0…7 (1 + 3 + … + 2187 = 3,280 epochs), and the last rate after those."""
-    if schedule == "constant":
-        return lr
-    if schedule != "burda2015":
-        raise ValueError(f"optim.lr_schedule={schedule!r} is not one of: {', '.join(names.LR_SCHEDULES)}")
+def _burda2015(lr: float, epoch: int) -> float:
+    """Burda et al. (2015), §5: lr·10^(−i/7) for 3^i epochs, i = 0…7 (1 + 3 + … + 2187 = 3,280 epochs),
+    and the last rate after those."""
     stage, stage_end = 0, 1  # epochs [0, stage_end) are stages 0…stage
     while epoch >= stage_end and stage < 7:
         stage += 1
         stage_end += 3 ** stage
     return lr * 10 ** (-stage / 7)
+
+
+LR_SCHEDULES = {"constant": lambda lr, epoch: lr, "burda2015": _burda2015}
+names.require_registry("learning-rate schedule", names.LR_SCHEDULES, LR_SCHEDULES)
+
+
+def learning_rate(lr: float, schedule: str, epoch: int) -> float:
+    """The learning rate of epoch `epoch` (0-based) under optim.lr_schedule `schedule`."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"optim.lr_schedule={schedule!r} is not one of: {', '.join(LR_SCHEDULES)}")
+    return LR_SCHEDULES[schedule](lr, epoch)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:
