@@ -41,6 +41,17 @@ def save(folder: str, state: dict, config: dict[str, Any]) -> None:
         json.dump(manifest, f)
 
 
+def state_nbytes(state) -> int:
+    """The bytes of the tensors in a state (what its checkpoint's size is made of)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
 def _read(fs, path: str) -> Optional[bytes]:
     try:
         return fs.cat_file(path)

@@ -13,7 +13,7 @@ import threading
 from typing import Optional
 
 from aevb_dist import __version__, names
-from aevb_dist.console import USER_ERRORS
+from aevb_dist.console import is_user_error
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -33,7 +33,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         prestart()
     from aevb_dist.train.driver import train
 
-    train(cfg)
+    train(cfg, wait_for_lease=not args.no_wait)
     return 0
 
 
@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a VAE with data-parallel Ray Train workers (resumes a run of the same name)")
     add_config_args(p)
+    p.add_argument("--no-wait", action="store_true",
+                   help="refuse a run whose earlier driver, on another machine, stopped beating less than "
+                        "run.lease_timeout_s ago, instead of waiting for its lease to expire")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("prepare", help="convert MNIST/Fashion-MNIST IDX, Frey Face .mat, .npy/.npz, a folder of "
@@ -274,8 +277,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     use_cluster_token_if_found()
     try:
         return args.func(args)
-    except USER_ERRORS as err:
-        if args.debug:
+    except Exception as err:
+        if args.debug or not is_user_error(err):
             raise
         cause = getattr(err, "cause", None) or err  # a Ray task's error carries the original as .cause
         message = str(cause).strip().splitlines()

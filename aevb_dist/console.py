@@ -6,11 +6,24 @@ traceback; every launcher and command decides that with `user_error_in`, written
 
 from __future__ import annotations
 
+import errno
 import sys
 import time
 from typing import Optional
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
+# What waiting cannot fix: a full disk or quota, a read-only file system, a refused permission. Never retried
+# as a storage outage; told in one line, as a user's mistake is, since only the user can fix it.
+UNFIXABLE_BY_WAITING = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def unfixable_by_waiting(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in UNFIXABLE_BY_WAITING
+
+
+def is_user_error(err: BaseException) -> bool:
+    """The user's to fix (bad input, or storage that waiting cannot fix): one line, no traceback."""
+    return isinstance(err, USER_ERRORS) or unfixable_by_waiting(err)
 
 
 def say(message: str) -> None:
@@ -28,7 +41,7 @@ def user_error_in(err: BaseException) -> Optional[ValueError]:
     one-line ValueError; None when the failure is not the user's to fix."""
     seen: Optional[BaseException] = err
     while seen is not None:
-        if isinstance(seen, USER_ERRORS):
+        if is_user_error(seen):
             return ValueError(first_line(seen))
         seen = getattr(seen, "cause", None) or seen.__cause__
     return None

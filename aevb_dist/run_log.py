@@ -10,15 +10,18 @@ the training steps between two logs of a long run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import os
 import tempfile
+import threading
 import time
 from typing import Optional
 
 from aevb_dist import storage
+from aevb_dist.console import unfixable_by_waiting
 
 COLUMNS = ["step", "epoch", "samples_seen", "train_elbo", "test_elbo", "samples_per_s", "skipped_steps", "time",
            "num_workers"]
@@ -54,7 +57,7 @@ def _csv_text(rows: list[dict], header: bool = False) -> str:
 class RunLog:
     def __init__(self, run: storage.Folder, *, resume_step: int, total_steps: int, upload_interval_s: float = 10.0,
                  retry_s: float = 300.0):
-        self.fs, self.path = run.fs, run.path
+        self.fs, self.path, self.uri = run.fs, run.path, run.uri
         self.fs.makedirs(self.path, exist_ok=True)
         self.total_steps = total_steps
         self.metrics_path = f"{self.path}/metrics.csv"
@@ -67,12 +70,23 @@ class RunLog:
         self._tb_dir = f"{self.path}/tensorboard" if self._on_local_disk else tempfile.mkdtemp(prefix="aevb-tb-")
         self._tb = _summary_writer(self._tb_dir, purge_step=resume_step + 1)
 
+    @contextlib.contextmanager
+    def _local_write(self, what: str, num_bytes: Optional[int] = None):
+        """A write on local disk; a full or read-only disk is one line naming the run folder."""
+        try:
+            yield
+        except OSError as err:
+            if not unfixable_by_waiting(err):
+                raise
+            raise storage.unwritable_error(err, self.uri, what, needed_bytes=num_bytes) from None
+
     def _upload(self) -> None:
         data = self._text.getvalue().encode()
         if self._on_local_disk:  # a new file renamed over the old: a reader sees one or the other
-            with open(f"{self.metrics_path}.tmp", "wb") as f:
-                f.write(data)
-            os.replace(f"{self.metrics_path}.tmp", self.metrics_path)
+            with self._local_write("metrics.csv", len(data)):
+                with open(f"{self.metrics_path}.tmp", "wb") as f:
+                    f.write(data)
+                os.replace(f"{self.metrics_path}.tmp", self.metrics_path)
         else:  # an outage is waited out (storage.with_retries)
             storage.with_retries(lambda: self.fs.pipe_file(self.metrics_path, data), "writing metrics.csv",
                                  self.retry_s)
@@ -82,21 +96,23 @@ class RunLog:
         line = _csv_text([row])
         self._text.write(line)
         if self._on_local_disk:
-            with open(self.metrics_path, "a") as f:
+            with self._local_write("metrics.csv", len(line)), open(self.metrics_path, "a") as f:
                 f.write(line)
         elif time.monotonic() - self._uploaded_at >= self.upload_interval_s:
             self._upload()
         if self._tb is not None:
-            for key in ("train_elbo", "test_elbo", "samples_per_s"):
-                if not math.isnan(row[key]):
-                    self._tb.add_scalar(key, row[key], global_step=row["step"])
+            with self._local_write("TensorBoard events"):
+                for key in ("train_elbo", "test_elbo", "samples_per_s"):
+                    if not math.isnan(row[key]):
+                        self._tb.add_scalar(key, row[key], global_step=row["step"])
 
     def flush(self) -> None:
         if not self._on_local_disk:
             self._upload()
         if self._tb is None:
             return
-        self._tb.flush()
+        with self._local_write("TensorBoard events"):
+            self._tb.flush()
         if not self._on_local_disk:
             for name in os.listdir(self._tb_dir):
                 storage.with_retries(lambda: self.fs.put_file(os.path.join(self._tb_dir, name),
@@ -106,7 +122,8 @@ class RunLog:
     def close(self) -> None:
         self.flush()
         if self._tb is not None:
-            self._tb.close()
+            with self._local_write("TensorBoard events"):
+                self._tb.close()
 
 
 class MetricsTail:
@@ -150,4 +167,20 @@ def _summary_writer(log_dir: str, purge_step: int):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional: metrics.csv always has everything
         return None
+    _quiet_full_disk_in_threads()
     return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+
+
+def _quiet_full_disk_in_threads() -> None:
+    """TensorBoard's writer thread dies with a traceback on a full disk; the training thread then gets the
+    same error at its next write (`_local_write`: one line naming the run folder). The thread stays quiet."""
+    before = threading.excepthook
+    if getattr(before, "aevb_quiet_full_disk", False):
+        return
+
+    def hook(args) -> None:
+        if not unfixable_by_waiting(args.exc_value):
+            before(args)
+
+    hook.aevb_quiet_full_disk = True
+    threading.excepthook = hook

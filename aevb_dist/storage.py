@@ -9,7 +9,9 @@ credentials come from the environment and are never stored.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,14 +20,14 @@ from typing import Callable, Iterator, Optional, TypeVar
 import fsspec
 import fsspec.implementations.local
 
-from aevb_dist.console import first_line, say
+from aevb_dist.console import first_line, say, unfixable_by_waiting
 from aevb_dist.uri import check_uri, join, local_path, scheme_of
 
 T = TypeVar("T")
 
 __all__ = ["Folder", "check_uri", "exists", "is_local", "join", "move_tree", "pyarrow_filesystem",
            "ray_train_storage", "replace_folder", "resolve", "run_folder", "s3_endpoint", "scheme_of",
-           "StorageUnavailable", "with_retries"]
+           "StorageUnavailable", "unwritable_error", "with_retries"]
 
 
 def s3_endpoint(endpoint_url: Optional[str] = None) -> Optional[str]:
@@ -125,15 +127,15 @@ class StorageUnavailable(ValueError):
 
 def with_retries(action: Callable[[], T], what: str, limit_s: float) -> T:
     """`action()`, retried with exponential backoff (0.5 s doubling to 8 s) while storage fails, for up to
-    `limit_s` seconds; then StorageUnavailable, one line naming the storage error. A missing file or a
-    refused permission is an answer, not an outage: raised at once."""
+    `limit_s` seconds; then StorageUnavailable, one line naming the storage error. A missing file, a
+    refused permission, a full disk or a read-only file system is an answer, not an outage: raised at once."""
     start, delay, warned = time.monotonic(), 0.5, False
     while True:
         try:
             return action()
-        except (FileNotFoundError, PermissionError):
-            raise
         except Exception as err:  # connection refused or reset, timeouts, 5xx: botocore's, s3fs's, the OS's
+            if isinstance(err, (FileNotFoundError, PermissionError)) or unfixable_by_waiting(err):
+                raise
             waited = time.monotonic() - start
             cause = f"{type(err).__name__}: {first_line(err)}"
             if waited >= limit_s:
@@ -144,6 +146,36 @@ def with_retries(action: Callable[[], T], what: str, limit_s: float) -> T:
                 warned = True
             time.sleep(min(delay, max(limit_s - waited, 0.0)))
             delay = min(delay * 2, 8.0)
+
+
+def unwritable_error(err: OSError, where: str, what: str, needed_bytes: Optional[int] = None,
+                     bound: str = "about") -> ValueError:
+    """One line for storage that waiting cannot fix (`console.unfixable_by_waiting`): which folder, and for a
+    full disk the space `what` needs (`bound`: about, up to) against what is free there."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return ValueError(f"cannot write {what} to {where}: {err.strerror or first_line(err)}")
+    free = _free_bytes(where)
+    needs = f"needs {bound} {_mib(needed_bytes)}" if needed_bytes is not None else "did not fit"
+    room = f", {_mib(free)} free" if free is not None else ""
+    return ValueError(f"no space left in {where}: {what} {needs}{room} ({err.strerror}); free some space "
+                      "there or write elsewhere, then run the same command again")
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
+def _free_bytes(where: str) -> Optional[int]:
+    """Free bytes of the local file system holding `where` (or its nearest existing parent)."""
+    if scheme_of(where) != "file":
+        return None
+    path = local_path(where)
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path.rstrip("/"))
+    try:
+        return shutil.disk_usage(path or "/").free
+    except OSError:
+        return None
 
 
 def pyarrow_filesystem(fs: fsspec.AbstractFileSystem):

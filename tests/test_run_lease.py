@@ -1,15 +1,19 @@
 """One writer per run: a live lease refuses a second writer, a dead one is taken over, a lost one stops the run."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from aevb_dist import storage
-from aevb_dist.run_lease import LEASE, LeaseHeld, RunLease
+from aevb_dist import run_lease
+from aevb_dist.run_lease import LEASE, WRITER, LeaseHeld, RunLease, process_identity
 from tests.faults import wait_for
 from tests.helpers import SMOKE, aevb, tiny_overrides
 
@@ -51,10 +55,10 @@ def test_a_live_lease_refuses_a_second_writer_and_a_dead_one_is_taken_over(kind,
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    time.sleep(2.5)  # the killed holder's heartbeat goes stale
-    taker = RunLease(run, 2.0)
+    taker = RunLease(run, 2.0)  # at once: on its own machine, a dead owner is seen by its pid
     taker.acquire()
-    assert f"taking over {uri} from pid {holder.pid}" in capsys.readouterr().err
+    assert f"taking over {uri} from pid {holder.pid} on {socket.gethostname()}, which is no longer running" \
+        in capsys.readouterr().err
     with pytest.raises(LeaseHeld):
         RunLease(run, 2.0).acquire()
     taker.release()
@@ -105,3 +109,86 @@ def test_train_refuses_a_run_another_driver_holds_and_writes_nothing(tiny_data, 
     errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and f"is being trained by pid {holder.pid}" in errors[0], proc.stderr
     assert sorted(os.listdir(tmp_path / "busy")) == [LEASE, f"{LEASE}.lock"]  # no config, metrics or checkpoint
+
+
+def write_lease(run: storage.Folder, age_s: float, timeout_s: float, **owner) -> None:
+    """A lease as another driver would have left it, last renewed `age_s` ago."""
+    run.fs.makedirs(run.path, exist_ok=True)
+    record = {"id": "earlier", **process_identity(), "started": time.time() - 100, **owner,
+              "heartbeat": time.time() - age_s, "timeout_s": timeout_s}
+    run.fs.pipe_file(run.file(LEASE), json.dumps(record).encode())
+
+
+def test_a_reused_pid_is_a_dead_owner_and_a_live_owner_is_refused_however_old_its_beat(tmp_path, capsys):
+    run = storage.Folder.open(str(tmp_path / "run"))
+    # The recorded pid is alive (this very process) but started at another time: the owner is gone.
+    write_lease(run, age_s=1.0, timeout_s=600.0, pid=os.getpid(), pid_start=process_identity()["pid_start"] - 7)
+    with RunLease(run, 600.0):
+        pass
+    assert "which is no longer running" in capsys.readouterr().err
+    # A live owner whose heartbeat stalled (stopped, not dead) is refused at once, not waited out.
+    holder = hold_lease(str(tmp_path / "run"), 2.0)
+    try:
+        holder.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)  # beyond one beat (0.5 s), within the timeout
+        started = time.monotonic()
+        with pytest.raises(LeaseHeld, match=f"is being trained by pid {holder.pid}"):
+            RunLease(run, 2.0).acquire()
+        assert time.monotonic() - started < 1.0
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def test_a_stale_lease_of_another_machine_is_waited_out_or_refused_with_no_wait(tmp_path, capsys):
+    run = storage.Folder.open(str(tmp_path / "run"))
+    elsewhere = {"host": "another-host", "machine": "other", "pid": 4242, "pid_start": 1}
+    write_lease(run, age_s=4.0, timeout_s=7.0, **elsewhere)  # missed its beats (every 1.75 s)
+    with pytest.raises(LeaseHeld, match=r"heartbeat stopped \(4 s ago\); it can be taken over in 3 s .*--no-wait"):
+        RunLease(run, 7.0, wait=False).acquire()
+    started = time.monotonic()
+    with RunLease(run, 7.0):
+        waited = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert 2.0 <= waited < 6.0, waited
+    assert "pid 4242 on another-host, whose heartbeat stopped" in err and "waiting up to 3 s" in err
+    assert "taking over" in err
+    # One still beating is refused at once.
+    write_lease(run, age_s=0.5, timeout_s=7.0, **elsewhere)
+    with pytest.raises(LeaseHeld, match="is being trained by pid 4242 on another-host"):
+        RunLease(run, 7.0).acquire()
+
+
+def test_a_lease_whose_heartbeat_comes_back_while_waited_for_is_refused(tmp_path):
+    run = storage.Folder.open(str(tmp_path / "run"))
+    elsewhere = {"host": "another-host", "machine": "other", "pid": 4242, "pid_start": 1}
+    write_lease(run, age_s=5.0, timeout_s=10.0, **elsewhere)  # beats every 2.5 s: it missed one
+    beat = threading.Timer(1.5, lambda: write_lease(run, age_s=0.0, timeout_s=10.0, **elsewhere))
+    beat.start()
+    try:
+        with pytest.raises(LeaseHeld, match="its heartbeat came back"):
+            RunLease(run, 10.0).acquire()
+    finally:
+        beat.cancel()
+
+
+def test_a_dead_drivers_writer_is_made_sure_gone_before_the_run_is_taken_over(tmp_path, capsys, monkeypatch):
+    run = storage.Folder.open(str(tmp_path / "run"))
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        write_lease(run, age_s=1.0, timeout_s=600.0, pid=orphan.pid + 10**6, pid_start=1)  # no such pid
+        run.fs.pipe_file(run.file(WRITER), json.dumps(process_identity(orphan.pid)).encode())
+        monkeypatch.setattr(run_lease, "WRITER_EXIT_WAIT_S", 1.0)
+        with RunLease(run, 600.0):
+            assert orphan.poll() == -signal.SIGKILL or orphan.wait(5) == -signal.SIGKILL
+            assert not run.fs.exists(run.file(WRITER))  # the gone writer's record is not the new run's
+        err = capsys.readouterr().err
+        assert f"stopping pid {orphan.pid}, which still writes into" in err and "no longer running" in err
+        # A writer on another machine cannot be checked from here: the heartbeat is waited out instead.
+        write_lease(run, age_s=2.0, timeout_s=4.0, pid=orphan.pid + 10**6, pid_start=1)
+        run.fs.pipe_file(run.file(WRITER), json.dumps({"host": "another-host", "pid": 7}).encode())
+        with pytest.raises(LeaseHeld, match="whose writer ran on another machine"):
+            RunLease(run, 4.0, wait=False).acquire()
+    finally:
+        orphan.kill()
+        orphan.wait()

@@ -26,8 +26,9 @@ from aevb_dist.train.batches import BatchSource
 from aevb_dist.train.step_setup import open_datasets
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) training; returns the last row of metrics.csv."""
+def train(cfg: Config, wait_for_lease: bool = True) -> dict:
+    """Run (or resume) training; returns the last row of metrics.csv. A run held by a driver on another
+    machine whose heartbeat stopped is waited for (`wait_for_lease`) or refused."""
     cfg = absolute_local_uris(cfg)
     train_data, _ = open_datasets(cfg)  # fail fast, before any worker starts
     check_range_fits(train_data, cfg.model.likelihood, cfg.data.train_uri)
@@ -36,7 +37,7 @@ def train(cfg: Config) -> dict:
         raise ValueError("run.storage_uri=memory://... is private to one process; workers cannot share it. "
                          "Use a local path or s3://")
     run = storage.run_folder(cfg.run)
-    lease = _claim_run_folder(cfg, run)
+    lease = _claim_run_folder(cfg, run, wait_for_lease)
     try:
         # Steps from the config's partitions; a resumed run keeps its recorded ones (the workers count those).
         steps = BatchSource(cfg, train_data, rank=0, world_size=cfg.train.num_workers, binarization="none",
@@ -98,10 +99,10 @@ def _stop_main_thread(reason: str) -> None:
     _thread.interrupt_main()
 
 
-def _claim_run_folder(cfg: Config, run: storage.Folder) -> RunLease:
+def _claim_run_folder(cfg: Config, run: storage.Folder, wait_for_lease: bool) -> RunLease:
     """The run's lease (one writer per run), then its config.yaml; storage errors are one line."""
     try:
-        lease = RunLease(run, cfg.run.lease_timeout_s, on_lost=_stop_main_thread)
+        lease = RunLease(run, cfg.run.lease_timeout_s, on_lost=_stop_main_thread, wait=wait_for_lease)
         lease.acquire()
     except LeaseHeld:
         raise

@@ -146,7 +146,7 @@ def run_group(spec: WorkerSpec, num_workers: int, max_failures: int) -> None:
                 error = _group_error(os.path.join(tmp, "errors"), err)
             except SignalException as err:  # Ctrl-C or SIGTERM: the agent has stopped the workers
                 raise KeyboardInterrupt(str(err)) from None
-        if 0 <= max_failures <= restarts:
+        if isinstance(error, ValueError) or 0 <= max_failures <= restarts:  # a user's mistake recurs: no restart
             raise error
         restarts += 1
         say(f"a worker failed ({error}); restarting all {num_workers} from the newest checkpoint "

@@ -6,6 +6,7 @@ folder either way, so no launcher needs its own list of checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -13,6 +14,7 @@ import threading
 from typing import Optional
 
 from aevb_dist import checkpoint, storage
+from aevb_dist.console import unfixable_by_waiting
 
 
 class WriteToRunFolder:
@@ -44,7 +46,14 @@ class WriteToRunFolder:
                                                            self.run.file(name)), f"writing {name}", self.retry_s)
             storage.with_retries(lambda: checkpoint.prune(self.run.fs, self.run.path, self.keep_last),
                                  "pruning old checkpoints", self.retry_s)
-        except BaseException as err:  # raised in the training thread, by the next call or `wait`
+        except OSError as err:  # raised in the training thread, by the next call or `wait`
+            self._error = err
+            if unfixable_by_waiting(err):  # a full disk: the cut-off checkpoint (no manifest) gives its room back
+                with contextlib.suppress(Exception):
+                    self.run.fs.rm(self.run.file(name), recursive=True)
+                self._error = storage.unwritable_error(err, self.run.uri, name,
+                                                       needed_bytes=_folder_bytes(os.path.join(staging, name)))
+        except BaseException as err:
             self._error = err
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -57,6 +66,10 @@ class WriteToRunFolder:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+def _folder_bytes(folder: str) -> int:
+    return sum(entry.stat().st_size for entry in os.scandir(folder) if entry.is_file())
 
 
 class WriteThenReport(WriteToRunFolder):

@@ -22,7 +22,8 @@ import torch
 
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import Config, to_dict
-from aevb_dist.console import say
+from aevb_dist.console import say, unfixable_by_waiting
+from aevb_dist.run_lease import record_writer
 from aevb_dist.run_log import RunLog
 from aevb_dist.train.stop_request import StopRequestWatch
 from aevb_dist.train.trainer import Trainer
@@ -61,6 +62,8 @@ def run_worker(spec: WorkerSpec, sink: CheckpointSink,
     watch: Optional[StopRequestWatch] = None  # rank 0's, started with the loop (the probe reads it then)
     trainer = Trainer(cfg, rank=rank, world_size=world_size, device=device, train_description=spec.train_description,
                       stop_probe=lambda: preemption_notice() or (watch is not None and watch.requested))
+    if rank == 0:  # the one process that writes into the run folder
+        record_writer(run)
     newest = checkpoint.latest(run.fs, run.path)
     if newest is not None:
         note = trainer.load_state_dict(checkpoint.load(run.fs, newest, map_location=device))
@@ -92,7 +95,13 @@ def save_checkpoint(cfg: Config, rank: int, state: dict, row: dict, log: Optiona
     if rank != 0:
         sink(None, name, metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="aevb-ckpt-") as folder:
-        checkpoint.save(folder, state, to_dict(cfg))
-        sink(folder, name, metrics)
+    try:
+        with tempfile.TemporaryDirectory(prefix="aevb-ckpt-") as folder:
+            checkpoint.save(folder, state, to_dict(cfg))
+            sink(folder, name, metrics)
+    except OSError as err:  # the local staging folder (the checkpoint, and the sink's copy of it) is full
+        if not unfixable_by_waiting(err):
+            raise
+        raise storage.unwritable_error(err, f"the local staging folder {tempfile.gettempdir()} (TMPDIR)",
+                                       name, needed_bytes=2 * checkpoint.state_nbytes(state)) from None
     log.flush()
