@@ -272,9 +272,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from aevb_dist.ray_runtime import use_cluster_token_if_found
-
-    use_cluster_token_if_found()
     try:
         return args.func(args)
     except Exception as err:
@@ -301,8 +298,18 @@ def console_main() -> None:
         raise SystemExit(code) from None
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         raise SystemExit(code)  # the interpreter's exit joins them
-    atexit._run_exitfuncs()
+    # Ray's own exit handler disconnects from the cluster, and waits forever for a head that stopped
+    # answering: the handlers get a bounded time, then the command exits all the same (its files are closed).
+    handlers = threading.Thread(target=atexit._run_exitfuncs, name="aevb-exit-handlers", daemon=True)
+    handlers.start()
+    handlers.join(EXIT_HANDLERS_S)
+    if handlers.is_alive():
+        print(f"aevb-dist: exit handlers (Ray's disconnect) did not finish within {EXIT_HANDLERS_S:g} s; "
+              "exiting without them", file=sys.stderr, flush=True)
     os._exit(code)
+
+
+EXIT_HANDLERS_S = 10.0
 
 
 if __name__ == "__main__":

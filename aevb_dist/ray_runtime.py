@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import threading
 from typing import Any, Callable, Optional
 
@@ -26,17 +27,97 @@ def cluster_auth_token() -> Optional[str]:
         return None
 
 
-def use_cluster_token_if_found() -> None:
-    """Token authentication for the clusters this process joins, when a token is at hand and
-    RAY_AUTH_MODE says nothing: Ray itself does so only for `ray.init()` without an address, so a
-    run with `ray.address=ray://head:10001` would otherwise be refused by a default head. Must run
-    before Ray is imported (Ray reads the mode once)."""
-    if "RAY_AUTH_MODE" not in os.environ and cluster_auth_token() is not None:
-        os.environ["RAY_AUTH_MODE"] = "token"
+def token_source() -> str:
+    """Where `cluster_auth_token` looks, for messages."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return "$RAY_AUTH_TOKEN"
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
 
 
 AUTH_HELP = ("get the cluster's token with `ray get-auth-token` on the head, then set RAY_AUTH_TOKEN, "
              "or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in ~/.ray/auth_token")
+GCS_PROBE_TIMEOUT_S = 10.0  # a head that does not answer within this is refused (Ray itself retries forever)
+
+
+def _probe_gcs(address: str, token: Optional[str], timeout_s: float = GCS_PROBE_TIMEOUT_S) -> tuple[str, str]:
+    """Ask the GCS at `address` for its cluster id, sending `token` (or none): ("ok" | "unauthenticated" |
+    "unreachable", details). Plain gRPC, without importing Ray, whose auth mode is read once per process."""
+    import grpc
+
+    channel = grpc.insecure_channel(address)
+    # NodeInfoGcsService.GetClusterId takes an empty request: its bytes are b"".
+    call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId",
+                               request_serializer=lambda request: request, response_deserializer=lambda reply: reply)
+    try:
+        call(b"", timeout=timeout_s,
+             metadata=[("authorization", f"Bearer {token}")] if token else None)
+        return "ok", ""
+    except grpc.RpcError as err:
+        code, details = err.code(), (err.details() or "").splitlines()[0] if err.details() else ""
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return "unauthenticated", details
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return "unreachable", details or code.name
+        return "ok", ""  # it answered: a Ray of another version, say; Ray's own connect tells the rest
+    finally:
+        channel.close()
+
+
+def _is_gcs_address(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and "://" not in address and port.isdigit()
+
+
+def choose_auth_mode(address: str) -> None:
+    """Join the cluster at `address` the way it is set up: with its token where it uses token
+    authentication, without one where it does not (a driver in token mode on a cluster without it has
+    its actors cancelled: `SchedulingCancelled`). Told by asking its GCS, before Ray is started here.
+    A head that does not answer, a missing or wrong token, and a RAY_AUTH_MODE that contradicts the
+    cluster are one line each. Addresses that cannot be asked (ray://, auto) use the token if one is
+    at hand, as before."""
+    chosen = os.environ.get("RAY_AUTH_MODE", "").lower()
+    token = cluster_auth_token() if chosen != "disabled" else None
+    if not _is_gcs_address(address):
+        if not chosen and token is not None:
+            _set_auth_mode("token")
+        return
+    answer, details = _probe_gcs(address, None)
+    if answer == "unreachable":
+        raise ValueError(f"nothing answers at ray.address={address} ({details}): start the head (`ray start "
+                         "--head`) or check the address (`ray status` on the head prints it)")
+    needs_token = answer == "unauthenticated"
+    if chosen == "token" and not needs_token:
+        raise ValueError(f"RAY_AUTH_MODE=token, but the Ray cluster at {address} runs without token "
+                         "authentication: unset RAY_AUTH_MODE (or set it to disabled)")
+    if chosen == "disabled" and needs_token:
+        raise ValueError(f"RAY_AUTH_MODE=disabled, but the Ray cluster at {address} uses token authentication: "
+                         f"unset RAY_AUTH_MODE and {AUTH_HELP}")
+    if needs_token:
+        if token is None:
+            raise ValueError(f"the Ray cluster at {address} uses token authentication and no token was found "
+                             f"({token_source()}); {AUTH_HELP}")
+        if _probe_gcs(address, token)[0] == "unauthenticated":
+            raise ValueError(f"the Ray cluster at {address} refused the token in {token_source()} (not the "
+                             f"cluster's); {AUTH_HELP}")
+    _set_auth_mode("token" if needs_token else "disabled")
+
+
+def head_answers(timeout_s: float = 2.0) -> bool:
+    """Whether the GCS of the cluster this process joined still answers (within `timeout_s`: the caller's
+    thread, the main one, takes Ctrl-C once the call returns)."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    token = cluster_auth_token() if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else None
+    return _probe_gcs(address, token, timeout_s)[0] != "unreachable"
+
+
+def _set_auth_mode(mode: str) -> None:
+    os.environ["RAY_AUTH_MODE"] = mode
+    if "ray._raylet" in sys.modules:  # Ray is imported in this process already: it re-reads its config
+        from aevb_dist import ray_compat
+
+        ray_compat.reload_ray_config()
 
 
 # The embedded Ray serves one run on this machine, and shares its cores with the workers. Its settings are
@@ -83,16 +164,17 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
     local Ray; True when we started it."""
     from_environment = not address and bool(os.environ.get("RAY_ADDRESS"))
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return False  # a Ray this process joined before (ours: its settings stay until stop_ray)
+    if address:
+        if from_environment:  # said, so that nobody joins a cluster without knowing it
+            say(f"joining the Ray cluster at $RAY_ADDRESS={address} (unset RAY_ADDRESS for an embedded Ray)")
+        choose_auth_mode(address)  # before Ray is imported, where it can be
     set_now = [] if address else _use_embedded_ray_env()
     import ray
 
-    if ray.is_initialized():  # a Ray this process joined before (ours: its settings stay until stop_ray)
-        _drop_env(set_now)
-        return False
     with _keeping_sigterm_handler():
         if address:
-            if from_environment:  # said, so that nobody joins a cluster without knowing it
-                say(f"joining the Ray cluster at $RAY_ADDRESS={address} (unset RAY_ADDRESS for an embedded Ray)")
             ray.init(address=address, log_to_driver=show_worker_logs)
             return False
         # address="local": always a new embedded cluster, never one that `ray start` left on this machine.

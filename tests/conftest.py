@@ -57,6 +57,7 @@ class RayHead:
     address: str  # the job server, http://127.0.0.1:PORT
     env: dict  # what a client on this machine has: HOME holds the head's token, as `ray start` left it
     temp_dir: str  # the head's session folder, logs included
+    gcs_address: str  # what `ray.address` joins: 127.0.0.1:PORT
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +97,6 @@ def ray_head(tmp_path_factory):
     else:
         proc.terminate()
         raise RuntimeError("the Ray head did not start")
-    yield RayHead(address, {"HOME": str(home)}, temp_dir)
+    yield RayHead(address, {"HOME": str(home)}, temp_dir, f"127.0.0.1:{port}")
     proc.terminate()
     proc.wait(timeout=60)

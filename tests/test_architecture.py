@@ -16,7 +16,7 @@ PACKAGE = os.path.join(REPO, "aevb_dist")
 # Lower numbers are lower layers. A module may import its own package's modules, the foundation's
 # modules among themselves, and anything in a lower layer; never a higher layer or a sibling package.
 LAYERS = {
-    "names": 0, "uri": 0, "console": 0, "config": 0, "config_checks": 0, "storage": 0, "ray_runtime": 0,
+    "names": 0, "uri": 0, "console": 0, "config": 0, "config_checks": 0, "storage": 0, "ray_runtime": 0, "ray_compat": 0,
     "model": 1, "data": 1,
     "checkpoint": 2, "run_log": 2, "run_lease": 2,
     "train": 3, "eval": 3,

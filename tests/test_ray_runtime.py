@@ -32,3 +32,25 @@ def test_the_embedded_rays_settings_apply_to_it_alone(monkeypatch):
         assert [name for name in EMBEDDED_RAY_ENV if name in os.environ] == ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     finally:
         ray.shutdown()
+
+
+def test_rays_private_details_are_where_we_use_them(monkeypatch):
+    """Every private detail of Ray that aevb_dist relies on (`aevb_dist/ray_compat.py`), against the
+    installed Ray: an upgrade that moves one fails here, by name."""
+    from aevb_dist import ray_compat
+
+    assert ray_compat.checkpoint_manager_snapshot_name() == "checkpoint_manager_snapshot.json"
+    from ray.train.v2._internal.execution.context import get_train_context  # noqa: F401 - preemption_context's
+    from ray.train.v2._internal.execution.context import TrainContext
+
+    assert "preemption_context" in TrainContext.__dataclass_fields__
+    assert ray_compat.preemption_context() is None  # outside a worker: none, not an error
+    from ray._private.state import state
+
+    assert callable(state.get_max_resources_from_cluster_config)
+    for mode in ("token", "disabled"):  # Ray re-reads RAY_AUTH_MODE when asked to
+        monkeypatch.setenv("RAY_AUTH_MODE", mode)
+        ray_compat.reload_ray_config()
+        assert ray_compat.authentication_mode() == mode
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    ray_compat.reload_ray_config()

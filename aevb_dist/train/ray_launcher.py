@@ -14,14 +14,17 @@ nodes that remain (elastic) or when a replacement joins, from that checkpoint, s
 from __future__ import annotations
 
 import functools
+import math
+import os
 import threading
 import time
+from typing import Optional
 
-from aevb_dist import storage
+from aevb_dist import ray_compat, storage
 from aevb_dist.config import Config
 from aevb_dist.data.reader import ParquetDataset
-from aevb_dist.console import say, user_error_in
-from aevb_dist.ray_runtime import cluster_cpus, start_ray, stop_ray, threads_for_cpus
+from aevb_dist.console import first_line, say, user_error_in
+from aevb_dist.ray_runtime import cluster_cpus, head_answers, start_ray, stop_ray, threads_for_cpus
 from aevb_dist.train.run_folder_sink import WriteThenReport
 from aevb_dist.train.worker import WorkerSpec, run_worker
 
@@ -52,12 +55,7 @@ class PreemptionNotice:
     the last checkpoint, as a node failure does."""
 
     def __init__(self):
-        try:
-            from ray.train.v2._internal.execution.context import get_train_context
-
-            self._context = get_train_context().preemption_context
-        except Exception:
-            self._context = None
+        self._context = ray_compat.preemption_context()
 
     def info(self):
         return getattr(self._context, "preemption_info", None)
@@ -84,6 +82,7 @@ def launch_on_ray(cfg: Config, run: storage.Folder, train_data: ParquetDataset) 
     started = start_ray(cfg.ray.address, cfg.ray.show_worker_logs)
     try:
         cpus = _cpus_per_worker(cfg)
+        _check_the_group_fits(cfg, cpus)
         spec = WorkerSpec(cfg, run, threads_for_cpus(cpus), train_data.describe())
         workers = f"{cfg.train.min_workers}–{cfg.train.num_workers} (elastic)" if cfg.train.min_workers \
             else str(cfg.train.num_workers)
@@ -100,17 +99,51 @@ def launch_on_ray(cfg: Config, run: storage.Folder, train_data: ParquetDataset) 
                                                               max_preemption_failures=-1)),
         )
         try:
-            _fit_off_the_main_thread(trainer)
+            _fit_off_the_main_thread(trainer, _HeadWatch(cfg, run) if not started else None)
         except ray.train.TrainingFailedError as err:
             raise _user_error(err) from None
+        except ray.exceptions.RayError as err:  # Ray's own machinery failed (a node, the head, an actor)
+            if not started and not head_answers():
+                raise _head_lost(cfg, run, "during the run") from None
+            raise ValueError(f"Ray failed during the run ({type(err).__name__}: {first_line(err)}); {run.uri} "
+                             "keeps its newest complete checkpoint: run the same command again to resume "
+                             "(--debug shows Ray's traceback)") from err
     finally:
         stop_ray(started)
 
 
-def _fit_off_the_main_thread(trainer) -> None:
+class _HeadWatch:
+    """Whether the cluster's head still answers, asked every `every_s`: a head gone for `lost_after_s` ends
+    the run in one line (Ray's driver would wait out its own reconnect timeout, then die in a C++ log)."""
+
+    every_s, lost_after_s = 5.0, 15.0
+
+    def __init__(self, cfg: Config, run: storage.Folder):
+        self.cfg, self.run = cfg, run
+        self.last_answer = self.last_asked = time.monotonic()
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self.last_asked < self.every_s:
+            return
+        self.last_asked = now
+        if head_answers():
+            self.last_answer = now
+        elif now - self.last_answer >= self.lost_after_s:
+            raise _head_lost(self.cfg, self.run, f"{now - self.last_answer:.0f} s ago")
+
+
+def _head_lost(cfg: Config, run: storage.Folder, when: str) -> ValueError:
+    return ValueError(f"the Ray cluster's head at {cfg.ray.address or os.environ.get('RAY_ADDRESS')} stopped "
+                      f"answering {when}; {run.uri} keeps its newest complete checkpoint: run the same command "
+                      "again once the cluster is back")
+
+
+def _fit_off_the_main_thread(trainer, head_watch: Optional[_HeadWatch] = None) -> None:
     """TorchTrainer.fit() called from the main thread takes SIGINT over (Ctrl-C aborts the run, losing the
     steps since the last checkpoint); from another thread it leaves the driver's handler in place
-    (stop_request: a checkpoint at the next step). The main thread waits, and takes the signals."""
+    (stop_request: a checkpoint at the next step). The main thread waits, and takes the signals, and
+    watches the cluster's head."""
     failed: list[BaseException] = []
 
     def fit() -> None:
@@ -123,6 +156,8 @@ def _fit_off_the_main_thread(trainer) -> None:
     runner.start()
     while runner.is_alive():
         runner.join(0.2)
+        if head_watch is not None:
+            head_watch.check()
     if failed:
         raise failed[0]
 
@@ -136,6 +171,27 @@ def _scaling(cfg: Config, cpus: float):
         return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": cpus})
     return ScalingConfig(num_workers=(t.min_workers, t.num_workers), use_gpu=t.use_gpu,
                          resources_per_worker={"CPU": cpus}, elastic_resize_monitor_interval_s=ELASTIC_CHECK_S)
+
+
+def _check_the_group_fits(cfg: Config, cpus: float) -> None:
+    """A worker group that the cluster's nodes cannot hold is refused in one line: Ray Train would wait for
+    it forever. Where an autoscaler may add nodes, Ray Train checks against what it may bring up instead."""
+    import ray
+
+    if ray_compat.autoscaler_max_resources():
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    per_node = [math.floor(r.get("CPU", 0) / cpus + 1e-9) if cpus > 0 else math.inf for r in nodes]
+    if cfg.train.use_gpu:
+        per_node = [min(n, math.floor(r.get("GPU", 0) + 1e-9)) for n, r in zip(per_node, nodes)]
+    room, needed = sum(per_node), cfg.train.min_workers or cfg.train.num_workers
+    if room >= needed:
+        return
+    key = "train.min_workers" if cfg.train.min_workers else "train.num_workers"
+    worker = f"{cpus:g} CPU" + (" and 1 GPU" if cfg.train.use_gpu else "")
+    have = f"{sum(r.get('CPU', 0) for r in nodes):g} CPUs, {sum(r.get('GPU', 0) for r in nodes):g} GPUs"
+    raise ValueError(f"the Ray cluster has room for {room} worker(s) of {worker} ({len(nodes)} node(s), {have}), "
+                     f"and {key}={needed} are needed: add nodes, lower {key}, or lower train.cpus_per_worker")
 
 
 def _cpus_per_worker(cfg: Config) -> float:

@@ -1,0 +1,48 @@
+"""Ray's private details that aevb_dist depends on, in one place, each with what it is for. A test imports
+every one against the installed Ray (`tests/test_ray_runtime.py::test_rays_private_details_are_where_we_use_them`),
+so an upgrade that moves one fails there, by name, instead of deep inside a run."""
+
+from __future__ import annotations
+
+
+def reload_ray_config() -> None:
+    """Make an already imported Ray re-read its settings from the environment (RAY_AUTH_MODE): Ray reads
+    them once per process, and refreshes them this way itself when it turns token authentication on
+    (`ray._private.authentication.authentication_token_setup._enable_token_auth`)."""
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def authentication_mode() -> str:
+    """The auth mode this process's Ray uses now: "token" or "disabled"."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
+
+
+def autoscaler_max_resources() -> dict:
+    """The most resources the cluster's autoscaler may bring up ({} where it has no autoscaler: then the
+    nodes alive now are all it has). What Ray Train itself checks a worker group against."""
+    from ray._private.state import state
+
+    return state.get_max_resources_from_cluster_config() or {}
+
+
+def preemption_context():
+    """This Ray Train worker's preemption context, which Ray Train's watcher marks when the worker's node is
+    drained for preemption (`.preemption_info`); None where the installed Ray Train has none. Read at every
+    step: `ray.train.get_preemption_info()` is a barrier through Ray's actors at each call."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context
+    except Exception:  # noqa: BLE001 - an older or newer Ray Train: no notice is ever seen
+        return None
+
+
+def checkpoint_manager_snapshot_name() -> str:
+    """The file in a run folder where Ray Train lists the checkpoints it reported."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    return CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
