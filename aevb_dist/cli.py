@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import signal
 import sys
 import threading
 from typing import Optional
@@ -272,6 +273,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    before = _sigterm_as_interrupt()
     try:
         return args.func(args)
     except Exception as err:
@@ -284,6 +286,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"aevb-dist {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM ends the command at any stage as Ctrl-C does (a run's own handler, once training starts,
+    checkpoints the next step instead: train/stop_request.py); the handler it replaced, or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def console_main() -> None:

@@ -149,3 +149,15 @@ def test_a_head_that_stops_answering_mid_run_ends_the_command_in_one_line_keepin
     assert len(errors) == 1 and "head at" in errors[0] and "stopped answering" in errors[0], stderr[-3000:]
     assert not os.path.exists(f"{path}/lease.json")
     checkpoint.load(fs, checkpoint.latest(fs, path))
+
+
+@pytest.mark.slow
+def test_a_worker_group_the_cluster_cannot_hold_is_one_line_at_once(open_cluster, tiny_data, tmp_path):
+    started = time.monotonic()
+    proc = run_aevb(train_args(tiny_data, tmp_path, open_cluster.address, "crowded", "train.num_workers=3"), {},
+                    timeout=120)
+    assert time.monotonic() - started < 30  # Ray Train alone would wait for room forever
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and "has room for 1 worker(s) of 1 CPU" in errors[0], proc.stderr
+    assert "train.num_workers=3 are needed" in errors[0]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -192,3 +193,22 @@ def test_a_dead_drivers_writer_is_made_sure_gone_before_the_run_is_taken_over(tm
     finally:
         orphan.kill()
         orphan.wait()
+
+
+@pytest.mark.slow  # `aevb-dist train` starting up
+def test_sigterm_ends_the_command_while_it_waits_for_a_lease(tiny_data, tmp_path):
+    run = storage.Folder.open(str(tmp_path / "waited"))
+    write_lease(run, age_s=300.0, timeout_s=600.0, host="another-host", machine="other", pid=4242, pid_start=1)
+    held = run.fs.cat_file(run.file(LEASE))
+    proc = subprocess.Popen([sys.executable, "-m", "aevb_dist", "train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path)),
+                             "run.name=waited", "ray.local_mode=true", "run.lease_timeout_s=600"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        said = proc.stderr.readline()
+        assert re.search(r"whose heartbeat stopped \(\d+ s ago\): waiting up to 29\d s", said), said
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "aevb-dist train: interrupted" in rest, rest
+    assert run.fs.cat_file(run.file(LEASE)) == held  # the other machine's lease is left as it was
