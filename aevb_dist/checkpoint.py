@@ -34,9 +34,14 @@ def save(folder: str, state: dict, config: dict[str, Any]) -> None:
     payload = buffer.getvalue()
     with open(os.path.join(folder, STATE), "wb") as f:
         f.write(payload)
-    manifest = {"format_version": FORMAT_VERSION, "step": state["state"]["step"], "file": STATE,
-                "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
-                "model": config.get("model", {})}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "step": state["state"]["step"],
+        "file": STATE,
+        "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "model": config.get("model", {}),
+    }
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f)
 
@@ -103,8 +108,10 @@ def unpickle_state(state_bytes: bytes, where: str, map_location: str = "cpu") ->
     except pickle.UnpicklingError as err:
         found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(err))
         asks = f"it asks for {found.group(1)}" if found else first_line(err)
-        raise ValueError(f"checkpoint {where or STATE} holds more than tensors and plain values ({asks}); "
-                         "not loaded, since loading it could run code") from None
+        raise ValueError(
+            f"checkpoint {where or STATE} holds more than tensors and plain values ({asks}); "
+            "not loaded, since loading it could run code"
+        ) from None
 
 
 def read_manifest(fs, folder: str) -> dict:
@@ -123,8 +130,7 @@ def _names_newest_first(fs, run_path: str) -> list[str]:
     if not fs.exists(run_path):
         return []
     names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(run_path, detail=False))
-    return sorted((n for n in names if n.startswith("checkpoint_") and n[len("checkpoint_"):].isdigit()),
-                  reverse=True)
+    return sorted((n for n in names if n.startswith("checkpoint_") and n[len("checkpoint_") :].isdigit()), reverse=True)
 
 
 def latest(fs, run_path: str, warn=None) -> Optional[str]:
@@ -204,8 +210,10 @@ def check_trusted_architecture(architecture: str, where: str) -> None:
         return
     trusted = [a.strip() for a in os.environ.get(TRUSTED_ARCHITECTURES_ENV, "").split(",") if a.strip()]
     if architecture not in trusted:
-        raise ValueError(f"{where or 'the checkpoint'}: its model is built by {architecture!r}, code that is imported "
-                         f"and run by name; if you trust it, set {TRUSTED_ARCHITECTURES_ENV}={architecture}")
+        raise ValueError(
+            f"{where or 'the checkpoint'}: its model is built by {architecture!r}, code that is imported "
+            f"and run by name; if you trust it, set {TRUSTED_ARCHITECTURES_ENV}={architecture}"
+        )
 
 
 def saved_eval_binarization(vae: VAE, saved: dict) -> str:

@@ -76,21 +76,26 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
     check_uri("run.storage_uri", cfg.run.storage_uri)
     if cfg.ray.local_mode and cfg.ray.address:
-        raise ValueError(f"ray.local_mode=true runs on this machine without a cluster; it cannot join "
-                         f"ray.address={cfg.ray.address} (unset one of them)")
+        raise ValueError(
+            f"ray.local_mode=true runs on this machine without a cluster; it cannot join "
+            f"ray.address={cfg.ray.address} (unset one of them)"
+        )
     check_uri("data.train_uri", cfg.data.train_uri)
     check_uri("data.test_uri", cfg.data.test_uri or "")
 
 
 def _architecture(m: Any) -> None:
     if m.architecture not in ("mlp", "conv") and ":" not in m.architecture:
-        raise ValueError(f"model.architecture={m.architecture!r} is not mlp, conv or a \"package.module:function\" "
-                         "of your own")
+        raise ValueError(
+            f'model.architecture={m.architecture!r} is not mlp, conv or a "package.module:function" of your own'
+        )
     for i, width in enumerate(m.conv_channels):
         _positive(f"model.conv_channels[{i}]", width)
     if m.input_shape is not None and math.prod(m.input_shape) != m.input_dim:
-        raise ValueError(f"model.input_shape={list(m.input_shape)} holds {math.prod(m.input_shape)} values, "
-                         f"model.input_dim={m.input_dim}")
+        raise ValueError(
+            f"model.input_shape={list(m.input_shape)} holds {math.prod(m.input_shape)} values, "
+            f"model.input_dim={m.input_dim}"
+        )
 
 
 def _validate_placement(cfg: Config) -> None:
@@ -105,19 +110,24 @@ def _validate_placement(cfg: Config) -> None:
     if t.min_workers is not None:
         _elastic(cfg)
     if t.global_batch_size is not None and cfg.data.cache_on_device:
-        raise ValueError("data.cache_on_device=true does not yet serve train.global_batch_size runs; "
-                         "unset one of them")
+        raise ValueError("data.cache_on_device=true does not yet serve train.global_batch_size runs; unset one of them")
     if t.use_gpu and cfg.data.cache_on_device and t.cuda_graph:
         if cfg.optim.name == "adagrad":
-            raise ValueError("the captured CUDA-graph step (train.cuda_graph=true) needs optim.name=adam or sgd "
-                             "(Adagrad keeps its step count on the host); or set train.cuda_graph=false")
+            raise ValueError(
+                "the captured CUDA-graph step (train.cuda_graph=true) needs optim.name=adam or sgd "
+                "(Adagrad keeps its step count on the host); or set train.cuda_graph=false"
+            )
         if cfg.optim.lr_schedule != "constant" and cfg.optim.name != "adam":
-            raise ValueError(f"optim.lr_schedule={cfg.optim.lr_schedule} with the captured CUDA-graph step needs "
-                             "optim.name=adam (its learning rate is a device tensor the graph reads); or set "
-                             "train.cuda_graph=false")
+            raise ValueError(
+                f"optim.lr_schedule={cfg.optim.lr_schedule} with the captured CUDA-graph step needs "
+                "optim.name=adam (its learning rate is a device tensor the graph reads); or set "
+                "train.cuda_graph=false"
+            )
         if t.on_nonfinite == "skip":
-            raise ValueError("train.on_nonfinite=skip needs the eager step: set train.cuda_graph=false (the "
-                             "captured step applies every update and stops at the next log line instead)")
+            raise ValueError(
+                "train.on_nonfinite=skip needs the eager step: set train.cuda_graph=false (the "
+                "captured step applies every update and stops at the next log line instead)"
+            )
 
 
 def _elastic(cfg: Config) -> None:
@@ -126,22 +136,31 @@ def _elastic(cfg: Config) -> None:
     if t.min_workers > t.num_workers:
         raise ValueError(f"train.min_workers={t.min_workers} is more than train.num_workers={t.num_workers}")
     if t.global_batch_size is None:
-        raise ValueError("train.min_workers (elastic) needs train.global_batch_size: the worker count may change "
-                         "mid-run, and only global batches keep the training the same for every count")
+        raise ValueError(
+            "train.min_workers (elastic) needs train.global_batch_size: the worker count may change "
+            "mid-run, and only global batches keep the training the same for every count"
+        )
     if t.max_failures == 0:
-        raise ValueError("train.min_workers (elastic) needs train.max_failures > 0 (or -1): Ray Train resizes "
-                         "the group by restarting it")
+        raise ValueError(
+            "train.min_workers (elastic) needs train.max_failures > 0 (or -1): Ray Train resizes "
+            "the group by restarting it"
+        )
     if cfg.ray.local_mode:
-        raise ValueError("train.min_workers (elastic) needs Ray (a cluster or the embedded one), not "
-                         "ray.local_mode=true")
+        raise ValueError(
+            "train.min_workers (elastic) needs Ray (a cluster or the embedded one), not ray.local_mode=true"
+        )
 
 
 def check_partitioning(num_partitions: int, global_batch_size: int, num_workers: int) -> None:
     """A global-batch run's layout: every partition gives each global batch a row, every worker whole
     partitions. Checked on the config and again by each worker (the default or recorded partitions)."""
     if global_batch_size < num_partitions:
-        raise ValueError(f"train.global_batch_size={global_batch_size} is smaller than data.num_partitions="
-                         f"{num_partitions}: every partition gives at least one row to each global batch")
+        raise ValueError(
+            f"train.global_batch_size={global_batch_size} is smaller than data.num_partitions="
+            f"{num_partitions}: every partition gives at least one row to each global batch"
+        )
     if num_workers > num_partitions:
-        raise ValueError(f"train.num_workers={num_workers} is more than data.num_partitions={num_partitions}: "
-                         "a worker takes whole partitions (raise data.num_partitions for a new run)")
+        raise ValueError(
+            f"train.num_workers={num_workers} is more than data.num_partitions={num_partitions}: "
+            "a worker takes whole partitions (raise data.num_partitions for a new run)"
+        )

@@ -62,5 +62,7 @@ class Progress:
             elapsed = now - self.start
             rate = self.done / max(elapsed, 1e-9)
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
-            say(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} | {rate:,.0f}/s | "
-                f"{elapsed:,.0f} s elapsed, ~{left:,.0f} s left")
+            say(
+                f"{self.what}: {self.done:,}/{self.total:,} {self.unit} | {rate:,.0f}/s | "
+                f"{elapsed:,.0f} s elapsed, ~{left:,.0f} s left"
+            )

@@ -21,12 +21,20 @@ MARGINAL_LIKELIHOOD_ESTIMATORS = ("is", "ais", "appendix-d")  # log p(x): `aevb-
 ALLREDUCE_DTYPES = ("float32", "bfloat16")
 AUTOCAST_DTYPES = ("none", "bfloat16")
 ON_NONFINITE = ("error", "skip")
-DATASET_FORMATS = ("mnist", "fashion-mnist", "frey-face", "npy", "imagefolder", "parquet")  # `aevb-dist prepare --format`
+DATASET_FORMATS = (
+    "mnist",
+    "fashion-mnist",
+    "frey-face",
+    "npy",
+    "imagefolder",
+    "parquet",
+)  # `aevb-dist prepare --format`
 
 
 def require_registry(kind: str, listed: tuple[str, ...], implemented: Iterable[str]) -> None:
     """Raise at import when a registry implements other names than `listed` (a developer's mistake)."""
     missing, extra = set(listed) - set(implemented), set(implemented) - set(listed)
     if missing or extra:
-        raise RuntimeError(f"{kind} registry out of step with aevb_dist.names: "
-                           f"missing {sorted(missing)}, not listed {sorted(extra)}")
+        raise RuntimeError(
+            f"{kind} registry out of step with aevb_dist.names: missing {sorted(missing)}, not listed {sorted(extra)}"
+        )

@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from aevb_dist.config import load_config
-from aevb_dist.data.prepare import prepare
 from aevb_dist.console import say
+from aevb_dist.data.prepare import prepare
 from aevb_dist.ray_runtime import start_ray, stop_ray
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -26,12 +26,26 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 # and the importance samples K for the test log p(x) (Fashion-MNIST has 10,000 test images).
 IMPORTANCE_SAMPLES = {"digits": 1000, "fashion-mnist": 100}
 SETTINGS = {
-    "digits": ["model.input_dim=64", "model.hidden_sizes=[128]", "train.num_epochs=40",
-               "train.batch_size_per_worker=25", "train.log_every_steps=50", "train.eval_every_steps=400",
-               "checkpoint.every_steps=400", "optim.lr=0.003"],
-    "fashion-mnist": ["model.input_dim=784", "model.hidden_sizes=[256]", "train.num_epochs=2",
-                      "train.batch_size_per_worker=50", "train.log_every_steps=100",
-                      "train.eval_every_steps=600", "checkpoint.every_steps=600", "optim.lr=0.001"],
+    "digits": [
+        "model.input_dim=64",
+        "model.hidden_sizes=[128]",
+        "train.num_epochs=40",
+        "train.batch_size_per_worker=25",
+        "train.log_every_steps=50",
+        "train.eval_every_steps=400",
+        "checkpoint.every_steps=400",
+        "optim.lr=0.003",
+    ],
+    "fashion-mnist": [
+        "model.input_dim=784",
+        "model.hidden_sizes=[256]",
+        "train.num_epochs=2",
+        "train.batch_size_per_worker=50",
+        "train.log_every_steps=100",
+        "train.eval_every_steps=600",
+        "checkpoint.every_steps=600",
+        "optim.lr=0.001",
+    ],
 }
 
 
@@ -41,8 +55,9 @@ def _prepare_source(dataset: str, data_uri: str) -> None:
         return
     if dataset == "fashion-mnist":
         if not os.path.isdir(FASHION_MNIST):
-            raise ValueError(f"{FASHION_MNIST} does not exist: `apt-get install dataset-fashion-mnist`, "
-                             "or use --dataset digits")
+            raise ValueError(
+                f"{FASHION_MNIST} does not exist: `apt-get install dataset-fashion-mnist`, or use --dataset digits"
+            )
         prepare(FASHION_MNIST, data_uri, fmt="fashion-mnist", num_shards=4)
         return
     from sklearn.datasets import load_digits
@@ -67,15 +82,27 @@ def quickstart(output: str = "aevb-quickstart", dataset: str = "digits") -> dict
     run_dir = os.path.join(output, "runs", f"quickstart_{dataset.replace('-', '_')}")
     _prepare_source(dataset, data_uri)
     overrides = SETTINGS[dataset] + [
-        f"data.train_uri={data_uri}/train", f"data.test_uri={data_uri}/test", "model.latent_dim=2",
-        "model.likelihood=bernoulli", "data.binarization=dynamic", "train.num_workers=2", "optim.name=adam",
-        f"run.storage_uri={os.path.dirname(run_dir)}", f"run.name={os.path.basename(run_dir)}"]
+        f"data.train_uri={data_uri}/train",
+        f"data.test_uri={data_uri}/test",
+        "model.latent_dim=2",
+        "model.likelihood=bernoulli",
+        "data.binarization=dynamic",
+        "train.num_workers=2",
+        "optim.name=adam",
+        f"run.storage_uri={os.path.dirname(run_dir)}",
+        f"run.name={os.path.basename(run_dir)}",
+    ]
     cfg = load_config(None, overrides)
     started = start_ray(None)  # one embedded Ray for training and evaluation
     try:
         train(cfg)
-        result = evaluate(run_dir, f"{data_uri}/test", num_importance_samples=IMPORTANCE_SAMPLES[dataset],
-                          num_workers=2, output_uri=os.path.join(run_dir, "eval_test.json"))
+        result = evaluate(
+            run_dir,
+            f"{data_uri}/test",
+            num_importance_samples=IMPORTANCE_SAMPLES[dataset],
+            num_workers=2,
+            output_uri=os.path.join(run_dir, "eval_test.json"),
+        )
     finally:
         stop_ray(started)
     plots = plot_run(run_dir)
@@ -84,12 +111,15 @@ def quickstart(output: str = "aevb-quickstart", dataset: str = "digits") -> dict
 
 
 def _print_summary(output, run_dir, data_uri, result, plots, seconds) -> None:
-    print(f"""
+    elbo = f"ELBO {result['elbo']:.2f} ± {result['elbo_sem']:.2f}"
+    log_px = f"log p(x) {result['log_marginal_likelihood']:.2f} ± {result['log_marginal_likelihood_sem']:.2f}"
+    print(
+        f"""
 aevb-dist quickstart finished in {seconds:.0f} s. Everything is under {output}:
   dataset (sharded Parquet)   {data_uri}/{{train,test}}
   run folder                  {run_dir}  (metrics.csv, tensorboard/, config.yaml, checkpoint_*/)
-  test set                    ELBO {result['elbo']:.2f} ± {result['elbo_sem']:.2f}, log p(x) {result['log_marginal_likelihood']:.2f} ± {result['log_marginal_likelihood_sem']:.2f} (K={result['num_importance_samples']}), {result['num_examples']} examples
-  plots                       {', '.join(os.path.basename(p) for p in plots)} in {os.path.dirname(plots[0])}
+  test set                    {elbo}, {log_px} (K={result["num_importance_samples"]}), {result["num_examples"]} examples
+  plots                       {", ".join(os.path.basename(p) for p in plots)} in {os.path.dirname(plots[0])}
 
 Next:
   resume and train longer:    aevb-dist train {run_dir}/config.yaml train.num_epochs=100
@@ -97,5 +127,6 @@ Next:
   posterior codes q(z|x):     aevb-dist encode {run_dir} {data_uri}/test {output}/codes
   the paper's MNIST model:    aevb-dist prepare ../shared/data/mnist data/mnist && aevb-dist train configs/mnist.yaml
   on a cluster:               aevb-dist train configs/mnist.yaml ray.address=auto run.storage_uri=s3://bucket/runs
-""".rstrip())
+""".rstrip()
+    )
     print(json.dumps({"elbo": result["elbo"], "log_marginal_likelihood": result["log_marginal_likelihood"]}))

@@ -34,8 +34,10 @@ def token_source() -> str:
     return os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
 
 
-AUTH_HELP = ("get the cluster's token with `ray get-auth-token` on the head, then set RAY_AUTH_TOKEN, "
-             "or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in ~/.ray/auth_token")
+AUTH_HELP = (
+    "get the cluster's token with `ray get-auth-token` on the head, then set RAY_AUTH_TOKEN, "
+    "or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in ~/.ray/auth_token"
+)
 GCS_PROBE_TIMEOUT_S = 10.0  # a head that does not answer within this is refused (Ray itself retries forever)
 
 
@@ -46,11 +48,13 @@ def _probe_gcs(address: str, token: Optional[str], timeout_s: float = GCS_PROBE_
 
     channel = grpc.insecure_channel(address)
     # NodeInfoGcsService.GetClusterId takes an empty request: its bytes are b"".
-    call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId",
-                               request_serializer=lambda request: request, response_deserializer=lambda reply: reply)
+    call = channel.unary_unary(
+        "/ray.rpc.NodeInfoGcsService/GetClusterId",
+        request_serializer=lambda request: request,
+        response_deserializer=lambda reply: reply,
+    )
     try:
-        call(b"", timeout=timeout_s,
-             metadata=[("authorization", f"Bearer {token}")] if token else None)
+        call(b"", timeout=timeout_s, metadata=[("authorization", f"Bearer {token}")] if token else None)
         return "ok", ""
     except grpc.RpcError as err:
         code, details = err.code(), (err.details() or "").splitlines()[0] if err.details() else ""
@@ -83,22 +87,31 @@ def choose_auth_mode(address: str) -> None:
         return
     answer, details = _probe_gcs(address, None)
     if answer == "unreachable":
-        raise ValueError(f"nothing answers at ray.address={address} ({details}): start the head (`ray start "
-                         "--head`) or check the address (`ray status` on the head prints it)")
+        raise ValueError(
+            f"nothing answers at ray.address={address} ({details}): start the head (`ray start "
+            "--head`) or check the address (`ray status` on the head prints it)"
+        )
     needs_token = answer == "unauthenticated"
     if chosen == "token" and not needs_token:
-        raise ValueError(f"RAY_AUTH_MODE=token, but the Ray cluster at {address} runs without token "
-                         "authentication: unset RAY_AUTH_MODE (or set it to disabled)")
+        raise ValueError(
+            f"RAY_AUTH_MODE=token, but the Ray cluster at {address} runs without token "
+            "authentication: unset RAY_AUTH_MODE (or set it to disabled)"
+        )
     if chosen == "disabled" and needs_token:
-        raise ValueError(f"RAY_AUTH_MODE=disabled, but the Ray cluster at {address} uses token authentication: "
-                         f"unset RAY_AUTH_MODE and {AUTH_HELP}")
+        raise ValueError(
+            f"RAY_AUTH_MODE=disabled, but the Ray cluster at {address} uses token authentication: "
+            f"unset RAY_AUTH_MODE and {AUTH_HELP}"
+        )
     if needs_token:
         if token is None:
-            raise ValueError(f"the Ray cluster at {address} uses token authentication and no token was found "
-                             f"({token_source()}); {AUTH_HELP}")
+            raise ValueError(
+                f"the Ray cluster at {address} uses token authentication and no token was found "
+                f"({token_source()}); {AUTH_HELP}"
+            )
         if _probe_gcs(address, token)[0] == "unauthenticated":
-            raise ValueError(f"the Ray cluster at {address} refused the token in {token_source()} (not the "
-                             f"cluster's); {AUTH_HELP}")
+            raise ValueError(
+                f"the Ray cluster at {address} refused the token in {token_source()} (not the cluster's); {AUTH_HELP}"
+            )
     _set_auth_mode("token" if needs_token else "disabled")
 
 
@@ -179,8 +192,14 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
             return False
         # address="local": always a new embedded cluster, never one that `ray start` left on this machine.
         try:
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                     log_to_driver=show_worker_logs, configure_logging=True, logging_level="WARNING")
+            ray.init(
+                address="local",
+                num_cpus=os.cpu_count() or 1,
+                include_dashboard=False,
+                log_to_driver=show_worker_logs,
+                configure_logging=True,
+                logging_level="WARNING",
+            )
         except BaseException:
             _drop_env(set_now)
             raise
@@ -222,8 +241,15 @@ def threads_for_cpus(cpus: float) -> int:
     return max(1, math.floor(cpus + 1e-6))
 
 
-def run_tasks(remote_fn, arg_lists: list[tuple], *, max_in_flight: int, num_cpus: float,
-              on_done: Callable[[int, Any], None], num_gpus: float = 0) -> None:
+def run_tasks(
+    remote_fn,
+    arg_lists: list[tuple],
+    *,
+    max_in_flight: int,
+    num_cpus: float,
+    on_done: Callable[[int, Any], None],
+    num_gpus: float = 0,
+) -> None:
     """Run `remote_fn(*args)` for each args tuple, at most `max_in_flight` at once; `on_done(i, result)`."""
     import ray
 

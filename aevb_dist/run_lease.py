@@ -9,7 +9,8 @@ finds a live lease and stops before writing anything. A dead owner is recognised
 - from another machine, by its heartbeat: a lease that missed a beat is waited out until
   `run.lease_timeout_s` has passed since its last one (the wait said in one line; `wait=False`
   refuses instead), and one still beating is refused at once.
-Every write is conditional, so two drivers can never both believe they hold it: on local disk under an exclusive `flock` of a sibling lock file; on S3 with
+Every write is conditional, so two drivers can never both believe they hold it: on local disk under an
+exclusive `flock` of a sibling lock file; on S3 with
 `If-None-Match: *` to create and `If-Match: <etag>` to renew or take over (a heartbeat that finds
 another owner's lease has lost it, and the run stops).
 """
@@ -141,10 +142,13 @@ def process_identity(pid: Optional[int] = None) -> dict:
 
 
 def process_state(record: dict) -> str:
-    """"alive" or "gone" for a process recorded by `process_identity` on this machine; "unknown" for one of
+    """ "alive" or "gone" for a process recorded by `process_identity` on this machine; "unknown" for one of
     another machine (or a record too old to tell: no machine, start time, or a pid that is alive)."""
-    if record.get("host") != socket.gethostname() or record.get("machine", "") != _machine() \
-            or not isinstance(record.get("pid"), int):
+    if (
+        record.get("host") != socket.gethostname()
+        or record.get("machine", "") != _machine()
+        or not isinstance(record.get("pid"), int)
+    ):
         return "unknown"
     start = process_start(record["pid"])
     if start is None:
@@ -201,8 +205,9 @@ def _writer_gone(run: storage.Folder) -> bool:
 class RunLease:
     """Held from `acquire()` to `release()`; a daemon thread renews it every `timeout_s / 4`."""
 
-    def __init__(self, run: storage.Folder, timeout_s: float, on_lost: Optional[Callable[[str], None]] = None,
-                 wait: bool = True):
+    def __init__(
+        self, run: storage.Folder, timeout_s: float, on_lost: Optional[Callable[[str], None]] = None, wait: bool = True
+    ):
         self._file: Optional[object] = None
         if storage.is_local(run.fs):
             run.fs.makedirs(run.path, exist_ok=True)
@@ -210,8 +215,10 @@ class RunLease:
         elif storage.scheme_of(run.uri) == "s3":
             self._file = _S3LeaseObject(run.fs, run.file(LEASE))
         else:
-            say(f"warning: {run.uri}: one writer per run is not enforced on {storage.scheme_of(run.uri)}:// "
-                "(no conditional writes implemented for it); do not start this run twice")
+            say(
+                f"warning: {run.uri}: one writer per run is not enforced on {storage.scheme_of(run.uri)}:// "
+                "(no conditional writes implemented for it); do not start this run twice"
+            )
         self.run, self.timeout_s, self.on_lost, self.wait = run, timeout_s, on_lost, wait
         self.owner = {"id": uuid.uuid4().hex, **process_identity(), "started": time.time()}
         self._version: Optional[str] = None
@@ -239,31 +246,41 @@ class RunLease:
                 say(f"taking over {self.run.uri} from {who}, which is no longer running")
                 break
             if age >= self.timeout_s:
-                say(f"taking over {self.run.uri} from {who}, whose heartbeat stopped {age:.0f} s ago "
-                    f"(run.lease_timeout_s={self.timeout_s:g})")
+                say(
+                    f"taking over {self.run.uri} from {who}, whose heartbeat stopped {age:.0f} s ago "
+                    f"(run.lease_timeout_s={self.timeout_s:g})"
+                )
                 break
             if owner == "alive" or (owner == "unknown" and age < 1.5 * self.beat_s + 1.0):  # it runs, or beats
-                raise LeaseHeld(f"{self.run.uri} is being trained by {who} (heartbeat {age:.0f} s ago); a "
-                                "second writer would corrupt it: wait for that run to end, stop it, or use "
-                                "another run.name")
+                raise LeaseHeld(
+                    f"{self.run.uri} is being trained by {who} (heartbeat {age:.0f} s ago); a "
+                    "second writer would corrupt it: wait for that run to end, stop it, or use "
+                    "another run.name"
+                )
             # Its heartbeat stopped (or its driver is gone but its writer ran on another machine): the lease
             # expires run.lease_timeout_s after the last beat.
             left = self.timeout_s - age
             why = "whose writer ran on another machine" if owner == "gone" else "whose heartbeat stopped"
             if not self.wait:
-                raise LeaseHeld(f"{self.run.uri} is held by {who}, {why} ({age:.0f} s ago); it can be taken "
-                                f"over in {left:.0f} s (run.lease_timeout_s={self.timeout_s:g}): rerun without "
-                                "--no-wait to wait for it")
+                raise LeaseHeld(
+                    f"{self.run.uri} is held by {who}, {why} ({age:.0f} s ago); it can be taken "
+                    f"over in {left:.0f} s (run.lease_timeout_s={self.timeout_s:g}): rerun without "
+                    "--no-wait to wait for it"
+                )
             if not announced_wait:
-                say(f"{self.run.uri} is held by {who}, {why} ({age:.0f} s ago): waiting up to {left:.0f} s for "
-                    f"its lease to expire (run.lease_timeout_s={self.timeout_s:g}; --no-wait refuses instead)")
+                say(
+                    f"{self.run.uri} is held by {who}, {why} ({age:.0f} s ago): waiting up to {left:.0f} s for "
+                    f"its lease to expire (run.lease_timeout_s={self.timeout_s:g}; --no-wait refuses instead)"
+                )
                 announced_wait = True
             time.sleep(min(1.0, max(left, 0.0)))
             again, again_version = self._file.read()
             if again_version != version and again is not None and again.get("id") == held.get("id"):
-                raise LeaseHeld(f"{self.run.uri} is being trained by {who}: its heartbeat came back; a second "
-                                "writer would corrupt it: wait for that run to end, stop it, or use another "
-                                "run.name")
+                raise LeaseHeld(
+                    f"{self.run.uri} is being trained by {who}: its heartbeat came back; a second "
+                    "writer would corrupt it: wait for that run to end, stop it, or use another "
+                    "run.name"
+                )
             held, version = again, again_version
         self._version = self._file.write_if(self._record(), version)
         if self._version is None:
@@ -282,8 +299,10 @@ class RunLease:
                 cause = f"{type(err).__name__}: {first_line(err)}"
                 if cause not in warned:
                     warned.add(cause)
-                    say(f"warning: could not renew the lease of {self.run.uri}: {cause} (retrying at every "
-                        "heartbeat; said once)")
+                    say(
+                        f"warning: could not renew the lease of {self.run.uri}: {cause} (retrying at every "
+                        "heartbeat; said once)"
+                    )
                 continue
             if version is None:
                 if self.on_lost is not None:

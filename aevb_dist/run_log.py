@@ -23,8 +23,17 @@ from typing import Optional
 from aevb_dist import storage
 from aevb_dist.console import unfixable_by_waiting
 
-COLUMNS = ["step", "epoch", "samples_seen", "train_elbo", "test_elbo", "samples_per_s", "skipped_steps", "time",
-           "num_workers"]
+COLUMNS = [
+    "step",
+    "epoch",
+    "samples_seen",
+    "train_elbo",
+    "test_elbo",
+    "samples_per_s",
+    "skipped_steps",
+    "time",
+    "num_workers",
+]
 
 
 def read_metrics(fs, path: str) -> list[dict]:
@@ -55,8 +64,15 @@ def _csv_text(rows: list[dict], header: bool = False) -> str:
 
 
 class RunLog:
-    def __init__(self, run: storage.Folder, *, resume_step: int, total_steps: int, upload_interval_s: float = 10.0,
-                 retry_s: float = 300.0):
+    def __init__(
+        self,
+        run: storage.Folder,
+        *,
+        resume_step: int,
+        total_steps: int,
+        upload_interval_s: float = 10.0,
+        retry_s: float = 300.0,
+    ):
         self.fs, self.path, self.uri = run.fs, run.path, run.uri
         self.fs.makedirs(self.path, exist_ok=True)
         self.total_steps = total_steps
@@ -88,8 +104,9 @@ class RunLog:
                     f.write(data)
                 os.replace(f"{self.metrics_path}.tmp", self.metrics_path)
         else:  # an outage is waited out (storage.with_retries)
-            storage.with_retries(lambda: self.fs.pipe_file(self.metrics_path, data), "writing metrics.csv",
-                                 self.retry_s)
+            storage.with_retries(
+                lambda: self.fs.pipe_file(self.metrics_path, data), "writing metrics.csv", self.retry_s
+            )
         self._uploaded_at = time.monotonic()
 
     def append(self, row: dict) -> None:
@@ -115,9 +132,13 @@ class RunLog:
             self._tb.flush()
         if not self._on_local_disk:
             for name in os.listdir(self._tb_dir):
-                storage.with_retries(lambda: self.fs.put_file(os.path.join(self._tb_dir, name),
-                                                              f"{self.path}/tensorboard/{name}"),
-                                     "writing TensorBoard events", self.retry_s)
+                storage.with_retries(
+                    lambda name=name: self.fs.put_file(
+                        os.path.join(self._tb_dir, name), f"{self.path}/tensorboard/{name}"
+                    ),
+                    "writing TensorBoard events",
+                    self.retry_s,
+                )
 
     def close(self) -> None:
         self.flush()
@@ -152,14 +173,19 @@ class MetricsTail:
         self._partial = lines.pop()  # an unfinished last line waits for the next call
         if self._header is None and lines:
             self._header = next(csv.reader([lines.pop(0)]))
-        return [{k: _number(k, v) for k, v in zip(self._header, values) if k in COLUMNS}
-                for values in csv.reader(lines) if values]
+        return [
+            {k: _number(k, v) for k, v in zip(self._header, values) if k in COLUMNS}
+            for values in csv.reader(lines)
+            if values
+        ]
 
 
 def progress_line(row: dict, total_steps: int) -> str:
     test = f" | test ELBO {row['test_elbo']:.2f}" if not math.isnan(row["test_elbo"]) else ""
-    return (f"step {row['step']}/{total_steps} | epoch {row['epoch']} | {row['samples_seen']:,} samples | "
-            f"{row['samples_per_s']:,.0f} samples/s | train ELBO {row['train_elbo']:.2f}{test}")
+    return (
+        f"step {row['step']}/{total_steps} | epoch {row['epoch']} | {row['samples_seen']:,} samples | "
+        f"{row['samples_per_s']:,.0f} samples/s | train ELBO {row['train_elbo']:.2f}{test}"
+    )
 
 
 def _summary_writer(log_dir: str, purge_step: int):

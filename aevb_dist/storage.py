@@ -25,9 +25,24 @@ from aevb_dist.uri import check_uri, join, local_path, scheme_of
 
 T = TypeVar("T")
 
-__all__ = ["Folder", "check_uri", "exists", "is_local", "join", "move_tree", "pyarrow_filesystem",
-           "ray_train_storage", "replace_folder", "resolve", "run_folder", "s3_endpoint", "scheme_of",
-           "StorageUnavailable", "unwritable_error", "with_retries"]
+__all__ = [
+    "Folder",
+    "check_uri",
+    "exists",
+    "is_local",
+    "join",
+    "move_tree",
+    "pyarrow_filesystem",
+    "ray_train_storage",
+    "replace_folder",
+    "resolve",
+    "run_folder",
+    "s3_endpoint",
+    "scheme_of",
+    "StorageUnavailable",
+    "unwritable_error",
+    "with_retries",
+]
 
 
 def s3_endpoint(endpoint_url: Optional[str] = None) -> Optional[str]:
@@ -47,12 +62,14 @@ def resolve(uri: str, endpoint_url: Optional[str] = None) -> tuple[fsspec.Abstra
             raise ValueError(f"{uri}: s3:// needs the s3fs package: pip install 'aevb-dist[s3]'") from None
         endpoint = s3_endpoint(endpoint_url)
         fs = fsspec.filesystem(
-            "s3", client_kwargs={"endpoint_url": endpoint} if endpoint else {},
+            "s3",
+            client_kwargs={"endpoint_url": endpoint} if endpoint else {},
             # Other processes (workers, resumed runs) write here: never trust a cached listing.
-            use_listings_cache=False, skip_instance_cache=True,
+            use_listings_cache=False,
+            skip_instance_cache=True,
             config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}},
         )
-        return fs, uri[len("s3://"):].rstrip("/")
+        return fs, uri[len("s3://") :].rstrip("/")
     try:
         fs, path = fsspec.core.url_to_fs(uri)
     except ImportError as err:
@@ -100,7 +117,7 @@ def move_tree(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
         fs.mv(src, dst, recursive=True)
         return
     for path in fs.find(src):
-        fs.copy(path, dst + path[len(src):])
+        fs.copy(path, dst + path[len(src) :])
     fs.rm(src, recursive=True)
 
 
@@ -139,8 +156,9 @@ def with_retries(action: Callable[[], T], what: str, limit_s: float) -> T:
             waited = time.monotonic() - start
             cause = f"{type(err).__name__}: {first_line(err)}"
             if waited >= limit_s:
-                raise StorageUnavailable(f"storage unreachable for {waited:.0f} s while {what} "
-                                         f"(run.storage_retry_s={limit_s:g}): {cause}") from None
+                raise StorageUnavailable(
+                    f"storage unreachable for {waited:.0f} s while {what} (run.storage_retry_s={limit_s:g}): {cause}"
+                ) from None
             if not warned:
                 say(f"warning: {what} failed ({cause}); retrying for up to {limit_s:g} s")
                 warned = True
@@ -148,8 +166,9 @@ def with_retries(action: Callable[[], T], what: str, limit_s: float) -> T:
             delay = min(delay * 2, 8.0)
 
 
-def unwritable_error(err: OSError, where: str, what: str, needed_bytes: Optional[int] = None,
-                     bound: str = "about") -> ValueError:
+def unwritable_error(
+    err: OSError, where: str, what: str, needed_bytes: Optional[int] = None, bound: str = "about"
+) -> ValueError:
     """One line for storage that waiting cannot fix (`console.unfixable_by_waiting`): which folder, and for a
     full disk the space `what` needs (`bound`: about, up to) against what is free there."""
     if err.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -157,8 +176,10 @@ def unwritable_error(err: OSError, where: str, what: str, needed_bytes: Optional
     free = _free_bytes(where)
     needs = f"needs {bound} {_mib(needed_bytes)}" if needed_bytes is not None else "did not fit"
     room = f", {_mib(free)} free" if free is not None else ""
-    return ValueError(f"no space left in {where}: {what} {needs}{room} ({err.strerror}); free some space "
-                      "there or write elsewhere, then run the same command again")
+    return ValueError(
+        f"no space left in {where}: {what} {needs}{room} ({err.strerror}); free some space "
+        "there or write elsewhere, then run the same command again"
+    )
 
 
 def _mib(num_bytes: int) -> str:

@@ -52,9 +52,11 @@ def runtime_env(working_dir: str, *, pip: bool, pass_env: tuple[str, ...] = ()) 
     if missing:
         raise ValueError(f"--pass-env names {', '.join(missing)}, not set in this shell")
     if pass_env:
-        say(f"warning: --pass-env puts {', '.join(pass_env)} into the job's metadata: every client of the job "
+        say(
+            f"warning: --pass-env puts {', '.join(pass_env)} into the job's metadata: every client of the job "
             "server can read it (Ray's list_jobs, the dashboard) and the cluster's runtime-env agent "
-            "logs it. Prefer the cluster's own identity (instance role, service account)")
+            "logs it. Prefer the cluster's own identity (instance role, service account)"
+        )
         env["env_vars"] = {name: os.environ[name] for name in pass_env}
     if pip:
         env["pip"] = pinned_requirements()
@@ -75,16 +77,27 @@ def _client(address: Optional[str]):
         sent = "the token it was sent is not the cluster's" if token else "no token was found to send"
         raise ValueError(f"the Ray job server at {url} refused authentication ({sent}); {AUTH_HELP}") from None
     except Exception as err:  # ConnectionError and friends, from requests or Ray
-        raise ValueError(f"cannot reach the Ray job server at {url} ({type(err).__name__}); start a head "
-                         "(`ray start --head`) or pass --address http://HEAD:8265") from None
+        raise ValueError(
+            f"cannot reach the Ray job server at {url} ({type(err).__name__}); start a head "
+            "(`ray start --head`) or pass --address http://HEAD:8265"
+        ) from None
 
 
-def submit(cfg: Config, *, address: Optional[str] = None, entrypoint: Optional[str] = None, wait: bool = True,
-           pip: bool = False, pass_env: tuple[str, ...] = ()) -> tuple[str, int]:
+def submit(
+    cfg: Config,
+    *,
+    address: Optional[str] = None,
+    entrypoint: Optional[str] = None,
+    wait: bool = True,
+    pip: bool = False,
+    pass_env: tuple[str, ...] = (),
+) -> tuple[str, int]:
     """Submit a job; returns (job id, exit status: 0 when it succeeded or when not waiting)."""
     if cfg.ray.local_mode and entrypoint is None:
-        raise ValueError("ray.local_mode=true trains outside Ray, on the machine that runs it; a submitted job "
-                         "would bypass the cluster's scheduling. Submit with ray.local_mode=false")
+        raise ValueError(
+            "ray.local_mode=true trains outside Ray, on the machine that runs it; a submitted job "
+            "would bypass the cluster's scheduling. Submit with ray.local_mode=false"
+        )
     cfg = absolute_local_uris(cfg)  # a local head shares this machine's paths
     # An endpoint set in this shell ($AWS_ENDPOINT_URL...) travels in the config: it is no secret.
     cfg.run.s3_endpoint_url = s3_endpoint(cfg.run.s3_endpoint_url)
@@ -94,10 +107,12 @@ def submit(cfg: Config, *, address: Optional[str] = None, entrypoint: Optional[s
             f.write(to_yaml(cfg))
         args = ["train", "config.yaml"] if entrypoint is None else shlex.split(entrypoint)
         job_id = _submit_with_retry(
-            client, entrypoint="python -m aevb_dist " + " ".join(shlex.quote(a) for a in args),
+            client,
+            entrypoint="python -m aevb_dist " + " ".join(shlex.quote(a) for a in args),
             runtime_env=runtime_env(working_dir, pip=pip, pass_env=pass_env),
             submission_id=f"aevb-{cfg.run.name}-{uuid.uuid4().hex[:8]}",
-            metadata={"aevb.run_name": cfg.run.name})
+            metadata={"aevb.run_name": cfg.run.name},
+        )
     print(job_id, flush=True)
     say(f"submitted {job_id} to {job_address(address)}")
     if not wait:
@@ -113,8 +128,12 @@ def _submit_with_retry(client, timeout_s: float = 90.0, **kwargs) -> str:
             return client.submit_job(**kwargs)
         except RuntimeError as err:
             if "No available agent" not in str(err) or time.monotonic() > deadline:
-                hint = ("; the head's job agent is not running: often its port (52365 by default) is taken, see "
-                        "dashboard_agent.log in the head's session logs" if "No available agent" in str(err) else "")
+                hint = (
+                    "; the head's job agent is not running: often its port (52365 by default) is taken, see "
+                    "dashboard_agent.log in the head's session logs"
+                    if "No available agent" in str(err)
+                    else ""
+                )
                 raise ValueError(f"the job server refused the job: {str(err).splitlines()[0]}{hint}") from None
             time.sleep(2.0)
 

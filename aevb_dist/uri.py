@@ -22,8 +22,10 @@ def scheme_of(uri: str) -> str:
 def check_uri(key: str, uri: str) -> None:
     """A storage URI is a plain path or one of the schemes we can reach through fsspec."""
     if scheme_of(uri) not in SCHEMES:
-        raise ValueError(f"{key}={uri!r} has unknown scheme '{_SCHEME.match(uri).group(1)}://'; use a local path "
-                         "or one of: " + ", ".join(s + "://" for s in SCHEMES))
+        raise ValueError(
+            f"{key}={uri!r} has unknown scheme '{_SCHEME.match(uri).group(1)}://'; use a local path "
+            "or one of: " + ", ".join(s + "://" for s in SCHEMES)
+        )
 
 
 def join(uri: str, *parts: str) -> str:
@@ -33,7 +35,7 @@ def join(uri: str, *parts: str) -> str:
 
 def local_path(uri: str) -> str:
     """The absolute path of a local URI (a plain path or `file://`)."""
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
     return os.path.abspath(os.path.expanduser(path))
 
 

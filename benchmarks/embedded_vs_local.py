@@ -35,18 +35,24 @@ def main() -> None:
         for rep in range(args.repeats):
             before = plain_single(data, args.batch, args.seconds)
             embedded = aevb_train(f"{tmp}/mnist", f"{tmp}/runs", args.batch, 1, args.steps, f"e{rep}")["samples_per_s"]
-            local = aevb_train(f"{tmp}/mnist", f"{tmp}/runs", args.batch, 1, args.steps, f"l{rep}",
-                               ("ray.local_mode=true",))["samples_per_s"]
+            local = aevb_train(
+                f"{tmp}/mnist", f"{tmp}/runs", args.batch, 1, args.steps, f"l{rep}", ("ray.local_mode=true",)
+            )["samples_per_s"]
             after = plain_single(data, args.batch, args.seconds)
             ceiling = (before + after) / 2
             ratios["embedded"].append(embedded / ceiling)
             ratios["local"].append(local / ceiling)
             ratios["embedded/local"].append(embedded / local)
-            print(f"repeat {rep}: ceiling {before:,.0f} / {after:,.0f} samples/s | embedded {embedded:,.0f} "
-                  f"({embedded / ceiling:.3f}x) | local mode {local:,.0f} ({local / ceiling:.3f}x) | "
-                  f"embedded/local {embedded / local:.3f}", flush=True)
-    print(f"M={args.batch}, 1 worker, medians of {args.repeats}: " +
-          ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in ratios.items()))
+            print(
+                f"repeat {rep}: ceiling {before:,.0f} / {after:,.0f} samples/s | embedded {embedded:,.0f} "
+                f"({embedded / ceiling:.3f}x) | local mode {local:,.0f} ({local / ceiling:.3f}x) | "
+                f"embedded/local {embedded / local:.3f}",
+                flush=True,
+            )
+    print(
+        f"M={args.batch}, 1 worker, medians of {args.repeats}: "
+        + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in ratios.items())
+    )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from plain import PlainVAE  # noqa: E402  (benchmarks/plain.py: written without aevb_dist)
+
 from aevb_dist.config import load_config  # noqa: E402
 from aevb_dist.data.prepare import prepare  # noqa: E402
 from aevb_dist.data.reader import ParquetDataset  # noqa: E402
@@ -41,7 +43,6 @@ from aevb_dist.data.sources import read_idx  # noqa: E402
 from aevb_dist.model.marginal_likelihood import log_marginal_likelihood  # noqa: E402
 from aevb_dist.train.device_data import DeviceData  # noqa: E402
 from aevb_dist.train.trainer import Trainer  # noqa: E402
-from plain import PlainVAE  # noqa: E402  (benchmarks/plain.py: written without aevb_dist)
 
 BURDA = os.path.join(REPO, "configs", "mnist_burda.yaml")
 D, H, Z = 784, 200, 50
@@ -129,16 +130,29 @@ def plain_steps_per_s(images: torch.Tensor, batch: int, steps: int, captured: bo
 
 # -- aevb_dist ---------------------------------------------------------------------------------
 def burda_config(data: str, runs: str, device: torch.device, *extra: str):
-    overrides = [f"data.train_uri={data}/train", f"data.test_uri={data}/test", f"run.storage_uri={runs}",
-                 f"train.use_gpu={str(device.type == 'cuda').lower()}", "data.cache_on_device=true"]
+    overrides = [
+        f"data.train_uri={data}/train",
+        f"data.test_uri={data}/test",
+        f"run.storage_uri={runs}",
+        f"train.use_gpu={str(device.type == 'cuda').lower()}",
+        "data.cache_on_device=true",
+    ]
     return load_config(BURDA, overrides + list(extra))
 
 
 def aevb_steps_per_s(data: str, runs: str, device: torch.device, batch: int, steps: int, *extra: str) -> float:
     """The median steps/s over the log windows after the first (which holds the capture)."""
-    cfg = burda_config(data, runs, device, f"train.batch_size_per_worker={batch}", f"train.max_steps={steps}",
-                       f"train.log_every_steps={max(steps // 6, 1)}", "data.test_uri=null",
-                       f"checkpoint.every_steps={steps}", *extra)
+    cfg = burda_config(
+        data,
+        runs,
+        device,
+        f"train.batch_size_per_worker={batch}",
+        f"train.max_steps={steps}",
+        f"train.log_every_steps={max(steps // 6, 1)}",
+        "data.test_uri=null",
+        f"checkpoint.every_steps={steps}",
+        *extra,
+    )
     trainer = Trainer(cfg, device=str(device))
     rows = []
     trainer.fit(on_log=rows.append, on_checkpoint=lambda state, row: None)
@@ -152,16 +166,28 @@ def check_captured_step(data: str, runs: str, device: torch.device) -> None:
         return
     trained = {}
     for graph in ("false", "true"):
-        cfg = burda_config(data, runs, device, "train.max_steps=60", "train.log_every_steps=30",
-                           "data.test_uri=null", "checkpoint.every_steps=60", f"train.cuda_graph={graph}")
+        cfg = burda_config(
+            data,
+            runs,
+            device,
+            "train.max_steps=60",
+            "train.log_every_steps=30",
+            "data.test_uri=null",
+            "checkpoint.every_steps=60",
+            f"train.cuda_graph={graph}",
+        )
         trainer = Trainer(cfg, device=str(device))
         trainer.fit(on_log=lambda row: None, on_checkpoint=lambda state, row: None)
         trained[graph] = trainer
     assert trained["true"].graphed and not trained["false"].graphed
-    worst = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-                for a, b in zip(trained["true"].params, trained["false"].params))
-    say(f"check: captured vs eager GPU step after 60 steps: max relative parameter difference {worst:.2e} "
-        f"({'OK' if worst <= 1e-4 else 'DIFFERENT'})")
+    worst = max(
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        for a, b in zip(trained["true"].params, trained["false"].params)
+    )
+    say(
+        f"check: captured vs eager GPU step after 60 steps: max relative parameter difference {worst:.2e} "
+        f"({'OK' if worst <= 1e-4 else 'DIFFERENT'})"
+    )
 
 
 def attempt(what: str, run):
@@ -176,10 +202,13 @@ def attempt(what: str, run):
 def compiled_steps_per_s(data: str, runs: str, device: torch.device, steps: int) -> float:
     """The captured step with train.compile=true at M=100 (NaN, with the reason printed, if it fails)."""
     start = time.perf_counter()
-    rate = attempt("M=100 train.compile=true", lambda: aevb_steps_per_s(data, runs, device, 100, steps,
-                                                                         "train.compile=true"))
-    say(f"M=100: aevb_dist captured + train.compile {rate:,.0f} steps/s "
-        f"(compiled and captured in {time.perf_counter() - start:.0f} s with the timed steps)")
+    rate = attempt(
+        "M=100 train.compile=true", lambda: aevb_steps_per_s(data, runs, device, 100, steps, "train.compile=true")
+    )
+    say(
+        f"M=100: aevb_dist captured + train.compile {rate:,.0f} steps/s "
+        f"(compiled and captured in {time.perf_counter() - start:.0f} s with the timed steps)"
+    )
     return rate
 
 
@@ -187,32 +216,53 @@ def throughput(images: torch.Tensor, data: str, runs: str, device: torch.device,
     captured_rate = {}
     for batch in (100, 1000):
         plain_eager = plain_steps_per_s(images, batch, steps, captured=False)
-        plain_graph = attempt("plain captured loop", lambda: plain_steps_per_s(images, batch, steps, captured=True)) \
-            if device.type == "cuda" else math.nan
+        plain_graph = (
+            attempt("plain captured loop", lambda: plain_steps_per_s(images, batch, steps, captured=True))
+            if device.type == "cuda"
+            else math.nan
+        )
         ours_eager = aevb_steps_per_s(data, runs, device, batch, steps, "train.cuda_graph=false")
-        ours = attempt(f"M={batch} captured step", lambda: aevb_steps_per_s(data, runs, device, batch, steps)) \
-            if device.type == "cuda" else ours_eager
+        ours = (
+            attempt(f"M={batch} captured step", lambda: aevb_steps_per_s(data, runs, device, batch, steps))
+            if device.type == "cuda"
+            else ours_eager
+        )
         best_plain = max(plain_eager, 0.0 if math.isnan(plain_graph) else plain_graph)
         captured_rate[batch] = ours
         if batch == 100:
             captured_rate["eager"] = ours_eager
-        say(f"M={batch}: plain eager {plain_eager:,.0f} steps/s, plain captured {plain_graph:,.0f} steps/s | "
+        say(
+            f"M={batch}: plain eager {plain_eager:,.0f} steps/s, plain captured {plain_graph:,.0f} steps/s | "
             f"aevb_dist eager {ours_eager:,.0f} steps/s, aevb_dist captured {ours:,.0f} steps/s "
-            f"({ours * batch:,.0f} samples/s) | ratio to the faster plain loop {ours / best_plain:.2f}x")
+            f"({ours * batch:,.0f} samples/s) | ratio to the faster plain loop {ours / best_plain:.2f}x"
+        )
     return captured_rate
 
 
-def burda(data: str, runs: str, out: str, device: torch.device, epochs: int, k: int, peak: float,
-          *extra: str) -> None:
-    cfg = burda_config(data, runs, device, f"train.num_epochs={epochs}", "train.log_every_steps=60000",
-                       "train.eval_every_steps=0", "checkpoint.every_steps=10000000", *extra)
+def burda(data: str, runs: str, out: str, device: torch.device, epochs: int, k: int, peak: float, *extra: str) -> None:
+    cfg = burda_config(
+        data,
+        runs,
+        device,
+        f"train.num_epochs={epochs}",
+        "train.log_every_steps=60000",
+        "train.eval_every_steps=0",
+        "checkpoint.every_steps=10000000",
+        *extra,
+    )
     trainer = Trainer(cfg, device=str(device))
-    say(f"burda: {epochs} epochs of {trainer.total_steps // max(epochs, 1)} steps (M=100), "
-        f"{trainer.total_steps:,} steps {' '.join(extra)}")
+    say(
+        f"burda: {epochs} epochs of {trainer.total_steps // max(epochs, 1)} steps (M=100), "
+        f"{trainer.total_steps:,} steps {' '.join(extra)}"
+    )
     start = time.perf_counter()
-    last = trainer.fit(on_log=lambda row: say(f"  step {row['step']:,} epoch {row['epoch']} train ELBO "
-                                                f"{row['train_elbo']:.2f} ({row['samples_per_s']:,.0f} samples/s)"),
-                       on_checkpoint=lambda state, row: None)
+    last = trainer.fit(
+        on_log=lambda row: say(
+            f"  step {row['step']:,} epoch {row['epoch']} train ELBO "
+            f"{row['train_elbo']:.2f} ({row['samples_per_s']:,.0f} samples/s)"
+        ),
+        on_checkpoint=lambda state, row: None,
+    )
     elapsed = time.perf_counter() - start
     say(f"burda: trained {epochs} epochs in {elapsed:.0f} s; test ELBO {last['test_elbo']:.2f}")
     torch.save(trainer.vae.state_dict(), os.path.join(out, "burda_model.pt"))
@@ -230,11 +280,13 @@ def test_log_px(trainer: Trainer, data: str, device: torch.device, k: int, peak:
     sync(device)
     start, total = time.perf_counter(), 0.0
     for i in range(0, len(x), 100):
-        total += log_marginal_likelihood(vae, x[i:i + 100], k, min(k, 1000), gen).sum().item()
+        total += log_marginal_likelihood(vae, x[i : i + 100], k, min(k, 1000), gen).sum().item()
     elapsed = time.perf_counter() - start
     flops = len(x) * (k * 2 * (Z * H + H * H + H * D) + 2 * (D * H + H * H + H * 2 * Z))
-    say(f"burda: test log p(x), K={k}, {len(x)} images: {total / len(x):.2f} nats {when} "
-        f"({elapsed:.1f} s, {flops / elapsed / 1e12:.2f} TFLOP/s, fraction_of_peak={flops / elapsed / peak:.2f})")
+    say(
+        f"burda: test log p(x), K={k}, {len(x)} images: {total / len(x):.2f} nats {when} "
+        f"({elapsed:.1f} s, {flops / elapsed / 1e12:.2f} TFLOP/s, fraction_of_peak={flops / elapsed / peak:.2f})"
+    )
     return total / len(x)
 
 
@@ -243,8 +295,12 @@ def main() -> None:
     parser.add_argument("--mnist", required=True, help="folder with MNIST's IDX .gz files")
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="aevb-gpu-"))
     parser.add_argument("--train-s", type=float, default=240.0, help="seconds for the Burda run's training")
-    parser.add_argument("--deadline-s", type=float, default=480.0,
-                        help="the whole script's time: training is shortened to end 60 s before it")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=480.0,
+        help="the whole script's time: training is shortened to end 60 s before it",
+    )
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal with tiny sizes")
     parser.add_argument("--skip-burda", action="store_true", help="sections 1-3 only")
     args = parser.parse_args()

@@ -29,6 +29,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from gpu import burda_config, matmul_peak, say, test_log_px  # noqa: E402
+
 from aevb_dist import checkpoint, storage  # noqa: E402
 from aevb_dist.data.prepare import prepare  # noqa: E402
 from aevb_dist.run_log import RunLog  # noqa: E402
@@ -36,7 +38,6 @@ from aevb_dist.train.run_folder_sink import WriteToRunFolder  # noqa: E402
 from aevb_dist.train.step_setup import learning_rate  # noqa: E402
 from aevb_dist.train.trainer import Trainer  # noqa: E402
 from aevb_dist.train.worker import save_checkpoint  # noqa: E402  (what every worker's rank 0 runs at a checkpoint)
-from gpu import burda_config, matmul_peak, say, test_log_px  # noqa: E402
 
 TINY = ("train.num_epochs=3", "model.hidden_sizes=[20,20]", "model.latent_dim=5")
 
@@ -45,8 +46,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist", required=True, help="folder with MNIST's IDX .gz files")
     parser.add_argument("--run", required=True, help="the run folder: a checkpoint there is resumed")
-    parser.add_argument("--stop-after-s", type=float, default=520.0,
-                        help="stop (with a checkpoint) once this many seconds have passed since the start")
+    parser.add_argument(
+        "--stop-after-s",
+        type=float,
+        default=520.0,
+        help="stop (with a checkpoint) once this many seconds have passed since the start",
+    )
     parser.add_argument("--k", type=int, default=5000, help="importance samples for the test log p(x)")
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal: 3 epochs of a small model")
     args = parser.parse_args()
@@ -57,9 +62,14 @@ def main() -> None:
     prepare(args.mnist, data, num_shards=4, report=lambda m: None)  # deterministic: a resume sees the same rows
     run_uri = os.path.abspath(args.run)
     log_every, checkpoint_every = (200, 600) if args.tiny else (12000, 60000)
-    extra = [f"run.name={os.path.basename(run_uri)}", f"train.log_every_steps={log_every}",
-             "train.eval_every_steps=0", f"checkpoint.every_steps={checkpoint_every}", "checkpoint.keep_last=2",
-             *(TINY if args.tiny else ("train.compile=true",))]
+    extra = [
+        f"run.name={os.path.basename(run_uri)}",
+        f"train.log_every_steps={log_every}",
+        "train.eval_every_steps=0",
+        f"checkpoint.every_steps={checkpoint_every}",
+        "checkpoint.keep_last=2",
+        *(TINY if args.tiny else ("train.compile=true",)),
+    ]
     cfg = burda_config(data, os.path.dirname(run_uri), device, *extra)
     run = storage.run_folder(cfg.run)
     trainer = Trainer(cfg, device=str(device))
@@ -76,16 +86,20 @@ def main() -> None:
     def on_log(row: dict) -> None:
         log.append(row)
         lr = learning_rate(cfg.optim.lr, cfg.optim.lr_schedule, row["epoch"])
-        say(f"  step {row['step']:,} epoch {row['epoch']} lr {lr:.3g} train ELBO {row['train_elbo']:.2f} "
-            f"({row['samples_per_s']:,.0f} samples/s)")
+        say(
+            f"  step {row['step']:,} epoch {row['epoch']} lr {lr:.3g} train ELBO {row['train_elbo']:.2f} "
+            f"({row['samples_per_s']:,.0f} samples/s)"
+        )
 
     start_step, start = trainer.state.step, time.perf_counter()
     last = trainer.fit(on_log=on_log, on_checkpoint=lambda state, row: save_checkpoint(cfg, 0, state, row, log, sink))
     sink.wait()
     log.close()
     steps = trainer.state.step - start_step
-    say(f"trained {steps:,} steps in {time.perf_counter() - start:.0f} s; now at epoch {trainer.state.epoch}, "
-        f"step {trainer.state.step:,} of {trainer.total_steps:,}")
+    say(
+        f"trained {steps:,} steps in {time.perf_counter() - start:.0f} s; now at epoch {trainer.state.epoch}, "
+        f"step {trainer.state.step:,} of {trainer.total_steps:,}"
+    )
     if trainer.state.step < trainer.total_steps:
         say(f"stopped with a checkpoint in {run_uri}: run the same command again to go on")
         return

@@ -46,8 +46,11 @@ def profile_steps(run_step, label: str) -> None:
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy = sum(e.device_time for e in kernels) / STEPS  # microseconds
-    print(f"{label}: {wall * 1e6:.0f} us/step wall, {len(kernels) / STEPS:.0f} kernels/step, "
-          f"{busy:.0f} us/step of kernel time", flush=True)
+    print(
+        f"{label}: {wall * 1e6:.0f} us/step wall, {len(kernels) / STEPS:.0f} kernels/step, "
+        f"{busy:.0f} us/step of kernel time",
+        flush=True,
+    )
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=10, max_name_column_width=60), flush=True)
 
 

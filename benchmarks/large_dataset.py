@@ -4,16 +4,15 @@ print each worker's peak RSS, for two dataset sizes, so that growth with the dat
     python benchmarks/large_dataset.py [--rows 500000 5000000] [--workers 2] [--bound-gb 1.5]
 
 For each size: a synthetic uint8 dataset of 784-byte rows (5 M rows: 3.9 GB of pixels, 90% of them in the
-training split) is prepared with `aevb_dist.data.prepare` into a temporary folder (64 shards, row groups of 1,000 rows), then W worker
-processes each stream their part of epoch 0 exactly as a training worker does (`BatchSource.batches`:
-reader, shuffle window, the decoded-row-group cache at its default 512 MiB, dynamic binarization, float32
-batches as torch tensors), in both data
-modes: per-worker batches (train.batch_size_per_worker=100) and global batches
-(train.global_batch_size=200 over the default 16 partitions, each rank holding one stream
-per partition it owns). Each worker reports rows, seconds and its peak RSS (VmHWM, which includes torch
-and pyarrow themselves: the "after imports" column is RSS once the dataset is open).
-Exits 1 if any worker's peak passes --bound-gb. Run by hand, not in CI (the 5 M-row dataset takes
-a few minutes to prepare and 4 GB of disk).
+training split) is prepared with `aevb_dist.data.prepare` into a temporary folder (64 shards, row groups of
+1,000 rows), then W worker processes each stream their part of epoch 0 exactly as a training worker does
+(`BatchSource.batches`: reader, shuffle window, the decoded-row-group cache at its default 512 MiB, dynamic
+binarization, float32 batches as torch tensors), in both data modes: per-worker batches
+(train.batch_size_per_worker=100) and global batches (train.global_batch_size=200 over the default 16
+partitions, each rank holding one stream per partition it owns). Each worker reports rows, seconds and its
+peak RSS (VmHWM, which includes torch and pyarrow themselves: the "after imports" column is RSS once the
+dataset is open). Exits 1 if any worker's peak passes --bound-gb. Run by hand, not in CI (the 5 M-row dataset
+takes a few minutes to prepare and 4 GB of disk).
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 DIM = 784
-MODES = {"per-worker batch": ["train.batch_size_per_worker=100"],
-         "global batch": ["train.global_batch_size=200"]}
+MODES = {"per-worker batch": ["train.batch_size_per_worker=100"], "global batch": ["train.global_batch_size=200"]}
 
 
 def make_dataset(rows: int, folder: str, shards: int) -> str:
@@ -75,8 +73,9 @@ def stream_epoch(rank: int, world_size: int, uri: str, description: dict, overri
     torch.set_num_threads(1)
     cfg = load_config(None, [f"data.train_uri={uri}", f"model.input_dim={DIM}", *overrides])
     data, _ = open_datasets(cfg, description)  # as a training worker opens it: data.decoded_cache_mib included
-    source = BatchSource(cfg, data, rank=rank, world_size=world_size, binarization="dynamic",
-                         device=torch.device("cpu"))
+    source = BatchSource(
+        cfg, data, rank=rank, world_size=world_size, binarization="dynamic", device=torch.device("cpu")
+    )
     opened = rss_mb()
     rows, start = 0, time.perf_counter()
     for x_BD, _, _ in source.batches(source.stream(0, 0)):
@@ -94,8 +93,10 @@ def run_workers(uri: str, workers: int, overrides: list) -> tuple[int, list[dict
     description = data.describe()  # the driver's, handed to the workers
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=stream_epoch, args=(r, workers, uri, description, overrides, results))
-             for r in range(workers)]
+    procs = [
+        ctx.Process(target=stream_epoch, args=(r, workers, uri, description, overrides, results))
+        for r in range(workers)
+    ]
     for p in procs:
         p.start()
     out = [results.get() for _ in procs]
@@ -128,8 +129,11 @@ def main() -> int:
                 opened = "/".join(f"{r['opened_mb']:.0f}" for r in got)
                 peaks = "/".join(f"{r['peak_mb']:.0f}" for r in got)
                 worst = max([worst] + [r["peak_mb"] for r in got])
-                print(f"{train_rows:>10,} {train_rows * DIM / 1e9:>5.2f} {mode:>17} {rate:>9,.0f} {opened:>17} {peaks:>12}",
-                      flush=True)
+                print(
+                    f"{train_rows:>10,} {train_rows * DIM / 1e9:>5.2f} {mode:>17} {rate:>9,.0f} "
+                    f"{opened:>17} {peaks:>12}",
+                    flush=True,
+                )
     ok = worst <= args.bound_gb * 1024
     print(f"largest worker peak: {worst:,.0f} MB — {'within' if ok else 'OVER'} the {args.bound_gb} GB bound")
     return 0 if ok else 1

@@ -24,8 +24,8 @@ import time
 import numpy as np
 import torch
 
-from aevb_dist.model.marginal_likelihood import log_marginal_likelihood
 from aevb_dist.data.sources import read_idx
+from aevb_dist.model.marginal_likelihood import log_marginal_likelihood
 from aevb_dist.model.vae import VAE
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +64,7 @@ def against_plain(vae: VAE, x_all: torch.Tensor, k: int, chunk: int, batch: int,
         gen = torch.Generator().manual_seed(1)
         start = time.perf_counter()
         for i in range(0, len(x_all), batch):
-            log_px(x_all[i:i + batch], gen)
+            log_px(x_all[i : i + batch], gen)
         return len(x_all) / (time.perf_counter() - start)
 
     ratios = []
@@ -72,10 +72,15 @@ def against_plain(vae: VAE, x_all: torch.Tensor, k: int, chunk: int, batch: int,
         ours = rate(lambda x, gen: log_marginal_likelihood(vae, x, k, chunk, gen))
         by_hand = rate(lambda x, gen: plain_log_px(plain, x, k, chunk, gen))
         ratios.append(ours / by_hand)
-        print(f"repeat {r + 1}: aevb_dist {ours:.2f} examples/s, by hand {by_hand:.2f} examples/s, "
-              f"ratio {ratios[-1]:.3f}", flush=True)
-    print(f"log p(x), K={k}, chunk {chunk}, {len(x_all)} examples: aevb_dist_over_plain="
-          f"{statistics.median(ratios):.3f} (median of {repeats})")
+        print(
+            f"repeat {r + 1}: aevb_dist {ours:.2f} examples/s, by hand {by_hand:.2f} examples/s, "
+            f"ratio {ratios[-1]:.3f}",
+            flush=True,
+        )
+    print(
+        f"log p(x), K={k}, chunk {chunk}, {len(x_all)} examples: aevb_dist_over_plain="
+        f"{statistics.median(ratios):.3f} (median of {repeats})"
+    )
 
 
 def main() -> None:
@@ -84,13 +89,19 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[100])
-    parser.add_argument("--against-plain", type=int, default=0, metavar="REPEATS",
-                        help="time the hand-written loop against ours REPEATS times each, alternating")
+    parser.add_argument(
+        "--against-plain",
+        type=int,
+        default=0,
+        metavar="REPEATS",
+        help="time the hand-written loop against ours REPEATS times each, alternating",
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    pixels = read_idx(os.path.join(MNIST, "t10k-images-idx3-ubyte.gz")).reshape(-1, D)[:args.num_examples]
-    x_all = torch.bernoulli(torch.from_numpy(pixels.astype(np.float32) / 255.0),
-                            generator=torch.Generator().manual_seed(0))
+    pixels = read_idx(os.path.join(MNIST, "t10k-images-idx3-ubyte.gz")).reshape(-1, D)[: args.num_examples]
+    x_all = torch.bernoulli(
+        torch.from_numpy(pixels.astype(np.float32) / 255.0), generator=torch.Generator().manual_seed(0)
+    )
     torch.manual_seed(0)
     vae = VAE(D, [H], Z).eval()
     vae.validate_inputs = False
@@ -105,11 +116,13 @@ def main() -> None:
         start = time.perf_counter()
         total = 0.0
         for i in range(0, len(x_all), args.batch_size):
-            total += log_marginal_likelihood(vae, x_all[i:i + args.batch_size], args.k, chunk, gen).sum().item()
+            total += log_marginal_likelihood(vae, x_all[i : i + args.batch_size], args.k, chunk, gen).sum().item()
         elapsed = time.perf_counter() - start
-        print(f"log p(x), K={args.k}, {len(x_all)} examples, chunk {chunk}: {elapsed:.1f} s, "
-              f"{len(x_all) / elapsed:.1f} examples/s, {flops / elapsed / 1e9:.1f} GFLOP/s, "
-              f"fraction_of_peak={flops / elapsed / peak:.2f} (mean log p(x) {total / len(x_all):.2f})")
+        print(
+            f"log p(x), K={args.k}, {len(x_all)} examples, chunk {chunk}: {elapsed:.1f} s, "
+            f"{len(x_all) / elapsed:.1f} examples/s, {flops / elapsed / 1e9:.1f} GFLOP/s, "
+            f"fraction_of_peak={flops / elapsed / peak:.2f} (mean log p(x) {total / len(x_all):.2f})"
+        )
 
 
 if __name__ == "__main__":

@@ -57,10 +57,22 @@ def opened(uri: str, endpoint: str, **kwargs) -> tuple[ParquetDataset, int, floa
 
 
 def first_step_s(uri: str, endpoint: str, runs: str, name: str) -> float:
-    args = [sys.executable, "-m", "aevb_dist", "train", os.path.join(REPO, "configs", "smoke.yaml"),
-            f"data.train_uri={uri}", "data.test_uri=null", "model.input_dim=784", "train.num_workers=2",
-            "train.max_steps=1", f"run.storage_uri={runs}", f"run.name={name}", f"run.s3_endpoint_url={endpoint}",
-            "ray.local_mode=true"]
+    args = [
+        sys.executable,
+        "-m",
+        "aevb_dist",
+        "train",
+        os.path.join(REPO, "configs", "smoke.yaml"),
+        f"data.train_uri={uri}",
+        "data.test_uri=null",
+        "model.input_dim=784",
+        "train.num_workers=2",
+        "train.max_steps=1",
+        f"run.storage_uri={runs}",
+        f"run.name={name}",
+        f"run.s3_endpoint_url={endpoint}",
+        "ray.local_mode=true",
+    ]
     start = time.time()
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -82,8 +94,9 @@ def main() -> None:
             for shards in args.shards:
                 uri = f"s3://bench/data{shards}"
                 start = time.perf_counter()
-                prepare(f"{tmp}/x.npy", uri, num_shards=shards, split="train", endpoint_url=endpoint,
-                        report=lambda m: None)
+                prepare(
+                    f"{tmp}/x.npy", uri, num_shards=shards, split="train", endpoint_url=endpoint, report=lambda m: None
+                )
                 prepared_s = time.perf_counter() - start
                 data, indexed_requests, indexed_s = opened(f"{uri}/train", endpoint)
                 _, worker_requests, worker_s = opened(f"{uri}/train", endpoint, description=data.describe())
@@ -92,11 +105,14 @@ def main() -> None:
                 fs.rm(f"{path}/{INDEX_NAME}")
                 _, footer_requests, footer_s = opened(f"{uri}/train", endpoint)
                 without = first_step_s(f"{uri}/train", endpoint, "s3://bench/runs", f"footers{shards}")
-                print(f"{shards} shards ({len(data.units)} row groups, prepared in {prepared_s:.1f} s): "
-                      f"open from the index {indexed_requests} requests {indexed_s:.2f} s | from the footers "
-                      f"{footer_requests} requests {footer_s:.2f} s | a worker from the driver's description "
-                      f"{worker_requests} requests {worker_s:.3f} s | first step of a 2-worker local-mode run: "
-                      f"{with_index:.1f} s with the index, {without:.1f} s without", flush=True)
+                print(
+                    f"{shards} shards ({len(data.units)} row groups, prepared in {prepared_s:.1f} s): "
+                    f"open from the index {indexed_requests} requests {indexed_s:.2f} s | from the footers "
+                    f"{footer_requests} requests {footer_s:.2f} s | a worker from the driver's description "
+                    f"{worker_requests} requests {worker_s:.3f} s | first step of a 2-worker local-mode run: "
+                    f"{with_index:.1f} s with the index, {without:.1f} s without",
+                    flush=True,
+                )
     finally:
         proc.terminate()
 

@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(os.path.dirname(REPO), "shared", "data", "mnist")
 
 # Run with pythae's interpreter; imports nothing from aevb_dist.
-PYTHAE_SCRIPT = r'''
+PYTHAE_SCRIPT = r"""
 import gzip, sys
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ config = BaseTrainerConfig(output_dir=out_dir, num_epochs=epochs, per_device_tra
                            learning_rate=0.02, optimizer_cls="Adagrad", no_cuda=True, steps_saving=None,
                            train_dataloader_num_workers=0)
 TrainingPipeline(training_config=config, model=model)(train_data=images)
-'''
+"""
 
 
 def timed(cmd: list[str], env: dict) -> float:
@@ -99,27 +99,50 @@ def main() -> None:
         script = os.path.join(tmp, "pythae_vae.py")
         with open(script, "w") as f:
             f.write(PYTHAE_SCRIPT)
-        subprocess.run([sys.executable, "-m", "aevb_dist", "prepare", args.mnist, f"{tmp}/mnist"], check=True,
-                       capture_output=True, env=env)
+        subprocess.run(
+            [sys.executable, "-m", "aevb_dist", "prepare", args.mnist, f"{tmp}/mnist"],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
+
         def pythae(name: str, epochs: int) -> float:
             return timed([args.pythae_python, script, args.mnist, f"{tmp}/{name}", str(epochs)], env)
 
         def aevb(name: str, epochs: int) -> float:
-            return timed([sys.executable, "-m", "aevb_dist", "train", os.path.join(REPO, "configs", "mnist.yaml"),
-                          f"data.train_uri={tmp}/mnist/train", f"data.test_uri={tmp}/mnist/test",
-                          "train.num_workers=1", "train.batch_size_per_worker=100", f"train.num_epochs={epochs}",
-                          "ray.local_mode=true", f"run.storage_uri={tmp}/runs", f"run.name={name}"], env)
+            return timed(
+                [
+                    sys.executable,
+                    "-m",
+                    "aevb_dist",
+                    "train",
+                    os.path.join(REPO, "configs", "mnist.yaml"),
+                    f"data.train_uri={tmp}/mnist/train",
+                    f"data.test_uri={tmp}/mnist/test",
+                    "train.num_workers=1",
+                    "train.batch_size_per_worker=100",
+                    f"train.num_epochs={epochs}",
+                    "ray.local_mode=true",
+                    f"run.storage_uri={tmp}/runs",
+                    f"run.name={name}",
+                ],
+                env,
+            )
 
         pythae("warmup", 1), aevb("warmup", 1)  # untimed: the first start compiles each side's bytecode
         times: dict[str, list[float]] = {"pythae": [], "aevb_dist": []}
         for r in range(args.repeats):
             times["pythae"].append(pythae(f"pythae_{r}", args.epochs))
             times["aevb_dist"].append(aevb(f"peer_{r}", args.epochs))
-            print(f"repeat {r + 1}: pythae {times['pythae'][-1]:.1f} s, aevb-dist {times['aevb_dist'][-1]:.1f} s",
-                  flush=True)
+            print(
+                f"repeat {r + 1}: pythae {times['pythae'][-1]:.1f} s, aevb-dist {times['aevb_dist'][-1]:.1f} s",
+                flush=True,
+            )
     p, a = statistics.median(times["pythae"]), statistics.median(times["aevb_dist"])
-    print(f"epochs={args.epochs} pythae_s={p:.1f} aevb_dist_local_mode_s={a:.1f} aevb_dist_over_pythae={a / p:.2f} "
-          f"(command to exit, medians of {args.repeats})")
+    print(
+        f"epochs={args.epochs} pythae_s={p:.1f} aevb_dist_local_mode_s={a:.1f} aevb_dist_over_pythae={a / p:.2f} "
+        f"(command to exit, medians of {args.repeats})"
+    )
 
 
 if __name__ == "__main__":

@@ -19,16 +19,15 @@ import time
 
 import torch
 
+from aevb_dist.data.prepare import prepare
 from aevb_dist.data.reader import EpochStream, ParquetDataset
 from aevb_dist.model.elbo import sgvb_b
-from aevb_dist.data.prepare import prepare
 from aevb_dist.model.vae import VAE
 
 
 def reader_rows_per_s(ds: ParquetDataset, batch_size: int) -> float:
     start, rows = time.perf_counter(), 0
-    for batch in EpochStream(ds, rank=0, world_size=1, batch_size=batch_size, epoch=0, seed=0,
-                             binarization="dynamic"):
+    for batch in EpochStream(ds, rank=0, world_size=1, batch_size=batch_size, epoch=0, seed=0, binarization="dynamic"):
         rows += len(batch)
     return rows / (time.perf_counter() - start)
 
@@ -86,11 +85,15 @@ def main() -> None:
         encoded = None
         if args.encoded:
             encoded = reader_rows_per_s(ParquetDataset(write_encoded(ds, args.encoded, f"{tmp}/png")), args.batch_size)
-    print(f"reader_rows_per_s={reader:,.0f} step_rows_per_s={step:,.0f} "
-          f"reader_over_step={reader / step:.2f} (torch threads={torch.get_num_threads()})")
+    print(
+        f"reader_rows_per_s={reader:,.0f} step_rows_per_s={step:,.0f} "
+        f"reader_over_step={reader / step:.2f} (torch threads={torch.get_num_threads()})"
+    )
     if encoded is not None:
-        print(f"encoded_png_images_per_s={encoded:,.0f} encoded_over_step={encoded / step:.2f} "
-              f"({args.encoded:,} images decoded by the reader)")
+        print(
+            f"encoded_png_images_per_s={encoded:,.0f} encoded_over_step={encoded / step:.2f} "
+            f"({args.encoded:,} images decoded by the reader)"
+        )
 
 
 if __name__ == "__main__":

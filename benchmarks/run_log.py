@@ -22,8 +22,16 @@ from aevb_dist.run_log import MetricsTail, RunLog, _csv_text, read_metrics
 
 
 def row(step: int) -> dict:
-    return {"step": step, "epoch": 0, "samples_seen": 100 * step, "train_elbo": -100.0 - step * 1e-6,
-            "test_elbo": math.nan, "samples_per_s": 20000.0, "skipped_steps": 0, "time": 1.7e9 + step}
+    return {
+        "step": step,
+        "epoch": 0,
+        "samples_seen": 100 * step,
+        "train_elbo": -100.0 - step * 1e-6,
+        "test_elbo": math.nan,
+        "samples_per_s": 20000.0,
+        "skipped_steps": 0,
+        "time": 1.7e9 + step,
+    }
 
 
 def ms_per_call(fn, n: int) -> float:
@@ -74,10 +82,13 @@ def main() -> None:
                 f.write(_csv_text([row(len(grown) + 1)]))
             tail_ms = ms_per_call(tail.new_rows, 1)
             whole_ms = ms_per_call(lambda: read_metrics(fs, path), 1)
-        print(f"rows={n:,} append_ms local={results['local']:.3f} object_store={results['object_store']:.3f} "
-              f"(+{results['upload']:.1f} per upload, at most one per 10 s) "
-              f"rewrite_whole_baseline={baseline:.1f} speedup_local={baseline / results['local']:,.0f}x | "
-              f"progress_read_ms tail={tail_ms:.3f} whole_file={whole_ms:.1f}", flush=True)
+        print(
+            f"rows={n:,} append_ms local={results['local']:.3f} object_store={results['object_store']:.3f} "
+            f"(+{results['upload']:.1f} per upload, at most one per 10 s) "
+            f"rewrite_whole_baseline={baseline:.1f} speedup_local={baseline / results['local']:,.0f}x | "
+            f"progress_read_ms tail={tail_ms:.3f} whole_file={whole_ms:.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -44,10 +44,23 @@ def kind(p: psutil.Process) -> str:
 
 
 def measure(data: str, runs: str, name: str, steps: int, workers: int, extra: list[str]) -> dict:
-    args = [sys.executable, "-m", "aevb_dist", "train", os.path.join(REPO, "configs", "smoke.yaml"),
-            f"data.train_uri={data}/train", "data.test_uri=", "train.eval_every_steps=0", f"run.storage_uri={runs}",
-            f"run.name={name}", f"train.max_steps={steps}", "train.log_every_steps=1",
-            f"checkpoint.every_steps={steps}", f"train.num_workers={workers}", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "aevb_dist",
+        "train",
+        os.path.join(REPO, "configs", "smoke.yaml"),
+        f"data.train_uri={data}/train",
+        "data.test_uri=",
+        "train.eval_every_steps=0",
+        f"run.storage_uri={runs}",
+        f"run.name={name}",
+        f"train.max_steps={steps}",
+        "train.log_every_steps=1",
+        f"checkpoint.every_steps={steps}",
+        f"train.num_workers={workers}",
+        *extra,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.time()
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -74,8 +87,11 @@ def measure(data: str, runs: str, name: str, steps: int, workers: int, extra: li
     by_kind = collections.Counter()
     for what, seconds in cpu.values():
         by_kind[what] += seconds
-    return {"start_to_first_step_s": float(rows[0]["time"]) - start, "last_step_to_exit_s": end - float(rows[-1]["time"]),
-            "cpu_by_kind": by_kind}
+    return {
+        "start_to_first_step_s": float(rows[0]["time"]) - start,
+        "last_step_to_exit_s": end - float(rows[-1]["time"]),
+        "cpu_by_kind": by_kind,
+    }
 
 
 def main() -> None:
@@ -89,9 +105,12 @@ def main() -> None:
         for label, extra in (("embedded_ray", []), ("local_mode", ["ray.local_mode=true"])):
             r = measure(f"{tmp}/mnist", f"{tmp}/runs", label, args.steps, args.workers, extra)
             total = sum(r["cpu_by_kind"].values())
-            print(f"{label} workers={args.workers} start_to_first_step_s={r['start_to_first_step_s']:.1f} "
-                  f"last_step_to_exit_s={r['last_step_to_exit_s']:.1f} cpu_s_total={total:.1f} "
-                  f"cpu_s_over_{cores}_cores={total / cores:.1f}", flush=True)
+            print(
+                f"{label} workers={args.workers} start_to_first_step_s={r['start_to_first_step_s']:.1f} "
+                f"last_step_to_exit_s={r['last_step_to_exit_s']:.1f} cpu_s_total={total:.1f} "
+                f"cpu_s_over_{cores}_cores={total / cores:.1f}",
+                flush=True,
+            )
             for what, seconds in r["cpu_by_kind"].most_common():
                 if seconds >= 0.05:
                     print(f"    {seconds:5.2f} s  {what}", flush=True)

@@ -38,18 +38,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from plain import PlainVAE  # benchmarks/plain.py: the ceiling written without aevb_dist
 
 from aevb_dist.data.prepare import prepare
 from aevb_dist.data.sources import read_idx
-from plain import PlainVAE  # benchmarks/plain.py: the ceiling written without aevb_dist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(REPO, "..", "shared", "data", "mnist")
 
 
 def mnist_in_memory() -> torch.Tensor:
-    return torch.from_numpy(read_idx(os.path.join(MNIST, "train-images-idx3-ubyte.gz")).reshape(-1, 784)
-                            .astype(np.float32) / 255.0)
+    return torch.from_numpy(
+        read_idx(os.path.join(MNIST, "train-images-idx3-ubyte.gz")).reshape(-1, 784).astype(np.float32) / 255.0
+    )
 
 
 def timed_loop(step, seconds: float = 0.0, warmup: int = 10, num_steps: int = 0) -> float:
@@ -72,7 +73,8 @@ def plain_batches(data: torch.Tensor, batch: int, rank: int = 0, world: int = 1)
     def next_batch() -> torch.Tensor:
         i = cursor[0] % (data.shape[0] - batch)
         cursor[0] += batch * world
-        return torch.bernoulli(data[i:i + batch], generator=gen)
+        return torch.bernoulli(data[i : i + batch], generator=gen)
+
     return next_batch
 
 
@@ -86,6 +88,7 @@ def make_step(model: torch.nn.Module, data: torch.Tensor, batch: int, rank: int 
         opt.zero_grad(set_to_none=True)
         model(x).backward()
         opt.step()
+
     return step
 
 
@@ -102,7 +105,7 @@ def make_flat_step(model: torch.nn.Module, data: torch.Tensor, batch: int, rank:
     flat = torch.zeros(sum(p.numel() for p in params))
     offset = 0
     for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
     opt = torch.optim.Adagrad(params, lr=0.02)
     next_batch = plain_batches(data, batch, rank, world)
@@ -114,6 +117,7 @@ def make_flat_step(model: torch.nn.Module, data: torch.Tensor, batch: int, rank:
         dist.all_reduce(flat)
         flat.div_(world)
         opt.step()
+
     return step
 
 
@@ -125,8 +129,9 @@ def _ddp_rank(rank: int, world: int, port: int, batch: int, num_steps: int, out:
     if flat:
         step = make_flat_step(PlainVAE(), mnist_in_memory(), batch // world, rank, world)
     else:
-        step = make_step(torch.nn.parallel.DistributedDataParallel(PlainVAE()), mnist_in_memory(), batch // world,
-                         rank, world)
+        step = make_step(
+            torch.nn.parallel.DistributedDataParallel(PlainVAE()), mnist_in_memory(), batch // world, rank, world
+        )
     rate = timed_loop(step, num_steps=num_steps) * batch
     if rank == 0:
         with open(out, "w") as f:
@@ -147,30 +152,54 @@ def plain_ddp(batch: int, num_steps: int, flat: bool = False) -> float:
         return float(open(out).read())
 
 
-def aevb_train(data_uri: str, runs: str, batch: int, workers: int, steps: int, name: str,
-               extra: tuple[str, ...] = ()) -> dict:
-    overrides = [f"data.train_uri={data_uri}/train", "data.test_uri=", "model.input_dim=784",
-                 "model.hidden_sizes=[500]", "model.latent_dim=20", "model.activation=tanh",
-                 "model.likelihood=bernoulli", "data.binarization=dynamic", "train.estimator=B",
-                 "train.num_latent_samples=1", "optim.name=adagrad", "optim.lr=0.02",
-                 f"train.num_workers={workers}", f"train.batch_size_per_worker={batch // workers}",
-                 f"train.max_steps={steps}", f"train.log_every_steps={max(steps // 20, 1)}",
-                 "train.eval_every_steps=0", f"checkpoint.every_steps={steps}", f"run.storage_uri={runs}",
-                 f"run.name={name}", *extra]
+def aevb_train(
+    data_uri: str, runs: str, batch: int, workers: int, steps: int, name: str, extra: tuple[str, ...] = ()
+) -> dict:
+    overrides = [
+        f"data.train_uri={data_uri}/train",
+        "data.test_uri=",
+        "model.input_dim=784",
+        "model.hidden_sizes=[500]",
+        "model.latent_dim=20",
+        "model.activation=tanh",
+        "model.likelihood=bernoulli",
+        "data.binarization=dynamic",
+        "train.estimator=B",
+        "train.num_latent_samples=1",
+        "optim.name=adagrad",
+        "optim.lr=0.02",
+        f"train.num_workers={workers}",
+        f"train.batch_size_per_worker={batch // workers}",
+        f"train.max_steps={steps}",
+        f"train.log_every_steps={max(steps // 20, 1)}",
+        "train.eval_every_steps=0",
+        f"checkpoint.every_steps={steps}",
+        f"run.storage_uri={runs}",
+        f"run.name={name}",
+        *extra,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "aevb_dist", "train", os.path.join(REPO, "configs", "smoke.yaml"),
-                           *overrides], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "aevb_dist", "train", os.path.join(REPO, "configs", "smoke.yaml"), *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     end = time.time()
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     rows = list(csv.DictReader(open(os.path.join(runs, name, "metrics.csv"))))
     first, second, last = rows[0], rows[1], rows[-1]
     rate = (int(last["samples_seen"]) - int(second["samples_seen"])) / (float(last["time"]) - float(second["time"]))
-    return {"samples_per_s": rate, "final_train_elbo": float(last["train_elbo"]),
-            "start_to_first_step_s": float(first["time"]) - start,
-            "last_step_to_exit_s": end - float(last["time"]), "wall_s": end - start,
-            "compute_s": (int(last["samples_seen"]) - int(first["samples_seen"])) / rate}
+    return {
+        "samples_per_s": rate,
+        "final_train_elbo": float(last["train_elbo"]),
+        "start_to_first_step_s": float(first["time"]) - start,
+        "last_step_to_exit_s": end - float(last["time"]),
+        "wall_s": end - start,
+        "compute_s": (int(last["samples_seen"]) - int(first["samples_seen"])) / rate,
+    }
 
 
 def main() -> None:
@@ -178,8 +207,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per plain measurement")
     parser.add_argument("--batches", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--compare-bf16", action="store_true",
-                        help="also run 2 workers with train.allreduce_dtype=bfloat16 (same seed and steps)")
+    parser.add_argument(
+        "--compare-bf16",
+        action="store_true",
+        help="also run 2 workers with train.allreduce_dtype=bfloat16 (same seed and steps)",
+    )
     args = parser.parse_args()
     data = mnist_in_memory()
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,8 +226,11 @@ def main() -> None:
             def measure_ceilings() -> dict[str, float]:
                 single = plain_single(data, batch, args.seconds)
                 ddp_steps = max(int(args.seconds * 0.7 * single / batch), 20)
-                now = {"plain_single": single, "plain_ddp": plain_ddp(batch, ddp_steps),
-                       "plain_flat_allreduce": plain_ddp(batch, ddp_steps, flat=True)}
+                now = {
+                    "plain_single": single,
+                    "plain_ddp": plain_ddp(batch, ddp_steps),
+                    "plain_flat_allreduce": plain_ddp(batch, ddp_steps, flat=True),
+                }
                 for k, v in now.items():
                     ceilings[k].append(v)
                 return now
@@ -210,11 +245,15 @@ def main() -> None:
                 done = []
                 for workers, extra, tag in cases:
                     # The 2-worker ceiling: the faster of the two hand-written 2-process loops.
-                    label = "plain_single" if workers == 1 else max(("plain_ddp", "plain_flat_allreduce"),
-                                                                       key=lambda k: before[k])
+                    label = (
+                        "plain_single"
+                        if workers == 1
+                        else max(("plain_ddp", "plain_flat_allreduce"), key=lambda k: before[k])
+                    )
                     steps = max(int(args.seconds * 1.5 * before[label] / batch), 50)
-                    out = aevb_train(f"{tmp}/mnist", f"{tmp}/runs", batch, workers, steps,
-                                     f"b{batch}_w{workers}{tag}_r{r}", extra)
+                    out = aevb_train(
+                        f"{tmp}/mnist", f"{tmp}/runs", batch, workers, steps, f"b{batch}_w{workers}{tag}_r{r}", extra
+                    )
                     done.append((f"{workers}worker{tag}", label, out, steps))
                 after = measure_ceilings()
                 for name, label, out, steps in done:
@@ -227,13 +266,16 @@ def main() -> None:
             for name, outs in runs.items():
                 med = {k: statistics.median(o[k] for o in outs) for k in outs[0] if not isinstance(outs[0][k], str)}
                 ratios = [o["samples_per_s"] / o["ceiling"] for o in outs]
-                print(f"M={batch} aevb_dist_{name} samples_per_s={med['samples_per_s']:,.0f} "
-                      f"ratio_vs_ceiling={statistics.median(ratios):.2f} (vs {outs[0]['label']}; each repeat: "
-                      f"{', '.join(f'{x:.2f}' for x in ratios)}) "
-                      f"start_to_first_step_s={med['start_to_first_step_s']:.1f} "
-                      f"last_step_to_exit_s={med['last_step_to_exit_s']:.1f} "
-                      f"overhead_s={med['wall_s'] - med['compute_s']:.1f} "
-                      f"final_train_elbo={med['final_train_elbo']:.2f} ({int(med['steps'])} steps)", flush=True)
+                print(
+                    f"M={batch} aevb_dist_{name} samples_per_s={med['samples_per_s']:,.0f} "
+                    f"ratio_vs_ceiling={statistics.median(ratios):.2f} (vs {outs[0]['label']}; each repeat: "
+                    f"{', '.join(f'{x:.2f}' for x in ratios)}) "
+                    f"start_to_first_step_s={med['start_to_first_step_s']:.1f} "
+                    f"last_step_to_exit_s={med['last_step_to_exit_s']:.1f} "
+                    f"overhead_s={med['wall_s'] - med['compute_s']:.1f} "
+                    f"final_train_elbo={med['final_train_elbo']:.2f} ({int(med['steps'])} steps)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -75,15 +75,32 @@ def ray_head(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["HOME"] = str(home)
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")  # the ray of this interpreter
-    proc = subprocess.Popen([ray_cli if os.path.exists(ray_cli) else "ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                             "--include-dashboard=true", "--disable-usage-stats",
-                             # Fixed default ports (52365 for the job agent...) may still be held by an earlier
-                             # test's Ray; a head whose agent cannot bind answers every job "No available agent".
-                             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-                             f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [
+            ray_cli if os.path.exists(ray_cli) else "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            # Fixed default ports (52365 for the job agent...) may still be held by an earlier
+            # test's Ray; a head whose agent cannot bind answers every job "No available agent".
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={temp_dir}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     token = (home / ".ray" / "auth_token").read_text()
     deadline = time.time() + 90

@@ -12,9 +12,15 @@ from aevb_dist.run_log import read_metrics
 # A run slow enough to be interrupted part way: wider layers, many steps, and every epoch's row groups read
 # from storage again, as for a dataset larger than data.decoded_cache_mib (tiny data kept in memory trains so
 # fast that the run would end before a test could interrupt it).
-SLOW = {"model.hidden_sizes": "[256,256]", "train.batch_size_per_worker": 64, "train.max_steps": 600,
-        "train.log_every_steps": 10, "train.eval_every_steps": 0, "checkpoint.every_steps": 100,
-        "data.decoded_cache_mib": 0}
+SLOW = {
+    "model.hidden_sizes": "[256,256]",
+    "train.batch_size_per_worker": 64,
+    "train.max_steps": 600,
+    "train.log_every_steps": 10,
+    "train.eval_every_steps": 0,
+    "checkpoint.every_steps": 100,
+    "data.decoded_cache_mib": 0,
+}
 
 
 def wait_for(predicate, timeout=120.0, interval=0.05):

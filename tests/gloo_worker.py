@@ -20,8 +20,14 @@ def take_one_step(rank: int, world_size: int, port: int, overrides: list, rows: 
         x = np.load(os.path.join(out, "x.npy"))[rows[rank]]
         elbo_sum, count = trainer.train_step(Batch(x, np.asarray(rows[rank], dtype=np.int64)))
         if rank == 0:
-            torch.save({"params": [p.detach().clone() for p in trainer.vae.parameters()],
-                        "elbo_sum": elbo_sum, "count": count}, os.path.join(out, "result.pt"))
+            torch.save(
+                {
+                    "params": [p.detach().clone() for p in trainer.vae.parameters()],
+                    "elbo_sum": elbo_sum,
+                    "count": count,
+                },
+                os.path.join(out, "result.pt"),
+            )
         dist.barrier()  # tear the group down together: a rank leaving early can abort its peer in gloo
     finally:
         dist.destroy_process_group()
@@ -38,8 +44,10 @@ def stop_on_one_ranks_vote(rank: int, world_size: int, port: int, overrides: lis
             trainer.stop_probe = lambda: trainer.state.step >= 5
         saved = []
         trainer.fit(on_log=lambda row: None, on_checkpoint=lambda state, row: saved.append(state["state"]["step"]))
-        torch.save({"step": trainer.state.step, "saved": saved, "stopped": trainer.stop_requested},
-                   os.path.join(out, f"stop{rank}.pt"))
+        torch.save(
+            {"step": trainer.state.step, "saved": saved, "stopped": trainer.stop_requested},
+            os.path.join(out, f"stop{rank}.pt"),
+        )
         dist.barrier()
     finally:
         dist.destroy_process_group()

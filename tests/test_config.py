@@ -11,7 +11,6 @@ from aevb_dist.config import Config, config_from_dict, load_config, to_dict
 from aevb_dist.model.vae import VAE
 from tests.helpers import REPO, SMOKE, aevb
 
-
 MNIST_CONFIG = os.path.join(REPO, "configs", "mnist.yaml")
 SHIPPED_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 
@@ -47,21 +46,24 @@ def test_round_trip_through_dict():
     assert config_from_dict(to_dict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.batchsize=3", r"unknown config key 'train.batchsize'; allowed keys in train: .*batch_size_per_worker"),
-    ("trian.max_steps=3", r"unknown config key 'trian'; allowed keys: model, data, train"),
-    ("train.num_workers=two", r"'train.num_workers' has the wrong type"),
-    ("model.hidden_sizes=[a]", r"'model.hidden_sizes\[0\]' has the wrong type"),
-    ("train.estimator=C", r"train.estimator='C' is not allowed; choose one of: A, B, iwae"),
-    ("model.likelihood=poisson", r"model.likelihood='poisson' is not allowed; choose one of: bernoulli, gaussian"),
-    ("train.batch_size_per_worker=0", r"train.batch_size_per_worker=0 must be a positive number"),
-    ("train.num_workers=-1", r"train.num_workers=-1 must be a positive number"),
-    ("model.latent_dim=0", r"model.latent_dim=0 must be a positive number"),
-    ("run.storage_uri=ftp://host/x", r"unknown scheme 'ftp://'"),
-    ("model.squash_mean=true", r"squash_mean=true only applies to model.likelihood=gaussian"),
-    ("run.name=a/b", r"run.name='a/b' must be a non-empty name without '/'"),
-    ("train.max_steps", r"must look like key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.batchsize=3", r"unknown config key 'train.batchsize'; allowed keys in train: .*batch_size_per_worker"),
+        ("trian.max_steps=3", r"unknown config key 'trian'; allowed keys: model, data, train"),
+        ("train.num_workers=two", r"'train.num_workers' has the wrong type"),
+        ("model.hidden_sizes=[a]", r"'model.hidden_sizes\[0\]' has the wrong type"),
+        ("train.estimator=C", r"train.estimator='C' is not allowed; choose one of: A, B, iwae"),
+        ("model.likelihood=poisson", r"model.likelihood='poisson' is not allowed; choose one of: bernoulli, gaussian"),
+        ("train.batch_size_per_worker=0", r"train.batch_size_per_worker=0 must be a positive number"),
+        ("train.num_workers=-1", r"train.num_workers=-1 must be a positive number"),
+        ("model.latent_dim=0", r"model.latent_dim=0 must be a positive number"),
+        ("run.storage_uri=ftp://host/x", r"unknown scheme 'ftp://'"),
+        ("model.squash_mean=true", r"squash_mean=true only applies to model.likelihood=gaussian"),
+        ("run.name=a/b", r"run.name='a/b' must be a non-empty name without '/'"),
+        ("train.max_steps", r"must look like key=value"),
+    ],
+)
 def test_bad_config_is_a_value_error_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(SMOKE, [override])
@@ -88,8 +90,9 @@ def test_missing_and_malformed_files(tmp_path):
 def test_cli_reports_a_bad_key_in_one_line_without_traceback():
     proc = aevb("config", SMOKE, "train.bogus=1")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        proc.stderr.strip()] and "unknown config key 'train.bogus'" in proc.stderr
+    assert (
+        proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown config key 'train.bogus'" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
 
 

@@ -15,8 +15,15 @@ def shard(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corrupt")
     pixels = np.random.default_rng(0).integers(0, 256, (ROWS, DIM), dtype=np.uint8)
     np.savez(folder / "x.npz", x=pixels, y=np.arange(ROWS) % 10)
-    prepare(str(folder / "x.npz"), str(folder / "pq"), num_shards=1, split="train", rows_per_row_group=30,
-            test_fraction=0.25, report=lambda m: None)
+    prepare(
+        str(folder / "x.npz"),
+        str(folder / "pq"),
+        num_shards=1,
+        split="train",
+        rows_per_row_group=30,
+        test_fraction=0.25,
+        report=lambda m: None,
+    )
     path = next((folder / "pq" / "train").glob("*.parquet"))
     return path, path.read_bytes()
 
@@ -38,7 +45,9 @@ def test_a_flipped_byte_is_an_error_naming_the_file_or_changes_nothing(shard, tm
     rng = np.random.default_rng(seed)
     data = bytearray(original)
     footer_length = int.from_bytes(original[-8:-4], "little")
-    lo, hi = ((len(data) - 8 - footer_length, len(data) - 8) if region == "footer" else (4, len(data) - 8 - footer_length))
+    lo, hi = (
+        (len(data) - 8 - footer_length, len(data) - 8) if region == "footer" else (4, len(data) - 8 - footer_length)
+    )
     for offset in rng.integers(lo, hi, 3):
         data[offset] ^= 1 << int(rng.integers(0, 8))
     folder = tmp_path / "train"
@@ -55,4 +64,3 @@ def test_a_flipped_byte_is_an_error_naming_the_file_or_changes_nothing(shard, tm
     # Read without an error: then it must be exactly the data written (the flip hit nothing that is read).
     assert got.keys() == reference.keys()
     assert all(np.array_equal(got[i], reference[i]) for i in reference)
-

@@ -175,16 +175,21 @@ def uneven_dataset(tmp_path):
     for i, n in enumerate((37, 5, 58)):
         pixels = np.random.default_rng(i).random((n, 6)).astype(np.float32)
         flat = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), 6)
-        pq.write_table(pa.table({"pixels": flat, "index": pa.array(np.arange(start, start + n))}),
-                       str(tmp_path / f"part-{i}.parquet"), row_group_size=8)
+        pq.write_table(
+            pa.table({"pixels": flat, "index": pa.array(np.arange(start, start + n))}),
+            str(tmp_path / f"part-{i}.parquet"),
+            row_group_size=8,
+        )
         start += n
     return ParquetDataset(str(tmp_path))
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_every_example_once_per_epoch_and_equal_step_counts(uneven_dataset, world_size):
-    streams = [EpochStream(uneven_dataset, rank=r, world_size=world_size, batch_size=9, epoch=2, seed=5)
-               for r in range(world_size)]
+    streams = [
+        EpochStream(uneven_dataset, rank=r, world_size=world_size, batch_size=9, epoch=2, seed=5)
+        for r in range(world_size)
+    ]
     batches = [list(s) for s in streams]
     assert len({len(b) for b in batches}) == 1  # the same number of steps on every rank
     indices = np.concatenate([b.index for rank in batches for b in rank])
@@ -193,14 +198,17 @@ def test_every_example_once_per_epoch_and_equal_step_counts(uneven_dataset, worl
 
 def test_shuffle_is_deterministic_by_seed_and_epoch(uneven_dataset):
     def order(epoch, seed=0):
-        return np.concatenate([b.index for b in EpochStream(uneven_dataset, rank=0, world_size=1, batch_size=10,
-                                                            epoch=epoch, seed=seed)])
+        return np.concatenate(
+            [b.index for b in EpochStream(uneven_dataset, rank=0, world_size=1, batch_size=10, epoch=epoch, seed=seed)]
+        )
+
     assert (order(0) == order(0)).all()
     assert not (order(0) == order(1)).all()
     assert not (order(0) == order(0, seed=1)).all()
     assert not (order(0) == np.arange(100)).all()
-    assert assign_row_groups(uneven_dataset.units, 2, seed=0, epoch=0, shuffle=True) == \
-        assign_row_groups(uneven_dataset.units, 2, seed=0, epoch=0, shuffle=True)
+    assert assign_row_groups(uneven_dataset.units, 2, seed=0, epoch=0, shuffle=True) == assign_row_groups(
+        uneven_dataset.units, 2, seed=0, epoch=0, shuffle=True
+    )
 
 
 def test_resuming_mid_epoch_yields_the_remaining_batches(uneven_dataset):
@@ -234,6 +242,7 @@ def test_binarization_dynamic_static_none(uneven_dataset):
 
 def _write_idx(path, array):
     import gzip
+
     codes = {np.dtype(np.uint8): 0x08}
     header = bytes([0, 0, codes[array.dtype], array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
     with gzip.open(path, "wb") as f:
@@ -256,6 +265,7 @@ def test_fashion_mnist_idx_folder(tmp_path):
     truncated.mkdir()
     _write_idx(truncated / "train-images-idx3-ubyte.gz", images["train"])
     import gzip
+
     raw = gzip.open(truncated / "train-images-idx3-ubyte.gz").read()
     with gzip.open(truncated / "train-images-idx3-ubyte.gz", "wb") as f:
         f.write(raw[:-100])
@@ -263,8 +273,9 @@ def test_fashion_mnist_idx_folder(tmp_path):
         prepare(str(truncated), str(tmp_path / "out2"), split="train", **quiet)
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="Debian's dataset-fashion-mnist is not installed"
+)
 def test_debian_fashion_mnist(tmp_path):
     counts = prepare("/usr/share/datasets/fashion-mnist", str(tmp_path / "f"), fmt="fashion-mnist", **quiet)
     assert counts == {"train": 60_000, "test": 10_000}
@@ -280,6 +291,7 @@ def test_byte_binarization_is_bernoulli_of_the_intensity_and_matches_its_definit
     fast = binarize_bytes(raw, "dynamic", seed=4, epoch=2)
     # Its definition: pixel on iff ⌊2²⁴u⌋·255 < v·2²⁴ for the keyed uniform u, i.e. u < v/255.
     from aevb_dist.data.binarization import binarization_key
+
     z = uniform_bits24(raw.index, 784, binarization_key("dynamic", 4, 2)).astype(np.float64)
     np.testing.assert_array_equal(fast.x, (z / 2**24 < raw.x / 255.0).astype(np.float32))
     assert (to_model_input(ds, raw, "dynamic", seed=4, epoch=2).x == fast.x).all()
@@ -296,7 +308,9 @@ def test_prepare_writes_an_index_that_opens_the_dataset_without_its_footers(tiny
     folder = f"{tiny_data}/train"
     from_footers_calls = []
     original = ParquetDataset._add_file
-    monkeypatch.setattr(ParquetDataset, "_add_file", lambda self, *a: (from_footers_calls.append(a), original(self, *a)))
+    monkeypatch.setattr(
+        ParquetDataset, "_add_file", lambda self, *a: (from_footers_calls.append(a), original(self, *a))
+    )
     indexed = ParquetDataset(folder, expected_dim=16)
     assert os.path.exists(f"{folder}/{INDEX_NAME}") and from_footers_calls == []  # no footer read
     again = ParquetDataset(folder, description=indexed.describe())  # a worker given the driver's description
@@ -307,8 +321,11 @@ def test_prepare_writes_an_index_that_opens_the_dataset_without_its_footers(tiny
         os.rename(f"{folder}/moved", f"{folder}/{INDEX_NAME}")
     assert len(from_footers_calls) == 3  # one per shard without the index
     assert indexed.units == footers.units == again.units and indexed.describe() == footers.describe()
-    assert (indexed.shape, indexed.value_range, indexed.has_label) == (footers.shape, footers.value_range,
-                                                                      footers.has_label)
+    assert (indexed.shape, indexed.value_range, indexed.has_label) == (
+        footers.shape,
+        footers.value_range,
+        footers.has_label,
+    )
     np.testing.assert_array_equal(indexed.read_all().x, footers.read_all().x)
     with pytest.raises(ValueError, match="model.input_dim=17"):
         ParquetDataset(folder, expected_dim=17)

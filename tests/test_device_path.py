@@ -41,33 +41,40 @@ def test_row_positions_are_the_rows_the_stream_yields(byte_data, world_size, shu
     data = ParquetDataset(f"{byte_data}/train")
     stored_index = data.read_all().index
     for rank in range(world_size):
-        stream = EpochStream(data, rank=rank, world_size=world_size, batch_size=7, epoch=2, seed=5,
-                             shuffle=shuffle, window=2)
+        stream = EpochStream(
+            data, rank=rank, world_size=world_size, batch_size=7, epoch=2, seed=5, shuffle=shuffle, window=2
+        )
         streamed = np.concatenate([b.index for b in stream])
         np.testing.assert_array_equal(stored_index[stream.row_positions()], streamed)
         assert stream.global_counts().sum() == data.num_rows
 
 
-@pytest.mark.parametrize("fixture, mode", [("byte_data", "dynamic"), ("byte_data", "static"),
-                                           ("byte_data", "none"), ("tiny_data", "dynamic"), ("tiny_data", "none")])
+@pytest.mark.parametrize(
+    "fixture, mode",
+    [
+        ("byte_data", "dynamic"),
+        ("byte_data", "static"),
+        ("byte_data", "none"),
+        ("tiny_data", "dynamic"),
+        ("tiny_data", "none"),
+    ],
+)
 def test_device_batches_equal_the_streaming_readers_bit_for_bit(request, fixture, mode):
     data = ParquetDataset(f"{request.getfixturevalue(fixture)}/train")
     cache = DeviceData(data, torch.device("cpu"), mode, seed=4)
     assert cache.is_bytes == (fixture == "byte_data" and mode != "none")
     for epoch in (0, 1):
-        stream = EpochStream(data, rank=1, world_size=2, batch_size=9, epoch=epoch, seed=4, window=3,
-                             binarization=mode)
+        stream = EpochStream(data, rank=1, world_size=2, batch_size=9, epoch=epoch, seed=4, window=3, binarization=mode)
         plan, words = cache.plan(stream), cache.epoch_words(epoch)
         for b, batch in enumerate(stream):
-            positions = plan.positions[b, :int(plan.counts[b])]
+            positions = plan.positions[b, : int(plan.counts[b])]
             assert int(plan.weights[b].sum()) == len(batch) == int(plan.counts[b])
             np.testing.assert_array_equal(cache.index_N[positions].numpy(), batch.index)
             np.testing.assert_array_equal(cache.batch(positions, words).numpy(), batch.x)
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else []))
-@pytest.mark.parametrize("fixture, mode", [("byte_data", "dynamic"), ("tiny_data", "dynamic"),
-                                           ("byte_data", "none")])
+@pytest.mark.parametrize("fixture, mode", [("byte_data", "dynamic"), ("tiny_data", "dynamic"), ("byte_data", "none")])
 def test_the_compiled_epoch_binarization_gives_the_eager_bits(request, fixture, mode, device):
     """What the captured step uses on a GPU (FusedInputs: torch.compile of DeviceData.inputs) gives the
     eager rule's bits, for chunks of different lengths (one compiled kernel for dynamic shapes)."""
@@ -133,8 +140,14 @@ def test_the_captured_step_refuses_what_it_cannot_replay(tiny_data, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.py runs it on one)")
 @pytest.mark.parametrize("schedule", ["constant", "burda2015"])  # burda2015: the rate changes at epoch 1
 def test_the_captured_cuda_graph_step_equals_the_eager_gpu_step(tiny_data, tmp_path, schedule):
-    common = ["train.use_gpu=true", "data.cache_on_device=true", "optim.name=adam", "model.likelihood=bernoulli",
-              "train.batch_size_per_worker=9", f"optim.lr_schedule={schedule}"]  # no short batch: see the test above
+    common = [
+        "train.use_gpu=true",
+        "data.cache_on_device=true",
+        "optim.name=adam",
+        "model.likelihood=bernoulli",
+        "train.batch_size_per_worker=9",
+        f"optim.lr_schedule={schedule}",
+    ]  # no short batch: see the test above
     for steps in (1, 40):  # one step: the same noise and data; forty: the same updates throughout
         eager = _train(tiny_data, tmp_path / f"a{steps}", *common, "train.cuda_graph=false", f"train.max_steps={steps}")
         graphed = _train(tiny_data, tmp_path / f"b{steps}", *common, f"train.max_steps={steps}")
@@ -150,8 +163,13 @@ def test_the_captured_steps_loop_run_uncaptured_equals_the_eager_step(tiny_data,
     in batches of 9: no short batch (a short batch is padded, and its noise is drawn for the padded shape)."""
     from aevb_dist.train.captured_step import fit_captured
 
-    extra = ("data.cache_on_device=true", "optim.name=adam", "model.likelihood=bernoulli",
-             "train.batch_size_per_worker=9", f"optim.lr_schedule={schedule}")
+    extra = (
+        "data.cache_on_device=true",
+        "optim.name=adam",
+        "model.likelihood=bernoulli",
+        "train.batch_size_per_worker=9",
+        f"optim.lr_schedule={schedule}",
+    )
     eager = _train(tiny_data, tmp_path / "a", *extra)
     cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path / "b"), **{"train.max_steps": 40}) + list(extra))
     uncaptured, rows = Trainer(cfg), []

@@ -36,8 +36,9 @@ def _eight_bit(tmp_path) -> str:
     protos = rng.integers(0, 256, size=(4, 4, 4))
     pixels = np.clip(protos[rng.integers(0, 4, 300)] + rng.integers(-12, 13, size=(300, 4, 4)), 0, 255)
     np.save(tmp_path / "bytes.npy", pixels.astype(np.uint8))
-    prepare(str(tmp_path / "bytes.npy"), str(tmp_path / "bytes"), num_shards=2, rows_per_row_group=16,
-            report=lambda m: None)
+    prepare(
+        str(tmp_path / "bytes.npy"), str(tmp_path / "bytes"), num_shards=2, rows_per_row_group=16, report=lambda m: None
+    )
     return str(tmp_path / "bytes")
 
 
@@ -46,10 +47,20 @@ def test_a_model_of_8_bit_data_learns_and_reports_bits_per_dim(tmp_path):
     from aevb_dist.eval.jobs import evaluate
 
     data = _eight_bit(tmp_path)
-    common = tiny_overrides(data, str(tmp_path / "runs"), **{
-        "model.likelihood": "discretized_logistic", "optim.name": "adam", "optim.lr": 0.01,
-        "ray.local_mode": "true", "train.num_workers": 2, "train.max_steps": 300, "train.eval_every_steps": 0,
-        "checkpoint.every_steps": 100})
+    common = tiny_overrides(
+        data,
+        str(tmp_path / "runs"),
+        **{
+            "model.likelihood": "discretized_logistic",
+            "optim.name": "adam",
+            "optim.lr": 0.01,
+            "ray.local_mode": "true",
+            "train.num_workers": 2,
+            "train.max_steps": 300,
+            "train.eval_every_steps": 0,
+            "checkpoint.every_steps": 100,
+        },
+    )
     last = train(load_config(SMOKE, common))
     result = evaluate(str(tmp_path / "runs" / "smoke"), f"{data}/test", num_importance_samples=20, num_workers=1)
     bits = result["log_marginal_likelihood_bits_per_dim"]

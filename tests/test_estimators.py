@@ -29,8 +29,9 @@ def test_importance_sampling_converges_to_exact_log_marginal():
     x = sample_data(params, 32)
     truth = exact_log_marginal(params, x)
     torch.manual_seed(0)
-    errors = {k: (log_marginal_likelihood(vae, x, k, chunk_size=256) - truth).abs().mean().item()
-              for k in (1, 10, 100, 5000)}
+    errors = {
+        k: (log_marginal_likelihood(vae, x, k, chunk_size=256) - truth).abs().mean().item() for k in (1, 10, 100, 5000)
+    }
     assert errors[5000] < 0.03, errors
     assert errors[1] > errors[100] > errors[5000], errors
 

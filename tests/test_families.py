@@ -24,8 +24,10 @@ def reference(name: str, a: torch.Tensor, b: torch.Tensor) -> D.Distribution:
     if name == "laplace":
         return D.Laplace(a, b.exp())
     if name == "logistic":
-        return D.TransformedDistribution(D.Uniform(torch.zeros_like(a), torch.ones_like(a)),
-                                         [D.SigmoidTransform().inv, D.AffineTransform(a, b.exp())])
+        return D.TransformedDistribution(
+            D.Uniform(torch.zeros_like(a), torch.ones_like(a)),
+            [D.SigmoidTransform().inv, D.AffineTransform(a, b.exp())],
+        )
     if name == "kumaraswamy":
         return D.Kumaraswamy(a.exp(), b.exp())
     if name == "lognormal":
@@ -116,7 +118,9 @@ def test_continuous_bernoulli_refuses_inputs_outside_the_unit_interval():
 def test_unknown_family_names_are_refused_naming_the_choices():
     from aevb_dist.config import load_config
 
-    with pytest.raises(ValueError, match="model.posterior='student'.*gaussian, laplace, logistic, kumaraswamy, lognormal"):
+    with pytest.raises(
+        ValueError, match="model.posterior='student'.*gaussian, laplace, logistic, kumaraswamy, lognormal"
+    ):
         load_config(None, ["model.posterior=student"])
     with pytest.raises(ValueError, match="model.likelihood='poisson'.*continuous_bernoulli"):
         load_config(None, ["model.likelihood=poisson"])

@@ -23,8 +23,9 @@ from tests.helpers import SMOKE, aevb, tiny_overrides
 def small_disk(folder, size: str):
     """A tmpfs of `size` mounted at `folder` (root only; skipped where mounting is not allowed)."""
     os.makedirs(folder, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -55,13 +56,19 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.mark.parametrize("local_mode", [True, False], ids=["local-mode", "embedded-ray"])
 def test_a_full_run_folder_stops_the_run_in_one_line_and_a_rerun_with_room_resumes(tiny_data, tmp_path, local_mode):
     with small_disk(tmp_path / "disk", "16m") as disk:
-        args = ["train", SMOKE, *tiny_overrides(tiny_data, disk, **{**SLOW, "train.max_steps": 100000,
-                                                                   "checkpoint.every_steps": 200}),
-                "run.name=full", f"ray.local_mode={str(local_mode).lower()}", "run.storage_retry_s=300"]
+        args = [
+            "train",
+            SMOKE,
+            *tiny_overrides(tiny_data, disk, **{**SLOW, "train.max_steps": 100000, "checkpoint.every_steps": 200}),
+            "run.name=full",
+            f"ray.local_mode={str(local_mode).lower()}",
+            "run.storage_retry_s=300",
+        ]
         run_dir = f"{disk}/full"
         fs, path = storage.resolve(run_dir)
-        driver = subprocess.Popen([sys.executable, "-m", "aevb_dist", *args], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "aevb_dist", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         try:
             wait_for(lambda: driver.poll() is not None or checkpoint.latest(fs, path) is not None, timeout=180)
             assert driver.poll() is None, driver.stderr.read()[-3000:]
@@ -82,8 +89,11 @@ def test_a_full_run_folder_stops_the_run_in_one_line_and_a_rerun_with_room_resum
         checkpoint.load(fs, newest)  # the newest complete checkpoint stays loadable
         saved = checkpoint.manifest_step(fs, newest)
         # No cut-off checkpoint is left to be resumed from, or to hold the room.
-        assert all(checkpoint.verify(fs, f"{path}/{name}") is None
-                   for name in os.listdir(run_dir) if name.startswith("checkpoint_"))
+        assert all(
+            checkpoint.verify(fs, f"{path}/{name}") is None
+            for name in os.listdir(run_dir)
+            if name.startswith("checkpoint_")
+        )
         os.remove(filler)
         end = saved + 200
         again = aevb(*args[:-2], f"train.max_steps={end}", timeout=300)

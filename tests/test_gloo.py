@@ -9,19 +9,26 @@ from aevb_dist.config import load_config
 from aevb_dist.model.elbo import map_objective_sum, per_example_bound
 from aevb_dist.train.step_setup import step_generator
 from aevb_dist.train.trainer import Trainer
-from tests.helpers import free_port, tiny_overrides
 from tests.gloo_worker import stop_on_one_ranks_vote, take_one_step
+from tests.helpers import free_port, tiny_overrides
 
 pytestmark = pytest.mark.slow  # two processes in a real gloo group
 
 
-@pytest.mark.parametrize("rows,dtype", [([list(range(0, 7)), list(range(7, 10))], "float32"),   # uneven
-                                        ([list(range(0, 10)), []], "float32"),                 # one rank empty
-                                        ([list(range(0, 7)), list(range(7, 10))], "bfloat16")])
+@pytest.mark.parametrize(
+    "rows,dtype",
+    [
+        ([list(range(0, 7)), list(range(7, 10))], "float32"),  # uneven
+        ([list(range(0, 10)), []], "float32"),  # one rank empty
+        ([list(range(0, 7)), list(range(7, 10))], "bfloat16"),
+    ],
+)
 def test_sum_reduced_gradient_is_the_global_mean_gradient(tiny_data, tmp_path, rows, dtype):
-    overrides = tiny_overrides(tiny_data, str(tmp_path), **{"optim.name": "sgd", "optim.lr": 1.0,
-                                                            "train.theta_prior_std": 2.0,
-                                                            "train.allreduce_dtype": dtype})
+    overrides = tiny_overrides(
+        tiny_data,
+        str(tmp_path),
+        **{"optim.name": "sgd", "optim.lr": 1.0, "train.theta_prior_std": 2.0, "train.allreduce_dtype": dtype},
+    )
     x = np.random.default_rng(0).random((10, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     mp.spawn(take_one_step, args=(2, free_port(), overrides, rows, str(tmp_path)), nprocs=2, join=True)
@@ -34,8 +41,13 @@ def test_sum_reduced_gradient_is_the_global_mean_gradient(tiny_data, tmp_path, r
     objective = 0.0
     for rank, idx in enumerate(rows):
         if idx:
-            elbo = per_example_bound(ref.vae, torch.from_numpy(x[idx]), "B", 1,
-                                     generator=step_generator(ref.cfg.seed, 0, rank, torch.device("cpu"))).sum()
+            elbo = per_example_bound(
+                ref.vae,
+                torch.from_numpy(x[idx]),
+                "B",
+                1,
+                generator=step_generator(ref.cfg.seed, 0, rank, torch.device("cpu")),
+            ).sum()
             objective = objective + map_objective_sum(elbo, ref.vae, 2.0, len(idx), ref.train_data.num_rows)
             total += elbo.item()
     grads = torch.autograd.grad(objective / 10, list(ref.vae.parameters()))

@@ -8,16 +8,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes
 from aevb_dist.config import load_config
 from aevb_dist.data.binarization import binarize
 from aevb_dist.data.reader import ParquetDataset
-from aevb_dist.model.elbo import sgvb_b
 from aevb_dist.eval.evaluation import evaluate_units
-from aevb_dist.model.gradient_variance import variance_report, variance_sweep
-from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes
 from aevb_dist.eval.jobs import encode, evaluate
-from aevb_dist.model.marginal_likelihood import log_marginal_likelihood
 from aevb_dist.eval.plotting import gradient_variance_figure, plot_run, write_figure
+from aevb_dist.model.elbo import sgvb_b
+from aevb_dist.model.gradient_variance import variance_report, variance_sweep
+from aevb_dist.model.marginal_likelihood import log_marginal_likelihood
 from aevb_dist.train.driver import train
 from tests.helpers import SMOKE, tiny_overrides
 
@@ -28,8 +28,12 @@ pytestmark = pytest.mark.slow  # a model trained on a real local Ray, then Ray t
 def trained(ray_local, tiny_data, tmp_path_factory):
     """A 2-latent Bernoulli model on the tiny data (intensities binarized), trained for a few epochs."""
     runs = tmp_path_factory.mktemp("runs")
-    cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(runs), **{"train.num_workers": 2, "train.max_steps": 60,
-                                                                     "checkpoint.every_steps": 30}))
+    cfg = load_config(
+        SMOKE,
+        tiny_overrides(
+            tiny_data, str(runs), **{"train.num_workers": 2, "train.max_steps": 60, "checkpoint.every_steps": 30}
+        ),
+    )
     train(cfg)
     return {"run": f"{runs}/smoke", "test": f"{tiny_data}/test", "train": f"{tiny_data}/train"}
 
@@ -64,8 +68,13 @@ def test_evaluate_use_gpu_on_a_cluster_without_gpus_is_refused_at_once(trained):
 
 
 def test_evaluate_cli_prints_json_and_writes_output(trained, tmp_path):
-    result = evaluate(trained["run"], trained["test"], num_importance_samples=10, num_workers=2,
-                      output_uri=str(tmp_path / "eval.json"))
+    result = evaluate(
+        trained["run"],
+        trained["test"],
+        num_importance_samples=10,
+        num_workers=2,
+        output_uri=str(tmp_path / "eval.json"),
+    )
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["num_importance_samples"] == 10 and written["elbo"] == result["elbo"]
     for key in ("elbo", "log_marginal_likelihood", "num_examples", "elbo_sem", "log_marginal_likelihood_sem"):
@@ -134,7 +143,7 @@ def test_image_grids_are_readable_at_any_image_size_and_in_color(tmp_path):
     rgb = matplotlib.image.imread(tmp_path / "color.png")[..., :3].reshape(-1, 3)
     reds = (rgb[:, 0] > 0.9) & (rgb[:, 1] < 0.1) & (rgb[:, 2] < 0.1)
     blues = (rgb[:, 2] > 0.9) & (rgb[:, 0] < 0.1) & (rgb[:, 1] < 0.1)
-    assert reds.sum() >= 3 * MIN_TILE_PX ** 2 * 0.9 and blues.sum() >= MIN_TILE_PX ** 2 * 0.9
+    assert reds.sum() >= 3 * MIN_TILE_PX**2 * 0.9 and blues.sum() >= MIN_TILE_PX**2 * 0.9
 
 
 def test_gradient_variance_of_a_b_and_iwae(trained, tmp_path):
@@ -164,8 +173,14 @@ def test_evaluate_with_ais_and_appendix_d_across_workers(trained):
         opts = dict(num_importance_samples=8, num_steps=60, num_leapfrog=3, seed=5)
         result = evaluate(trained["run"], trained["test"], num_workers=2, estimator=estimator, **opts)
         assert result["estimator"] == estimator and result["num_steps"] == 60 and result["num_examples"] == 30
-        local = evaluate_units(vae, data, list(range(len(data.units))), estimator=estimator,
-                               num_leapfrog=3, **{k: v for k, v in opts.items() if k != "num_leapfrog"}).summary()
+        local = evaluate_units(
+            vae,
+            data,
+            list(range(len(data.units))),
+            estimator=estimator,
+            num_leapfrog=3,
+            **{k: v for k, v in opts.items() if k != "num_leapfrog"},
+        ).summary()
         assert result["log_marginal_likelihood"] == pytest.approx(local["log_marginal_likelihood"], rel=1e-9)
         assert abs(result["log_marginal_likelihood"] - is_result["log_marginal_likelihood"]) < 0.5
     with pytest.raises(ValueError, match="--estimator='hm' is not one of: is, ais, appendix-d"):
@@ -184,8 +199,13 @@ def test_a_bad_row_group_found_by_a_ray_task_is_one_line(trained, tmp_path):
     flat = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), 16)
     pq.write_table(pa.table({"pixels": flat, "index": pa.array(np.arange(20))}), str(tmp_path / "part-0.parquet"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-m", "aevb_dist", "evaluate", trained["run"], str(tmp_path), "-k", "5"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "aevb_dist", "evaluate", trained["run"], str(tmp_path), "-k", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "aevb-dist evaluate: error:" in line]
     assert len(errors) == 1 and "NaN or inf pixel values" in errors[0]

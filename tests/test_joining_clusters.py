@@ -32,15 +32,25 @@ def without_auth_settings() -> dict:
 
 
 def train_args(tiny_data, tmp_path, address: str, name: str, *extra: str) -> list[str]:
-    return ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path / "runs"), **{
-        "train.num_workers": 1, "train.cpus_per_worker": 1, "train.max_steps": 8}),
-            f"run.name={name}", f"ray.address={address}", *extra]
+    return [
+        "train",
+        SMOKE,
+        *tiny_overrides(
+            tiny_data,
+            str(tmp_path / "runs"),
+            **{"train.num_workers": 1, "train.cpus_per_worker": 1, "train.max_steps": 8},
+        ),
+        f"run.name={name}",
+        f"ray.address={address}",
+        *extra,
+    ]
 
 
 def run_aevb(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**{k: v for k, v in without_auth_settings().items() if k != "RAY_ADDRESS"}, **env}
-    return subprocess.run([sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -67,14 +77,16 @@ def test_an_address_where_nothing_listens_is_refused_at_once():
 
 @pytest.mark.slow
 def test_a_cluster_without_token_authentication_is_joined_although_a_token_file_exists(
-        open_cluster, tiny_data, tmp_path):
+    open_cluster, tiny_data, tmp_path
+):
     env = home_with_token(tmp_path, secrets.token_hex(32))
     proc = run_aevb(train_args(tiny_data, tmp_path, open_cluster.address, "open"), env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done:" in proc.stderr
     # A RAY_AUTH_MODE that contradicts the cluster is one line, not a cancelled actor.
-    proc = run_aevb(train_args(tiny_data, tmp_path, open_cluster.address, "forced"), {**env, "RAY_AUTH_MODE": "token"},
-                    timeout=60)
+    proc = run_aevb(
+        train_args(tiny_data, tmp_path, open_cluster.address, "forced"), {**env, "RAY_AUTH_MODE": "token"}, timeout=60
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = error_lines(proc.stderr)
     assert len(errors) == 1 and "runs without token authentication: unset RAY_AUTH_MODE" in errors[0]
@@ -86,8 +98,10 @@ def test_a_token_cluster_is_joined_with_its_token_and_a_wrong_or_missing_one_is_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done:" in proc.stderr
     wrong = home_with_token(tmp_path, secrets.token_hex(32))
-    for env, says in [(wrong, f"refused the token in {wrong['HOME']}/.ray/auth_token"),
-                      ({"HOME": str(tmp_path)}, "uses token authentication and no token was found")]:
+    for env, says in [
+        (wrong, f"refused the token in {wrong['HOME']}/.ray/auth_token"),
+        ({"HOME": str(tmp_path)}, "uses token authentication and no token was found"),
+    ]:
         started = time.monotonic()
         proc = run_aevb(train_args(tiny_data, tmp_path, ray_head.gcs_address, "refused"), env, timeout=60)
         assert time.monotonic() - started < 30
@@ -109,7 +123,9 @@ def test_an_address_where_nothing_listens_is_one_line_from_the_command(tiny_data
 
 
 @pytest.mark.slow
-def test_a_head_that_stops_answering_mid_run_ends_the_command_in_one_line_keeping_the_checkpoint(tiny_data, tmp_path, monkeypatch):
+def test_a_head_that_stops_answering_mid_run_ends_the_command_in_one_line_keeping_the_checkpoint(
+    tiny_data, tmp_path, monkeypatch
+):
     from ray.cluster_utils import Cluster
 
     from aevb_dist import checkpoint, storage
@@ -123,13 +139,26 @@ def test_a_head_that_stops_answering_mid_run_ends_the_command_in_one_line_keepin
     monkeypatch.delenv("RAY_AUTH_MODE")
     gcs = psutil.Process(head.head_node.all_processes["gcs_server"][0].process.pid)
     try:
-        args = ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path / "runs"), **{
-            **SLOW, "train.num_workers": 1, "train.cpus_per_worker": 1, "train.max_steps": 100000}),
-                "run.name=headless", f"ray.address={head.address}"]
+        args = [
+            "train",
+            SMOKE,
+            *tiny_overrides(
+                tiny_data,
+                str(tmp_path / "runs"),
+                **{**SLOW, "train.num_workers": 1, "train.cpus_per_worker": 1, "train.max_steps": 100000},
+            ),
+            "run.name=headless",
+            f"ray.address={head.address}",
+        ]
         fs, path = storage.resolve(str(tmp_path / "runs" / "headless"))
         env = {k: v for k, v in without_auth_settings().items() if k != "RAY_ADDRESS"}
-        driver = subprocess.Popen([sys.executable, "-m", "aevb_dist", *args], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True, env=env)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "aevb_dist", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         try:
             wait_for(lambda: driver.poll() is not None or checkpoint.latest(fs, path) is not None, timeout=180)
             assert driver.poll() is None, driver.stderr.read()[-3000:]
@@ -154,8 +183,9 @@ def test_a_head_that_stops_answering_mid_run_ends_the_command_in_one_line_keepin
 @pytest.mark.slow
 def test_a_worker_group_the_cluster_cannot_hold_is_one_line_at_once(open_cluster, tiny_data, tmp_path):
     started = time.monotonic()
-    proc = run_aevb(train_args(tiny_data, tmp_path, open_cluster.address, "crowded", "train.num_workers=3"), {},
-                    timeout=120)
+    proc = run_aevb(
+        train_args(tiny_data, tmp_path, open_cluster.address, "crowded", "train.num_workers=3"), {}, timeout=120
+    )
     assert time.monotonic() - started < 30  # Ray Train alone would wait for room forever
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = error_lines(proc.stderr)

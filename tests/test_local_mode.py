@@ -12,10 +12,10 @@ import torch
 
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
-from aevb_dist.train.driver import train
 from aevb_dist.run_log import read_metrics
-from tests.helpers import SMOKE, assert_bitwise_equal, final_state, tiny_overrides
+from aevb_dist.train.driver import train
 from tests.faults import SLOW, capture_errors, logged_step, our_local_workers, wait_for
+from tests.helpers import SMOKE, assert_bitwise_equal, final_state, tiny_overrides
 
 pytestmark = pytest.mark.slow  # worker processes of local mode, and Ray
 
@@ -45,9 +45,18 @@ def test_a_run_moves_between_ray_and_local_mode_bit_for_bit(ray_local, tiny_data
 
 
 def test_failures_in_local_mode_are_one_line_and_not_retried_forever(tiny_data, tmp_path):
-    args = [sys.executable, "-m", "aevb_dist", "train", SMOKE,
-            *tiny_overrides(tiny_data, str(tmp_path), **{**LOCAL, "train.max_failures": 1}),
-            "run.name=diverge", "optim.name=sgd", "optim.lr=1e30", "train.max_steps=8"]
+    args = [
+        sys.executable,
+        "-m",
+        "aevb_dist",
+        "train",
+        SMOKE,
+        *tiny_overrides(tiny_data, str(tmp_path), **{**LOCAL, "train.max_failures": 1}),
+        "run.name=diverge",
+        "optim.name=sgd",
+        "optim.lr=1e30",
+        "train.max_steps=8",
+    ]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -92,10 +101,17 @@ def test_local_mode_checkpoints_and_resumes_on_s3(tiny_data, s3_endpoint):
     from aevb_dist.data.prepare import prepare
 
     data = "s3://aevb-test/datasets/tiny-local"
-    prepare(f"{tiny_data}/../x.npy", data, num_shards=3, rows_per_row_group=16, endpoint_url=s3_endpoint,
-            report=lambda m: None)
-    common = tiny_overrides(data, "s3://aevb-test/runs", **{**LOCAL, "run.s3_endpoint_url": s3_endpoint,
-                                                            "run.name": "local-s3"})
+    prepare(
+        f"{tiny_data}/../x.npy",
+        data,
+        num_shards=3,
+        rows_per_row_group=16,
+        endpoint_url=s3_endpoint,
+        report=lambda m: None,
+    )
+    common = tiny_overrides(
+        data, "s3://aevb-test/runs", **{**LOCAL, "run.s3_endpoint_url": s3_endpoint, "run.name": "local-s3"}
+    )
     train(load_config(SMOKE, common + ["train.max_steps=8"]))
     last = train(load_config(SMOKE, common + ["train.max_steps=16"]))
     fs, path = storage.resolve("s3://aevb-test/runs/local-s3", s3_endpoint)
@@ -116,8 +132,16 @@ def test_the_command_exits_quickly_yet_flushed_and_clean(tiny_data, tmp_path):
 
     temp = tmp_path / "tmp"
     temp.mkdir()
-    args = [sys.executable, "-m", "aevb_dist", "train", SMOKE, "run.name=quick", "train.max_steps=4",
-            *tiny_overrides(tiny_data, str(tmp_path), **LOCAL)]
+    args = [
+        sys.executable,
+        "-m",
+        "aevb_dist",
+        "train",
+        SMOKE,
+        "run.name=quick",
+        "train.max_steps=4",
+        *tiny_overrides(tiny_data, str(tmp_path), **LOCAL),
+    ]
     env = {**os.environ, "TMPDIR": str(temp)}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     servers = []

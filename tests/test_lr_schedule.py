@@ -15,12 +15,15 @@ from tests.helpers import SMOKE, tiny_overrides
 
 def test_burda2015_is_the_papers_stages_and_then_its_last_rate():
     # Burda et al. (2015), §5: "3^i epochs with learning rate 0.001·10^(−i/7), for i = 0…7".
-    expected = [0.001 * 10 ** (-i / 7) for i in range(8) for _ in range(3 ** i)]
+    expected = [0.001 * 10 ** (-i / 7) for i in range(8) for _ in range(3**i)]
     assert len(expected) == 3280
     got = [learning_rate(0.001, "burda2015", epoch) for epoch in range(3280)]
     assert got == pytest.approx(expected, rel=1e-12)
-    assert learning_rate(0.001, "burda2015", 3280) == learning_rate(0.001, "burda2015", 10 ** 6) \
+    assert (
+        learning_rate(0.001, "burda2015", 3280)
+        == learning_rate(0.001, "burda2015", 10**6)
         == pytest.approx(1e-4, rel=1e-12)
+    )
     assert {learning_rate(0.02, "constant", epoch) for epoch in (0, 1, 5000)} == {0.02}
 
 
@@ -30,10 +33,13 @@ def test_every_schedule_is_accepted_and_starts_at_optim_lr(schedule):
     assert learning_rate(cfg.optim.lr, schedule, 0) == cfg.optim.lr
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lr_schedule=cosine", "optim.lr_schedule='cosine' is not allowed"),
-    ("optim.eps=0", "optim.eps=0.0 must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr_schedule=cosine", "optim.lr_schedule='cosine' is not allowed"),
+        ("optim.eps=0", "optim.eps=0.0 must be a positive number"),
+    ],
+)
 def test_a_bad_schedule_or_eps_is_refused_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(SMOKE, [override])
@@ -42,8 +48,11 @@ def test_a_bad_schedule_or_eps_is_refused_naming_the_key(override, message):
 
 
 def test_the_captured_step_takes_a_schedule_only_with_adam(tiny_data, tmp_path):
-    base = tiny_overrides(tiny_data, str(tmp_path)) + ["train.use_gpu=true", "data.cache_on_device=true",
-                                                        "optim.lr_schedule=burda2015"]
+    base = tiny_overrides(tiny_data, str(tmp_path)) + [
+        "train.use_gpu=true",
+        "data.cache_on_device=true",
+        "optim.lr_schedule=burda2015",
+    ]
     with pytest.raises(ValueError, match="needs optim.name=adam"):
         load_config(SMOKE, base + ["optim.name=sgd"])
     load_config(SMOKE, base + ["optim.name=adam"])
@@ -58,16 +67,20 @@ def test_optim_eps_reaches_the_optimizer():
 
 def _trainer(data, tmp_path, *extra):
     # 270 rows in batches of 8: 34 batches an epoch; 150 steps reach epoch 4, where stage 2 starts.
-    cfg = load_config(SMOKE, tiny_overrides(data, str(tmp_path), **{"train.max_steps": 150}) +
-                      ["optim.name=adam", "optim.lr=0.01", "optim.lr_schedule=burda2015", "train.log_every_steps=1",
-                       *extra])
+    cfg = load_config(
+        SMOKE,
+        tiny_overrides(data, str(tmp_path), **{"train.max_steps": 150})
+        + ["optim.name=adam", "optim.lr=0.01", "optim.lr_schedule=burda2015", "train.log_every_steps=1", *extra],
+    )
     return Trainer(cfg)
 
 
 def test_the_trainer_steps_each_epoch_at_its_scheduled_rate(tiny_data, tmp_path):
     trainer, seen = _trainer(tiny_data, tmp_path), {}
-    trainer.fit(on_log=lambda row: seen.setdefault(row["epoch"], set()).add(trainer.optimizer.param_groups[0]["lr"]),
-                on_checkpoint=lambda state, row: None)
+    trainer.fit(
+        on_log=lambda row: seen.setdefault(row["epoch"], set()).add(trainer.optimizer.param_groups[0]["lr"]),
+        on_checkpoint=lambda state, row: None,
+    )
     assert sorted(seen) == [0, 1, 2, 3, 4]
     for epoch, rates in seen.items():
         assert rates == {learning_rate(0.01, "burda2015", epoch)}  # one rate an epoch, the schedule's

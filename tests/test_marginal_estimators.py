@@ -1,24 +1,25 @@
 """The second and third log p(x) estimators (AIS, the paper's Appendix D) against exact values and
 against importance sampling, and the HMC kernel they share."""
 
-
 import numpy as np
 import pytest
 import torch
 
+from aevb_dist.data.sources import read_idx
 from aevb_dist.model.elbo import sgvb_b
 from aevb_dist.model.hmc import adapt_step_size, hmc_step
 from aevb_dist.model.marginal_likelihood import estimate_log_marginal_likelihood
-from aevb_dist.data.sources import read_idx
 from aevb_dist.model.vae import VAE
 from tests.helpers import shared_data
 from tests.linear_gaussian import exact_log_marginal, make_model, sample_data
 
 
-
 def test_hmc_leaves_a_correlated_gaussian_invariant():
-    cov = torch.tensor([[1.0, 0.8], [0.8, 1.0]], dtype=torch.float64) * torch.tensor([[4.0], [0.25]]).sqrt() \
+    cov = (
+        torch.tensor([[1.0, 0.8], [0.8, 1.0]], dtype=torch.float64)
+        * torch.tensor([[4.0], [0.25]]).sqrt()
         * torch.tensor([[4.0, 0.25]]).sqrt()
+    )
     target = torch.distributions.MultivariateNormal(torch.tensor([1.0, -2.0], dtype=torch.float64), cov)
     gen = torch.Generator().manual_seed(0)
     z = torch.zeros(64, 1, 2, dtype=torch.float64)
@@ -42,8 +43,15 @@ def test_estimator_converges_to_the_exact_log_marginal(estimator):
     truth = exact_log_marginal(params, x)
     errors = {}
     for steps in (9, 1000):
-        est = estimate_log_marginal_likelihood(vae, x, estimator, num_samples=16, num_steps=steps, num_leapfrog=5,
-                                               generator=torch.Generator().manual_seed(0))
+        est = estimate_log_marginal_likelihood(
+            vae,
+            x,
+            estimator,
+            num_samples=16,
+            num_steps=steps,
+            num_leapfrog=5,
+            generator=torch.Generator().manual_seed(0),
+        )
         errors[steps] = (est - truth).abs().mean().item()
     assert errors[1000] < 0.08 and errors[9] > 2 * errors[1000], errors
 
@@ -69,13 +77,21 @@ def mnist_3_latent():
 
 def test_ais_and_appendix_d_agree_with_importance_sampling_on_a_trained_3_latent_mnist_model(mnist_3_latent):
     vae, x = mnist_3_latent
-    reference = estimate_log_marginal_likelihood(vae, x, "is", num_samples=5000,
-                                                 generator=torch.Generator().manual_seed(1))
+    reference = estimate_log_marginal_likelihood(
+        vae, x, "is", num_samples=5000, generator=torch.Generator().manual_seed(1)
+    )
     assert (reference < -20).all()  # a real, non-trivial log p(x)
     found = {}
     for estimator in ("ais", "appendix-d"):
-        found[estimator] = estimate_log_marginal_likelihood(vae, x, estimator, num_samples=16, num_steps=1000,
-                                                            num_leapfrog=5, generator=torch.Generator().manual_seed(2))
+        found[estimator] = estimate_log_marginal_likelihood(
+            vae,
+            x,
+            estimator,
+            num_samples=16,
+            num_steps=1000,
+            num_leapfrog=5,
+            generator=torch.Generator().manual_seed(2),
+        )
         diff = found[estimator] - reference
         se = diff.std() / diff.numel() ** 0.5  # standard error of the mean of paired differences
         assert diff.mean().abs() < 3 * se + 0.05, (estimator, diff.mean().item(), se.item(), diff.tolist())

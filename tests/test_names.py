@@ -28,8 +28,9 @@ def data_for(vae: VAE) -> torch.Tensor:
     return (x > 0.5).float() if vae.likelihood.name == "bernoulli" else x
 
 
-@pytest.mark.parametrize("activation, likelihood, posterior",
-                         list(itertools.product(names.ACTIVATIONS, names.LIKELIHOODS, names.POSTERIORS)))
+@pytest.mark.parametrize(
+    "activation, likelihood, posterior", list(itertools.product(names.ACTIVATIONS, names.LIKELIHOODS, names.POSTERIORS))
+)
 def test_every_model_the_config_accepts_builds_and_gives_finite_bounds(activation, likelihood, posterior):
     vae = tiny_model(activation=activation, likelihood=likelihood, posterior=posterior)
     x = data_for(vae)
@@ -41,8 +42,16 @@ def test_every_model_the_config_accepts_builds_and_gives_finite_bounds(activatio
 @pytest.mark.parametrize("estimator", names.MARGINAL_LIKELIHOOD_ESTIMATORS)
 def test_every_log_marginal_likelihood_estimator_runs(estimator):
     vae = tiny_model()
-    log_px = estimate_log_marginal_likelihood(vae, data_for(vae), estimator, num_samples=4, chunk_size=2,
-                                              num_steps=4, num_leapfrog=2, generator=torch.Generator().manual_seed(0))
+    log_px = estimate_log_marginal_likelihood(
+        vae,
+        data_for(vae),
+        estimator,
+        num_samples=4,
+        chunk_size=2,
+        num_steps=4,
+        num_leapfrog=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert log_px.shape == (3,) and torch.isfinite(log_px).all()
 
 
@@ -71,7 +80,15 @@ def test_a_registry_out_of_step_with_the_names_is_refused():
 
 
 def test_a_name_outside_the_lists_is_refused_by_the_config():
-    for key in ("model.activation", "model.likelihood", "model.posterior", "train.estimator", "optim.name",
-                "data.binarization", "train.allreduce_dtype", "train.on_nonfinite"):
+    for key in (
+        "model.activation",
+        "model.likelihood",
+        "model.posterior",
+        "train.estimator",
+        "optim.name",
+        "data.binarization",
+        "train.allreduce_dtype",
+        "train.on_nonfinite",
+    ):
         with pytest.raises(ValueError, match=f"{key}='nope' is not allowed; choose one of"):
             load_config(SMOKE, [f"{key}=nope"])

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from aevb_dist import storage
 from aevb_dist.config import load_config
 from aevb_dist.data.partitions import PartitionedEpoch, partition_shares
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.model.noise import SegmentedNoise, standard_normal
 from aevb_dist.run_log import read_metrics
-from aevb_dist import storage
 from aevb_dist.train.driver import train
 from tests.helpers import SMOKE, final_state, tiny_overrides
 
@@ -20,9 +20,23 @@ P, M = 8, 24  # 270 training rows in row groups of 16: 18 row groups dealt to 8 
 
 def global_batches(data: ParquetDataset, world_size: int, epoch: int = 1, start: int = 0) -> list[list[int]]:
     """Each global batch's example indices (sorted), gathered over the ranks of `world_size`."""
-    per_rank = [list(PartitionedEpoch(data, rank=r, world_size=world_size, num_partitions=P, global_batch_size=M,
-                                      epoch=epoch, seed=3, window=2, binarization="dynamic", start_batch=start))
-                for r in range(world_size)]
+    per_rank = [
+        list(
+            PartitionedEpoch(
+                data,
+                rank=r,
+                world_size=world_size,
+                num_partitions=P,
+                global_batch_size=M,
+                epoch=epoch,
+                seed=3,
+                window=2,
+                binarization="dynamic",
+                start_batch=start,
+            )
+        )
+        for r in range(world_size)
+    ]
     return [sorted(np.concatenate([rank[k][0].index for rank in per_rank]).tolist()) for k in range(len(per_rank[0]))]
 
 
@@ -47,8 +61,16 @@ def test_the_same_bits_reach_every_rank_layout(tiny_data):
     rows = {}
     for world_size in (1, 3):
         for rank in range(world_size):
-            for batch, _, _ in PartitionedEpoch(data, rank=rank, world_size=world_size, num_partitions=P,
-                                                global_batch_size=M, epoch=0, seed=3, binarization="dynamic"):
+            for batch, _, _ in PartitionedEpoch(
+                data,
+                rank=rank,
+                world_size=world_size,
+                num_partitions=P,
+                global_batch_size=M,
+                epoch=0,
+                seed=3,
+                binarization="dynamic",
+            ):
                 for i, x in zip(batch.index, batch.x):
                     assert rows.setdefault((world_size, int(i)), x.tobytes()) == x.tobytes()
     assert all(rows[(1, i)] == rows[(3, i)] for (w, i) in rows if w == 1)
@@ -68,22 +90,37 @@ def test_partition_shares_split_the_global_batch():
     assert partition_shares(24, 8) == [3] * 8 and partition_shares(10, 4) == [3, 3, 2, 2]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.num_partitions=4"], "applies to train.global_batch_size"),
-    (["train.global_batch_size=4", "data.num_partitions=8"], "smaller than data.num_partitions"),
-    (["train.global_batch_size=16", "data.num_partitions=2", "train.num_workers=3"], "more than data.num_partitions"),
-    (["train.global_batch_size=16", "data.cache_on_device=true"], "does not yet serve"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.num_partitions=4"], "applies to train.global_batch_size"),
+        (["train.global_batch_size=4", "data.num_partitions=8"], "smaller than data.num_partitions"),
+        (
+            ["train.global_batch_size=16", "data.num_partitions=2", "train.num_workers=3"],
+            "more than data.num_partitions",
+        ),
+        (["train.global_batch_size=16", "data.cache_on_device=true"], "does not yet serve"),
+    ],
+)
 def test_bad_partitioning_is_refused_in_one_line(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(SMOKE, overrides)
 
 
 def run(tiny_data, tmp_path, name: str, workers: int, steps: int) -> dict:
-    overrides = tiny_overrides(tiny_data, str(tmp_path), **{"train.global_batch_size": M, "data.num_partitions": P,
-                                                            "train.num_workers": workers, "train.max_steps": steps,
-                                                            "optim.name": "adam", "optim.lr": 0.01,
-                                                            "checkpoint.every_steps": 5})
+    overrides = tiny_overrides(
+        tiny_data,
+        str(tmp_path),
+        **{
+            "train.global_batch_size": M,
+            "data.num_partitions": P,
+            "train.num_workers": workers,
+            "train.max_steps": steps,
+            "optim.name": "adam",
+            "optim.lr": 0.01,
+            "checkpoint.every_steps": 5,
+        },
+    )
     return train(load_config(SMOKE, overrides + [f"run.name={name}", "ray.local_mode=true"]))
 
 

@@ -40,8 +40,10 @@ def test_rays_private_details_are_where_we_use_them(monkeypatch):
     from aevb_dist import ray_compat
 
     assert ray_compat.checkpoint_manager_snapshot_name() == "checkpoint_manager_snapshot.json"
-    from ray.train.v2._internal.execution.context import get_train_context  # noqa: F401 - preemption_context's
-    from ray.train.v2._internal.execution.context import TrainContext
+    from ray.train.v2._internal.execution.context import (
+        TrainContext,
+        get_train_context,  # noqa: F401 - preemption_context's
+    )
 
     assert "preemption_context" in TrainContext.__dataclass_fields__
     assert ray_compat.preemption_context() is None  # outside a worker: none, not an error

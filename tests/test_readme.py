@@ -27,8 +27,9 @@ def test_readme_opens_with_install_and_test_commands():
 def test_readme_python_examples_run_as_written(monkeypatch):
     """The Configuration and Python API examples, in order, as a user pastes them (from the checkout)."""
     text = open(os.path.join(REPO, "README.md")).read()
-    blocks = re.findall(r"```python\n(.+?)\n```", text.split("## Configuration", 1)[1].split("## Architecture")[0],
-                        flags=re.S)
+    blocks = re.findall(
+        r"```python\n(.+?)\n```", text.split("## Configuration", 1)[1].split("## Architecture")[0], flags=re.S
+    )
     assert len(blocks) == 2
     monkeypatch.chdir(REPO)
     namespace: dict = {}
@@ -48,8 +49,14 @@ def test_readme_quickstart_command_as_written():
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "samples/s" in proc.stderr and "aevb-dist quickstart finished" in proc.stdout
         run = os.path.join(out, "runs", "quickstart_digits")
-        for name in ("metrics.csv", "config.yaml", "eval_test.json", "plots/learning_curve.png",
-                     "plots/samples.png", "plots/manifold.png"):
+        for name in (
+            "metrics.csv",
+            "config.yaml",
+            "eval_test.json",
+            "plots/learning_curve.png",
+            "plots/samples.png",
+            "plots/manifold.png",
+        ):
             assert os.path.getsize(os.path.join(run, name)) > 0, name
         assert any(n.startswith("checkpoint_") for n in os.listdir(run))
         rows = list(csv.DictReader(open(os.path.join(run, "metrics.csv"))))

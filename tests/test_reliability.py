@@ -19,17 +19,28 @@ from aevb_dist.config import load_config
 from aevb_dist.data.schema import Batch
 from aevb_dist.train.driver import train
 from aevb_dist.train.trainer import NonFiniteError, Trainer
-from tests.faults import (SLOW, capture_errors, check_metrics_contiguous, logged_step, our_local_workers,
-                          our_train_workers, wait_for)
+from tests.faults import (
+    SLOW,
+    capture_errors,
+    check_metrics_contiguous,
+    logged_step,
+    our_local_workers,
+    our_train_workers,
+    wait_for,
+)
 from tests.helpers import SMOKE, aevb, assert_bitwise_equal, final_state, tiny_overrides
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("local_mode", [False, True])
 def test_a_killed_worker_costs_at_most_one_checkpoint_interval(request, tiny_data, tmp_path, local_mode):
     if not local_mode:
         request.getfixturevalue("ray_local")
-    common = tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2, "train.max_failures": 1,
-                                                         "ray.local_mode": str(local_mode).lower()})
+    common = tiny_overrides(
+        tiny_data,
+        str(tmp_path),
+        **{**SLOW, "train.num_workers": 2, "train.max_failures": 1, "ray.local_mode": str(local_mode).lower()},
+    )
     cfg = load_config(SMOKE, common + ["run.name=killed"])
     errors = []
     runner = threading.Thread(target=lambda: capture_errors(errors, train, cfg))
@@ -51,22 +62,37 @@ def test_a_killed_worker_costs_at_most_one_checkpoint_interval(request, tiny_dat
 @pytest.mark.slow
 @pytest.mark.parametrize("local_mode", [False, True])
 def test_a_killed_driver_resumes_from_the_latest_complete_checkpoint(tiny_data, tmp_path, local_mode):
-    args = ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2}),
-            "run.name=driver", f"ray.local_mode={str(local_mode).lower()}"]  # run.lease_timeout_s: 60 s
+    args = [
+        "train",
+        SMOKE,
+        *tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2}),
+        "run.name=driver",
+        f"ray.local_mode={str(local_mode).lower()}",
+    ]  # run.lease_timeout_s: 60 s
     first_err = open(tmp_path / "first.err", "w+")
-    driver = subprocess.Popen([sys.executable, "-m", "aevb_dist", *args], stdout=subprocess.DEVNULL,
-                              stderr=first_err)
+    driver = subprocess.Popen([sys.executable, "-m", "aevb_dist", *args], stdout=subprocess.DEVNULL, stderr=first_err)
     fs, path = storage.resolve(f"{tmp_path}/driver")
     try:
         try:
-            wait_for(lambda: driver.poll() is not None or (checkpoint.latest(fs, path) is not None
-                                                           and logged_step(f"{tmp_path}/driver") > 150), timeout=180)
+            wait_for(
+                lambda: (
+                    driver.poll() is not None
+                    or (checkpoint.latest(fs, path) is not None and logged_step(f"{tmp_path}/driver") > 150)
+                ),
+                timeout=180,
+            )
         finally:
             first_err.seek(0)
             assert driver.poll() is None, first_err.read()[-3000:]
-        cluster = [p for p in psutil.Process(driver.pid).children(recursive=True)
-                   if local_mode or any(n in p.name() + " ".join(p.cmdline()[:1])
-                                        for n in ("RayTrainWorker", "TrainController", "raylet", "gcs_server"))]
+        cluster = [
+            p
+            for p in psutil.Process(driver.pid).children(recursive=True)
+            if local_mode
+            or any(
+                n in p.name() + " ".join(p.cmdline()[:1])
+                for n in ("RayTrainWorker", "TrainController", "raylet", "gcs_server")
+            )
+        ]
         assert len(cluster) >= 4  # local mode: the fork server, its 2 workers, the resource tracker
     finally:
         driver.send_signal(signal.SIGKILL)
@@ -88,8 +114,9 @@ def test_a_killed_driver_resumes_from_the_latest_complete_checkpoint(tiny_data, 
 
 @pytest.mark.slow
 def test_a_checkpoint_cut_off_part_way_is_never_resumed_from(ray_local, tiny_data, tmp_path):
-    common = tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1, "checkpoint.every_steps": 4,
-                                                         "checkpoint.keep_last": 5})
+    common = tiny_overrides(
+        tiny_data, str(tmp_path), **{"train.num_workers": 1, "checkpoint.every_steps": 4, "checkpoint.keep_last": 5}
+    )
     train(load_config(SMOKE, common + ["run.name=cut", "train.max_steps=12"]))
     fs, path = storage.resolve(f"{tmp_path}/cut")
     newest = f"{path}/{checkpoint.checkpoint_name(12)}"
@@ -110,8 +137,7 @@ def test_a_checkpoint_cut_off_part_way_is_never_resumed_from(ray_local, tiny_dat
 
 
 def test_non_finite_step_stops_with_the_step_or_is_skipped_and_counted(tiny_data, tmp_path):
-    base = tiny_overrides(tiny_data, str(tmp_path), **{"model.likelihood": "gaussian",
-                                                       "data.binarization": "none"})
+    base = tiny_overrides(tiny_data, str(tmp_path), **{"model.likelihood": "gaussian", "data.binarization": "none"})
     bad = Batch(np.full((4, 16), 1e30, np.float32), np.arange(4))  # (x − μ)² overflows: an inf objective
     good = Batch(np.random.default_rng(0).random((4, 16)).astype(np.float32), np.arange(4))
     trainer = Trainer(load_config(SMOKE, base))
@@ -137,9 +163,15 @@ def _one_line_error(proc) -> str:
 def test_diverging_training_fails_with_the_step_and_keeps_no_corrupt_checkpoint(tiny_data, tmp_path):
     # A checkpoint every step: step 1's update is huge but finite, and is saved; a later step goes
     # non-finite, and no checkpoint is written from then on.
-    args = ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1,
-                                                                          "checkpoint.every_steps": 1}),
-            "run.name=diverge", "optim.name=sgd", "optim.lr=1e30", "train.max_steps=8"]
+    args = [
+        "train",
+        SMOKE,
+        *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1, "checkpoint.every_steps": 1}),
+        "run.name=diverge",
+        "optim.name=sgd",
+        "optim.lr=1e30",
+        "train.max_steps=8",
+    ]
     line = _one_line_error(aevb(*args, timeout=300))
     assert "non-finite" in line and "step" in line
     failed_at = int(re.search(r"(?:at|by) step (\d+)", line).group(1))
@@ -165,18 +197,22 @@ def test_bad_inputs_are_answered_in_one_line(ray_local, tiny_data, tmp_path, s3_
     for extra, message in cases:
         assert message in _one_line_error(aevb(*base, *extra, timeout=120)), extra
     no_creds = {k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    proc = aevb(*base, "run.storage_uri=s3://aevb-test/runs", f"run.s3_endpoint_url={s3_endpoint}",
-                env={**no_creds, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"},
-                timeout=120)
+    proc = aevb(
+        *base,
+        "run.storage_uri=s3://aevb-test/runs",
+        f"run.s3_endpoint_url={s3_endpoint}",
+        env={**no_creds, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"},
+        timeout=120,
+    )
     assert "credentials" in _one_line_error(proc).lower()
     # A checkpoint of another model shape, found before any worker starts.
     train(load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path)) + ["run.name=shape", "train.max_steps=4"]))
-    line = _one_line_error(aevb(*base, "run.name=shape", "model.hidden_sizes=[12]", "train.max_steps=8",
-                                timeout=120))
+    line = _one_line_error(aevb(*base, "run.name=shape", "model.hidden_sizes=[12]", "train.max_steps=8", timeout=120))
     assert "holds a checkpoint of a different model" in line and "model.hidden_sizes" in line
     # evaluate: K=0 and a schema mismatch.
-    assert "must be at least 1" in _one_line_error(aevb("evaluate", f"{tmp_path}/shape", f"{tiny_data}/test",
-                                                        "-k", "0", timeout=120))
+    assert "must be at least 1" in _one_line_error(
+        aevb("evaluate", f"{tmp_path}/shape", f"{tiny_data}/test", "-k", "0", timeout=120)
+    )
     debug = aevb("--debug", "train", SMOKE, "train.frobnicate=1", timeout=60)
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug shows the traceback
 
@@ -184,9 +220,15 @@ def test_bad_inputs_are_answered_in_one_line(ray_local, tiny_data, tmp_path, s3_
 @pytest.mark.slow
 def test_credentials_never_reach_the_run_folder(tiny_data, tmp_path):
     secret = "PLANTED-SECRET-6f1c2d"
-    proc = aevb("train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1}),
-                "run.name=secret", "train.max_steps=6", env={"AWS_SECRET_ACCESS_KEY": secret,
-                                                             "AWS_SESSION_TOKEN": secret}, timeout=300)
+    proc = aevb(
+        "train",
+        SMOKE,
+        *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1}),
+        "run.name=secret",
+        "train.max_steps=6",
+        env={"AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": secret},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert secret not in proc.stdout + proc.stderr
     for root, _, files in os.walk(tmp_path / "secret"):

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from aevb_dist import storage
-from aevb_dist import run_lease
+from aevb_dist import run_lease, storage
 from aevb_dist.run_lease import LEASE, WRITER, LeaseHeld, RunLease, process_identity
 from tests.faults import wait_for
 from tests.helpers import SMOKE, aevb, tiny_overrides
@@ -31,8 +30,9 @@ time.sleep(600)
 
 def hold_lease(run_uri: str, timeout_s: float, endpoint: str = "") -> subprocess.Popen:
     """Another process holding the run's lease, heartbeat and all, until it is killed."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, run_uri, endpoint, str(timeout_s)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, run_uri, endpoint, str(timeout_s)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -58,8 +58,10 @@ def test_a_live_lease_refuses_a_second_writer_and_a_dead_one_is_taken_over(kind,
         holder.wait()
     taker = RunLease(run, 2.0)  # at once: on its own machine, a dead owner is seen by its pid
     taker.acquire()
-    assert f"taking over {uri} from pid {holder.pid} on {socket.gethostname()}, which is no longer running" \
+    assert (
+        f"taking over {uri} from pid {holder.pid} on {socket.gethostname()}, which is no longer running"
         in capsys.readouterr().err
+    )
     with pytest.raises(LeaseHeld):
         RunLease(run, 2.0).acquire()
     taker.release()
@@ -101,8 +103,14 @@ def test_a_lease_taken_from_a_live_writer_stops_it(tmp_path):
 def test_train_refuses_a_run_another_driver_holds_and_writes_nothing(tiny_data, tmp_path):
     holder = hold_lease(str(tmp_path / "busy"), 30.0)
     try:
-        proc = aevb("train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path)), "run.name=busy",
-                    "ray.local_mode=true", timeout=120)
+        proc = aevb(
+            "train",
+            SMOKE,
+            *tiny_overrides(tiny_data, str(tmp_path)),
+            "run.name=busy",
+            "ray.local_mode=true",
+            timeout=120,
+        )
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -115,8 +123,14 @@ def test_train_refuses_a_run_another_driver_holds_and_writes_nothing(tiny_data, 
 def write_lease(run: storage.Folder, age_s: float, timeout_s: float, **owner) -> None:
     """A lease as another driver would have left it, last renewed `age_s` ago."""
     run.fs.makedirs(run.path, exist_ok=True)
-    record = {"id": "earlier", **process_identity(), "started": time.time() - 100, **owner,
-              "heartbeat": time.time() - age_s, "timeout_s": timeout_s}
+    record = {
+        "id": "earlier",
+        **process_identity(),
+        "started": time.time() - 100,
+        **owner,
+        "heartbeat": time.time() - age_s,
+        "timeout_s": timeout_s,
+    }
     run.fs.pipe_file(run.file(LEASE), json.dumps(record).encode())
 
 
@@ -200,9 +214,22 @@ def test_sigterm_ends_the_command_while_it_waits_for_a_lease(tiny_data, tmp_path
     run = storage.Folder.open(str(tmp_path / "waited"))
     write_lease(run, age_s=300.0, timeout_s=600.0, host="another-host", machine="other", pid=4242, pid_start=1)
     held = run.fs.cat_file(run.file(LEASE))
-    proc = subprocess.Popen([sys.executable, "-m", "aevb_dist", "train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path)),
-                             "run.name=waited", "ray.local_mode=true", "run.lease_timeout_s=600"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aevb_dist",
+            "train",
+            SMOKE,
+            *tiny_overrides(tiny_data, str(tmp_path)),
+            "run.name=waited",
+            "ray.local_mode=true",
+            "run.lease_timeout_s=600",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         said = proc.stderr.readline()
         assert re.search(r"whose heartbeat stopped \(\d+ s ago\): waiting up to 29\d s", said), said

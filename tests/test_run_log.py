@@ -8,9 +8,16 @@ from aevb_dist.run_log import MetricsTail, RunLog, read_metrics
 
 
 def row(step: int) -> dict:
-    return {"step": step, "epoch": 0, "samples_seen": 100 * step, "train_elbo": -100.0 - step,
-            "test_elbo": -99.0 if step % 2 == 0 else math.nan, "samples_per_s": 1e4, "skipped_steps": 0,
-            "time": 1.7e9 + step}
+    return {
+        "step": step,
+        "epoch": 0,
+        "samples_seen": 100 * step,
+        "train_elbo": -100.0 - step,
+        "test_elbo": -99.0 if step % 2 == 0 else math.nan,
+        "samples_per_s": 1e4,
+        "skipped_steps": 0,
+        "time": 1.7e9 + step,
+    }
 
 
 def steps(rows: list[dict]) -> list[int]:

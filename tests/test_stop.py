@@ -24,8 +24,14 @@ def _start(overrides: list[str]) -> subprocess.Popen:
     """`aevb-dist train` in a session of its own, as in a terminal: a signal to its process group reaches
     the driver and every process it started."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen([sys.executable, "-m", "aevb_dist", "train", SMOKE, *overrides], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "aevb_dist", "train", SMOKE, *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _stopped_run(overrides: list[str], run_dir: str, send) -> tuple[str, int, int]:
@@ -46,8 +52,10 @@ def _stopped_run(overrides: list[str], run_dir: str, send) -> tuple[str, int, in
     return err, seen, checkpoint.manifest_step(fs, checkpoint.latest(fs, path))
 
 
-@pytest.mark.parametrize("launcher,signum", [("local-mode", signal.SIGTERM), ("embedded-ray", signal.SIGINT),
-                                             ("embedded-ray", signal.SIGTERM)])
+@pytest.mark.parametrize(
+    "launcher,signum",
+    [("local-mode", signal.SIGTERM), ("embedded-ray", signal.SIGINT), ("embedded-ray", signal.SIGTERM)],
+)
 def test_a_signal_checkpoints_the_next_step_and_a_rerun_ends_bit_for_bit(tiny_data, tmp_path, launcher, signum):
     """SIGTERM to the command (what a scheduler sends), or Ctrl-C to its process group (what a terminal does:
     the workers get it too, and leave it to the driver); on the embedded Ray both."""
@@ -71,8 +79,20 @@ def test_a_signal_checkpoints_the_next_step_and_a_rerun_ends_bit_for_bit(tiny_da
     fs, path = storage.resolve(f"{tmp_path}/stopped")
     assert not fs.exists(f"{path}/stop_request.json")  # answered, and removed
     end = ["train.max_steps=" + str(saved + 12)]
-    train(load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path), **{**extra, "ray.local_mode": "true"})
-                      + ["run.name=stopped"] + end))
-    train(load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path), **{**extra, "ray.local_mode": "true"})
-                      + ["run.name=straight"] + end))
+    train(
+        load_config(
+            SMOKE,
+            tiny_overrides(tiny_data, str(tmp_path), **{**extra, "ray.local_mode": "true"})
+            + ["run.name=stopped"]
+            + end,
+        )
+    )
+    train(
+        load_config(
+            SMOKE,
+            tiny_overrides(tiny_data, str(tmp_path), **{**extra, "ray.local_mode": "true"})
+            + ["run.name=straight"]
+            + end,
+        )
+    )
     assert_bitwise_equal(final_state(f"{tmp_path}/straight"), final_state(f"{tmp_path}/stopped"))

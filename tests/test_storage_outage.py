@@ -19,10 +19,14 @@ pytestmark = pytest.mark.slow  # local-mode workers writing to the S3 server thr
 def outage_run(tiny_data, tmp_path, s3_endpoint, name: str, local_mode: bool = True, **extra):
     link = StorageLink(int(s3_endpoint.rsplit(":", 1)[1]))
     uri = f"s3://aevb-test/outage-{tmp_path.name}"
-    args = ["train", SMOKE, *tiny_overrides(tiny_data, uri, **{**SLOW, "train.num_workers": 1,
-                                                                "checkpoint.every_steps": 50, **extra}),
-            f"run.name={name}", f"run.s3_endpoint_url=http://127.0.0.1:{link.port}",
-            f"ray.local_mode={str(local_mode).lower()}"]
+    args = [
+        "train",
+        SMOKE,
+        *tiny_overrides(tiny_data, uri, **{**SLOW, "train.num_workers": 1, "checkpoint.every_steps": 50, **extra}),
+        f"run.name={name}",
+        f"run.s3_endpoint_url=http://127.0.0.1:{link.port}",
+        f"ray.local_mode={str(local_mode).lower()}",
+    ]
     direct = storage.Folder.open(f"{uri}/{name}", s3_endpoint)  # the test's own view, not through the relay
     return link, args, direct
 
@@ -37,8 +41,9 @@ def saved_step(run: storage.Folder) -> int:
 
 def start_past_a_checkpoint(args: list[str], run: storage.Folder):
     """`aevb-dist ARGS` started, its stderr collected in `output["err"]` by `reader`, once step 100 is saved."""
-    proc = subprocess.Popen([sys.executable, "-m", "aevb_dist", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aevb_dist", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     output: dict = {}
     reader = threading.Thread(target=lambda: output.update(err=proc.communicate()[1]), daemon=True)
     reader.start()
@@ -68,8 +73,9 @@ def test_a_20_second_outage_is_waited_out_and_every_checkpoint_verifies(tiny_dat
 
 
 def test_an_outage_past_the_limit_stops_in_one_line_and_the_rerun_resumes(tiny_data, tmp_path, s3_endpoint):
-    link, args, run = outage_run(tiny_data, tmp_path, s3_endpoint, "long",
-                                 **{"run.storage_retry_s": 4, "run.lease_timeout_s": 4})
+    link, args, run = outage_run(
+        tiny_data, tmp_path, s3_endpoint, "long", **{"run.storage_retry_s": 4, "run.lease_timeout_s": 4}
+    )
     proc, output, reader = start_past_a_checkpoint(args, run)
     link.cut()
     reader.join(timeout=300)

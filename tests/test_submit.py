@@ -18,8 +18,14 @@ def aevb(head, *args, env=None, timeout=600):
 
 
 def test_submitted_training_succeeds_and_resubmission_resumes(ray_head, tiny_data, tmp_path):
-    args = ["submit", SMOKE, *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 2}),
-            "run.name=job", "--address", ray_head.address]
+    args = [
+        "submit",
+        SMOKE,
+        *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 2}),
+        "run.name=job",
+        "--address",
+        ray_head.address,
+    ]
     first = aevb(ray_head, *args, "train.max_steps=6")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     job_id = first.stdout.splitlines()[0]
@@ -49,8 +55,16 @@ def test_bad_config_is_rejected_before_submission(ray_head):
 
 
 def test_failed_job_reports_failed_and_a_nonzero_exit(ray_head, tiny_data, tmp_path):
-    proc = aevb(ray_head, "submit", SMOKE, *tiny_overrides(tiny_data, str(tmp_path)), f"data.train_uri={tmp_path}/missing",
-                "run.name=fails", "--address", ray_head.address)
+    proc = aevb(
+        ray_head,
+        "submit",
+        SMOKE,
+        *tiny_overrides(tiny_data, str(tmp_path)),
+        f"data.train_uri={tmp_path}/missing",
+        "run.name=fails",
+        "--address",
+        ray_head.address,
+    )
     assert proc.returncode == 1
     assert "FAILED" in proc.stderr and "dataset not found" in proc.stdout
 
@@ -62,8 +76,10 @@ def test_unreachable_job_server_is_one_line():
 
 
 def test_a_missing_or_wrong_token_is_refused_in_one_line_saying_how_to_get_it(ray_head, tmp_path):
-    for env, why in (({"RAY_AUTH_TOKEN": "not-the-token"}, "the token it was sent is not the cluster's"),
-                     ({"HOME": str(tmp_path)}, "no token was found to send")):
+    for env, why in (
+        ({"RAY_AUTH_TOKEN": "not-the-token"}, "the token it was sent is not the cluster's"),
+        ({"HOME": str(tmp_path)}, "no token was found to send"),
+    ):
         proc = aevb(ray_head, "jobs", "list", "--address", ray_head.address, env=env, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
@@ -77,8 +93,17 @@ def test_no_secret_reaches_the_cluster_by_default(ray_head, tiny_data, tmp_path)
     from ray.job_submission import JobSubmissionClient
 
     secret = f"planted-{secrets.token_hex(8)}"
-    proc = aevb(ray_head, "submit", SMOKE, *tiny_overrides(tiny_data, str(tmp_path)), "run.name=secret",
-                "train.max_steps=2", "--address", ray_head.address, env={"AWS_SECRET_ACCESS_KEY": secret})
+    proc = aevb(
+        ray_head,
+        "submit",
+        SMOKE,
+        *tiny_overrides(tiny_data, str(tmp_path)),
+        "run.name=secret",
+        "train.max_steps=2",
+        "--address",
+        ray_head.address,
+        env={"AWS_SECRET_ACCESS_KEY": secret},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     job_id = proc.stdout.splitlines()[0]
     token = open(os.path.join(ray_head.env["HOME"], ".ray", "auth_token")).read()
@@ -93,8 +118,17 @@ def test_no_secret_reaches_the_cluster_by_default(ray_head, tiny_data, tmp_path)
                 except OSError:  # sockets and files that vanish while we look
                     continue
     assert len(seen) > 10 and not [text for text in seen if secret in text]
-    forwarded = aevb(ray_head, "submit", SMOKE, "--entrypoint=--version", "--address", ray_head.address,
-                     "--pass-env", "AWS_SECRET_ACCESS_KEY", env={"AWS_SECRET_ACCESS_KEY": secret})
+    forwarded = aevb(
+        ray_head,
+        "submit",
+        SMOKE,
+        "--entrypoint=--version",
+        "--address",
+        ray_head.address,
+        "--pass-env",
+        "AWS_SECRET_ACCESS_KEY",
+        env={"AWS_SECRET_ACCESS_KEY": secret},
+    )
     assert forwarded.returncode == 0, forwarded.stderr[-2000:]
     assert "warning: --pass-env puts AWS_SECRET_ACCESS_KEY into the job's metadata" in forwarded.stderr
     assert secret in repr(client.list_jobs())  # what the warning is about: opting in exposes it

@@ -33,19 +33,28 @@ def test_the_seeded_model_equals_the_one_torchs_global_seed_used_to_build():
 
 
 def _fit_with_a_stop_at(trainer: Trainer, ask_at_step: int, fit=None) -> tuple[list, list]:
-    """Fit, with the probe turning true while step `ask_at_step` + 1 is taken; returns (checkpoint steps, logged steps)."""
+    """Fit, with the probe turning true while step `ask_at_step` + 1 is taken; returns (checkpoint steps,
+    logged steps)."""
     saved, logged = [], []
     trainer.stop_probe = lambda: trainer.state.step >= ask_at_step
-    (fit or trainer.fit)(on_log=lambda row: logged.append(row["step"]),
-                         on_checkpoint=lambda state, row: saved.append(state["state"]["step"]))
+    (fit or trainer.fit)(
+        on_log=lambda row: logged.append(row["step"]),
+        on_checkpoint=lambda state, row: saved.append(state["state"]["step"]),
+    )
     return saved, logged
 
 
 def test_a_stop_request_checkpoints_the_step_it_was_seen_in_and_ends_the_loop(tiny_data, tmp_path):
     """Ctrl-C / SIGTERM / a preemption notice: the step being taken is finished, checkpointed and logged,
     and fit returns there (not at the next checkpoint interval, nor at the end)."""
-    cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path), **{
-        "train.max_steps": 40, "checkpoint.every_steps": 10, "train.log_every_steps": 10}))
+    cfg = load_config(
+        SMOKE,
+        tiny_overrides(
+            tiny_data,
+            str(tmp_path),
+            **{"train.max_steps": 40, "checkpoint.every_steps": 10, "train.log_every_steps": 10},
+        ),
+    )
     trainer = Trainer(cfg)
     saved, logged = _fit_with_a_stop_at(trainer, 13)
     assert trainer.stop_requested and trainer.state.step == 14
@@ -60,9 +69,19 @@ def test_the_captured_loop_stops_at_the_log_line_after_the_request(tiny_data, tm
     here, on the CPU)."""
     from aevb_dist.train.captured_step import fit_captured
 
-    cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path), **{
-        "train.max_steps": 40, "checkpoint.every_steps": 20, "train.log_every_steps": 5,
-        "data.cache_on_device": "true"}))
+    cfg = load_config(
+        SMOKE,
+        tiny_overrides(
+            tiny_data,
+            str(tmp_path),
+            **{
+                "train.max_steps": 40,
+                "checkpoint.every_steps": 20,
+                "train.log_every_steps": 5,
+                "data.cache_on_device": "true",
+            },
+        ),
+    )
     trainer = Trainer(cfg)
     saved, logged = _fit_with_a_stop_at(trainer, 11, fit=lambda **kw: fit_captured(trainer, capture=False, **kw))
     assert trainer.state.step == 15 and saved == [15] and logged == [1, 5, 10, 15]

@@ -6,8 +6,8 @@ import pytest
 
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
-from aevb_dist.train.driver import train
 from aevb_dist.run_log import read_metrics
+from aevb_dist.train.driver import train
 from tests.helpers import SMOKE, assert_bitwise_equal, final_state, tiny_overrides
 
 pytestmark = pytest.mark.slow  # training runs on a real local Ray
@@ -15,8 +15,9 @@ pytestmark = pytest.mark.slow  # training runs on a real local Ray
 
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_stopped_and_resumed_run_equals_uninterrupted_run_bit_for_bit(ray_local, tiny_data, tmp_path, num_workers):
-    common = tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": num_workers,
-                                                          "train.batch_size_per_worker": 16})
+    common = tiny_overrides(
+        tiny_data, str(tmp_path), **{"train.num_workers": num_workers, "train.batch_size_per_worker": 16}
+    )
     train(load_config(SMOKE, common + ["run.name=straight", "train.max_steps=30"]))
     train(load_config(SMOKE, common + ["run.name=resumed", "train.max_steps=13"]))  # stops mid-epoch
     last = train(load_config(SMOKE, common + ["run.name=resumed", "train.max_steps=30"]))
@@ -31,8 +32,14 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run_bit_for_bit(ray_local,
 
 
 def test_training_improves_the_elbo_and_keeps_last_checkpoints(ray_local, tiny_data, tmp_path):
-    cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path), **{
-        "train.num_workers": 2, "train.num_epochs": 6, "train.max_steps": "null", "checkpoint.keep_last": 2}))
+    cfg = load_config(
+        SMOKE,
+        tiny_overrides(
+            tiny_data,
+            str(tmp_path),
+            **{"train.num_workers": 2, "train.num_epochs": 6, "train.max_steps": "null", "checkpoint.keep_last": 2},
+        ),
+    )
     train(cfg)
     fs, path = storage.resolve(f"{tmp_path}/smoke")
     rows = read_metrics(fs, f"{path}/metrics.csv")
@@ -48,10 +55,15 @@ def test_s3_round_trip_with_two_workers(ray_local, tiny_data, tmp_path, s3_endpo
     from aevb_dist.data.prepare import prepare
 
     data = "s3://aevb-test/datasets/tiny"
-    prepare(f"{tiny_data}/../x.npy", data, num_shards=3, rows_per_row_group=16, endpoint_url=s3_endpoint,
-            report=lambda m: None)
-    common = tiny_overrides(data, "s3://aevb-test/runs", **{"train.num_workers": 2,
-                                                             "run.s3_endpoint_url": s3_endpoint})
+    prepare(
+        f"{tiny_data}/../x.npy",
+        data,
+        num_shards=3,
+        rows_per_row_group=16,
+        endpoint_url=s3_endpoint,
+        report=lambda m: None,
+    )
+    common = tiny_overrides(data, "s3://aevb-test/runs", **{"train.num_workers": 2, "run.s3_endpoint_url": s3_endpoint})
     train(load_config(SMOKE, common + ["run.name=s3run", "train.max_steps=8"]))
     train(load_config(SMOKE, common + ["run.name=s3run", "train.max_steps=16"]))
     fs, path = storage.resolve("s3://aevb-test/runs/s3run", s3_endpoint)
@@ -60,17 +72,30 @@ def test_s3_round_trip_with_two_workers(ray_local, tiny_data, tmp_path, s3_endpo
     assert steps == [1, *range(2, 17, 2)]
     # The same run on local disk reaches the same parameters: storage does not change the math.
     local = tiny_overrides(f"{tmp_path}/local_data", str(tmp_path), **{"train.num_workers": 2})
-    prepare(f"{tiny_data}/../x.npy", f"{tmp_path}/local_data", num_shards=3, rows_per_row_group=16,
-            report=lambda m: None)
+    prepare(
+        f"{tiny_data}/../x.npy", f"{tmp_path}/local_data", num_shards=3, rows_per_row_group=16, report=lambda m: None
+    )
     train(load_config(SMOKE, local + ["run.name=local", "train.max_steps=16"]))
     assert_bitwise_equal(final_state(f"{tmp_path}/local"), final_state("s3://aevb-test/runs/s3run", s3_endpoint))
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in fs.cat_file(f"{path}/config.yaml").decode()
 
 
 def test_a_laplace_posterior_and_continuous_bernoulli_likelihood_train_from_config(ray_local, tiny_data, tmp_path):
-    cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path), **{
-        "train.num_workers": 2, "train.num_epochs": 6, "train.max_steps": "null", "model.posterior": "laplace",
-        "model.likelihood": "continuous_bernoulli", "data.binarization": "dynamic"}))
+    cfg = load_config(
+        SMOKE,
+        tiny_overrides(
+            tiny_data,
+            str(tmp_path),
+            **{
+                "train.num_workers": 2,
+                "train.num_epochs": 6,
+                "train.max_steps": "null",
+                "model.posterior": "laplace",
+                "model.likelihood": "continuous_bernoulli",
+                "data.binarization": "dynamic",
+            },
+        ),
+    )
     train(cfg)
     fs, path = storage.resolve(f"{tmp_path}/smoke")
     tests = [r["test_elbo"] for r in read_metrics(fs, f"{path}/metrics.csv") if r["test_elbo"] == r["test_elbo"]]

@@ -16,8 +16,14 @@ from tests.helpers import SMOKE, aevb, tiny_overrides
 def _prepare(tmp_path, pixels: np.ndarray, name: str, **kwargs) -> tuple[str, list[str]]:
     np.save(tmp_path / f"{name}.npy", pixels)
     said: list[str] = []
-    prepare(str(tmp_path / f"{name}.npy"), str(tmp_path / name), num_shards=2, rows_per_row_group=16,
-            report=said.append, **kwargs)
+    prepare(
+        str(tmp_path / f"{name}.npy"),
+        str(tmp_path / name),
+        num_shards=2,
+        rows_per_row_group=16,
+        report=said.append,
+        **kwargs,
+    )
     return str(tmp_path / name), said
 
 
@@ -43,7 +49,9 @@ def test_0_1_bytes_are_recorded_as_binary_and_read_as_0_and_1(tmp_path):
 def test_integers_whose_full_scale_cannot_be_told_are_refused_unless_declared(tmp_path):
     sixteen_bit = np.random.default_rng(1).integers(0, 4000, size=(100, 16)).astype(np.uint16)
     sixteen_bit[0, :2] = 0, 3999
-    with pytest.raises(ValueError, match=r"uint16 pixels in \[0, 3999\]: their full scale cannot be told .*--value-range"):
+    with pytest.raises(
+        ValueError, match=r"uint16 pixels in \[0, 3999\]: their full scale cannot be told .*--value-range"
+    ):
         _prepare(tmp_path, sixteen_bit, "guess")
     assert not (tmp_path / "guess").exists()  # nothing left behind
     out, said = _prepare(tmp_path, sixteen_bit, "declared", value_range=(0, 65535))
@@ -62,8 +70,7 @@ def test_the_command_line_takes_value_range_and_refuses_in_one_line(tmp_path):
     refused = aevb("prepare", str(tmp_path / "ints.npy"), str(tmp_path / "refused"), timeout=120)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "int64 pixels in [0, 899]" in refused.stderr and not (tmp_path / "refused").exists()
-    done = aevb("prepare", str(tmp_path / "ints.npy"), str(tmp_path / "ok"), "--value-range", "0", "1023",
-                timeout=120)
+    done = aevb("prepare", str(tmp_path / "ints.npy"), str(tmp_path / "ok"), "--value-range", "0", "1023", timeout=120)
     assert done.returncode == 0, done.stderr
     assert "value range [0, 1023] (as given by --value-range)" in done.stderr
 
@@ -76,7 +83,18 @@ def test_a_bernoulli_model_on_data_recorded_in_the_wrong_range_is_refused_before
     with pytest.raises(ValueError, match=r"no pixel reaches 0.0156 of the recorded value range \[0, 255\]"):
         train(cfg)
     right, _ = _prepare(tmp_path, _binary(), "right")
-    assert train(load_config(SMOKE, tiny_overrides(right, str(tmp_path / "runs"), **{
-        "ray.local_mode": "true", "train.num_workers": 1, "train.max_steps": 2})))["step"] == 2
+    assert (
+        train(
+            load_config(
+                SMOKE,
+                tiny_overrides(
+                    right,
+                    str(tmp_path / "runs"),
+                    **{"ray.local_mode": "true", "train.num_workers": 1, "train.max_steps": 2},
+                ),
+            )
+        )["step"]
+        == 2
+    )
     with pytest.raises(ValueError, match="no pixel reaches"):  # before any Ray task starts
         evaluate(str(tmp_path / "runs" / "smoke"), f"{out}/test", num_importance_samples=2)

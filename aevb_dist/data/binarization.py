@@ -91,7 +91,7 @@ def binarize_bytes(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
         tmp = np.empty_like(h)
         for start in range(0, n, _ROWS_PER_CHUNK):
             stop = min(start + _ROWS_PER_CHUNK, n)
-            hh, tt = h[:stop - start], tmp[:stop - start]
+            hh, tt = h[: stop - start], tmp[: stop - start]
             np.add(per_example[start:stop, None], per_pixel[None, :], out=hh)
             _fmix32(hh, tt)
             # u < ⌈v·2²⁴/255⌉ ⟺ 255u < v·2²⁴ ⟺ ⌊255u / 2²⁴⌋ < v for the integer u = h >> 8 < 2²⁴ (255u < 2³²):
@@ -101,5 +101,3 @@ def binarize_bytes(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
             hh >>= np.uint32(24)
             np.less(hh, batch.x[start:stop], out=out[start:stop])
     return Batch(out, batch.index, batch.label)
-
-

@@ -63,9 +63,16 @@ def _decode_chunk(sources: list[Source], size, grayscale) -> list[tuple[Optional
     return out
 
 
-def decode_images(sources: list[Source], names: list[str], *, size: Optional[tuple[int, int]], grayscale: bool,
-                  skip_bad: bool, report: Callable[[str], None], workers: Optional[int] = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def decode_images(
+    sources: list[Source],
+    names: list[str],
+    *,
+    size: Optional[tuple[int, int]],
+    grayscale: bool,
+    skip_bad: bool,
+    report: Callable[[str], None],
+    workers: Optional[int] = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(images [N, H, W] or [N, 3, H, W] uint8, positions of the sources kept). A source that does not decode
     stops the conversion naming it, or with `skip_bad` is left out and counted."""
     if not sources:
@@ -75,14 +82,16 @@ def decode_images(sources: list[Source], names: list[str], *, size: Optional[tup
     decoded: list[Optional[np.ndarray]] = []
     bad: list[str] = []
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        futures = [pool.submit(_decode_chunk, sources[s:s + chunk], size, grayscale) for s in starts]
+        futures = [pool.submit(_decode_chunk, sources[s : s + chunk], size, grayscale) for s in starts]
         step = max(1, len(futures) // 10)
         for i, (start, future) in enumerate(zip(starts, futures)):
             for j, (image, error) in enumerate(future.result()):
                 if error is not None:
                     if not skip_bad:
-                        raise ValueError(f"{names[start + j]}: not a readable image ({error}); "
-                                         "pass --skip-bad to leave such images out")
+                        raise ValueError(
+                            f"{names[start + j]}: not a readable image ({error}); "
+                            "pass --skip-bad to leave such images out"
+                        )
                     bad.append(names[start + j])
                 decoded.append(image)
             if (i + 1) % step == 0 or i + 1 == len(futures):
@@ -101,8 +110,10 @@ def _stack(images: list[np.ndarray], names: list[str]) -> np.ndarray:
         shapes.setdefault(image.shape[:2], name)
         if len(shapes) > 1:
             (a, first), (b, second) = list(shapes.items())[:2]
-            raise ValueError(f"images of different sizes: {first} is {a[0]}×{a[1]}, {second} is {b[0]}×{b[1]}; "
-                             "pass --size H W to crop and resize them all")
+            raise ValueError(
+                f"images of different sizes: {first} is {a[0]}×{a[1]}, {second} is {b[0]}×{b[1]}; "
+                "pass --size H W to crop and resize them all"
+            )
     stacked = np.stack(images)
     if stacked.ndim == 4:
         if (stacked[..., 0] == stacked[..., 1]).all() and (stacked[..., 0] == stacked[..., 2]).all():
@@ -134,12 +145,16 @@ def list_image_folder(folder: str) -> tuple[list[str], Optional[np.ndarray], Opt
 
 
 def _images_in(folder: str) -> list[str]:
-    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
+    return [
+        os.path.join(folder, name)
+        for name in sorted(os.listdir(folder))
+        if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    ]
 
 
-def read_parquet_images(path: str, image_column: Optional[str], label_column: Optional[str]
-                        ) -> tuple[list[bytes], list[str], Optional[np.ndarray]]:
+def read_parquet_images(
+    path: str, image_column: Optional[str], label_column: Optional[str]
+) -> tuple[list[bytes], list[str], Optional[np.ndarray]]:
     """(encoded images, a name for each — its `path` field or the row — and labels or None) of a Parquet
     file or folder of files whose image column is a struct {bytes, path} or binary."""
     import pyarrow as pa
@@ -152,11 +167,16 @@ def read_parquet_images(path: str, image_column: Optional[str], label_column: Op
     columns = table.column_names
     image_column = image_column or next((c for c in ("image", "img", "pixels") if c in columns), None)
     if image_column not in columns:
-        raise ValueError(f"{path}: no image column {image_column!r}; pass --image-column (columns: {', '.join(columns)})")
+        raise ValueError(
+            f"{path}: no image column {image_column!r}; pass --image-column (columns: {', '.join(columns)})"
+        )
     column = table.column(image_column).combine_chunks()
     images = _encoded_values(column, path, image_column)
-    paths = column.field("path").to_pylist() if pa.types.is_struct(column.type) and \
-        column.type.get_field_index("path") >= 0 else None
+    paths = (
+        column.field("path").to_pylist()
+        if pa.types.is_struct(column.type) and column.type.get_field_index("path") >= 0
+        else None
+    )
     names = [f"{path} row {i}" + (f" ({paths[i]})" if paths and paths[i] else "") for i in range(len(images))]
     labels = None
     label_column = label_column or ("label" if "label" in columns else None)
@@ -209,7 +229,9 @@ def decode_rows(column, name: str, shape: list[int], where: str) -> np.ndarray:
         if image.ndim == 3:
             image = image.transpose(2, 0, 1)
         if list(image.shape) != list(shape):
-            raise ValueError(f"{where} row {i}: an image of shape {list(image.shape)}, the dataset's is {list(shape)} "
-                             "(prepare it with --size to resize)")
+            raise ValueError(
+                f"{where} row {i}: an image of shape {list(image.shape)}, the dataset's is {list(shape)} "
+                "(prepare it with --size to resize)"
+            )
         rows[i] = image.reshape(-1)
     return rows

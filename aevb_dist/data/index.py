@@ -34,11 +34,14 @@ def parse_index(data: bytes, where: str) -> dict:
         body = json.loads(data)
         digest = body.pop("sha256")
     except (ValueError, KeyError, AttributeError, TypeError):
-        raise ValueError(f"{where}: not a readable dataset index (run `aevb-dist prepare` again, or delete "
-                         f"it to read the footers)") from None
+        raise ValueError(
+            f"{where}: not a readable dataset index (run `aevb-dist prepare` again, or delete it to read the footers)"
+        ) from None
     if digest != _digest(body) or body.pop("format", None) != FORMAT:
-        raise ValueError(f"{where}: the dataset index does not match its checksum: the file is corrupted "
-                         f"(delete it to read the footers, or prepare the dataset again)")
+        raise ValueError(
+            f"{where}: the dataset index does not match its checksum: the file is corrupted "
+            f"(delete it to read the footers, or prepare the dataset again)"
+        )
     return body
 
 

@@ -32,8 +32,9 @@ def owned_partitions(rank: int, world_size: int, num_partitions: int) -> list[in
     return list(range(rank, num_partitions, world_size))
 
 
-def partitioned_num_batches(dataset: ParquetDataset, *, num_partitions: int, global_batch_size: int, epoch: int,
-                            seed: int, shuffle: bool) -> int:
+def partitioned_num_batches(
+    dataset: ParquetDataset, *, num_partitions: int, global_batch_size: int, epoch: int, seed: int, shuffle: bool
+) -> int:
     """Global batches in the epoch: the partition that takes the most steps to run out."""
     shares = partition_shares(global_batch_size, num_partitions)
     assignment = assign_row_groups(dataset.units, num_partitions, seed=seed, epoch=epoch, shuffle=shuffle)
@@ -45,20 +46,51 @@ class PartitionedEpoch:
     """One rank's part of every global batch of an epoch: for each batch, the concatenated slices of the
     partitions it owns, and the partitions and row counts of those slices (for their noise)."""
 
-    def __init__(self, dataset: ParquetDataset, *, rank: int, world_size: int, num_partitions: int,
-                 global_batch_size: int, epoch: int, seed: int, shuffle: bool = True, window: int = 4,
-                 binarization: str = "none", start_batch: int = 0, read_ahead: Optional[bool] = None):
+    def __init__(
+        self,
+        dataset: ParquetDataset,
+        *,
+        rank: int,
+        world_size: int,
+        num_partitions: int,
+        global_batch_size: int,
+        epoch: int,
+        seed: int,
+        shuffle: bool = True,
+        window: int = 4,
+        binarization: str = "none",
+        start_batch: int = 0,
+        read_ahead: Optional[bool] = None,
+    ):
         check_partitioning(num_partitions, global_batch_size, world_size)
         self.epoch, self.start_batch = epoch, start_batch
-        self.num_batches = partitioned_num_batches(dataset, num_partitions=num_partitions,
-                                                   global_batch_size=global_batch_size, epoch=epoch, seed=seed,
-                                                   shuffle=shuffle)
+        self.num_batches = partitioned_num_batches(
+            dataset,
+            num_partitions=num_partitions,
+            global_batch_size=global_batch_size,
+            epoch=epoch,
+            seed=seed,
+            shuffle=shuffle,
+        )
         shares = partition_shares(global_batch_size, num_partitions)
         self.partitions = owned_partitions(rank, world_size, num_partitions)
-        self.streams = [EpochStream(dataset, rank=p, world_size=num_partitions, batch_size=shares[p], epoch=epoch,
-                                    seed=seed, shuffle=shuffle, window=window, binarization=binarization,
-                                    start_batch=start_batch, num_batches=self.num_batches, read_ahead=read_ahead)
-                        for p in self.partitions]
+        self.streams = [
+            EpochStream(
+                dataset,
+                rank=p,
+                world_size=num_partitions,
+                batch_size=shares[p],
+                epoch=epoch,
+                seed=seed,
+                shuffle=shuffle,
+                window=window,
+                binarization=binarization,
+                start_batch=start_batch,
+                num_batches=self.num_batches,
+                read_ahead=read_ahead,
+            )
+            for p in self.partitions
+        ]
 
     def __iter__(self) -> Iterator[tuple[Batch, list[int], list[int]]]:
         """(the rank's rows of the global batch, the partitions they come from, rows from each)."""

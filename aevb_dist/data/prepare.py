@@ -23,9 +23,19 @@ from aevb_dist.data import images as images_module
 from aevb_dist.data import sources
 from aevb_dist.data.images import ImageOptions
 from aevb_dist.data.index import INDEX_NAME, index_bytes
+from aevb_dist.data.schema import (
+    INDEX,
+    LABEL,
+    META_CHECKSUM,
+    META_LABEL_NAMES,
+    META_RANGE,
+    META_SHAPE,
+    META_SOURCE,
+    PIXELS,
+    metadata_checksum,
+    pixel_width,
+)
 from aevb_dist.data.value_range import decide_value_range
-from aevb_dist.data.schema import (INDEX, LABEL, META_CHECKSUM, META_LABEL_NAMES, META_RANGE, META_SHAPE,
-                                   META_SOURCE, PIXELS, metadata_checksum, pixel_width)
 
 FORMATS = names.DATASET_FORMATS
 
@@ -36,8 +46,9 @@ def _stderr(message: str) -> None:
 
 def detect_format(source: str) -> str:
     if os.path.isdir(source):
-        if os.path.exists(os.path.join(source, sources.IDX_FILES["train"][0])) or \
-                os.path.exists(os.path.join(source, sources.IDX_FILES["test"][0])):
+        if os.path.exists(os.path.join(source, sources.IDX_FILES["train"][0])) or os.path.exists(
+            os.path.join(source, sources.IDX_FILES["test"][0])
+        ):
             return "mnist"
         raise ValueError(f"{source}: a folder without MNIST-style IDX files (train-images-idx3-ubyte.gz ...)")
     ext = os.path.splitext(source)[1].lower()
@@ -50,9 +61,15 @@ def detect_format(source: str) -> str:
     raise ValueError(f"{source}: cannot tell the format from the name; pass --format ({', '.join(FORMATS)})")
 
 
-def load_splits(source: str, fmt: str, wanted: list[str], test_fraction: float, seed: int,
-                image_options: Optional[ImageOptions] = None, report: Callable[[str], None] = _stderr
-                ) -> dict[str, sources.Split]:
+def load_splits(
+    source: str,
+    fmt: str,
+    wanted: list[str],
+    test_fraction: float,
+    seed: int,
+    image_options: Optional[ImageOptions] = None,
+    report: Callable[[str], None] = _stderr,
+) -> dict[str, sources.Split]:
     label_names = None
     if fmt in ("mnist", "fashion-mnist"):
         if not os.path.isdir(source):
@@ -71,8 +88,15 @@ def load_splits(source: str, fmt: str, wanted: list[str], test_fraction: float, 
     if labels is not None and (labels.ndim != 1 or labels.shape[0] != images.shape[0]):
         raise ValueError(f"{source}: labels of shape {labels.shape} do not match {images.shape[0]} examples")
     rows = sources.split_rows(images.shape[0], test_fraction, seed)
-    return {name: sources.Split(images[rows[name]], None if labels is None else labels[rows[name]].astype(np.int64),
-                                rows[name].astype(np.int64), label_names) for name in wanted}
+    return {
+        name: sources.Split(
+            images[rows[name]],
+            None if labels is None else labels[rows[name]].astype(np.int64),
+            rows[name].astype(np.int64),
+            label_names,
+        )
+        for name in wanted
+    }
 
 
 def _decoded_images(source: str, fmt: str, options: ImageOptions, report: Callable[[str], None]):
@@ -83,8 +107,9 @@ def _decoded_images(source: str, fmt: str, options: ImageOptions, report: Callab
         names = encoded
     else:
         encoded, names, labels = images_module.read_parquet_images(source, options.image_column, options.label_column)
-    images, kept = images_module.decode_images(encoded, names, size=options.size, grayscale=options.grayscale,
-                                               skip_bad=options.skip_bad, report=report)
+    images, kept = images_module.decode_images(
+        encoded, names, size=options.size, grayscale=options.grayscale, skip_bad=options.skip_bad, report=report
+    )
     return images, None if labels is None else labels[kept], label_names
 
 
@@ -95,8 +120,9 @@ def _table(split: sources.Split, rows: slice, metadata: dict[bytes, bytes]) -> p
         flat = flat.astype(np.float32)
     if flat.dtype == np.uint8:
         flat = np.ascontiguousarray(flat)
-        pixels = pa.FixedSizeBinaryArray.from_buffers(pa.binary(flat.shape[1]), flat.shape[0],
-                                                      [None, pa.py_buffer(flat.tobytes())])
+        pixels = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(flat.shape[1]), flat.shape[0], [None, pa.py_buffer(flat.tobytes())]
+        )
     else:
         pixels = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
     columns = {PIXELS: pixels, INDEX: pa.array(split.index[rows])}
@@ -111,13 +137,26 @@ def _table(split: sources.Split, rows: slice, metadata: dict[bytes, bytes]) -> p
 PIXEL_ENCODING = dict(compression="zstd", use_dictionary=[INDEX, LABEL], write_statistics=[INDEX, LABEL])
 
 
-def _write_split(fs, folder: str, name: str, split: sources.Split, fmt: str, num_shards: int,
-                 rows_per_row_group: int, value_range: tuple[float, float], report: Callable[[str], None]) -> int:
+def _write_split(
+    fs,
+    folder: str,
+    name: str,
+    split: sources.Split,
+    fmt: str,
+    num_shards: int,
+    rows_per_row_group: int,
+    value_range: tuple[float, float],
+    report: Callable[[str], None],
+) -> int:
     n = split.images.shape[0]
     lo, hi = value_range
     shape, value_range_json = json.dumps(list(split.images.shape[1:])).encode(), json.dumps([lo, hi]).encode()
-    metadata = {META_SHAPE: shape, META_RANGE: value_range_json, META_SOURCE: fmt.encode(),
-                META_CHECKSUM: metadata_checksum(shape, value_range_json)}
+    metadata = {
+        META_SHAPE: shape,
+        META_RANGE: value_range_json,
+        META_SOURCE: fmt.encode(),
+        META_CHECKSUM: metadata_checksum(shape, value_range_json),
+    }
     if split.label_names:
         metadata[META_LABEL_NAMES] = json.dumps(split.label_names).encode()
     fs.makedirs(folder, exist_ok=True)
@@ -131,17 +170,34 @@ def _write_split(fs, folder: str, name: str, split: sources.Split, fmt: str, num
         # pyarrow cuts a table into row groups of row_group_size rows, the last one shorter.
         files.append([file, [int(min(rows_per_row_group, stop - i)) for i in range(start, stop, rows_per_row_group)]])
         report(f"prepare: {name} shard {shard + 1}/{len(bounds) - 1} written ({stop:,}/{n:,} rows)")
-    description = {"dim": pixel_width(table.schema.field(PIXELS).type, name), "shape": list(split.images.shape[1:]),
-                   "value_range": [lo, hi], "has_label": split.labels is not None, "files": files,
-                   **({"label_names": split.label_names} if split.label_names else {})}
+    description = {
+        "dim": pixel_width(table.schema.field(PIXELS).type, name),
+        "shape": list(split.images.shape[1:]),
+        "value_range": [lo, hi],
+        "has_label": split.labels is not None,
+        "files": files,
+        **({"label_names": split.label_names} if split.label_names else {}),
+    }
     fs.pipe_file(f"{folder}/{INDEX_NAME}", index_bytes(description))  # opening the dataset reads this, not footers
     return n
 
 
-def prepare(source: str, output_uri: str, *, fmt: str = "auto", num_shards: int = 4, split: str = "both",
-            overwrite: bool = False, rows_per_row_group: int = 1000, seed: int = 0, test_fraction: float = 0.1,
-            endpoint_url: Optional[str] = None, value_range: Optional[tuple[float, float]] = None,
-            image_options: Optional[ImageOptions] = None, report: Callable[[str], None] = _stderr) -> dict[str, int]:
+def prepare(
+    source: str,
+    output_uri: str,
+    *,
+    fmt: str = "auto",
+    num_shards: int = 4,
+    split: str = "both",
+    overwrite: bool = False,
+    rows_per_row_group: int = 1000,
+    seed: int = 0,
+    test_fraction: float = 0.1,
+    endpoint_url: Optional[str] = None,
+    value_range: Optional[tuple[float, float]] = None,
+    image_options: Optional[ImageOptions] = None,
+    report: Callable[[str], None] = _stderr,
+) -> dict[str, int]:
     """Convert `source` into sharded Parquet at `output_uri`; returns rows written per split. `value_range`:
     the pixels' full scale (LO, HI), when the data cannot tell it (data/value_range.py)."""
     if num_shards < 1:
@@ -166,13 +222,15 @@ def prepare(source: str, output_uri: str, *, fmt: str = "auto", num_shards: int 
     try:
         with storage.replace_folder(fs, root) as staging:
             for name, data in splits.items():
-                counts[name] = _write_split(fs, f"{staging}/{name}", name, data, fmt, num_shards,
-                                            rows_per_row_group, (lo, hi), report)
+                counts[name] = _write_split(
+                    fs, f"{staging}/{name}", name, data, fmt, num_shards, rows_per_row_group, (lo, hi), report
+                )
     except OSError as err:  # a full disk or a read-only one: said in one line (the staging folder is gone)
         if not unfixable_by_waiting(err):
             raise
-        raise storage.unwritable_error(err, output_uri, "the dataset", bound="up to",
-                                       needed_bytes=sum(s.images.nbytes for s in splits.values())) from None
+        raise storage.unwritable_error(
+            err, output_uri, "the dataset", bound="up to", needed_bytes=sum(s.images.nbytes for s in splits.values())
+        ) from None
     report(f"prepare: wrote {', '.join(f'{k} {v:,} rows' for k, v in counts.items())} to {output_uri}")
     return counts
 

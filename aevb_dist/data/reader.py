@@ -26,14 +26,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aevb_dist import storage
+from aevb_dist.console import first_line, say
 from aevb_dist.data import images
 from aevb_dist.data.binarization import binarize, binarize_bytes
-from aevb_dist.console import first_line, say
+from aevb_dist.data.decoded_cache import DecodedRowGroups
 from aevb_dist.data.index import INDEX_NAME, read_index
 from aevb_dist.data.prefetch import window_loader
-from aevb_dist.data.decoded_cache import DecodedRowGroups
-from aevb_dist.data.schema import (INDEX, LABEL, META_CHECKSUM, META_RANGE, META_SHAPE, PIXELS, Batch,
-                                   metadata_checksum, pixel_width)
+from aevb_dist.data.schema import (
+    INDEX,
+    LABEL,
+    META_CHECKSUM,
+    META_RANGE,
+    META_SHAPE,
+    PIXELS,
+    Batch,
+    metadata_checksum,
+    pixel_width,
+)
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,16 @@ class ParquetDataset:
     lists exactly the files there, else validated from the footers; or from a `description` another
     process made of it (`describe()`: the driver's, handed to every worker), with no storage request."""
 
-    def __init__(self, uri: str, *, expected_dim: Optional[int] = None, endpoint_url: Optional[str] = None,
-                 description: Optional[dict] = None, image_column: Optional[str] = None, cache_bytes: int = 0):
+    def __init__(
+        self,
+        uri: str,
+        *,
+        expected_dim: Optional[int] = None,
+        endpoint_url: Optional[str] = None,
+        description: Optional[dict] = None,
+        image_column: Optional[str] = None,
+        cache_bytes: int = 0,
+    ):
         """`image_column`: Parquet written elsewhere whose images are encoded PNG/JPEG bytes (data/images.py),
         decoded as row groups are read; by default the column `image` of files without a `pixels` column.
         `cache_bytes`: row groups read are kept in memory, decoded, up to this size (decoded_cache.py)."""
@@ -85,28 +102,36 @@ class ParquetDataset:
         if index is None:
             return None
         if [name for name, _ in index["files"]] != [self._relative(p) for p in paths]:
-            say(f"warning: {self.uri}: its index ({INDEX_NAME}) lists other files than the folder holds; "
-                "reading the footers instead (prepare the dataset again to refresh it)")
+            say(
+                f"warning: {self.uri}: its index ({INDEX_NAME}) lists other files than the folder holds; "
+                "reading the footers instead (prepare the dataset again to refresh it)"
+            )
             return None
         return index
 
     def _relative(self, path: str) -> str:
-        return path[len(self.root):].lstrip("/")
+        return path[len(self.root) :].lstrip("/")
 
     def describe(self) -> dict:
         """What opening the dataset found, as plain values: files in order with their row groups' rows."""
         files: dict[str, list[int]] = {}
         for unit in self.units:
             files.setdefault(self._relative(unit.path), []).append(unit.num_rows)
-        return {"dim": self.dim, "shape": list(self.shape), "value_range": list(self.value_range),
-                "has_label": self.has_label, "files": [[name, rows] for name, rows in files.items()],
-                **({"image_column": self.image_column} if self.image_column else {})}
+        return {
+            "dim": self.dim,
+            "shape": list(self.shape),
+            "value_range": list(self.value_range),
+            "has_label": self.has_label,
+            "files": [[name, rows] for name, rows in files.items()],
+            **({"image_column": self.image_column} if self.image_column else {}),
+        }
 
     def _load(self, description: dict, expected_dim: Optional[int]) -> None:
         dim = description["dim"]
         if expected_dim is not None and dim != expected_dim:
-            raise ValueError(f"{self.uri}: column '{PIXELS}' has width {dim} but the model expects "
-                             f"model.input_dim={expected_dim}")
+            raise ValueError(
+                f"{self.uri}: column '{PIXELS}' has width {dim} but the model expects model.input_dim={expected_dim}"
+            )
         self.dim, self.shape = dim, list(description["shape"])
         self.value_range, self.has_label = tuple(description["value_range"]), description["has_label"]
         self.image_column = description.get("image_column")
@@ -126,15 +151,18 @@ class ParquetDataset:
             raise ValueError(f"{path}: needs columns '{PIXELS}' and '{INDEX}', found {', '.join(schema.names)}")
         dim = pixel_width(schema.field(PIXELS).type, path)
         if expected_dim is not None and dim != expected_dim:
-            raise ValueError(f"{path}: column '{PIXELS}' has width {dim} but the model expects "
-                             f"model.input_dim={expected_dim}")
+            raise ValueError(
+                f"{path}: column '{PIXELS}' has width {dim} but the model expects model.input_dim={expected_dim}"
+            )
         if self.dim is not None and dim != self.dim:
             raise ValueError(f"{path}: width {dim} differs from the other files' width {self.dim}")
         md = schema.metadata or {}
         expected = metadata_checksum(md.get(META_SHAPE, b""), md.get(META_RANGE, b""))
         if META_CHECKSUM in md and md[META_CHECKSUM] != expected:
-            raise ValueError(f"{path}: its metadata (image shape, value range) does not match its checksum: "
-                             "the file is corrupted; prepare it again")
+            raise ValueError(
+                f"{path}: its metadata (image shape, value range) does not match its checksum: "
+                "the file is corrupted; prepare it again"
+            )
         self.dim = dim
         try:
             self.shape = json.loads(md[META_SHAPE]) if META_SHAPE in md else [dim]
@@ -152,17 +180,25 @@ class ParquetDataset:
                 self.shape = images.describe_encoded_file(pq.ParquetFile(f), path, self.image_column)
             self.dim, self.value_range = int(np.prod(self.shape)), (0.0, 255.0)
         if expected_dim is not None and self.dim != expected_dim:
-            raise ValueError(f"{path}: images of shape {self.shape} ({self.dim} values) but the model expects "
-                             f"model.input_dim={expected_dim}")
+            raise ValueError(
+                f"{path}: images of shape {self.shape} ({self.dim} values) but the model expects "
+                f"model.input_dim={expected_dim}"
+            )
         self.has_label = self.has_label and LABEL in schema.names
         self.units += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
 
     def _read_encoded(self, unit: RowGroup) -> Batch:
         """Decoded as the row group is read (prefetch.py: where); an example's index is its row in the dataset."""
         with self.fs.open(unit.path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=[self.image_column] + [LABEL] * self.has_label)
-        raw = images.decode_rows(table.column(self.image_column).combine_chunks(), self.image_column, self.shape,
-                                 f"{unit.path} row group {unit.row_group}")
+            table = pq.ParquetFile(f).read_row_group(
+                unit.row_group, columns=[self.image_column] + [LABEL] * self.has_label
+            )
+        raw = images.decode_rows(
+            table.column(self.image_column).combine_chunks(),
+            self.image_column,
+            self.shape,
+            f"{unit.path} row group {unit.row_group}",
+        )
         first = self.first_rows[unit]
         label = table.column(LABEL).to_numpy().astype(np.int64) if self.has_label else None
         return Batch(raw, np.arange(first, first + len(raw), dtype=np.int64), label)
@@ -177,18 +213,21 @@ class ParquetDataset:
         columns = [PIXELS, INDEX] + ([LABEL] if self.has_label else [])
         try:
             with self.fs.open(unit.path, "rb") as f:  # pages written with checksums are verified
-                table = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(unit.row_group,
-                                                                                         columns=columns)
+                table = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(
+                    unit.row_group, columns=columns
+                )
             if table.num_rows != unit.num_rows:
                 raise OSError(f"{table.num_rows} rows read, {unit.num_rows} in the footer")
         except (pa.ArrowException, OSError) as err:
-            raise ValueError(f"{unit.path} row group {unit.row_group}: unreadable, the file is corrupted "
-                             f"({first_line(err)})") from None
+            raise ValueError(
+                f"{unit.path} row group {unit.row_group}: unreadable, the file is corrupted ({first_line(err)})"
+            ) from None
         pixels = table.column(PIXELS).combine_chunks()
         if pa.types.is_fixed_size_binary(pixels.type):
             data = pixels.buffers()[1]
-            raw = np.frombuffer(data, dtype=np.uint8, count=len(pixels) * self.dim,
-                                offset=pixels.offset * self.dim).reshape(len(pixels), self.dim)
+            raw = np.frombuffer(
+                data, dtype=np.uint8, count=len(pixels) * self.dim, offset=pixels.offset * self.dim
+            ).reshape(len(pixels), self.dim)
         else:
             raw = pixels.values.to_numpy(zero_copy_only=False).reshape(len(pixels), self.dim)
         self._check_values(raw, unit)
@@ -224,8 +263,10 @@ class ParquetDataset:
             raise ValueError(f"{where}: NaN or inf pixel values")
         low, high = raw.min(), raw.max()
         if low < lo or high > hi:
-            raise ValueError(f"{where}: values outside the declared range {list(self.value_range)} "
-                             f"(found [{low:.4g}, {high:.4g}]); the reader scales that range to [0, 1]")
+            raise ValueError(
+                f"{where}: values outside the declared range {list(self.value_range)} "
+                f"(found [{low:.4g}, {high:.4g}]); the reader scales that range to [0, 1]"
+            )
 
     def read_all(self) -> Batch:
         """Every row in file order; for small data and tests only."""
@@ -240,12 +281,16 @@ def _concat(batches: list[Batch]) -> Batch:
     if not batches:
         return Batch(np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
     labels = [b.label for b in batches]
-    return Batch(np.concatenate([b.x for b in batches]), np.concatenate([b.index for b in batches]),
-                 None if any(lab is None for lab in labels) else np.concatenate(labels))
+    return Batch(
+        np.concatenate([b.x for b in batches]),
+        np.concatenate([b.index for b in batches]),
+        None if any(lab is None for lab in labels) else np.concatenate(labels),
+    )
 
 
-def assign_row_groups(units: list[RowGroup], world_size: int, *, seed: int, epoch: int,
-                      shuffle: bool) -> list[list[int]]:
+def assign_row_groups(
+    units: list[RowGroup], world_size: int, *, seed: int, epoch: int, shuffle: bool
+) -> list[list[int]]:
     """Unit ids per rank: a seeded permutation dealt greedily to the rank with the fewest rows."""
     order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
     loads = [0] * world_size
@@ -268,9 +313,22 @@ def to_model_input(dataset: ParquetDataset, raw: Batch, binarization: str, *, se
 class EpochStream:
     """One rank's batches for one epoch; every rank yields exactly `num_batches` (some may be empty)."""
 
-    def __init__(self, dataset: ParquetDataset, *, rank: int, world_size: int, batch_size: int, epoch: int,
-                 seed: int, shuffle: bool = True, window: int = 4, binarization: str = "none",
-                 start_batch: int = 0, num_batches: Optional[int] = None, read_ahead: Optional[bool] = None):
+    def __init__(
+        self,
+        dataset: ParquetDataset,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        epoch: int,
+        seed: int,
+        shuffle: bool = True,
+        window: int = 4,
+        binarization: str = "none",
+        start_batch: int = 0,
+        num_batches: Optional[int] = None,
+        read_ahead: Optional[bool] = None,
+    ):
         self.dataset, self.batch_size, self.epoch, self.seed = dataset, batch_size, epoch, seed
         self.shuffle, self.window, self.binarization, self.read_ahead = shuffle, window, binarization, read_ahead
         assignment = assign_row_groups(dataset.units, world_size, seed=seed, epoch=epoch, shuffle=shuffle)
@@ -289,7 +347,7 @@ class EpochStream:
         return sum(np.clip(rows - starts, 0, self.batch_size) for rows in self.rows_per_rank)
 
     def _windows(self) -> list[list[int]]:
-        return [self.unit_ids[i:i + self.window] for i in range(0, len(self.unit_ids), self.window)]
+        return [self.unit_ids[i : i + self.window] for i in range(0, len(self.unit_ids), self.window)]
 
     def _window_permutation(self, ids: list[int], num_rows: int) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch, ids[0], 1]).permutation(num_rows)

@@ -47,7 +47,10 @@ def pixel_width(pix: pa.DataType, path: str) -> int:
     """D, the pixels per example, from the pixels column's type."""
     if pa.types.is_fixed_size_binary(pix):
         return pix.byte_width  # one uint8 per pixel
-    if pa.types.is_fixed_size_list(pix) and (pa.types.is_integer(pix.value_type) or pa.types.is_floating(pix.value_type)):
+    if pa.types.is_fixed_size_list(pix) and (
+        pa.types.is_integer(pix.value_type) or pa.types.is_floating(pix.value_type)
+    ):
         return pix.list_size
-    raise ValueError(f"{path}: column '{PIXELS}' must be fixed_size_binary (uint8) or a fixed-size list "
-                     f"of numbers, got {pix}")
+    raise ValueError(
+        f"{path}: column '{PIXELS}' must be fixed_size_binary (uint8) or a fixed-size list of numbers, got {pix}"
+    )

@@ -15,8 +15,9 @@ import numpy as np
 NEARLY_BLANK = 1.0 / 64
 
 
-def decide_value_range(arrays: list[np.ndarray], where: str,
-                       declared: Optional[tuple[float, float]] = None) -> tuple[float, float, str]:
+def decide_value_range(
+    arrays: list[np.ndarray], where: str, declared: Optional[tuple[float, float]] = None
+) -> tuple[float, float, str]:
     """(lo, hi, why) for pixels `arrays` (all splits of one dataset, so that they share one range)."""
     arrays = [a for a in arrays if a.size]
     if not arrays:
@@ -37,8 +38,10 @@ def decide_value_range(arrays: list[np.ndarray], where: str,
             return 0.0, 1.0, "binary: every value is 0 or 1"
         if dtype == np.uint8:
             return 0.0, 255.0, "8-bit: uint8 values up to 255"
-        raise ValueError(f"{where}: {dtype} pixels in [{lo:g}, {hi:g}]: their full scale cannot be told from the "
-                         f"data; pass --value-range LO HI (e.g. --value-range 0 65535 for 16-bit images)")
+        raise ValueError(
+            f"{where}: {dtype} pixels in [{lo:g}, {hi:g}]: their full scale cannot be told from the "
+            f"data; pass --value-range LO HI (e.g. --value-range 0 65535 for 16-bit images)"
+        )
     if lo >= 0.0 and hi <= 1.0:
         return 0.0, 1.0, "float intensities within [0, 1]"
     if hi == lo:
@@ -61,15 +64,19 @@ def check_range_fits(dataset, likelihood: str, where: str) -> None:
     mapping the recorded range to [0, 1]) is nearly 0, so that every pixel reads as almost surely off."""
     if likelihood == "discretized_logistic" and tuple(dataset.value_range) != (0.0, 255.0):
         lo, hi = dataset.value_range
-        raise ValueError(f"model.likelihood=discretized_logistic models 8-bit pixels (256 levels); {where} is "
-                         f"recorded with the value range [{lo:g}, {hi:g}]")
+        raise ValueError(
+            f"model.likelihood=discretized_logistic models 8-bit pixels (256 levels); {where} is "
+            f"recorded with the value range [{lo:g}, {hi:g}]"
+        )
     if likelihood != "bernoulli" or not dataset.units:
         return
     max_intensity = float(dataset.to_unit_interval(dataset.read_raw(dataset.units[0]).x).max(initial=0.0))
     if max_intensity >= NEARLY_BLANK:
         return
     lo, hi = dataset.value_range
-    raise ValueError(f"{where}: no pixel reaches {NEARLY_BLANK:.3g} of the recorded value range [{lo:g}, {hi:g}] "
-                     f"(brightest: {max_intensity:.3g}); a Bernoulli model would read every pixel as off. "
-                     "Was 0/1 data prepared as 8-bit? Prepare it again (0/1 data is recorded as binary now, or "
-                     "pass --value-range)")
+    raise ValueError(
+        f"{where}: no pixel reaches {NEARLY_BLANK:.3g} of the recorded value range [{lo:g}, {hi:g}] "
+        f"(brightest: {max_intensity:.3g}); a Bernoulli model would read every pixel as off. "
+        "Was 0/1 data prepared as 8-bit? Prepare it again (0/1 data is recorded as binary now, or "
+        "pass --value-range)"
+    )

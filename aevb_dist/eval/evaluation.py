@@ -25,8 +25,12 @@ from aevb_dist.model.vae import VAE
 def open_as_trained(data_uri: str, vae: VAE, saved: dict, endpoint_url: Optional[str] = None) -> ParquetDataset:
     """`data_uri` opened for a checkpoint's model: its input size, and encoded images read from the column the
     run trained on (`data.image_column` of the saved config)."""
-    return ParquetDataset(data_uri, expected_dim=vae.input_dim, endpoint_url=endpoint_url,
-                          image_column=saved["config"]["data"].get("image_column"))
+    return ParquetDataset(
+        data_uri,
+        expected_dim=vae.input_dim,
+        endpoint_url=endpoint_url,
+        image_column=saved["config"]["data"].get("image_column"),
+    )
 
 
 @dataclass
@@ -66,15 +70,27 @@ def _batches(dataset: ParquetDataset, unit_id: int, batch_size: int, binarizatio
     batch = to_model_input(dataset, dataset.read_raw(dataset.units[unit_id]), binarization, seed=seed, epoch=0)
     for start in range(0, len(batch), batch_size):
         stop = start + batch_size
-        yield Batch(batch.x[start:stop], batch.index[start:stop],
-                    None if batch.label is None else batch.label[start:stop])
+        yield Batch(
+            batch.x[start:stop], batch.index[start:stop], None if batch.label is None else batch.label[start:stop]
+        )
 
 
 @torch.no_grad()
-def evaluate_units(vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, num_importance_samples: int,
-                   chunk_size: int = 100, batch_size: int = 100, binarization: str = "static", seed: int = 0,
-                   estimator: str = "is", num_steps: int = 500, num_leapfrog: int = 10,
-                   on_unit: Optional[Callable[[int], None]] = None) -> Sums:
+def evaluate_units(
+    vae: VAE,
+    dataset: ParquetDataset,
+    unit_ids: list[int],
+    *,
+    num_importance_samples: int,
+    chunk_size: int = 100,
+    batch_size: int = 100,
+    binarization: str = "static",
+    seed: int = 0,
+    estimator: str = "is",
+    num_steps: int = 500,
+    num_leapfrog: int = 10,
+    on_unit: Optional[Callable[[int], None]] = None,
+) -> Sums:
     """ELBO (estimator B, L=1) and, with K > 0, log p(x) by `estimator` (see marginal_likelihood.py)
     over the given row groups. K is the number of importance samples, or of chains for ais/appendix-d."""
     vae.eval()
@@ -88,8 +104,15 @@ def evaluate_units(vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, nu
             total += Sums(count=len(batch), elbo=elbo.sum().item(), elbo_sq=elbo.pow(2).sum().item())
             if num_importance_samples > 0:
                 log_px = estimate_log_marginal_likelihood(
-                    vae, x, estimator, num_samples=num_importance_samples, chunk_size=chunk_size, num_steps=num_steps,
-                    num_leapfrog=num_leapfrog, generator=gen).double()
+                    vae,
+                    x,
+                    estimator,
+                    num_samples=num_importance_samples,
+                    chunk_size=chunk_size,
+                    num_steps=num_steps,
+                    num_leapfrog=num_leapfrog,
+                    generator=gen,
+                ).double()
                 total += Sums(log_px=log_px.sum().item(), log_px_sq=log_px.pow(2).sum().item())
         if on_unit is not None:
             on_unit(dataset.units[uid].num_rows)
@@ -97,8 +120,9 @@ def evaluate_units(vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, nu
 
 
 @torch.no_grad()
-def encode_units(vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, binarization: str, seed: int,
-                 batch_size: int = 1000) -> dict[str, np.ndarray]:
+def encode_units(
+    vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, binarization: str, seed: int, batch_size: int = 1000
+) -> dict[str, np.ndarray]:
     """Posterior q_φ(z|x) per example: mean and standard deviation [N, Z], with index and label."""
     vae.eval()
     parts: dict[str, list[np.ndarray]] = {"index": [], "label": [], "mean": [], "std": []}
@@ -112,6 +136,9 @@ def encode_units(vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, bina
                 parts["label"].append(batch.label)
     out = {k: np.concatenate(v) for k, v in parts.items() if v}
     if "mean" not in out:
-        out.update(index=np.zeros(0, np.int64), mean=np.zeros((0, vae.latent_dim), np.float32),
-                   std=np.zeros((0, vae.latent_dim), np.float32))
+        out.update(
+            index=np.zeros(0, np.int64),
+            mean=np.zeros((0, vae.latent_dim), np.float32),
+            std=np.zeros((0, vae.latent_dim), np.float32),
+        )
     return out

@@ -20,8 +20,8 @@ from aevb_dist.console import Progress, say
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.data.value_range import check_range_fits
 from aevb_dist.eval.evaluation import Sums, encode_units, evaluate_units, open_as_trained
-from aevb_dist.uri import absolute_uri
 from aevb_dist.ray_runtime import cluster_cpus, run_tasks, start_ray, stop_ray, threads_for_cpus
+from aevb_dist.uri import absolute_uri
 
 
 def _chunks(num_units: int, num_workers: int) -> list[list[int]]:
@@ -42,8 +42,16 @@ def _evaluate_task(state_bytes, data_uri, endpoint_url, description, unit_ids, o
     return evaluate_units(vae, _reopen(data_uri, endpoint_url, description), unit_ids, **options)
 
 
-def _run_chunks(task, state_bytes: bytes, chunk_args: list[tuple], *, num_workers: int,
-                ray_address: Optional[str], on_done, use_gpu: bool = False) -> None:
+def _run_chunks(
+    task,
+    state_bytes: bytes,
+    chunk_args: list[tuple],
+    *,
+    num_workers: int,
+    ray_address: Optional[str],
+    on_done,
+    use_gpu: bool = False,
+) -> None:
     """`task(state, *args, threads)` per chunk on Ray tasks, `num_workers` at once, each holding an equal
     share of the cluster's CPUs (and with `use_gpu` a GPU); the checkpoint's bytes go to the object store once."""
     started = start_ray(ray_address)
@@ -52,21 +60,32 @@ def _run_chunks(task, state_bytes: bytes, chunk_args: list[tuple], *, num_worker
 
         gpus = ray.cluster_resources().get("GPU", 0)
         if use_gpu and gpus < 1:
-            raise ValueError("--use-gpu: the Ray cluster has no GPU (ray.cluster_resources() lists none); "
-                             "drop --use-gpu or join a cluster with GPUs (--ray-address)")
+            raise ValueError(
+                "--use-gpu: the Ray cluster has no GPU (ray.cluster_resources() lists none); "
+                "drop --use-gpu or join a cluster with GPUs (--ray-address)"
+            )
         cpus = max(cluster_cpus() / num_workers, 0.01)
         state_ref = ray.put(state_bytes)
-        run_tasks(task, [(state_ref, *args, threads_for_cpus(cpus)) for args in chunk_args],
-                  max_in_flight=num_workers, num_cpus=cpus, num_gpus=1 if use_gpu else 0, on_done=on_done)
+        run_tasks(
+            task,
+            [(state_ref, *args, threads_for_cpus(cpus)) for args in chunk_args],
+            max_in_flight=num_workers,
+            num_cpus=cpus,
+            num_gpus=1 if use_gpu else 0,
+            on_done=on_done,
+        )
     finally:
         stop_ray(started)
 
 
-def _check_evaluate_args(num_importance_samples: int, num_workers: int, estimator: str, num_steps: int,
-                         num_leapfrog: int) -> None:
+def _check_evaluate_args(
+    num_importance_samples: int, num_workers: int, estimator: str, num_steps: int, num_leapfrog: int
+) -> None:
     if num_importance_samples < 1:
-        raise ValueError(f"--num-importance-samples={num_importance_samples} must be at least 1 "
-                         "(log p(x) is estimated from K >= 1 importance samples; 5000 is the literature's choice)")
+        raise ValueError(
+            f"--num-importance-samples={num_importance_samples} must be at least 1 "
+            "(log p(x) is estimated from K >= 1 importance samples; 5000 is the literature's choice)"
+        )
     if num_workers < 1:
         raise ValueError(f"--num-workers={num_workers} must be at least 1")
     if estimator not in names.MARGINAL_LIKELIHOOD_ESTIMATORS:
@@ -75,10 +94,23 @@ def _check_evaluate_args(num_importance_samples: int, num_workers: int, estimato
         raise ValueError(f"--num-steps={num_steps} must be at least 3 and --leapfrog-steps={num_leapfrog} at least 1")
 
 
-def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int = 5000, num_workers: int = 2,
-             batch_size: int = 100, chunk_size: int = 100, seed: int = 0, output_uri: Optional[str] = None,
-             endpoint_url: Optional[str] = None, ray_address: Optional[str] = None, estimator: str = "is",
-             num_steps: int = 500, num_leapfrog: int = 10, use_gpu: bool = False) -> dict:
+def evaluate(
+    checkpoint_uri: str,
+    data_uri: str,
+    *,
+    num_importance_samples: int = 5000,
+    num_workers: int = 2,
+    batch_size: int = 100,
+    chunk_size: int = 100,
+    seed: int = 0,
+    output_uri: Optional[str] = None,
+    endpoint_url: Optional[str] = None,
+    ray_address: Optional[str] = None,
+    estimator: str = "is",
+    num_steps: int = 500,
+    num_leapfrog: int = 10,
+    use_gpu: bool = False,
+) -> dict:
     """Dataset means (and standard errors) of the ELBO and log p(x), every row group computed once; with
     `use_gpu` each Ray task holds one of the cluster's GPUs (the noise then comes from the GPU's generator)."""
     _check_evaluate_args(num_importance_samples, num_workers, estimator, num_steps, num_leapfrog)
@@ -88,12 +120,21 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
     dataset = open_as_trained(data_uri, vae, saved, endpoint_url)
     check_range_fits(dataset, vae.likelihood.name, data_uri)
     if estimator == "is" and vae.posterior.support != "real":
-        say(f"warning: q(z|x) is {vae.posterior.name}, supported on the {vae.posterior.support} values only, while "
+        say(
+            f"warning: q(z|x) is {vae.posterior.name}, supported on the {vae.posterior.support} values only, while "
             "p(z|x) covers the real line: importance sampling then estimates a lower bound on log p(x), not log "
-            "p(x) itself; use --estimator ais")
-    options = dict(num_importance_samples=num_importance_samples, chunk_size=chunk_size, batch_size=batch_size,
-                   binarization=saved_eval_binarization(vae, saved),
-                   seed=seed, estimator=estimator, num_steps=num_steps, num_leapfrog=num_leapfrog)
+            "p(x) itself; use --estimator ais"
+        )
+    options = dict(
+        num_importance_samples=num_importance_samples,
+        chunk_size=chunk_size,
+        batch_size=batch_size,
+        binarization=saved_eval_binarization(vae, saved),
+        seed=seed,
+        estimator=estimator,
+        num_steps=num_steps,
+        num_leapfrog=num_leapfrog,
+    )
     progress = Progress(f"evaluate ({estimator}, K={num_importance_samples})", dataset.num_rows)
     total = Sums()
 
@@ -103,15 +144,28 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
         progress.add(sums.count)
 
     description = dataset.describe()
-    _run_chunks(_evaluate_task, state_bytes, [(data_uri, endpoint_url, description, c, options, use_gpu)
-                                              for c in _chunks(len(dataset.units), num_workers)],
-                num_workers=num_workers, ray_address=ray_address, on_done=done, use_gpu=use_gpu)
+    _run_chunks(
+        _evaluate_task,
+        state_bytes,
+        [(data_uri, endpoint_url, description, c, options, use_gpu) for c in _chunks(len(dataset.units), num_workers)],
+        num_workers=num_workers,
+        ray_address=ray_address,
+        on_done=done,
+        use_gpu=use_gpu,
+    )
     if total.count != dataset.num_rows:
         raise RuntimeError(f"evaluated {total.count} examples of {dataset.num_rows}; refusing a partial result")
-    result = {**total.summary(), "estimator": estimator, "num_importance_samples": num_importance_samples,
-              **({} if estimator == "is" else {"num_steps": num_steps, "num_leapfrog": num_leapfrog}),
-              "checkpoint": folder, "step": saved["state"]["step"], "data": data_uri,
-              "binarization": options["binarization"], "seed": seed}
+    result = {
+        **total.summary(),
+        "estimator": estimator,
+        "num_importance_samples": num_importance_samples,
+        **({} if estimator == "is" else {"num_steps": num_steps, "num_leapfrog": num_leapfrog}),
+        "checkpoint": folder,
+        "step": saved["state"]["step"],
+        "data": data_uri,
+        "binarization": options["binarization"],
+        "seed": seed,
+    }
     if vae.likelihood.name == "discretized_logistic":  # a probability mass over 256 levels: bits per pixel
         for key in ("elbo", "log_marginal_likelihood"):
             if key in result:
@@ -122,8 +176,9 @@ def evaluate(checkpoint_uri: str, data_uri: str, *, num_importance_samples: int 
     return result
 
 
-def _encode_task(state_bytes, data_uri, endpoint_url, description, unit_ids, options, staging_uri, part,
-                 threads) -> int:
+def _encode_task(
+    state_bytes, data_uri, endpoint_url, description, unit_ids, options, staging_uri, part, threads
+) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -143,8 +198,17 @@ def _encode_task(state_bytes, data_uri, endpoint_url, description, unit_ids, opt
     return len(out["index"])
 
 
-def encode(checkpoint_uri: str, data_uri: str, output_uri: str, *, num_workers: int = 2, seed: int = 0,
-           overwrite: bool = False, endpoint_url: Optional[str] = None, ray_address: Optional[str] = None) -> int:
+def encode(
+    checkpoint_uri: str,
+    data_uri: str,
+    output_uri: str,
+    *,
+    num_workers: int = 2,
+    seed: int = 0,
+    overwrite: bool = False,
+    endpoint_url: Optional[str] = None,
+    ray_address: Optional[str] = None,
+) -> int:
     """Write q_φ(z|x) for every example as sharded Parquet; returns the number of rows written."""
     if storage.scheme_of(output_uri) == "memory":
         raise ValueError("OUTPUT_URI=memory://... is private to one process; Ray tasks cannot write there")
@@ -155,8 +219,7 @@ def encode(checkpoint_uri: str, data_uri: str, output_uri: str, *, num_workers: 
     fs, root = storage.resolve(output_uri, endpoint_url)
     if fs.exists(root) and fs.ls(root) and not overwrite:
         raise ValueError(f"{output_uri} is not empty; pass --overwrite to replace it")
-    options = dict(binarization=saved_eval_binarization(vae, saved),
-                   seed=seed)
+    options = dict(binarization=saved_eval_binarization(vae, saved), seed=seed)
     progress = Progress("encode", dataset.num_rows)
     written = 0
 
@@ -169,9 +232,17 @@ def encode(checkpoint_uri: str, data_uri: str, output_uri: str, *, num_workers: 
         scheme = storage.scheme_of(output_uri)
         staging_uri = staging if scheme == "file" else f"{scheme}://{staging}"
         description = dataset.describe()
-        _run_chunks(_encode_task, state_bytes, [(data_uri, endpoint_url, description, c, options, staging_uri, i)
-                                                for i, c in enumerate(_chunks(len(dataset.units), num_workers))],
-                    num_workers=num_workers, ray_address=ray_address, on_done=done)
+        _run_chunks(
+            _encode_task,
+            state_bytes,
+            [
+                (data_uri, endpoint_url, description, c, options, staging_uri, i)
+                for i, c in enumerate(_chunks(len(dataset.units), num_workers))
+            ],
+            num_workers=num_workers,
+            ray_address=ray_address,
+            on_done=done,
+        )
         if written != dataset.num_rows:
             raise RuntimeError(f"encoded {written} examples of {dataset.num_rows}; refusing a partial result")
     return written

@@ -50,8 +50,14 @@ def gradient_variance_figure(sweep: dict):
     for i, est in enumerate(sweep["estimators"]):
         color = f"C{i}"
         for part, style in (("encoder", "o-"), ("decoder", "s--")):
-            ax.plot(counts, [r[est][f"{part}_variance"] for r in sweep["results"]], style, color=color,
-                    label=f"{est}: {part} ({'φ' if part == 'encoder' else 'θ'})", markersize=5)
+            ax.plot(
+                counts,
+                [r[est][f"{part}_variance"] for r in sweep["results"]],
+                style,
+                color=color,
+                label=f"{est}: {part} ({'φ' if part == 'encoder' else 'θ'})",
+                markersize=5,
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     from matplotlib.ticker import NullFormatter
@@ -106,12 +112,13 @@ def tile_canvas(pixels: np.ndarray, cols: int) -> np.ndarray:
     tiles = np.repeat(tiles, 3, axis=3) if c == 1 else tiles
     th, tw = h * scale, w * scale
     rows = math.ceil(n / cols)
-    canvas = np.full((rows * (th + BORDER_PX) + BORDER_PX, cols * (tw + BORDER_PX) + BORDER_PX, 3), 0.5,
-                     dtype=np.float32)
+    canvas = np.full(
+        (rows * (th + BORDER_PX) + BORDER_PX, cols * (tw + BORDER_PX) + BORDER_PX, 3), 0.5, dtype=np.float32
+    )
     for i in range(n):
         r, col = divmod(i, cols)
         top, left = BORDER_PX + r * (th + BORDER_PX), BORDER_PX + col * (tw + BORDER_PX)
-        canvas[top:top + th, left:left + tw] = tiles[i]
+        canvas[top : top + th, left : left + tw] = tiles[i]
     return canvas
 
 
@@ -138,8 +145,9 @@ def manifold_codes(n: int) -> torch.Tensor:
     return torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1)
 
 
-def plot_run(run_uri: str, output_uri: Optional[str] = None, *, endpoint_url: Optional[str] = None,
-             seed: int = 0) -> list[str]:
+def plot_run(
+    run_uri: str, output_uri: Optional[str] = None, *, endpoint_url: Optional[str] = None, seed: int = 0
+) -> list[str]:
     """Write the PNGs for a run folder; returns their URIs."""
     import matplotlib
 

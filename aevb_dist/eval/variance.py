@@ -13,14 +13,33 @@ from aevb_dist.eval.evaluation import open_as_trained
 from aevb_dist.model.gradient_variance import variance_sweep
 
 
-def checkpoint_gradient_variance(checkpoint_uri: str, data_uri: str, *, batch_size: int, estimators: tuple[str, ...],
-                                 latent_samples: list[int], num_draws: int, seed: int,
-                                 endpoint_url: Optional[str] = None) -> dict:
+def checkpoint_gradient_variance(
+    checkpoint_uri: str,
+    data_uri: str,
+    *,
+    batch_size: int,
+    estimators: tuple[str, ...],
+    latent_samples: list[int],
+    num_draws: int,
+    seed: int,
+    endpoint_url: Optional[str] = None,
+) -> dict:
     """The variance report of `variance_sweep` on the first (seeded) batch of `data_uri`."""
     vae, saved = model_from_bytes(*load_checkpoint_bytes(checkpoint_uri, endpoint_url))
     data = open_as_trained(data_uri, vae, saved, endpoint_url)
     binarization = saved_eval_binarization(vae, saved)
-    batch = next(iter(EpochStream(data, rank=0, world_size=1, batch_size=batch_size, epoch=0, seed=seed,
-                                  binarization=binarization)))
-    return variance_sweep(vae, torch.from_numpy(batch.x), estimators=estimators, latent_samples=latent_samples,
-                          num_draws=num_draws, seed=seed)
+    batch = next(
+        iter(
+            EpochStream(
+                data, rank=0, world_size=1, batch_size=batch_size, epoch=0, seed=seed, binarization=binarization
+            )
+        )
+    )
+    return variance_sweep(
+        vae,
+        torch.from_numpy(batch.x),
+        estimators=estimators,
+        latent_samples=latent_samples,
+        num_draws=num_draws,
+        seed=seed,
+    )

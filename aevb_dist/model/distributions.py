@@ -168,9 +168,12 @@ class DiscretizedLogisticLikelihood(Likelihood):
         return (self._split(out_BP)[0].clamp(-1.0, 1.0) + 1.0) / 2.0
 
 
-LIKELIHOODS = {"bernoulli": BernoulliLikelihood, "gaussian": GaussianLikelihood,
-               "continuous_bernoulli": ContinuousBernoulliLikelihood,
-               "discretized_logistic": DiscretizedLogisticLikelihood}
+LIKELIHOODS = {
+    "bernoulli": BernoulliLikelihood,
+    "gaussian": GaussianLikelihood,
+    "continuous_bernoulli": ContinuousBernoulliLikelihood,
+    "discretized_logistic": DiscretizedLogisticLikelihood,
+}
 names.require_registry("likelihood", names.LIKELIHOODS, LIKELIHOODS)
 
 

@@ -24,8 +24,9 @@ def _check_samples(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def sgvb_a(vae: VAE, x_BD: torch.Tensor, num_latent_samples: int = 1,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sgvb_a(
+    vae: VAE, x_BD: torch.Tensor, num_latent_samples: int = 1, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Estimator A (eq. 6): (1/L) Σ_l log p_θ(x, z_l) − log q_φ(z_l|x), z_l = μ + σ ⊙ ε_l."""
     _check_samples("num_latent_samples", num_latent_samples)
     a_BZ, b_BZ = vae.encode(x_BD)
@@ -34,8 +35,9 @@ def sgvb_a(vae: VAE, x_BD: torch.Tensor, num_latent_samples: int = 1,
     return (log_joint_LB - vae.log_posterior(z_LBZ, a_BZ, b_BZ)).mean(0)
 
 
-def sgvb_b(vae: VAE, x_BD: torch.Tensor, num_latent_samples: int = 1,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sgvb_b(
+    vae: VAE, x_BD: torch.Tensor, num_latent_samples: int = 1, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Estimator B (eq. 7): −KL(q_φ(z|x) || p(z)) in closed form (Appendix B) + (1/L) Σ_l log p_θ(x|z_l).
 
     Every posterior family in posteriors.py has a closed-form KL to N(0, I), so B is exact for each."""
@@ -45,15 +47,22 @@ def sgvb_b(vae: VAE, x_BD: torch.Tensor, num_latent_samples: int = 1,
     return vae.log_likelihood(x_BD, z_LBZ).mean(0) - vae.kl_to_prior(a_BZ, b_BZ)
 
 
-def log_importance_weights(vae: VAE, x_BD: torch.Tensor, a_BZ: torch.Tensor, b_BZ: torch.Tensor,
-                           num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def log_importance_weights(
+    vae: VAE,
+    x_BD: torch.Tensor,
+    a_BZ: torch.Tensor,
+    b_BZ: torch.Tensor,
+    num_samples: int,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """log w_k = log p_θ(x, z_k) − log q_φ(z_k|x) for z_k ~ q_φ(z|x), [K, B]."""
     z_KBZ = vae.sample_latent(a_BZ, b_BZ, num_samples, generator)
     return vae.log_likelihood(x_BD, z_KBZ) + vae.log_prior(z_KBZ) - vae.log_posterior(z_KBZ, a_BZ, b_BZ)
 
 
-def iwae_bound(vae: VAE, x_BD: torch.Tensor, num_samples: int,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def iwae_bound(
+    vae: VAE, x_BD: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """The importance-weighted bound (Burda et al., 2015): log (1/K) Σ_k w_k. K=1 is estimator A."""
     _check_samples("num_samples", num_samples)
     a_BZ, b_BZ = vae.encode(x_BD)
@@ -65,8 +74,9 @@ ESTIMATORS = {"A": sgvb_a, "B": sgvb_b, "iwae": iwae_bound}
 names.require_registry("estimator", names.ESTIMATORS, ESTIMATORS)
 
 
-def per_example_bound(vae: VAE, x_BD: torch.Tensor, estimator: str, num_latent_samples: int,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def per_example_bound(
+    vae: VAE, x_BD: torch.Tensor, estimator: str, num_latent_samples: int, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """The chosen estimator by name ("A", "B" or "iwae"), [B]."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator {estimator!r} is not one of: {', '.join(ESTIMATORS)}")
@@ -80,8 +90,9 @@ def log_parameter_prior(module: nn.Module, std: float) -> torch.Tensor:
     return -0.5 * sq / std**2 - num * (math.log(std) + 0.5 * math.log(2 * math.pi))
 
 
-def map_objective_sum(elbo_sum: torch.Tensor, module: nn.Module, theta_prior_std: Optional[float],
-                      batch_size, dataset_size: int) -> torch.Tensor:
+def map_objective_sum(
+    elbo_sum: torch.Tensor, module: nn.Module, theta_prior_std: Optional[float], batch_size, dataset_size: int
+) -> torch.Tensor:
     """What a minibatch contributes to the objective, as a sum over its examples.
 
     Eq. 8 estimates the dataset bound as (N/M) Σ_i L̃(x_i); MAP adds log p(θ) once per
@@ -96,8 +107,9 @@ def map_objective_sum(elbo_sum: torch.Tensor, module: nn.Module, theta_prior_std
 
 
 @torch.no_grad()
-def add_prior_gradient(params: list[torch.Tensor], theta_prior_std: Optional[float], batch_size,
-                       dataset_size: int) -> None:
+def add_prior_gradient(
+    params: list[torch.Tensor], theta_prior_std: Optional[float], batch_size, dataset_size: int
+) -> None:
     """Adds the MAP term's gradient to each parameter's `.grad`, for a loss of −map_objective_sum:
     ∇_θ −(M/N) log p(θ) = (M/N) θ / σ² for p(θ) = N(0, σ² I). The gradient that backpropagating
     map_objective_sum's prior term gives, in closed form and one fused pass: autograd through Σ θ² took
@@ -105,7 +117,7 @@ def add_prior_gradient(params: list[torch.Tensor], theta_prior_std: Optional[flo
     `batch_size`: an int, or a 0-d device tensor inside a captured CUDA graph."""
     if theta_prior_std is None or isinstance(batch_size, int) and batch_size == 0:
         return
-    scale = batch_size / (dataset_size * theta_prior_std ** 2)
+    scale = batch_size / (dataset_size * theta_prior_std**2)
     grads = [p.grad for p in params]
     if isinstance(scale, torch.Tensor):
         torch._foreach_add_(grads, [p * scale for p in params])

@@ -24,8 +24,13 @@ def log_density_and_grad(log_density: LogDensity, z_CBZ: torch.Tensor) -> tuple[
     return value_CB.detach(), grad
 
 
-def hmc_step(log_density: LogDensity, z_CBZ: torch.Tensor, step_size_B: torch.Tensor, num_leapfrog: int,
-             generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def hmc_step(
+    log_density: LogDensity,
+    z_CBZ: torch.Tensor,
+    step_size_B: torch.Tensor,
+    num_leapfrog: int,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One HMC transition leaving `log_density` invariant: returns (new z, acceptance probability [C, B])."""
     # The step is jittered per chain: a fixed trajectory length can resonate with the posterior's
     # width and barely move along some directions. Jitter drawn independently of z keeps the target invariant.

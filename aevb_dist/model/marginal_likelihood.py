@@ -35,8 +35,13 @@ def _positive_int(name: str, value) -> None:
 
 
 @torch.no_grad()
-def log_marginal_likelihood(vae: VAE, x_BD: torch.Tensor, num_importance_samples: int = 5000,
-                            chunk_size: int = 100, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def log_marginal_likelihood(
+    vae: VAE,
+    x_BD: torch.Tensor,
+    num_importance_samples: int = 5000,
+    chunk_size: int = 100,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Importance-sampled log p_θ(x) with q_φ(z|x) as proposal, [B]."""
     _positive_int("num_importance_samples", num_importance_samples)
     _positive_int("chunk_size", chunk_size)
@@ -53,8 +58,9 @@ def log_marginal_likelihood(vae: VAE, x_BD: torch.Tensor, num_importance_samples
 
 def _prior_draws(vae: VAE, x_BD: torch.Tensor, num_chains: int, generator) -> torch.Tensor:
     dtype = next(vae.parameters()).dtype
-    return torch.randn((num_chains, x_BD.shape[0], vae.latent_dim), generator=generator, dtype=dtype,
-                       device=x_BD.device)
+    return torch.randn(
+        (num_chains, x_BD.shape[0], vae.latent_dim), generator=generator, dtype=dtype, device=x_BD.device
+    )
 
 
 def annealing_schedule(num_steps: int, sharpness: float = 4.0, dtype=torch.float64) -> torch.Tensor:
@@ -64,9 +70,15 @@ def annealing_schedule(num_steps: int, sharpness: float = 4.0, dtype=torch.float
 
 
 @torch.no_grad()
-def ais_log_marginal_likelihood(vae: VAE, x_BD: torch.Tensor, num_chains: int = 16, num_steps: int = 500,
-                                num_leapfrog: int = 10, initial_step_size: float = 0.05,
-                                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def ais_log_marginal_likelihood(
+    vae: VAE,
+    x_BD: torch.Tensor,
+    num_chains: int = 16,
+    num_steps: int = 500,
+    num_leapfrog: int = 10,
+    initial_step_size: float = 0.05,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """AIS estimate of log p_θ(x): log (1/C) Σ_c w_c, log w_c = Σ_t (β_t − β_{t−1}) log p_θ(x|z_{t−1}), [B]."""
     _positive_int("num_chains", num_chains)
     _positive_int("num_steps", num_steps)
@@ -87,9 +99,18 @@ def ais_log_marginal_likelihood(vae: VAE, x_BD: torch.Tensor, num_chains: int = 
     return torch.logsumexp(log_w_CB, dim=0) - math.log(num_chains)
 
 
-def _posterior_samples(vae: VAE, x_BD: torch.Tensor, z_CBZ: torch.Tensor, step_B: torch.Tensor, num_draws: int,
-                       num_leapfrog: int, generator, adapt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _posterior_samples(
+    vae: VAE,
+    x_BD: torch.Tensor,
+    z_CBZ: torch.Tensor,
+    step_B: torch.Tensor,
+    num_draws: int,
+    num_leapfrog: int,
+    generator,
+    adapt: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`num_draws` HMC transitions on p_θ(z|x); returns every state [num_draws·C, B, Z], the last state, step sizes."""
+
     def log_post(z):
         return vae.log_prior(z) + vae.log_likelihood(x_BD, z)
 
@@ -103,9 +124,15 @@ def _posterior_samples(vae: VAE, x_BD: torch.Tensor, z_CBZ: torch.Tensor, step_B
 
 
 @torch.no_grad()
-def appendix_d_log_marginal_likelihood(vae: VAE, x_BD: torch.Tensor, num_chains: int = 16, num_steps: int = 500,
-                                       num_leapfrog: int = 10, initial_step_size: float = 0.05,
-                                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def appendix_d_log_marginal_likelihood(
+    vae: VAE,
+    x_BD: torch.Tensor,
+    num_chains: int = 16,
+    num_steps: int = 500,
+    num_leapfrog: int = 10,
+    initial_step_size: float = 0.05,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """The paper's Appendix D estimator, [B]. `num_steps` HMC transitions per chain, split in three:
     burn-in (step sizes tuned), stage 1 (samples to fit q_D), stage 3 (fresh samples for the estimate)."""
     _positive_int("num_chains", num_chains)
@@ -119,8 +146,9 @@ def appendix_d_log_marginal_likelihood(vae: VAE, x_BD: torch.Tensor, num_chains:
     z_CBZ = start_BZ.expand(num_chains, *start_BZ.shape).clone()
     step_B = torch.full((x_BD.shape[0],), initial_step_size, dtype=z_CBZ.dtype, device=z_CBZ.device)
     third = num_steps // 3
-    _, z_CBZ, step_B = _posterior_samples(vae, x_BD, z_CBZ, step_B, num_steps - 2 * third, num_leapfrog,
-                                          generator, adapt=True)
+    _, z_CBZ, step_B = _posterior_samples(
+        vae, x_BD, z_CBZ, step_B, num_steps - 2 * third, num_leapfrog, generator, adapt=True
+    )
     # (1)–(2): samples from the posterior, and a Gaussian q_D fitted to them per example.
     fit_NBZ, z_CBZ, _ = _posterior_samples(vae, x_BD, z_CBZ, step_B, third, num_leapfrog, generator, adapt=False)
     mean_BZ = fit_NBZ.mean(0)
@@ -136,16 +164,22 @@ def appendix_d_log_marginal_likelihood(vae: VAE, x_BD: torch.Tensor, num_chains:
     return -(torch.logsumexp(log_ratio_NB, dim=0) - math.log(est_NBZ.shape[0]))
 
 
-def estimate_log_marginal_likelihood(vae: VAE, x_BD: torch.Tensor, estimator: str = "is", *,
-                                     num_samples: int = 5000, chunk_size: int = 100, num_steps: int = 500,
-                                     num_leapfrog: int = 10,
-                                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def estimate_log_marginal_likelihood(
+    vae: VAE,
+    x_BD: torch.Tensor,
+    estimator: str = "is",
+    *,
+    num_samples: int = 5000,
+    chunk_size: int = 100,
+    num_steps: int = 500,
+    num_leapfrog: int = 10,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """log p_θ(x) by the named estimator, [B]. `num_samples` is K for `is`, the number of chains otherwise."""
     if estimator == "is":
         return log_marginal_likelihood(vae, x_BD, num_samples, chunk_size, generator)
     if estimator == "ais":
         return ais_log_marginal_likelihood(vae, x_BD, num_samples, num_steps, num_leapfrog, generator=generator)
     if estimator == "appendix-d":
-        return appendix_d_log_marginal_likelihood(vae, x_BD, num_samples, num_steps, num_leapfrog,
-                                                  generator=generator)
+        return appendix_d_log_marginal_likelihood(vae, x_BD, num_samples, num_steps, num_leapfrog, generator=generator)
     raise ValueError(f"--estimator {estimator!r} is not one of: {', '.join(ESTIMATORS)}")

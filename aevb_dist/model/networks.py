@@ -66,8 +66,10 @@ class ConvEncoder(nn.Module):
             layers += [nn.Conv2d(c, width, 4, stride=2, padding=1), ACTIVATIONS[activation]()]
             c, h, w = width, h // 2, w // 2
             if h < 1 or w < 1:
-                raise ValueError(f"model.conv_channels={channels}: {len(channels)} halvings of an image of shape "
-                                 f"{list(shape)} leave nothing; use fewer layers")
+                raise ValueError(
+                    f"model.conv_channels={channels}: {len(channels)} halvings of an image of shape "
+                    f"{list(shape)} leave nothing; use fewer layers"
+                )
             self.sizes.append((h, w))
         self.features = nn.Sequential(*layers)
         self.out = nn.Linear(c * h * w, 2 * latent_dim)
@@ -80,8 +82,9 @@ class ConvDecoder(nn.Module):
     """The encoder mirrored: an affine map from z, then stride-2 4×4 transposed convolutions back to the
     encoder's sizes (odd sizes through output_padding), the last one giving P maps per channel."""
 
-    def __init__(self, encoder: ConvEncoder, channels: list[int], latent_dim: int, params_per_dim: int,
-                 activation: str):
+    def __init__(
+        self, encoder: ConvEncoder, channels: list[int], latent_dim: int, params_per_dim: int, activation: str
+    ):
         super().__init__()
         c, _, _ = encoder.shape
         self.params_per_dim, self.out_shape = params_per_dim, encoder.input_shape
@@ -93,7 +96,9 @@ class ConvDecoder(nn.Module):
         width = channels[-1]
         for i, out in enumerate(widths):
             (h, w), (th, tw) = sizes[-1 - i], sizes[-2 - i]
-            layers.append(nn.ConvTranspose2d(width, out, 4, stride=2, padding=1, output_padding=(th - 2 * h, tw - 2 * w)))
+            layers.append(
+                nn.ConvTranspose2d(width, out, 4, stride=2, padding=1, output_padding=(th - 2 * h, tw - 2 * w))
+            )
             if i < len(widths) - 1:
                 layers.append(ACTIVATIONS[activation]())
             width = out
@@ -104,8 +109,9 @@ class ConvDecoder(nn.Module):
         return maps.reshape(z.shape[0], self.params_per_dim, *self.out_shape)
 
 
-def conv_networks(shape: list[int], latent_dim: int, params_per_dim: int, channels: list[int],
-                  activation: str) -> tuple[nn.Module, nn.Module]:
+def conv_networks(
+    shape: list[int], latent_dim: int, params_per_dim: int, channels: list[int], activation: str
+) -> tuple[nn.Module, nn.Module]:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
     if not channels:
@@ -120,8 +126,10 @@ def user_factory(path: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except Exception as err:
-        raise ValueError(f"model.architecture={path!r}: cannot import {module_name!r} "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        raise ValueError(
+            f"model.architecture={path!r}: cannot import {module_name!r} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
     factory = getattr(module, function, None)
     if not callable(factory):
         raise ValueError(f"model.architecture={path!r}: {module_name} has no function {function!r}")
@@ -144,16 +152,21 @@ class ShapedNetwork(nn.Module):
         return out.reshape(*lead, -1)
 
 
-def check_contract(encoder: nn.Module, decoder: nn.Module, shape: list[int], latent_dim: int, params_per_dim: int,
-                   where: str) -> None:
+def check_contract(
+    encoder: nn.Module, decoder: nn.Module, shape: list[int], latent_dim: int, params_per_dim: int, where: str
+) -> None:
     """A dry run on two examples: the shapes the contract asks for, or one line naming what came back."""
     with torch.no_grad():
         got = tuple(encoder(torch.zeros(2, *shape)).shape)
         if got != (2, 2 * latent_dim):
-            raise ValueError(f"{where}: the encoder maps [2, {', '.join(map(str, shape))}] to {list(got)}; "
-                             f"it must give [2, {2 * latent_dim}] (2 parameters per latent, model.latent_dim={latent_dim})")
+            raise ValueError(
+                f"{where}: the encoder maps [2, {', '.join(map(str, shape))}] to {list(got)}; "
+                f"it must give [2, {2 * latent_dim}] (2 parameters per latent, model.latent_dim={latent_dim})"
+            )
         got = tuple(decoder(torch.zeros(2, latent_dim)).shape)
         want = (2, params_per_dim, *shape)
         if got != want:
-            raise ValueError(f"{where}: the decoder maps [2, {latent_dim}] to {list(got)}; it must give {list(want)} "
-                             f"({params_per_dim} output(s) per pixel for this likelihood)")
+            raise ValueError(
+                f"{where}: the decoder maps [2, {latent_dim}] to {list(got)}; it must give {list(want)} "
+                f"({params_per_dim} output(s) per pixel for this likelihood)"
+            )

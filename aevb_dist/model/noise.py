@@ -24,8 +24,10 @@ class SegmentedNoise:
     def draw(self, sampler, shape, like: torch.Tensor) -> torch.Tensor:
         if len(shape) < 2 or shape[1] != sum(self.sizes):
             raise ValueError(f"noise of shape {tuple(shape)} for segments of {self.sizes} rows")
-        parts = [sampler((shape[0], n, *shape[2:]), generator=g, dtype=like.dtype, device=like.device)
-                 for g, n in zip(self.generators, self.sizes)]
+        parts = [
+            sampler((shape[0], n, *shape[2:]), generator=g, dtype=like.dtype, device=like.device)
+            for g, n in zip(self.generators, self.sizes)
+        ]
         return torch.cat(parts, dim=1)
 
 
@@ -44,4 +46,3 @@ def standard_uniform(shape, like: torch.Tensor, source: NoiseSource) -> torch.Te
     if isinstance(source, SegmentedNoise):
         return source.draw(torch.rand, shape, like)
     return torch.rand(shape, generator=source, dtype=like.dtype, device=like.device)
-

@@ -45,8 +45,9 @@ class PosteriorFamily:
     route: str  # "location-scale", "inverse CDF" or "composition" (paper, Section 2.4)
     support: str  # "real", "positive" or "unit interval"
 
-    def sample(self, a_BZ: torch.Tensor, b_BZ: torch.Tensor, num_samples: int,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(
+        self, a_BZ: torch.Tensor, b_BZ: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
         """z = g_φ(ε, x), differentiable in (a, b). [L, B, Z]."""
         raise NotImplementedError
 

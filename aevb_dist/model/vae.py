@@ -12,18 +12,28 @@ from typing import Optional
 import torch
 from torch import nn
 
-from aevb_dist.model.distributions import log_standard_normal, likelihood_from_name
-from aevb_dist.model.networks import (ShapedNetwork, check_contract, conv_networks, init_paper, mlp,
-                                      user_factory)
+from aevb_dist.model.distributions import likelihood_from_name, log_standard_normal
+from aevb_dist.model.networks import ShapedNetwork, check_contract, conv_networks, init_paper, mlp, user_factory
 from aevb_dist.model.posteriors import posterior_from_name
 
 
 class VAE(nn.Module):
-    def __init__(self, input_dim: int, hidden_sizes: list[int], latent_dim: int, activation: str = "tanh",
-                 likelihood: str = "bernoulli", squash_mean: bool = False, init_std: Optional[float] = None,
-                 posterior: str = "gaussian", validate_inputs: bool = True, architecture: str = "mlp",
-                 input_shape: Optional[list[int]] = None, conv_channels: Optional[list[int]] = None,
-                 model_cfg=None):
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_sizes: list[int],
+        latent_dim: int,
+        activation: str = "tanh",
+        likelihood: str = "bernoulli",
+        squash_mean: bool = False,
+        init_std: Optional[float] = None,
+        posterior: str = "gaussian",
+        validate_inputs: bool = True,
+        architecture: str = "mlp",
+        input_shape: Optional[list[int]] = None,
+        conv_channels: Optional[list[int]] = None,
+        model_cfg=None,
+    ):
         """`architecture`: "mlp" (the paper's), "conv" (for images of `input_shape`), or a user's
         "package.module:factory", called as factory(model_cfg, input_shape, params_per_dim) → (encoder,
         decoder) with the shapes networks.py states."""
@@ -38,19 +48,22 @@ class VAE(nn.Module):
             # Gaussian, (μ, log σ²) (Appendix C.2). See posteriors.py for the other families.
             self.encoder = mlp(input_dim, hidden_sizes, 2 * latent_dim, activation)
             # Decoder mirrors the encoder: z → parameters of p_θ(x|z).
-            self.decoder = mlp(latent_dim, list(reversed(hidden_sizes)),
-                               self.likelihood.params_per_dim * input_dim, activation)
+            self.decoder = mlp(
+                latent_dim, list(reversed(hidden_sizes)), self.likelihood.params_per_dim * input_dim, activation
+            )
         else:
-            self._shaped_networks(architecture, list(input_shape or [input_dim]), conv_channels or [32, 64],
-                                  activation, model_cfg)
+            self._shaped_networks(
+                architecture, list(input_shape or [input_dim]), conv_channels or [32, 64], activation, model_cfg
+            )
         if init_std is not None:
             init_paper(self, init_std)
         # Checks every input's finiteness and support. The trainer builds its model without it: its
         # reader has already checked every row group, and the check costs passes over each batch.
         self.validate_inputs = validate_inputs
 
-    def _shaped_networks(self, architecture: str, shape: list[int], channels: list[int], activation: str,
-                         model_cfg) -> None:
+    def _shaped_networks(
+        self, architecture: str, shape: list[int], channels: list[int], activation: str, model_cfg
+    ) -> None:
         size = 1
         for n in shape:
             size *= n
@@ -62,8 +75,10 @@ class VAE(nn.Module):
         else:
             built = user_factory(architecture)(model_cfg, tuple(shape), p)
             if not (isinstance(built, tuple) and len(built) == 2 and all(isinstance(m, nn.Module) for m in built)):
-                raise ValueError(f"model.architecture={architecture!r} must return (encoder, decoder), two "
-                                 f"torch.nn.Module; it returned {type(built).__name__}")
+                raise ValueError(
+                    f"model.architecture={architecture!r} must return (encoder, decoder), two "
+                    f"torch.nn.Module; it returned {type(built).__name__}"
+                )
             encoder, decoder = built
         check_contract(encoder, decoder, shape, self.latent_dim, p, f"model.architecture={architecture!r}")
         self.encoder = ShapedNetwork(encoder, shape, "encoder")
@@ -73,13 +88,23 @@ class VAE(nn.Module):
     def from_config(cls, model_cfg, *, seed: Optional[int] = None, validate_inputs: bool = True) -> "VAE":
         """The model of a config's `model` section. With `seed`, the initial parameters are a function of
         it (every rank builds the same model) and torch's global random state is left as it was."""
+
         def build() -> "VAE":
-            return cls(input_dim=model_cfg.input_dim, hidden_sizes=list(model_cfg.hidden_sizes),
-                       latent_dim=model_cfg.latent_dim, activation=model_cfg.activation,
-                       likelihood=model_cfg.likelihood, squash_mean=model_cfg.squash_mean,
-                       init_std=model_cfg.init_std, posterior=model_cfg.posterior, validate_inputs=validate_inputs,
-                       architecture=model_cfg.architecture, input_shape=model_cfg.input_shape,
-                       conv_channels=list(model_cfg.conv_channels), model_cfg=model_cfg)
+            return cls(
+                input_dim=model_cfg.input_dim,
+                hidden_sizes=list(model_cfg.hidden_sizes),
+                latent_dim=model_cfg.latent_dim,
+                activation=model_cfg.activation,
+                likelihood=model_cfg.likelihood,
+                squash_mean=model_cfg.squash_mean,
+                init_std=model_cfg.init_std,
+                posterior=model_cfg.posterior,
+                validate_inputs=validate_inputs,
+                architecture=model_cfg.architecture,
+                input_shape=model_cfg.input_shape,
+                conv_channels=list(model_cfg.conv_channels),
+                model_cfg=model_cfg,
+            )
 
         if seed is None:
             return build()
@@ -100,8 +125,9 @@ class VAE(nn.Module):
         a_BZ, b_BZ = self.encoder(x_BD).chunk(2, dim=-1)
         return a_BZ, b_BZ
 
-    def sample_latent(self, a_BZ: torch.Tensor, b_BZ: torch.Tensor, num_samples: int,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample_latent(
+        self, a_BZ: torch.Tensor, b_BZ: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
         """The reparameterization trick, z = g_φ(ε, x) (paper, eq. 10 for the Gaussian: z = μ + σ ⊙ ε). [L, B, Z]."""
         return self.posterior.sample(a_BZ, b_BZ, num_samples, generator)
 

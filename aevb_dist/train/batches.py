@@ -28,15 +28,26 @@ def default_num_partitions(data: ParquetDataset, global_batch_size: int) -> int:
 
 
 class BatchSource:
-    def __init__(self, cfg: Config, data: ParquetDataset, *, rank: int, world_size: int, binarization: str,
-                 device: torch.device, device_data=None, num_partitions: Optional[int] = None):
+    def __init__(
+        self,
+        cfg: Config,
+        data: ParquetDataset,
+        *,
+        rank: int,
+        world_size: int,
+        binarization: str,
+        device: torch.device,
+        device_data=None,
+        num_partitions: Optional[int] = None,
+    ):
         self.cfg, self.data, self.rank, self.world_size = cfg, data, rank, world_size
         self.binarization, self.device, self.device_data = binarization, device, device_data
         self.global_batch_size = cfg.train.global_batch_size
         self.num_partitions = None
         if self.global_batch_size is not None:
-            self.num_partitions = num_partitions or cfg.data.num_partitions or \
-                default_num_partitions(data, self.global_batch_size)
+            self.num_partitions = (
+                num_partitions or cfg.data.num_partitions or default_num_partitions(data, self.global_batch_size)
+            )
             check_partitioning(self.num_partitions, self.global_batch_size, world_size)
 
     def read_ahead(self):
@@ -47,11 +58,23 @@ class BatchSource:
     def num_batches(self, epoch: int) -> int:
         """Steps in `epoch`, the same on every rank."""
         if self.num_partitions is not None:
-            return partitioned_num_batches(self.data, num_partitions=self.num_partitions,
-                                           global_batch_size=self.global_batch_size, epoch=epoch,
-                                           seed=self.cfg.seed, shuffle=self.cfg.data.shuffle)
-        return EpochStream(self.data, rank=0, world_size=self.world_size, batch_size=self.cfg.train.batch_size_per_worker,
-                           epoch=epoch, seed=self.cfg.seed, shuffle=self.cfg.data.shuffle).num_batches
+            return partitioned_num_batches(
+                self.data,
+                num_partitions=self.num_partitions,
+                global_batch_size=self.global_batch_size,
+                epoch=epoch,
+                seed=self.cfg.seed,
+                shuffle=self.cfg.data.shuffle,
+            )
+        return EpochStream(
+            self.data,
+            rank=0,
+            world_size=self.world_size,
+            batch_size=self.cfg.train.batch_size_per_worker,
+            epoch=epoch,
+            seed=self.cfg.seed,
+            shuffle=self.cfg.data.shuffle,
+        ).num_batches
 
     def total_steps(self) -> int:
         t = self.cfg.train
@@ -60,15 +83,31 @@ class BatchSource:
         return sum(self.num_batches(e) for e in range(t.num_epochs or 1))
 
     def stream(self, epoch: int, start_batch: int) -> Stream:
-        common = dict(epoch=epoch, seed=self.cfg.seed, shuffle=self.cfg.data.shuffle,
-                      window=self.cfg.data.shuffle_window_row_groups, binarization=self.binarization,
-                      start_batch=start_batch, read_ahead=self.read_ahead())
+        common = dict(
+            epoch=epoch,
+            seed=self.cfg.seed,
+            shuffle=self.cfg.data.shuffle,
+            window=self.cfg.data.shuffle_window_row_groups,
+            binarization=self.binarization,
+            start_batch=start_batch,
+            read_ahead=self.read_ahead(),
+        )
         if self.num_partitions is not None:
-            return PartitionedEpoch(self.data, rank=self.rank, world_size=self.world_size,
-                                    num_partitions=self.num_partitions, global_batch_size=self.global_batch_size,
-                                    **common)
-        return EpochStream(self.data, rank=self.rank, world_size=self.world_size,
-                           batch_size=self.cfg.train.batch_size_per_worker, **common)
+            return PartitionedEpoch(
+                self.data,
+                rank=self.rank,
+                world_size=self.world_size,
+                num_partitions=self.num_partitions,
+                global_batch_size=self.global_batch_size,
+                **common,
+            )
+        return EpochStream(
+            self.data,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.cfg.train.batch_size_per_worker,
+            **common,
+        )
 
     def batches(self, stream: Stream) -> Iterator[tuple[torch.Tensor, object, Segments]]:
         """Each remaining batch of the epoch: read by the streaming reader, or gathered from
@@ -82,5 +121,5 @@ class BatchSource:
         else:
             plan, words_N = self.device_data.plan(stream), self.device_data.epoch_words(stream.epoch)
             for b in range(stream.start_batch, stream.num_batches):
-                positions_B = plan.positions[b, :int(plan.counts[b])]
+                positions_B = plan.positions[b, : int(plan.counts[b])]
                 yield self.device_data.batch(positions_B, words_N), self.device_data.index_N[positions_B], None

@@ -7,8 +7,8 @@ when the epoch starts), the bound and its gradient, the all-reduce of [gradients
 the division by the global count and the optimizer update — is captured once and replayed, so a
 step costs one launch. The math is the eager step's: the same sums-and-counts rule (trainer.py),
 and the noise of step s is drawn from the device's generator seeded with the eager step's seed
-(`Trainer.seed_of_step`) before each replay, so ε is the eager step's ε. Static shapes: every replay sees batch_size rows;
-a short last batch is padded with weight-0 rows (its ε is drawn for the padded shape, so that one
+(`Trainer.seed_of_step`) before each replay, so ε is the eager step's ε. Static shapes: every replay sees
+batch_size rows; a short last batch is padded with weight-0 rows (its ε is drawn for the padded shape, so that one
 step's noise differs from the eager step's).
 
 What the eager step checks each step, the graph counts on the device: a step whose ELBO or gradient
@@ -41,8 +41,7 @@ class CapturedStep:
         # binarization is one compiled kernel (FusedInputs): eager, it is memory-bound at large B.
         self.epoch_inputs = FusedInputs(data) if device.type == "cuda" else data.inputs
         capacity = -(-trainer.train_data.num_rows // size)
-        self.inputs_NBD = torch.zeros((capacity, size, data.rows_ND.shape[1]), dtype=data.input_dtype,
-                                      device=device)
+        self.inputs_NBD = torch.zeros((capacity, size, data.rows_ND.shape[1]), dtype=data.input_dtype, device=device)
         self.weights_NB = torch.zeros((capacity, size), device=device)
         self.batch_no = torch.zeros((), dtype=torch.int64, device=device)  # which row of the plan
         self.elbo_total = torch.zeros((), dtype=torch.float64, device=device)  # global ELBO sums since last read
@@ -51,8 +50,9 @@ class CapturedStep:
         # flat buffer, and the reduced votes are read at log lines (where the host syncs anyway).
         self.stop_vote = torch.zeros((), device=device)
         # The graph draws from the device's default generator (CUDA graphs replay it from its seed).
-        self.generator = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" \
-            else torch.default_generator
+        self.generator = (
+            torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+        )
         self.graph = None
         self.stop_vote_sent = False
 
@@ -61,9 +61,10 @@ class CapturedStep:
         num_batches, size = plan.positions.shape
         chunk = max(1, _EPOCH_CHUNK_ROWS // size)  # bounds eager torch's int64 temporaries (~50 MB each)
         for first in range(0, num_batches, chunk):
-            positions = plan.positions[first:first + chunk].reshape(-1)
-            self.inputs_NBD[first:first + chunk].copy_(self.epoch_inputs(positions, words_N).view(
-                -1, size, self.inputs_NBD.shape[2]))
+            positions = plan.positions[first : first + chunk].reshape(-1)
+            self.inputs_NBD[first : first + chunk].copy_(
+                self.epoch_inputs(positions, words_N).view(-1, size, self.inputs_NBD.shape[2])
+            )
         self.inputs_NBD[num_batches:].zero_()
         self.weights_NB[:num_batches].copy_(plan.weights)
         self.weights_NB[num_batches:].zero_()
@@ -90,8 +91,9 @@ class CapturedStep:
         then put the model, the optimizer and the counters back as they were before the warm-up."""
         tr = self.trainer
         saved_model = {k: v.clone() for k, v in tr.vae.state_dict().items()}
-        saved_optim = {id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
-                       for p, st in tr.optimizer.state.items()}
+        saved_optim = {
+            id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in tr.optimizer.state.items()
+        }
         saved_batch_no = self.batch_no.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -125,8 +127,9 @@ class CapturedStep:
             self._step()
 
 
-def fit_captured(trainer, on_log: Callable[[dict], None], on_checkpoint: Callable[[dict, dict], None],
-                 capture: bool = True) -> dict:
+def fit_captured(
+    trainer, on_log: Callable[[dict], None], on_checkpoint: Callable[[dict, dict], None], capture: bool = True
+) -> dict:
     """Trainer.fit with the captured step; the same logging, checkpoints and data positions. With
     capture=False the step runs uncaptured (the CPU tests of this loop). A stop request is seen at the next
     log line (reading the reduced votes each step would sync the host with the GPU every step)."""

@@ -10,7 +10,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-
 # The flat buffer's tail, after the gradients: the step's ELBO sum, its example count, and how many ranks ask
 # to stop after this step (a preemption notice, Ctrl-C or SIGTERM; trainer.py). The vote rides on the
 # gradients' all-reduce, so every rank learns it at the same step, at no cost.

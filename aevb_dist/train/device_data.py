@@ -47,6 +47,7 @@ def example_hashes(index_N: torch.Tensor, key: int) -> torch.Tensor:
 class EpochPlan:
     """One rank's epoch: row positions [num_batches, B] (padded with row 0) and weights [num_batches, B]
     (1 for a real example, 0 for padding), on the device; `counts` [num_batches] on the host."""
+
     positions: torch.Tensor
     weights: torch.Tensor
     counts: np.ndarray
@@ -71,12 +72,15 @@ class DeviceData:
         order = stream.row_positions()
         size, num_batches = stream.batch_size, stream.num_batches
         padded = np.zeros(num_batches * size, np.int64)
-        padded[:len(order)] = order
+        padded[: len(order)] = order
         weights = np.zeros(num_batches * size, np.float32)
-        weights[:len(order)] = 1.0
+        weights[: len(order)] = 1.0
         counts = np.clip(len(order) - np.arange(num_batches) * size, 0, size)
-        return EpochPlan(torch.from_numpy(padded.reshape(num_batches, size)).to(self.device),
-                         torch.from_numpy(weights.reshape(num_batches, size)).to(self.device), counts)
+        return EpochPlan(
+            torch.from_numpy(padded.reshape(num_batches, size)).to(self.device),
+            torch.from_numpy(weights.reshape(num_batches, size)).to(self.device),
+            counts,
+        )
 
     def epoch_words(self, epoch: int) -> torch.Tensor:
         """Per-example hash words [N] of this epoch's binarization key (zeros when not binarizing)."""
@@ -93,8 +97,7 @@ class DeviceData:
         rows_BD = self.rows_ND.index_select(0, positions_B)
         if self.binarization == "none":
             return rows_BD
-        bits24_BD = fmix32((words_N.index_select(0, positions_B)[:, None] + self.pixel_words_D[None, :])
-                           & _MASK32) >> 8
+        bits24_BD = fmix32((words_N.index_select(0, positions_B)[:, None] + self.pixel_words_D[None, :]) & _MASK32) >> 8
         if self.is_bytes:  # u < v/255 compared in integers, as binarize_bytes does
             return bits24_BD < self.thresholds[rows_BD.long()]
         return (bits24_BD.float() * 2.0**-24) < rows_BD
@@ -120,7 +123,10 @@ class FusedInputs:
             try:
                 return self.compiled(positions_B, words_N)
             except Exception as err:  # the eager function is the same rule: only speed is lost
-                warnings.warn(f"data.cache_on_device: compiling the binarization failed, computing it eagerly "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})")
+                warnings.warn(
+                    f"data.cache_on_device: compiling the binarization failed, computing it eagerly "
+                    f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})",
+                    stacklevel=2,
+                )
                 self.compiled = None
         return self.data.inputs(positions_B, words_N)

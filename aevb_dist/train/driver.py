@@ -19,10 +19,10 @@ from aevb_dist.data.value_range import check_range_fits
 from aevb_dist.model.vae import VAE
 from aevb_dist.run_lease import LeaseHeld, RunLease
 from aevb_dist.run_log import MetricsTail, progress_line, read_metrics
-from aevb_dist.train.local_launcher import launch_local
-from aevb_dist.train.ray_launcher import launch_on_ray
 from aevb_dist.train import stop_request
 from aevb_dist.train.batches import BatchSource
+from aevb_dist.train.local_launcher import launch_local
+from aevb_dist.train.ray_launcher import launch_on_ray
 from aevb_dist.train.step_setup import open_datasets
 
 
@@ -34,14 +34,16 @@ def train(cfg: Config, wait_for_lease: bool = True) -> dict:
     check_range_fits(train_data, cfg.model.likelihood, cfg.data.train_uri)
     cfg = model_for_data(cfg, train_data.shape)
     if storage.scheme_of(cfg.run.storage_uri) == "memory":
-        raise ValueError("run.storage_uri=memory://... is private to one process; workers cannot share it. "
-                         "Use a local path or s3://")
+        raise ValueError(
+            "run.storage_uri=memory://... is private to one process; workers cannot share it. Use a local path or s3://"
+        )
     run = storage.run_folder(cfg.run)
     lease = _claim_run_folder(cfg, run, wait_for_lease)
     try:
         # Steps from the config's partitions; a resumed run keeps its recorded ones (the workers count those).
-        steps = BatchSource(cfg, train_data, rank=0, world_size=cfg.train.num_workers, binarization="none",
-                            device=None).total_steps()
+        steps = BatchSource(
+            cfg, train_data, rank=0, world_size=cfg.train.num_workers, binarization="none", device=None
+        ).total_steps()
         start_step = _announce_resume(cfg, run, steps)
         if start_step < steps:
             launch = launch_local if cfg.ray.local_mode else launch_on_ray
@@ -59,8 +61,10 @@ def train(cfg: Config, wait_for_lease: bool = True) -> dict:
     rows = read_metrics(run.fs, run.file("metrics.csv"))
     last = rows[-1] if rows else {}
     if start_step < steps and last.get("step", 0) < steps:
-        say(f"stopped at step {last.get('step', 0)} of {steps}, with a checkpoint of it in {run.uri}; "
-            "run the same command again to resume")
+        say(
+            f"stopped at step {last.get('step', 0)} of {steps}, with a checkpoint of it in {run.uri}; "
+            "run the same command again to resume"
+        )
     elif start_step < steps:
         say(f"done: {run.uri} (step {last.get('step', 0)}, test ELBO {last.get('test_elbo', float('nan')):.2f})")
     return last
@@ -74,8 +78,10 @@ def model_for_data(cfg: Config, data_shape: list[int]) -> Config:
     if m.input_shape is None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, input_shape=list(data_shape)))
     elif _squeezed(m.input_shape) != _squeezed(data_shape):
-        raise ValueError(f"model.input_shape={list(m.input_shape)} differs from the training data's shape "
-                         f"{list(data_shape)} ({cfg.data.train_uri})")
+        raise ValueError(
+            f"model.input_shape={list(m.input_shape)} differs from the training data's shape "
+            f"{list(data_shape)} ({cfg.data.train_uri})"
+        )
     VAE.from_config(cfg.model)
     return cfg
 
@@ -119,8 +125,9 @@ def _claim_run_folder(cfg: Config, run: storage.Folder, wait_for_lease: bool) ->
 
 def _storage_error(cfg: Config, err: Exception) -> ValueError:
     if isinstance(err, OSError):  # PermissionError included
-        return ValueError(f"cannot write to run.storage_uri {cfg.run.storage_uri}: "
-                          f"{type(err).__name__}: {first_line(err)}")
+        return ValueError(
+            f"cannot write to run.storage_uri {cfg.run.storage_uri}: {type(err).__name__}: {first_line(err)}"
+        )
     # botocore's endpoint and credential errors have no common base we import
     return ValueError(f"cannot reach run.storage_uri {cfg.run.storage_uri}: {type(err).__name__}: {first_line(err)}")
 
@@ -134,8 +141,10 @@ def _announce_resume(cfg: Config, run: storage.Folder, steps: int) -> int:
     step, name = int(manifest["step"]), newest.rsplit("/", 1)[-1]
     _check_same_model(cfg, run, manifest.get("model"), name)
     if step >= steps:
-        say(f"{run.uri} is already at step {step} of {steps} ({name}); nothing to train. "
-            "Raise train.max_steps or train.num_epochs to continue")
+        say(
+            f"{run.uri} is already at step {step} of {steps} ({name}); nothing to train. "
+            "Raise train.max_steps or train.num_epochs to continue"
+        )
     else:
         say(f"resuming {cfg.run.name} from {name} (step {step} of {steps})")
     return step
@@ -145,18 +154,27 @@ def _check_same_model(cfg: Config, run: storage.Folder, saved_model: Optional[di
     if not saved_model:
         return
     current = to_dict(cfg)["model"]
-    changed = [f"model.{k}: {saved_model[k]} in {name}, {current[k]} now"
-               for k in current if k in saved_model and not _same_setting(k, saved_model[k], current[k])]
+    changed = [
+        f"model.{k}: {saved_model[k]} in {name}, {current[k]} now"
+        for k in current
+        if k in saved_model and not _same_setting(k, saved_model[k], current[k])
+    ]
     if changed:
-        raise ValueError(f"{run.uri} holds a checkpoint of a different model ({'; '.join(changed)}); "
-                         "use another run.name, or the model settings it was trained with")
+        raise ValueError(
+            f"{run.uri} holds a checkpoint of a different model ({'; '.join(changed)}); "
+            "use another run.name, or the model settings it was trained with"
+        )
 
 
 class ProgressPrinter:
     """Prints new metrics.csv rows while the run goes; the workers' own logs stay in Ray's log files."""
 
     def __init__(self, run: storage.Folder, total_steps: int, start_step: int, interval_s: float = 1.0):
-        self.tail, self.total_steps, self.interval_s = MetricsTail(run.fs, run.file("metrics.csv")), total_steps, interval_s
+        self.tail, self.total_steps, self.interval_s = (
+            MetricsTail(run.fs, run.file("metrics.csv")),
+            total_steps,
+            interval_s,
+        )
         seen = self._rows()  # what is there already (rows past `start_step` are trained again, and printed then)
         self.last_step = start_step
         self.workers, self.workers_step = None, 0  # the worker count, as of which step

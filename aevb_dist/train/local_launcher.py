@@ -30,8 +30,8 @@ import uuid
 
 from aevb_dist import ray_compat, storage
 from aevb_dist.config import Config
-from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.console import first_line, say, user_error_in
+from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.ray_runtime import threads_for_cpus
 from aevb_dist.train.fork_server import prestart
 from aevb_dist.train.run_folder_sink import WriteToRunFolder
@@ -46,13 +46,17 @@ def launch_local(cfg: Config, run: storage.Folder, train_data: ParquetDataset) -
 
     n = cfg.train.num_workers
     if cfg.train.use_gpu and torch.cuda.device_count() < n:
-        raise ValueError(f"ray.local_mode=true with train.use_gpu=true needs a GPU per worker: "
-                         f"train.num_workers={n}, GPUs visible: {torch.cuda.device_count()}")
+        raise ValueError(
+            f"ray.local_mode=true with train.use_gpu=true needs a GPU per worker: "
+            f"train.num_workers={n}, GPUs visible: {torch.cuda.device_count()}"
+        )
     _forget_ray_checkpoint_list(run)
     cpus = cfg.train.cpus_per_worker if cfg.train.cpus_per_worker is not None else (os.cpu_count() or 1) // n
     spec = WorkerSpec(cfg, run, threads_for_cpus(cpus), train_data.describe())
-    say(f"training {cfg.run.name} in Ray Train's local mode: {n} worker process(es), {spec.threads} thread(s) "
-        f"each, {train_data.num_rows:,} training examples → {run.uri}")
+    say(
+        f"training {cfg.run.name} in Ray Train's local mode: {n} worker process(es), {spec.threads} thread(s) "
+        f"each, {train_data.num_rows:,} training examples → {run.uri}"
+    )
     run_group(spec, num_workers=n, max_failures=cfg.train.max_failures)
 
 
@@ -83,9 +87,11 @@ def _worker(spec: WorkerSpec, error_dir: str, driver_pid: int) -> None:
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     storage_path, storage_fs = storage.ray_train_storage(spec.run)
     sink = WriteToRunFolder(spec.run, cfg.checkpoint.keep_last, cfg.run.storage_retry_s)
-    trainer = TorchTrainer(functools.partial(run_worker, spec, sink), scaling_config=ScalingConfig(num_workers=0),
-                           run_config=RunConfig(name=cfg.run.name, storage_path=storage_path,
-                                                storage_filesystem=storage_fs))
+    trainer = TorchTrainer(
+        functools.partial(run_worker, spec, sink),
+        scaling_config=ScalingConfig(num_workers=0),
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs),
+    )
     try:
         trainer.fit()
         sink.wait()  # the last checkpoint, uploaded in the background, is in the run folder
@@ -93,8 +99,13 @@ def _worker(spec: WorkerSpec, error_dir: str, driver_pid: int) -> None:
         # The launcher only sees an exit code: leave it the cause in one line, and the user's mistake if any.
         user_error = user_error_in(err)
         with open(os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
-            json.dump({"user_error": None if user_error is None else str(user_error),
-                       "reason": f"{type(err).__name__}: {first_line(err)}"}, f)
+            json.dump(
+                {
+                    "user_error": None if user_error is None else str(user_error),
+                    "reason": f"{type(err).__name__}: {first_line(err)}",
+                },
+                f,
+            )
         raise
 
 
@@ -102,6 +113,7 @@ def _die_with_driver(pid: int) -> None:
     """A worker's parent is the fork server, which lives as long as any worker does; so each worker
     watches the command itself and exits the moment it is gone (even SIGKILLed): no orphan goes on
     writing into the run folder. A checkpoint cut off this way has no manifest, so it is never used."""
+
     def watch() -> None:
         try:
             with open(os.pidfd_open(pid), "rb") as handle:  # readable once the process has exited
@@ -137,8 +149,10 @@ def run_group(spec: WorkerSpec, num_workers: int, max_failures: int) -> None:
     quiet = not spec.config.ray.show_worker_logs
     restarts = 0
     while True:
-        with tempfile.TemporaryDirectory(prefix="aevb-local-") as tmp, \
-                _quiet_loggers(_PROCESS_LOGGERS if quiet else []):
+        with (
+            tempfile.TemporaryDirectory(prefix="aevb-local-") as tmp,
+            _quiet_loggers(_PROCESS_LOGGERS if quiet else []),
+        ):
             try:
                 _launch(spec, num_workers, tmp)
                 return
@@ -149,8 +163,10 @@ def run_group(spec: WorkerSpec, num_workers: int, max_failures: int) -> None:
         if isinstance(error, ValueError) or 0 <= max_failures <= restarts:  # a user's mistake recurs: no restart
             raise error
         restarts += 1
-        say(f"a worker failed ({error}); restarting all {num_workers} from the newest checkpoint "
-            f"(restart {restarts} of {limit})")
+        say(
+            f"a worker failed ({error}); restarting all {num_workers} from the newest checkpoint "
+            f"(restart {restarts} of {limit})"
+        )
 
 
 def _launch(spec: WorkerSpec, num_workers: int, tmp: str) -> None:
@@ -160,12 +176,20 @@ def _launch(spec: WorkerSpec, num_workers: int, tmp: str) -> None:
 
     os.makedirs(os.path.join(tmp, "errors"))
     launch = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=num_workers, run_id=uuid.uuid4().hex,
-        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1", max_restarts=0,
-        monitor_interval=0.1, start_method="forkserver",
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=num_workers,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        local_addr="127.0.0.1",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="forkserver",
         # SIGINT and SIGTERM stay the driver's (stop_request.stop_on_signals): the agent must not take them over.
         signals_to_handle="SIGHUP,SIGQUIT",
-        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))
+        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")),
+    )
     elastic_launch(launch, _worker)(spec, os.path.join(tmp, "errors"), os.getpid())
 
 
@@ -189,13 +213,15 @@ def _group_error(error_dir: str, err: Exception) -> Exception:
     written = {}
     for name in os.listdir(error_dir):
         with open(os.path.join(error_dir, name)) as f:
-            written[int(name[len("rank"):-len(".json")])] = json.load(f)
+            written[int(name[len("rank") : -len(".json")])] = json.load(f)
     for report in written.values():
         if report["user_error"] is not None:
             return ValueError(report["user_error"])
     failures = getattr(err, "failures", None) or {}
-    reasons = [f"rank {rank}: {written[rank]['reason'] if rank in written else _exit_reason(failure)}"
-               for rank, failure in sorted(failures.items())]
+    reasons = [
+        f"rank {rank}: {written[rank]['reason'] if rank in written else _exit_reason(failure)}"
+        for rank, failure in sorted(failures.items())
+    ]
     return RuntimeError("training failed in local mode: " + ("; ".join(reasons) or str(err)))
 
 

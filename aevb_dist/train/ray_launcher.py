@@ -22,8 +22,8 @@ from typing import Optional
 
 from aevb_dist import ray_compat, storage
 from aevb_dist.config import Config
-from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.console import first_line, say, user_error_in
+from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.ray_runtime import cluster_cpus, head_answers, start_ray, stop_ray, threads_for_cpus
 from aevb_dist.train.run_folder_sink import WriteThenReport
 from aevb_dist.train.worker import WorkerSpec, run_worker
@@ -69,8 +69,10 @@ class PreemptionNotice:
         until = max(time.time(), (deadline_ms or 0) / 1000) + RECLAIM_WAIT_S
         while time.time() < until:
             time.sleep(1.0)
-        raise RuntimeError(f"a preemption notice stopped training, but Ray Train did not restart the group "
-                           f"within {RECLAIM_WAIT_S:g} s of its deadline")
+        raise RuntimeError(
+            f"a preemption notice stopped training, but Ray Train did not restart the group "
+            f"within {RECLAIM_WAIT_S:g} s of its deadline"
+        )
 
 
 def launch_on_ray(cfg: Config, run: storage.Folder, train_data: ParquetDataset) -> None:
@@ -84,19 +86,27 @@ def launch_on_ray(cfg: Config, run: storage.Folder, train_data: ParquetDataset) 
         cpus = _cpus_per_worker(cfg)
         _check_the_group_fits(cfg, cpus)
         spec = WorkerSpec(cfg, run, threads_for_cpus(cpus), train_data.describe())
-        workers = f"{cfg.train.min_workers}–{cfg.train.num_workers} (elastic)" if cfg.train.min_workers \
+        workers = (
+            f"{cfg.train.min_workers}–{cfg.train.num_workers} (elastic)"
+            if cfg.train.min_workers
             else str(cfg.train.num_workers)
-        say(f"training {cfg.run.name}: {workers} worker(s) × {cpus:g} CPU, "
-            f"{spec.threads} thread(s) each, {train_data.num_rows:,} training examples → {run.uri}")
+        )
+        say(
+            f"training {cfg.run.name}: {workers} worker(s) × {cpus:g} CPU, "
+            f"{spec.threads} thread(s) each, {train_data.num_rows:,} training examples → {run.uri}"
+        )
         storage_path, storage_fs = storage.ray_train_storage(run)
         trainer = TorchTrainer(
             functools.partial(train_on_ray, spec),
             torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo", timeout_s=300),
             scaling_config=_scaling(cfg, cpus),
-            run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                 # a preemption restarts the group however often it happens
-                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures,
-                                                              max_preemption_failures=-1)),
+            run_config=RunConfig(
+                name=cfg.run.name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                # a preemption restarts the group however often it happens
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures, max_preemption_failures=-1),
+            ),
         )
         try:
             _fit_off_the_main_thread(trainer, _HeadWatch(cfg, run) if not started else None)
@@ -105,9 +115,11 @@ def launch_on_ray(cfg: Config, run: storage.Folder, train_data: ParquetDataset) 
         except ray.exceptions.RayError as err:  # Ray's own machinery failed (a node, the head, an actor)
             if not started and not head_answers():
                 raise _head_lost(cfg, run, "during the run") from None
-            raise ValueError(f"Ray failed during the run ({type(err).__name__}: {first_line(err)}); {run.uri} "
-                             "keeps its newest complete checkpoint: run the same command again to resume "
-                             "(--debug shows Ray's traceback)") from err
+            raise ValueError(
+                f"Ray failed during the run ({type(err).__name__}: {first_line(err)}); {run.uri} "
+                "keeps its newest complete checkpoint: run the same command again to resume "
+                "(--debug shows Ray's traceback)"
+            ) from err
     finally:
         stop_ray(started)
 
@@ -134,9 +146,11 @@ class _HeadWatch:
 
 
 def _head_lost(cfg: Config, run: storage.Folder, when: str) -> ValueError:
-    return ValueError(f"the Ray cluster's head at {cfg.ray.address or os.environ.get('RAY_ADDRESS')} stopped "
-                      f"answering {when}; {run.uri} keeps its newest complete checkpoint: run the same command "
-                      "again once the cluster is back")
+    return ValueError(
+        f"the Ray cluster's head at {cfg.ray.address or os.environ.get('RAY_ADDRESS')} stopped "
+        f"answering {when}; {run.uri} keeps its newest complete checkpoint: run the same command "
+        "again once the cluster is back"
+    )
 
 
 def _fit_off_the_main_thread(trainer, head_watch: Optional[_HeadWatch] = None) -> None:
@@ -169,8 +183,12 @@ def _scaling(cfg: Config, cpus: float):
     t = cfg.train
     if t.min_workers is None:
         return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": cpus})
-    return ScalingConfig(num_workers=(t.min_workers, t.num_workers), use_gpu=t.use_gpu,
-                         resources_per_worker={"CPU": cpus}, elastic_resize_monitor_interval_s=ELASTIC_CHECK_S)
+    return ScalingConfig(
+        num_workers=(t.min_workers, t.num_workers),
+        use_gpu=t.use_gpu,
+        resources_per_worker={"CPU": cpus},
+        elastic_resize_monitor_interval_s=ELASTIC_CHECK_S,
+    )
 
 
 def _check_the_group_fits(cfg: Config, cpus: float) -> None:
@@ -190,8 +208,10 @@ def _check_the_group_fits(cfg: Config, cpus: float) -> None:
     key = "train.min_workers" if cfg.train.min_workers else "train.num_workers"
     worker = f"{cpus:g} CPU" + (" and 1 GPU" if cfg.train.use_gpu else "")
     have = f"{sum(r.get('CPU', 0) for r in nodes):g} CPUs, {sum(r.get('GPU', 0) for r in nodes):g} GPUs"
-    raise ValueError(f"the Ray cluster has room for {room} worker(s) of {worker} ({len(nodes)} node(s), {have}), "
-                     f"and {key}={needed} are needed: add nodes, lower {key}, or lower train.cpus_per_worker")
+    raise ValueError(
+        f"the Ray cluster has room for {room} worker(s) of {worker} ({len(nodes)} node(s), {have}), "
+        f"and {key}={needed} are needed: add nodes, lower {key}, or lower train.cpus_per_worker"
+    )
 
 
 def _cpus_per_worker(cfg: Config) -> float:

@@ -42,17 +42,24 @@ class WriteToRunFolder:
 
     def _write(self, staging: str, name: str) -> None:
         try:
-            storage.with_retries(lambda: checkpoint.upload(os.path.join(staging, name), self.run.fs,
-                                                           self.run.file(name)), f"writing {name}", self.retry_s)
-            storage.with_retries(lambda: checkpoint.prune(self.run.fs, self.run.path, self.keep_last),
-                                 "pruning old checkpoints", self.retry_s)
+            storage.with_retries(
+                lambda: checkpoint.upload(os.path.join(staging, name), self.run.fs, self.run.file(name)),
+                f"writing {name}",
+                self.retry_s,
+            )
+            storage.with_retries(
+                lambda: checkpoint.prune(self.run.fs, self.run.path, self.keep_last),
+                "pruning old checkpoints",
+                self.retry_s,
+            )
         except OSError as err:  # raised in the training thread, by the next call or `wait`
             self._error = err
             if unfixable_by_waiting(err):  # a full disk: the cut-off checkpoint (no manifest) gives its room back
                 with contextlib.suppress(Exception):
                     self.run.fs.rm(self.run.file(name), recursive=True)
-                self._error = storage.unwritable_error(err, self.run.uri, name,
-                                                       needed_bytes=_folder_bytes(os.path.join(staging, name)))
+                self._error = storage.unwritable_error(
+                    err, self.run.uri, name, needed_bytes=_folder_bytes(os.path.join(staging, name))
+                )
         except BaseException as err:
             self._error = err
         finally:

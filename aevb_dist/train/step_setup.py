@@ -12,13 +12,13 @@ from aevb_dist.config import Config
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.model.vae import VAE
 
-
 OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 names.require_registry("optimizer", names.OPTIMIZERS, OPTIMIZERS)
 
 
-def build_optimizer(params, name: str, lr: float, on_gpu: bool = False, eps: Optional[float] = None
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(
+    params, name: str, lr: float, on_gpu: bool = False, eps: Optional[float] = None
+) -> torch.optim.Optimizer:
     """`on_gpu`: Adam is the fused implementation (one kernel for every parameter where the foreach one
     takes several, measured on an H100), capturable (its step count on the device, so a CUDA graph replays it),
     with its learning rate a device tensor (a captured graph reads it, so `set_learning_rate` reaches the
@@ -28,8 +28,9 @@ def build_optimizer(params, name: str, lr: float, on_gpu: bool = False, eps: Opt
     params = list(params)
     options = {} if eps is None else {"eps": eps}
     if on_gpu and name == "adam":
-        return OPTIMIZERS[name](params, lr=torch.tensor(lr, device=params[0].device), fused=True, capturable=True,
-                                **options)
+        return OPTIMIZERS[name](
+            params, lr=torch.tensor(lr, device=params[0].device), fused=True, capturable=True, **options
+        )
     return OPTIMIZERS[name](params, lr=lr, **options)
 
 
@@ -39,7 +40,7 @@ def _burda2015(lr: float, epoch: int) -> float:
     stage, stage_end = 0, 1  # epochs [0, stage_end) are stages 0…stage
     while epoch >= stage_end and stage < 7:
         stage += 1
-        stage_end += 3 ** stage
+        stage_end += 3**stage
     return lr * 10 ** (-stage / 7)
 
 
@@ -67,10 +68,12 @@ def autocast_networks(vae: VAE, device: torch.device) -> None:
     """bf16 autocast for the encoder's and decoder's matrix products only: their outputs return to float32,
     so the noise ε, the likelihood, the KL and every sum stay float32."""
     for network in (vae.encoder, vae.decoder):
+
         def forward(x, _inner=network.forward):
             with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):  # CUDA-graph safe
                 out = _inner(x)
             return out.float()
+
         network.forward = forward
 
 
@@ -85,18 +88,31 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return gen
 
 
-def open_datasets(cfg: Config, train_description: Optional[dict] = None
-                  ) -> tuple[ParquetDataset, Optional[ParquetDataset]]:
+def open_datasets(
+    cfg: Config, train_description: Optional[dict] = None
+) -> tuple[ParquetDataset, Optional[ParquetDataset]]:
     """The training and test sets; the training set from `train_description` (the driver's) where given."""
     endpoint = cfg.run.s3_endpoint_url
     if not cfg.data.train_uri:
         raise ValueError("data.train_uri is empty; point it at a dataset made by `aevb-dist prepare`")
     # data.cache_on_device holds the training set on the device already: no second copy in host memory.
     cache_mib = 0 if cfg.data.cache_on_device else cfg.data.decoded_cache_mib
-    train = ParquetDataset(cfg.data.train_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint,
-                           description=train_description, image_column=cfg.data.image_column,
-                           cache_bytes=cache_mib << 20)
-    test = ParquetDataset(cfg.data.test_uri, expected_dim=cfg.model.input_dim, endpoint_url=endpoint,
-                          image_column=cfg.data.image_column) \
-        if cfg.data.test_uri else None
+    train = ParquetDataset(
+        cfg.data.train_uri,
+        expected_dim=cfg.model.input_dim,
+        endpoint_url=endpoint,
+        description=train_description,
+        image_column=cfg.data.image_column,
+        cache_bytes=cache_mib << 20,
+    )
+    test = (
+        ParquetDataset(
+            cfg.data.test_uri,
+            expected_dim=cfg.model.input_dim,
+            endpoint_url=endpoint,
+            image_column=cfg.data.image_column,
+        )
+        if cfg.data.test_uri
+        else None
+    )
     return train, test

@@ -74,8 +74,10 @@ def stop_on_signals(run: storage.Folder) -> Iterator[None]:
         if asked:
             raise KeyboardInterrupt(f"{name} again: stopping at once")
         asked.append(name)
-        say(f"{name}: stopping after the next step, with a checkpoint of it "
-            "(Ctrl-C again to stop at once, losing the steps since the last checkpoint)")
+        say(
+            f"{name}: stopping after the next step, with a checkpoint of it "
+            "(Ctrl-C again to stop at once, losing the steps since the last checkpoint)"
+        )
         threading.Thread(target=_write_request, args=(run, name), daemon=True).start()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -90,8 +92,10 @@ def _write_request(run: storage.Folder, reason: str) -> None:
     try:
         request(run, reason)
     except Exception as err:
-        say(f"warning: could not write the stop request into {run.uri} ({type(err).__name__}: {first_line(err)}); "
-            "Ctrl-C again to stop at once")
+        say(
+            f"warning: could not write the stop request into {run.uri} ({type(err).__name__}: {first_line(err)}); "
+            "Ctrl-C again to stop at once"
+        )
 
 
 def maybe_stop_on_signals(run: storage.Folder) -> contextlib.AbstractContextManager:

@@ -33,8 +33,15 @@ from aevb_dist.train.batches import BatchSource, Segments, Stream
 from aevb_dist.train.captured_step import fit_captured
 from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES, all_reduce_step_sums, all_reduce_sum
 from aevb_dist.train.device_data import DeviceData
-from aevb_dist.train.step_setup import (autocast_networks, build_optimizer, learning_rate, open_datasets,
-                                        set_learning_rate, step_generator, step_seed)
+from aevb_dist.train.step_setup import (
+    autocast_networks,
+    build_optimizer,
+    learning_rate,
+    open_datasets,
+    set_learning_rate,
+    step_generator,
+    step_seed,
+)
 
 
 @dataclass
@@ -54,8 +61,16 @@ class NonFiniteError(ValueError):
 class Trainer:
     """One rank's view of data-parallel training."""
 
-    def __init__(self, cfg: Config, *, rank: int = 0, world_size: int = 1, device: str = "cpu",
-                 train_description: Optional[dict] = None, stop_probe: Callable[[], bool] = lambda: False):
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str = "cpu",
+        train_description: Optional[dict] = None,
+        stop_probe: Callable[[], bool] = lambda: False,
+    ):
         """`stop_probe()`: whether this rank asks to stop after the current step (read every step: a flag, no I/O)."""
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.stop_probe = stop_probe
@@ -68,12 +83,14 @@ class Trainer:
         if cfg.train.autocast == "bfloat16":
             autocast_networks(self.vae, self.device)
         self.binarization = train_binarization(cfg.model.likelihood, cfg.data.binarization)
-        self.device_data = DeviceData(self.train_data, self.device, self.binarization, cfg.seed) \
-            if cfg.data.cache_on_device else None
+        self.device_data = (
+            DeviceData(self.train_data, self.device, self.binarization, cfg.seed) if cfg.data.cache_on_device else None
+        )
         self.graphed = self.device_data is not None and self.device.type == "cuda" and cfg.train.cuda_graph
         # On a GPU the eager and the captured step use the same (fused) Adam: the same update arithmetic.
-        self.optimizer = build_optimizer(self.vae.parameters(), cfg.optim.name, cfg.optim.lr,
-                                         on_gpu=self.device.type == "cuda", eps=cfg.optim.eps)
+        self.optimizer = build_optimizer(
+            self.vae.parameters(), cfg.optim.name, cfg.optim.lr, on_gpu=self.device.type == "cuda", eps=cfg.optim.eps
+        )
         # torch.compile traces the bound once per shape; the noise draws stay eager (graph breaks).
         self.bound_sum = torch.compile(self._bound_sum) if cfg.train.compile else self._bound_sum
         self.params = list(self.vae.parameters())
@@ -83,19 +100,30 @@ class Trainer:
         self.flat = torch.zeros(sum(p.numel() for p in self.params) + NUM_SCALARS, device=self.device)
         offset = 0
         for p in self.params:
-            p.grad = self.flat[offset:offset + p.numel()].view_as(p)
+            p.grad = self.flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         self._grad_comm_dtype = torch.bfloat16 if cfg.train.allreduce_dtype == "bfloat16" else None
         self.state = TrainState(world_size=world_size)
-        self.source = BatchSource(cfg, self.train_data, rank=rank, world_size=world_size,
-                                  binarization=self.binarization, device=self.device, device_data=self.device_data)
+        self.source = BatchSource(
+            cfg,
+            self.train_data,
+            rank=rank,
+            world_size=world_size,
+            binarization=self.binarization,
+            device=self.device,
+            device_data=self.device_data,
+        )
         self.total_steps = self.source.total_steps()
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"model": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "state": dataclasses.asdict(self.state), "image_shape": list(self.train_data.shape),
-                "partitioning": self._partitioning()}
+        return {
+            "model": self.vae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": dataclasses.asdict(self.state),
+            "image_shape": list(self.train_data.shape),
+            "partitioning": self._partitioning(),
+        }
 
     def _partitioning(self) -> Optional[dict]:
         if self.source.num_partitions is None:
@@ -107,8 +135,10 @@ class Trainer:
         try:
             self.vae.load_state_dict(saved["model"])
         except RuntimeError as err:
-            raise ValueError("the checkpoint holds a model of a different shape than model.* in the config: "
-                             + str(err).splitlines()[1 if len(str(err).splitlines()) > 1 else 0].strip()) from None
+            raise ValueError(
+                "the checkpoint holds a model of a different shape than model.* in the config: "
+                + str(err).splitlines()[1 if len(str(err).splitlines()) > 1 else 0].strip()
+            ) from None
         rates = [group["lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(saved["optimizer"])
         # The rate is the config's schedule's (set as each epoch starts), held in the object a captured graph reads.
@@ -120,8 +150,10 @@ class Trainer:
         elif self.state.world_size != self.world_size:
             old = self.state.world_size
             self.state.batch_in_epoch, self.state.world_size = 0, self.world_size
-            return (f"resuming with {self.world_size} workers instead of {old}: row groups are dealt anew, "
-                    f"so epoch {self.state.epoch} restarts from its beginning")
+            return (
+                f"resuming with {self.world_size} workers instead of {old}: row groups are dealt anew, "
+                f"so epoch {self.state.epoch} restarts from its beginning"
+            )
         return None
 
     def _resume_partitioning(self, saved: Optional[dict]) -> bool:
@@ -131,32 +163,47 @@ class Trainer:
         if saved is None and now is None:
             return False
         if saved is None or now is None:
-            raise ValueError("this run was started " + ("without" if saved is None else "with") +
-                             " train.global_batch_size; resume it as it was started (or use a new run.name)")
+            raise ValueError(
+                "this run was started "
+                + ("without" if saved is None else "with")
+                + " train.global_batch_size; resume it as it was started (or use a new run.name)"
+            )
         if saved["global_batch_size"] != now["global_batch_size"]:
-            raise ValueError(f"train.global_batch_size={now['global_batch_size']} differs from the run's "
-                             f"{saved['global_batch_size']}; a run keeps its global batch (or use a new run.name)")
+            raise ValueError(
+                f"train.global_batch_size={now['global_batch_size']} differs from the run's "
+                f"{saved['global_batch_size']}; a run keeps its global batch (or use a new run.name)"
+            )
         configured = self.cfg.data.num_partitions
         if configured is not None and configured != saved["num_partitions"]:
-            raise ValueError(f"data.num_partitions={configured} differs from the run's {saved['num_partitions']}, "
-                             "recorded in its first checkpoint; a run keeps its partitions (or use a new run.name)")
+            raise ValueError(
+                f"data.num_partitions={configured} differs from the run's {saved['num_partitions']}, "
+                "recorded in its first checkpoint; a run keeps its partitions (or use a new run.name)"
+            )
         if saved["num_partitions"] != now["num_partitions"]:
-            self.source = BatchSource(self.cfg, self.train_data, rank=self.rank, world_size=self.world_size,
-                                      binarization=self.binarization, device=self.device,
-                                      num_partitions=saved["num_partitions"])
+            self.source = BatchSource(
+                self.cfg,
+                self.train_data,
+                rank=self.rank,
+                world_size=self.world_size,
+                binarization=self.binarization,
+                device=self.device,
+                num_partitions=saved["num_partitions"],
+            )
             self.total_steps = self.source.total_steps()
         return True
 
     # -- one step ----------------------------------------------------------------------------
-    def _bound_sum(self, x_BD: torch.Tensor, weight_B: Optional[torch.Tensor],
-                   generator: Optional[torch.Generator]) -> torch.Tensor:
+    def _bound_sum(
+        self, x_BD: torch.Tensor, weight_B: Optional[torch.Tensor], generator: Optional[torch.Generator]
+    ) -> torch.Tensor:
         """Σ_i L̃(x_i) over the batch (eq. 7 or 6 per example); `weight_B` zeroes padding rows."""
         t = self.cfg.train
         bound_B = per_example_bound(self.vae, x_BD, t.estimator, t.num_latent_samples, generator=generator)
         return bound_B.sum() if weight_B is None else (bound_B * weight_B).sum()
 
-    def accumulate_gradients(self, x_BD: torch.Tensor, weight_B: Optional[torch.Tensor], count,
-                             generator: Optional[torch.Generator]) -> None:
+    def accumulate_gradients(
+        self, x_BD: torch.Tensor, weight_B: Optional[torch.Tensor], count, generator: Optional[torch.Generator]
+    ) -> None:
         """Backpropagate this rank's −(objective sum) into the flat buffer, and put its ELBO sum and
         example count (an int, or a device tensor inside a CUDA graph) in the buffer's tail."""
         elbo_sum = self.bound_sum(x_BD, weight_B, generator)
@@ -204,8 +251,10 @@ class Trainer:
         return global_elbo, int(global_count)
 
     def _nonfinite(self, index_B, elbo: float) -> tuple[float, int]:
-        where = (f"step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch}, "
-                 f"rank {self.rank} example indices {index_B[:3].tolist()}...)")
+        where = (
+            f"step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch}, "
+            f"rank {self.rank} example indices {index_B[:3].tolist()}...)"
+        )
         if self.cfg.train.on_nonfinite == "error":
             self.raise_nonfinite(f"{where}: ELBO sum {elbo}")
         self.state.skipped_steps += 1
@@ -213,15 +262,18 @@ class Trainer:
 
     @staticmethod
     def raise_nonfinite(where: str) -> None:
-        raise NonFiniteError(f"non-finite objective or gradient at {where}; "
-                             "lower optim.lr or set train.on_nonfinite=skip")
+        raise NonFiniteError(
+            f"non-finite objective or gradient at {where}; lower optim.lr or set train.on_nonfinite=skip"
+        )
 
     def check_parameters_finite(self) -> None:
         """Never write a corrupted checkpoint: parameters that went non-finite stop the run here."""
         if not all(torch.isfinite(p).all() for p in self.params):
-            raise NonFiniteError(f"model parameters became non-finite by step {self.state.step}; not saving a "
-                                 "corrupted checkpoint (the last good one stays the one a resume uses). "
-                                 "Lower optim.lr")
+            raise NonFiniteError(
+                f"model parameters became non-finite by step {self.state.step}; not saving a "
+                "corrupted checkpoint (the last good one stays the one a resume uses). "
+                "Lower optim.lr"
+            )
 
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -235,7 +287,7 @@ class Trainer:
             batch = to_model_input(data, data.read_raw(data.units[uid]), binarization, seed=self.cfg.seed, epoch=0)
             gen = step_generator(self.cfg.seed + 1, 0, uid, self.device)
             for start in range(0, len(batch), 1000):
-                x = torch.from_numpy(batch.x[start:start + 1000]).to(self.device)
+                x = torch.from_numpy(batch.x[start : start + 1000]).to(self.device)
                 total[0] += per_example_bound(self.vae, x, estimator, num_samples, generator=gen).sum().double()
                 total[1] += len(x)
         all_reduce_sum(total)
@@ -310,11 +362,17 @@ class Trainer:
         test_elbo = math.nan
         if self.test_data is not None and (last or (t.eval_every_steps and s.step % t.eval_every_steps == 0)):
             test_elbo = self.evaluate(self.test_data)
-        row = {"step": s.step, "epoch": s.epoch, "samples_seen": s.samples_seen,
-               "train_elbo": window["elbo"] / window["count"] if window["count"] else math.nan,
-               "test_elbo": test_elbo, "skipped_steps": s.skipped_steps,
-               "samples_per_s": window["count"] / max(now - window["start"], 1e-9), "time": time.time(),
-               "num_workers": self.world_size}
+        row = {
+            "step": s.step,
+            "epoch": s.epoch,
+            "samples_seen": s.samples_seen,
+            "train_elbo": window["elbo"] / window["count"] if window["count"] else math.nan,
+            "test_elbo": test_elbo,
+            "skipped_steps": s.skipped_steps,
+            "samples_per_s": window["count"] / max(now - window["start"], 1e-9),
+            "time": time.time(),
+            "num_workers": self.world_size,
+        }
         on_log(row)
         window.update(self.new_window())
         return row

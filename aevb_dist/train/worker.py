@@ -46,8 +46,9 @@ class CheckpointSink(Protocol):
         call returns (a sink that uploads later copies it first); None elsewhere."""
 
 
-def run_worker(spec: WorkerSpec, sink: CheckpointSink,
-               preemption_notice: Callable[[], bool] = lambda: False) -> Optional[str]:
+def run_worker(
+    spec: WorkerSpec, sink: CheckpointSink, preemption_notice: Callable[[], bool] = lambda: False
+) -> Optional[str]:
     """Train to the end (returns None), or stop early after a checkpoint: returns "preempted" when this rank
     got a preemption notice, "requested" when the driver asked (then the sink may still be uploading)."""
     import ray.train
@@ -60,8 +61,14 @@ def run_worker(spec: WorkerSpec, sink: CheckpointSink,
     device = f"cuda:{torch.cuda.current_device()}" if cfg.train.use_gpu else "cpu"
     run = spec.run
     watch: Optional[StopRequestWatch] = None  # rank 0's, started with the loop (the probe reads it then)
-    trainer = Trainer(cfg, rank=rank, world_size=world_size, device=device, train_description=spec.train_description,
-                      stop_probe=lambda: preemption_notice() or (watch is not None and watch.requested))
+    trainer = Trainer(
+        cfg,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        train_description=spec.train_description,
+        stop_probe=lambda: preemption_notice() or (watch is not None and watch.requested),
+    )
     if rank == 0:  # the one process that writes into the run folder
         record_writer(run)
     newest = checkpoint.latest(run.fs, run.path)
@@ -69,12 +76,17 @@ def run_worker(spec: WorkerSpec, sink: CheckpointSink,
         note = trainer.load_state_dict(checkpoint.load(run.fs, newest, map_location=device))
         if note and rank == 0:
             say(f"warning: {note}")
-    log = RunLog(run, resume_step=trainer.state.step, total_steps=trainer.total_steps,
-                 retry_s=cfg.run.storage_retry_s) if rank == 0 else None
+    log = (
+        RunLog(run, resume_step=trainer.state.step, total_steps=trainer.total_steps, retry_s=cfg.run.storage_retry_s)
+        if rank == 0
+        else None
+    )
     watch = StopRequestWatch(run) if rank == 0 else None
     try:
-        trainer.fit(on_log=log.append if log is not None else lambda row: None,
-                    on_checkpoint=lambda state, row: save_checkpoint(cfg, rank, state, row, log, sink))
+        trainer.fit(
+            on_log=log.append if log is not None else lambda row: None,
+            on_checkpoint=lambda state, row: save_checkpoint(cfg, rank, state, row, log, sink),
+        )
     finally:
         if watch is not None:
             watch.close()
@@ -85,8 +97,9 @@ def run_worker(spec: WorkerSpec, sink: CheckpointSink,
     return "preempted" if preemption_notice() else "requested"
 
 
-def save_checkpoint(cfg: Config, rank: int, state: dict, row: dict, log: Optional[RunLog],
-                    sink: CheckpointSink) -> None:
+def save_checkpoint(
+    cfg: Config, rank: int, state: dict, row: dict, log: Optional[RunLog], sink: CheckpointSink
+) -> None:
     """Every rank calls the sink with the same name and metrics; only rank 0 writes (the checkpoint into
     a local folder for the sink, then the metrics it holds back)."""
     step = state["state"]["step"]
@@ -102,6 +115,10 @@ def save_checkpoint(cfg: Config, rank: int, state: dict, row: dict, log: Optiona
     except OSError as err:  # the local staging folder (the checkpoint, and the sink's copy of it) is full
         if not unfixable_by_waiting(err):
             raise
-        raise storage.unwritable_error(err, f"the local staging folder {tempfile.gettempdir()} (TMPDIR)",
-                                       name, needed_bytes=2 * checkpoint.state_nbytes(state)) from None
+        raise storage.unwritable_error(
+            err,
+            f"the local staging folder {tempfile.gettempdir()} (TMPDIR)",
+            name,
+            needed_bytes=2 * checkpoint.state_nbytes(state),
+        ) from None
     log.flush()
