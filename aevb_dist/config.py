@@ -22,10 +22,15 @@ from aevb_dist.uri import absolute_uri
 class ModelConfig:
     """Encoder q_φ(z|x) and decoder p_θ(x|z) (paper, Appendix C)."""
 
+    # Pixels per example (784 for MNIST's 28×28); checked against the data.
     input_dim: int = 784
+    # Widths of the hidden layers of the encoder and of the (mirrored) decoder.
     hidden_sizes: list[int] = field(default_factory=lambda: [500])
+    # The hidden layers' nonlinearity: tanh (the paper's), relu, softplus, sigmoid or elu.
     activation: str = "tanh"
+    # Dimensions of z.
     latent_dim: int = 20
+    # p_θ(x|z): bernoulli (binarized pixels), gaussian (Frey Face), continuous_bernoulli, discretized_logistic.
     likelihood: str = "bernoulli"
     # The family of q_φ(z|x) and its reparameterization route: see aevb_dist/posteriors.py.
     posterior: str = "gaussian"
@@ -36,6 +41,7 @@ class ModelConfig:
     # mlp: the paper's networks on flat rows. conv: stride-2 convolutions with these widths and a mirrored
     # decoder, for images. "package.module:function": your own pair (README, "Your own networks").
     architecture: str = "mlp"
+    # model.architecture=conv: the channels of each stride-2 convolution.
     conv_channels: list[int] = field(default_factory=lambda: [32, 64])
     # Each example's shape ([H, W] or [C, H, W]); None: the training data's, filled in by `train`.
     input_shape: Optional[list[int]] = None
@@ -43,6 +49,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # The training split: a folder of Parquet shards written by `aevb-dist prepare` (local, s3://, gs://).
     train_uri: str = ""
     test_uri: Optional[str] = None  # none: no test-set ELBO during training
     # Parquet written elsewhere with encoded PNG/JPEG images (e.g. by Hugging Face `datasets`): the image
@@ -50,6 +57,7 @@ class DataConfig:
     image_column: Optional[str] = None
     # Bernoulli models: how [0, 1] intensities become {0, 1} (a reader option, not baked in).
     binarization: str = "dynamic"
+    # Shuffle the row groups' order and the rows within each window, every epoch (seeded by the epoch).
     shuffle: bool = True
     # Rows are shuffled within a window of this many row groups (on top of a shuffled row-group order).
     shuffle_window_row_groups: int = 4
@@ -72,28 +80,37 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    # Data-parallel workers (the most, for an elastic run).
     num_workers: int = 1
     # Elastic: with this set, Ray Train runs between train.min_workers and train.num_workers workers, restarts
     # the group smaller from the newest checkpoint when a node is lost, and grows back when capacity returns.
     # Needs train.global_batch_size (results independent of the count) and train.max_failures > 0.
     min_workers: Optional[int] = None
+    # One GPU per worker; gradients all-reduced with NCCL instead of gloo.
     use_gpu: bool = False
     # CPUs reserved per worker; None sizes workers to the embedded machine (leaves room for the driver).
     cpus_per_worker: Optional[float] = None
+    # Examples each worker takes per step (without train.global_batch_size).
     batch_size_per_worker: int = 100
     # The paper's M, whatever the number of workers: the global batches (examples, order, binarization,
     # noise) do not depend on how many workers compute them, and a run may resume with another count.
     # None: each worker takes batch_size_per_worker rows a step from its share of the row groups.
     global_batch_size: Optional[int] = None
+    # Stop after this many steps in all, across resumes (takes precedence over train.num_epochs).
     max_steps: Optional[int] = None
+    # Stop after this many passes over the training set (with neither set: one epoch).
     num_epochs: Optional[int] = None
+    # The bound's estimator: A (generic SGVB, eq. 6), B (analytic KL, eq. 7, Appendix B) or iwae.
     estimator: str = "B"
     # The paper's L (estimators A, B) or the number of importance samples K (iwae).
     num_latent_samples: int = 1
     # MAP estimation of θ: standard deviation of a Gaussian prior on every parameter; None = ML.
     theta_prior_std: Optional[float] = None
+    # A metrics.csv row (and a progress line) every this many steps.
     log_every_steps: int = 10
+    # The test-set ELBO in metrics.csv every this many steps (0: at the last step only).
     eval_every_steps: int = 0
+    # Restarts of the worker group after a failure, from the newest checkpoint (-1: without limit).
     max_failures: int = 0
     # A NaN/inf objective or gradient: "error" stops the run naming the step, "skip" drops the step.
     on_nonfinite: str = "error"
@@ -111,7 +128,9 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
+    # The optimizer: adagrad (the paper's), adam or sgd.
     name: str = "adagrad"
+    # The learning rate (the first one, with optim.lr_schedule).
     lr: float = 0.02
     # The learning rate by epoch: "constant", or "burda2015" (optim.lr·10^(−i/7) for 3^i epochs, i = 0…7:
     # 3,280 epochs, then the last rate; Burda et al. 2015, §5). Set from the epoch, so a resume keeps it.
@@ -122,7 +141,9 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
+    # The run's name: its folder is {run.storage_uri}/{run.name}; the same name resumes.
     name: str = "aevb"
+    # Where run folders go: a local path or s3://bucket/prefix.
     storage_uri: str = "./runs"
     # S3-compatible endpoint (MinIO, moto, Ceph...). Credentials come from the environment.
     s3_endpoint_url: Optional[str] = None
@@ -135,7 +156,9 @@ class RunConfig:
 
 @dataclass
 class CheckpointConfig:
+    # A checkpoint every this many steps (and one at the end, and when a stop is asked).
     every_steps: int = 500
+    # Complete checkpoints kept in the run folder; older ones are removed.
     keep_last: int = 3
 
 
@@ -159,6 +182,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # The run's one seed: initial parameters, step noise (by step and global position), binarization
+    # (by epoch and example) and shuffles all derive from it, never from the worker count.
     seed: int = 0
 
 
