@@ -24,6 +24,7 @@ LAYERS = {
     "storage": 0,
     "ray_runtime": 0,
     "ray_compat": 0,
+    "config_docs": 0,
     "model": 1,
     "data": 1,
     "checkpoint": 2,
