@@ -39,7 +39,7 @@ class ModelConfig:
     # Initial parameters drawn from N(0, init_std²) as in the paper (Section 5); None = PyTorch default.
     init_std: Optional[float] = None
     # mlp: the paper's networks on flat rows. conv: stride-2 convolutions with these widths and a mirrored
-    # decoder, for images. "package.module:function": your own pair (README, "Your own networks").
+    # decoder, for images. "package.module:function": your own pair (docs/models.md, "Your own networks").
     architecture: str = "mlp"
     # model.architecture=conv: the channels of each stride-2 convolution.
     conv_channels: list[int] = field(default_factory=lambda: [32, 64])

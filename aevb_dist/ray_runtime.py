@@ -142,7 +142,7 @@ EMBEDDED_RAY_ENV = {
     "GLOO_SOCKET_IFNAME": "lo",
     # Ray Train's controller polls its workers (each poll wakes the worker's main thread, which takes the
     # GIL from the training thread); Ray's default 2 s adds seconds to every short run, 0.2 s cost ~5% of
-    # the steady state at M=100 on 2 cores (README "Performance"). 1 s ends a run ≤ 1 s after its last step.
+    # the steady state at M=100 on 2 cores (docs/performance.md). 1 s ends a run ≤ 1 s after its last step.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
     # Ray prestarts one idle worker per CPU for the first driver; Ray Train's actors (their own runtime
     # env) never use them, and on 2 cores starting them delays the controller: a tiny run measured

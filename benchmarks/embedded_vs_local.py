@@ -2,7 +2,7 @@
 
     python benchmarks/embedded_vs_local.py [--repeats 3] [--batch 100] [--steps 3000]
 
-The cell of the README's performance table that misses 0.95× (embedded Ray, 1 worker, M=100), measured
+The cell of the performance table (docs/performance.md) that misses 0.95× (embedded Ray, 1 worker, M=100), measured
 the way that separates the machine's drift from the launchers' difference: each repeat measures the plain
 ceiling (benchmarks/plain.py, 1 process × 2 threads), runs `aevb-dist train` on the embedded Ray, then in
 local mode, and measures the ceiling again. Printed per repeat: each launcher's steady-state rate (between

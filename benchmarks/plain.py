@@ -1,4 +1,4 @@
-"""The ceilings' model, written without aevb_dist's code (issue 19): what a user writes by hand.
+"""The ceilings' model, written without aevb_dist's code: what a user writes by hand.
 
 `PlainVAE(hidden_sizes, latent)`: tanh MLPs of `nn.Linear` layers (784-500-40 and 20-500-784 for the
 paper's MNIST model; the encoder's last layer gives μ and log σ² together), BCE with logits and the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's posterior-family table: MNIST Nz=3 (configs/paper/mnist_nz3.yaml) trained for 10,000 steps
+# The posterior-family table of docs/models.md: MNIST Nz=3 (configs/paper/mnist_nz3.yaml) trained for 10,000 steps
 # with each q(z|x) family, then log p(x) on the first 200 test digits by importance sampling and by AIS
 # (and Appendix D for the Gaussian). About 25 minutes on 2 CPU cores. DATA (default ../shared/data).
 #
@@ -16,7 +16,7 @@ np.save('data/mnist_test250.npy', read_idx(sys.argv[1])[:250])" "$src/mnist/t10k
   aevb-dist prepare data/mnist_test250.npy data/mnist200 --test-fraction 0.8 --rows-per-row-group 25 --num-shards 2
 fi
 for fam in gaussian laplace logistic kumaraswamy lognormal; do
-  lr=0.02; [ "$fam" = lognormal ] && lr=0.002  # see README: the log-normal's KL overflows at 0.02
+  lr=0.02; [ "$fam" = lognormal ] && lr=0.002  # see docs/models.md: the log-normal's KL overflows at 0.02
   aevb-dist train configs/paper/mnist_nz3.yaml train.max_steps=10000 run.name=nz3_$fam model.posterior=$fam \
     optim.lr=$lr train.eval_every_steps=2000 checkpoint.every_steps=5000 "$@"
   aevb-dist evaluate runs/nz3_$fam data/mnist200/test -k 1000 --output runs/nz3_$fam/eval_is.json

@@ -110,7 +110,7 @@ class DeviceData:
 class FusedInputs:
     """`DeviceData.inputs` compiled by torch.compile into one kernel: the same integer arithmetic, hence
     the same bits, with one read of the rows and one write of the bits, where eager torch makes ~28
-    int64 passes over [rows, D] (on an H100 at M=1000, ~130 µs of a 673 µs step: README "On a GPU").
+    int64 passes over [rows, D] (on an H100 at M=1000, ~130 µs of a 673 µs step: docs/gpus.md).
     Compiled for dynamic shapes (chunks differ at an epoch's end). If compilation fails (no Triton, no C++
     compiler), it warns once and computes eagerly."""
 
