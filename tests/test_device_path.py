@@ -161,7 +161,7 @@ def test_the_captured_steps_loop_run_uncaptured_equals_the_eager_step(tiny_data,
     """What the CUDA graph records — static batches, weights, device-side counters and sums, the device
     generator reseeded per step — computes the eager step's update (run here without capture). 270 rows
     in batches of 9: no short batch (a short batch is padded, and its noise is drawn for the padded shape)."""
-    from aevb_dist.train.captured_step import fit_captured
+    from aevb_dist.train.captured_step import CapturedSteps
 
     extra = (
         "data.cache_on_device=true",
@@ -173,7 +173,9 @@ def test_the_captured_steps_loop_run_uncaptured_equals_the_eager_step(tiny_data,
     eager = _train(tiny_data, tmp_path / "a", *extra)
     cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path / "b"), **{"train.max_steps": 40}) + list(extra))
     uncaptured, rows = Trainer(cfg), []
-    fit_captured(uncaptured, on_log=rows.append, on_checkpoint=lambda state, row: None, capture=False)
+    uncaptured.fit(
+        on_log=rows.append, on_checkpoint=lambda state, row: None, steps=CapturedSteps(uncaptured, capture=False)
+    )
     assert uncaptured.state == eager.state and uncaptured.state.epoch == 1  # crossed into the second epoch
     for a, b in zip(eager.params, uncaptured.params):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

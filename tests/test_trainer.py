@@ -67,7 +67,7 @@ def test_a_stop_request_checkpoints_the_step_it_was_seen_in_and_ends_the_loop(ti
 def test_the_captured_loop_stops_at_the_log_line_after_the_request(tiny_data, tmp_path):
     """The CUDA-graph loop reads the reduced stop votes where it syncs anyway, at log lines (run uncaptured
     here, on the CPU)."""
-    from aevb_dist.train.captured_step import fit_captured
+    from aevb_dist.train.captured_step import CapturedSteps
 
     cfg = load_config(
         SMOKE,
@@ -83,5 +83,7 @@ def test_the_captured_loop_stops_at_the_log_line_after_the_request(tiny_data, tm
         ),
     )
     trainer = Trainer(cfg)
-    saved, logged = _fit_with_a_stop_at(trainer, 11, fit=lambda **kw: fit_captured(trainer, capture=False, **kw))
+    saved, logged = _fit_with_a_stop_at(
+        trainer, 11, fit=lambda **kw: trainer.fit(steps=CapturedSteps(trainer, capture=False), **kw)
+    )
     assert trainer.state.step == 15 and saved == [15] and logged == [1, 5, 10, 15]

@@ -18,7 +18,7 @@ has applied it: with `train.on_nonfinite=skip` use the eager step, `train.cuda_g
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Iterator, Optional
 
 import torch
 
@@ -127,36 +127,27 @@ class CapturedStep:
             self._step()
 
 
-def fit_captured(
-    trainer, on_log: Callable[[dict], None], on_checkpoint: Callable[[dict, dict], None], capture: bool = True
-) -> dict:
-    """Trainer.fit with the captured step; the same logging, checkpoints and data positions. With
-    capture=False the step runs uncaptured (the CPU tests of this loop). A stop request is seen at the next
-    log line (reading the reduced votes each step would sync the host with the GPU every step)."""
-    s = trainer.state
-    step = CapturedStep(trainer)
-    window = trainer.new_window()
-    row: dict = {}
-    while not trainer.finished():
-        trainer.begin_epoch()
-        stream = trainer.epoch_stream(s.epoch, s.batch_in_epoch)
-        step.load_epoch(trainer.device_data.plan(stream), trainer.device_data.epoch_words(s.epoch), s.batch_in_epoch)
+class CapturedSteps:
+    """The captured step as the training loop's step runner (`Trainer.fit`): each epoch's inputs loaded
+    into the graph's buffers, then one replay a step. With capture=False the step runs uncaptured (the CPU
+    tests of this runner). The window's ELBO sum stays on the device until a log line reads it, and a stop
+    request is seen there (reading the reduced votes each step would sync the host with the GPU each step)."""
+
+    def __init__(self, trainer, capture: bool = True):
+        self.trainer, self.step, self.capture = trainer, CapturedStep(trainer), capture
+
+    def epoch(self, stream, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
+        t = self.trainer
+        self.step.load_epoch(t.device_data.plan(stream), t.device_data.epoch_words(t.state.epoch), start_batch)
         global_counts = stream.global_counts()
-        if capture and step.graph is None:
-            step.capture()
-        for b in range(s.batch_in_epoch, stream.num_batches):
-            step.replay(s.step)
-            count = int(global_counts[b])
-            s.step, s.batch_in_epoch, s.samples_seen = s.step + 1, s.batch_in_epoch + 1, s.samples_seen + count
-            window["count"] += count
-            if trainer.wants_log():
-                _read_sums(trainer, step, window)
-            row = trainer.after_step(window, on_log, on_checkpoint) or row
-            if trainer.finished():
-                break
-        if s.batch_in_epoch >= stream.num_batches:
-            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-    return row
+        if self.capture and self.step.graph is None:
+            self.step.capture()
+        for b in range(start_batch, stream.num_batches):
+            self.step.replay(t.state.step)
+            yield None, int(global_counts[b])
+
+    def read_window(self, window: dict) -> None:
+        _read_sums(self.trainer, self.step, window)
 
 
 def _read_sums(trainer, step: CapturedStep, window: dict) -> None:

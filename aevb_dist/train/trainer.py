@@ -18,7 +18,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 
@@ -30,7 +30,7 @@ from aevb_dist.model.elbo import add_prior_gradient, per_example_bound
 from aevb_dist.model.noise import SegmentedNoise
 from aevb_dist.model.vae import VAE
 from aevb_dist.train.batches import BatchSource, Segments, Stream
-from aevb_dist.train.captured_step import fit_captured
+from aevb_dist.train.captured_step import CapturedSteps
 from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES, all_reduce_step_sums, all_reduce_sum
 from aevb_dist.train.device_data import DeviceData
 from aevb_dist.train.step_setup import (
@@ -294,24 +294,31 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     # -- the loop ----------------------------------------------------------------------------
-    def fit(self, on_log: Callable[[dict], None], on_checkpoint: Callable[[dict, dict], None]) -> dict:
-        """Train to the configured length. `on_log(row)` after each log interval (every rank);
-        `on_checkpoint(state_dict, row)` at checkpoint steps and at the end (every rank, same steps), and
-        at the step where a rank asked to stop (then fit returns there, with `stop_requested` set)."""
-        if self.graphed:
-            return fit_captured(self, on_log, on_checkpoint)
+    def fit(
+        self,
+        on_log: Callable[[dict], None],
+        on_checkpoint: Callable[[dict, dict], None],
+        steps: Optional["StepRunner"] = None,
+    ) -> dict:
+        """Train to the configured length: the one epoch/step loop, whichever step runs (`steps`: the eager
+        step, or the captured CUDA graph where `train.cuda_graph` applies). `on_log(row)` after each log
+        interval (every rank); `on_checkpoint(state_dict, row)` at checkpoint steps and at the end (every
+        rank, same steps), and at the step where a rank asked to stop (then fit returns there, with
+        `stop_requested` set)."""
+        steps = steps or (CapturedSteps(self) if self.graphed else EagerSteps(self))
         s = self.state
         window = self.new_window()
         row: dict = {}
         while not self.finished():
             self.begin_epoch()
             stream = self.epoch_stream(s.epoch, s.batch_in_epoch)
-            for x_BD, index_B, segments in self.source.batches(stream):
-                elbo, count = self.step_on(x_BD, index_B, segments)
+            for elbo, count in steps.epoch(stream, s.batch_in_epoch):
                 s.step, s.batch_in_epoch, s.samples_seen = s.step + 1, s.batch_in_epoch + 1, s.samples_seen + count
-                if count:
+                window["count"] += count
+                if elbo is not None and count:
                     window["elbo"] += elbo
-                    window["count"] += count
+                if self.wants_log():
+                    steps.read_window(window)
                 row = self.after_step(window, on_log, on_checkpoint) or row
                 if self.finished():
                     break
@@ -376,3 +383,28 @@ class Trainer:
         on_log(row)
         window.update(self.new_window())
         return row
+
+
+class StepRunner(Protocol):
+    """What the training loop drives: one epoch's steps, and the window's sums at a log line."""
+
+    def epoch(self, stream: Stream, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
+        """Take the epoch's steps from `start_batch` on, yielding each step's global (ELBO sum or None when
+        it stays on the device, example count)."""
+
+    def read_window(self, window: dict) -> None:
+        """Before a log line: bring the window's sums that the steps kept elsewhere into `window`."""
+
+
+class EagerSteps:
+    """The eager step: each batch from the reader, through `Trainer.step_on`."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def epoch(self, stream: Stream, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
+        for x_BD, index_B, segments in self.trainer.source.batches(stream):
+            yield self.trainer.step_on(x_BD, index_B, segments)
+
+    def read_window(self, window: dict) -> None:
+        """The eager step's sums are on the host already."""
