@@ -8,10 +8,10 @@ configs/mnist_burda.yaml: 784-200-200-50 tanh, Bernoulli, dynamic binarization, 
 captured, compiled GPU step (`train.use_gpu=true data.cache_on_device=true train.compile=true`).
 
 A device call is at most 600 s, and the whole schedule takes ~540 s of steps on an H100. So the run
-stops itself after --stop-after-s, with a checkpoint in the run folder --run (the product's checkpoint
-format, written by the workers' own `save_checkpoint`, with metrics.csv beside it), and the same command with
-the same --run resumes it from there. When all 3,280 epochs are done it prints the test ELBO and the
-test log p(x) with K importance samples on the 10,000 test images (benchmarks/gpu.py: test_log_px).
+stops itself after --stop-after-s, with a checkpoint in the run folder --run: it is the product's own
+worker (`worker.run_worker`, in one process) with its checkpoint sink, stopped by the product's stop request
+(`stop_request`), and the same command with the same --run resumes it from there. When all 3,280
+epochs are done it prints the test ELBO and the test log p(x) with K importance samples on the 10,000 test images (benchmarks/gpu.py: test_log_px).
 `--tiny` rehearses it on this machine's CPU: 3 epochs of a small model, stopping once on the way.
 Run by hand, not in CI.
 """
@@ -22,7 +22,9 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -33,11 +35,12 @@ from gpu import burda_config, matmul_peak, say, test_log_px  # noqa: E402
 
 from aevb_dist import checkpoint, storage  # noqa: E402
 from aevb_dist.data.prepare import prepare  # noqa: E402
-from aevb_dist.run_log import RunLog  # noqa: E402
+from aevb_dist.data.reader import ParquetDataset  # noqa: E402
+from aevb_dist.run_log import read_metrics  # noqa: E402
+from aevb_dist.train import stop_request  # noqa: E402
+from aevb_dist.train.driver import ProgressPrinter  # noqa: E402
 from aevb_dist.train.run_folder_sink import WriteToRunFolder  # noqa: E402
-from aevb_dist.train.step_setup import learning_rate  # noqa: E402
-from aevb_dist.train.trainer import Trainer  # noqa: E402
-from aevb_dist.train.worker import save_checkpoint  # noqa: E402  (what every worker's rank 0 runs at a checkpoint)
+from aevb_dist.train.worker import WorkerContext, WorkerSpec, run_worker  # noqa: E402
 
 TINY = ("train.num_epochs=3", "model.hidden_sizes=[20,20]", "model.latent_dim=5")
 
@@ -72,40 +75,44 @@ def main() -> None:
     ]
     cfg = burda_config(data, os.path.dirname(run_uri), device, *extra)
     run = storage.run_folder(cfg.run)
-    trainer = Trainer(cfg, device=str(device))
     newest = checkpoint.latest(run.fs, run.path)
-    if newest is not None:
-        trainer.load_state_dict(checkpoint.load(run.fs, newest, map_location=str(device)))
-        say(f"resumed from {os.path.basename(newest)}: epoch {trainer.state.epoch}, step {trainer.state.step:,}")
+    start_step = checkpoint.manifest_step(run.fs, newest) if newest is not None else 0
+    total = cfg.train.num_epochs * -(-ParquetDataset(f"{data}/train").num_rows // cfg.train.batch_size_per_worker)
     stop_after = args.stop_after_s if not args.tiny or newest is not None else 0.0  # tiny: stop once, then resume
-    trainer.stop_probe = lambda: time.perf_counter() - started > stop_after
-    sink = WriteToRunFolder(run, cfg.checkpoint.keep_last, cfg.run.storage_retry_s)
-    log = RunLog(run, resume_step=trainer.state.step, total_steps=trainer.total_steps, retry_s=cfg.run.storage_retry_s)
-    say(f"training {trainer.total_steps:,} steps ({cfg.train.num_epochs} epochs), from step {trainer.state.step:,}")
-
-    def on_log(row: dict) -> None:
-        log.append(row)
-        lr = learning_rate(cfg.optim.lr, cfg.optim.lr_schedule, row["epoch"])
-        say(
-            f"  step {row['step']:,} epoch {row['epoch']} lr {lr:.3g} train ELBO {row['train_elbo']:.2f} "
-            f"({row['samples_per_s']:,.0f} samples/s)"
-        )
-
-    start_step, start = trainer.state.step, time.perf_counter()
-    last = trainer.fit(on_log=on_log, on_checkpoint=lambda state, row: save_checkpoint(cfg, 0, state, row, log, sink))
-    sink.wait()
-    log.close()
-    steps = trainer.state.step - start_step
-    say(
-        f"trained {steps:,} steps in {time.perf_counter() - start:.0f} s; now at epoch {trainer.state.epoch}, "
-        f"step {trainer.state.step:,} of {trainer.total_steps:,}"
+    run.fs.makedirs(run.path, exist_ok=True)
+    stop_request.clear(run)
+    timer = threading.Timer(
+        max(stop_after - (time.perf_counter() - started), 0.0),
+        stop_request.request,
+        (run, f"--stop-after-s={stop_after:g}"),
     )
-    if trainer.state.step < trainer.total_steps:
+    timer.daemon = True
+    timer.start()
+    say(f"training {total:,} steps ({cfg.train.num_epochs} epochs), from step {start_step:,}")
+    sink = WriteToRunFolder(run, cfg.checkpoint.keep_last, cfg.run.storage_retry_s)
+    train_started = time.perf_counter()
+    with ProgressPrinter(run, total, start_step):
+        stopped = run_worker(
+            WorkerSpec(cfg, run, threads=torch.get_num_threads()),
+            sink,
+            WorkerContext(rank=0, world_size=1, device=str(device)),
+        )
+        sink.wait()
+    timer.cancel()
+    stop_request.clear(run)
+    last = read_metrics(run.fs, run.file("metrics.csv"))[-1]
+    say(
+        f"trained {last['step'] - start_step:,} steps in {time.perf_counter() - train_started:.0f} s; now at "
+        f"epoch {last['epoch']}, step {last['step']:,} of {total:,}"
+    )
+    if stopped is not None:
         say(f"stopped with a checkpoint in {run_uri}: run the same command again to go on")
         return
     say(f"finished: test ELBO {last['test_elbo']:.2f}")
+    vae, _ = checkpoint.model_from_bytes(checkpoint.load_checkpoint_bytes(run_uri)[0])
     peak = matmul_peak(device, 100_000 if device.type == "cuda" else 2000)
-    test_log_px(trainer, data, device, 50 if args.tiny else args.k, peak, f"after {cfg.train.num_epochs} epochs")
+    final = SimpleNamespace(vae=vae.to(device), cfg=cfg)  # what test_log_px reads of a trainer
+    test_log_px(final, data, device, 50 if args.tiny else args.k, peak, f"after {cfg.train.num_epochs} epochs")
 
 
 if __name__ == "__main__":

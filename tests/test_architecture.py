@@ -112,6 +112,8 @@ def test_the_worker_is_blind_to_its_launcher():
     source = open(os.path.join(PACKAGE, "train", "worker.py")).read()
     assert "local_mode" not in source and "launcher" not in imports_of(os.path.join(PACKAGE, "train", "worker.py"))
     assert not {m for m in imports_of(os.path.join(PACKAGE, "train", "worker.py")) if "launcher" in m}
+    # It is handed its rank, world size and device (WorkerContext): it never asks Ray Train who it is.
+    assert "import ray" not in source and "get_context" not in source
 
 
 def test_modules_and_functions_stay_small():

@@ -34,6 +34,7 @@ from aevb_dist.console import first_line, say, user_error_in
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.ray_runtime import threads_for_cpus
 from aevb_dist.train.fork_server import prestart
+from aevb_dist.train.ray_context import from_ray_train
 from aevb_dist.train.run_folder_sink import WriteToRunFolder
 from aevb_dist.train.worker import WorkerSpec, run_worker
 
@@ -88,7 +89,7 @@ def _worker(spec: WorkerSpec, error_dir: str, driver_pid: int) -> None:
     storage_path, storage_fs = storage.ray_train_storage(spec.run)
     sink = WriteToRunFolder(spec.run, cfg.checkpoint.keep_last, cfg.run.storage_retry_s)
     trainer = TorchTrainer(
-        functools.partial(run_worker, spec, sink),
+        functools.partial(_train_in_local_mode, spec, sink),
         scaling_config=ScalingConfig(num_workers=0),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs),
     )
@@ -107,6 +108,11 @@ def _worker(spec: WorkerSpec, error_dir: str, driver_pid: int) -> None:
                 f,
             )
         raise
+
+
+def _train_in_local_mode(spec: WorkerSpec, sink: WriteToRunFolder) -> None:
+    """The training function Ray Train's local mode runs in each worker process: the worker, told who it is."""
+    run_worker(spec, sink, from_ray_train(spec.config.train.use_gpu))
 
 
 def _die_with_driver(pid: int) -> None:

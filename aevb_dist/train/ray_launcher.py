@@ -25,6 +25,7 @@ from aevb_dist.config import Config
 from aevb_dist.console import first_line, say, user_error_in
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.ray_runtime import cluster_cpus, head_answers, start_ray, stop_ray, threads_for_cpus
+from aevb_dist.train.ray_context import from_ray_train
 from aevb_dist.train.run_folder_sink import WriteThenReport
 from aevb_dist.train.worker import WorkerSpec, run_worker
 
@@ -41,7 +42,7 @@ def train_on_ray(spec: WorkerSpec) -> None:
     cfg = spec.config
     sink = WriteThenReport(spec.run, cfg.checkpoint.keep_last, cfg.run.storage_retry_s)
     notice = PreemptionNotice()
-    stopped = run_worker(spec, sink, preemption_notice=notice)
+    stopped = run_worker(spec, sink, from_ray_train(cfg.train.use_gpu), preemption_notice=notice)
     sink.wait()  # the last checkpoint is in the run folder before the worker reports success
     if stopped == "preempted":
         notice.wait_for_reclaim()

@@ -1,8 +1,9 @@
 """One data-parallel worker: the same function under every launcher.
 
-A launcher hands `run_worker` a typed `WorkerSpec` and a checkpoint sink, and runs it under Ray
-Train (on a Ray cluster, or in Ray Train's local mode on processes of this machine): rank, world
-size and the process group come from Ray Train's context either way. The worker resumes from
+A launcher hands `run_worker` a typed `WorkerSpec`, a checkpoint sink and a `WorkerContext` (rank,
+world size, device), with the process group joined where there are several workers: Ray Train does
+so on a Ray cluster and in its local mode (`ray_context.from_ray_train`), and one process needs
+none. The worker never asks which launcher started it. It resumes from
 the newest checkpoint in the run folder whose manifest verifies (so an upload cut off part way
 is skipped in favour of the last good one), trains, writes metrics.csv on rank 0, and gives each
 checkpoint to the sink. Where a checkpoint goes is the sink's business, never the worker's.
@@ -39,6 +40,16 @@ class WorkerSpec:
     train_description: Optional[dict] = None
 
 
+@dataclass(frozen=True)
+class WorkerContext:
+    """Who this worker is, filled in by its launcher (`ray_context.from_ray_train` under Ray Train, on a
+    cluster and in local mode alike; by hand in one process)."""
+
+    rank: int
+    world_size: int
+    device: str  # "cpu", or "cuda:N": the GPU the launcher gave this worker
+
+
 class CheckpointSink(Protocol):
     def __call__(self, folder: Optional[str], name: str, metrics: dict) -> None:
         """Called by every rank at the same steps (Ray Train's report is a barrier). On rank 0 `folder`
@@ -47,18 +58,16 @@ class CheckpointSink(Protocol):
 
 
 def run_worker(
-    spec: WorkerSpec, sink: CheckpointSink, preemption_notice: Callable[[], bool] = lambda: False
+    spec: WorkerSpec,
+    sink: CheckpointSink,
+    context: WorkerContext,
+    preemption_notice: Callable[[], bool] = lambda: False,
 ) -> Optional[str]:
     """Train to the end (returns None), or stop early after a checkpoint: returns "preempted" when this rank
     got a preemption notice, "requested" when the driver asked (then the sink may still be uploading)."""
-    import ray.train
-
     cfg = spec.config
     torch.set_num_threads(spec.threads)
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    # Ray Train makes the worker's GPU torch's current device, on a cluster and in local mode alike.
-    device = f"cuda:{torch.cuda.current_device()}" if cfg.train.use_gpu else "cpu"
+    rank, world_size, device = context.rank, context.world_size, context.device
     run = spec.run
     watch: Optional[StopRequestWatch] = None  # rank 0's, started with the loop (the probe reads it then)
     trainer = Trainer(
