@@ -32,7 +32,7 @@ class ModelConfig:
     latent_dim: int = 20
     # p_θ(x|z): bernoulli (binarized pixels), gaussian (Frey Face), continuous_bernoulli, discretized_logistic.
     likelihood: str = "bernoulli"
-    # The family of q_φ(z|x) and its reparameterization route: see aevb_dist/posteriors.py.
+    # The family of q_φ(z|x) and its reparameterization route: see aevb_dist/model/posteriors.py.
     posterior: str = "gaussian"
     # Frey Face: the paper squashes the Gaussian decoder's means into (0, 1) with a sigmoid.
     squash_mean: bool = False
