@@ -7,13 +7,13 @@ configs/mnist_burda.yaml: 784-200-200-50 tanh, Bernoulli, dynamic binarization, 
 0.001·10^(−i/7), i = 0…7), 3,280 epochs = 1.97 M steps; trained by aevb_dist's Trainer with the
 captured, compiled GPU step (`train.use_gpu=true data.cache_on_device=true train.compile=true`).
 
-A device call is at most 600 s, and the whole schedule takes ~540 s of steps on an H100. So the run
-stops itself after --stop-after-s, with a checkpoint in the run folder --run: it is the product's own
-worker (`worker.run_worker`, in one process) with its checkpoint sink, stopped by the product's stop request
-(`stop_request`), and the same command with the same --run resumes it from there. When all 3,280
-epochs are done it prints the test ELBO and the test log p(x) with K importance samples on the 10,000
-test images (benchmarks/gpu.py: test_log_px). `--tiny` rehearses it on this machine's CPU: 3 epochs of a small model, stopping once on the way.
-Run by hand, not in CI.
+A device call is at most 600 s, and the whole schedule takes ~540 s of steps on an H100. So the run stops
+itself after --stop-after-s, with a checkpoint in the run folder --run: it is the product's own worker
+(`worker.run_worker`, in one process) with its checkpoint sink, stopped by the product's stop request
+(`stop_request`), and the same command with the same --run resumes it from there. When all 3,280 epochs are
+done it prints the test ELBO and the test log p(x) with K importance samples on the 10,000 test images
+(benchmarks/gpu.py: test_log_px). `--tiny` rehearses it on this machine's CPU: 3 epochs of a small model,
+stopping once on the way. Run by hand, not in CI.
 """
 
 from __future__ import annotations
