@@ -15,13 +15,14 @@ import csv
 import io
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
 from typing import Optional
 
 from aevb_dist import storage
-from aevb_dist.console import unfixable_by_waiting
+from aevb_dist.console import say, unfixable_by_waiting
 
 COLUMNS = [
     "step",
@@ -210,3 +211,58 @@ def _quiet_full_disk_in_threads() -> None:
 
     hook.aevb_quiet_full_disk = True
     threading.excepthook = hook
+
+
+class ProgressPrinter:
+    """Prints new metrics.csv rows while the run goes; the workers' own logs stay in Ray's log files."""
+
+    def __init__(self, run: storage.Folder, total_steps: int, start_step: int, interval_s: float = 1.0):
+        self.tail, self.total_steps, self.interval_s = (
+            MetricsTail(run.fs, run.file("metrics.csv")),
+            total_steps,
+            interval_s,
+        )
+        seen = self._rows()  # what is there already (rows past `start_step` are trained again, and printed then)
+        self.last_step = start_step
+        self.workers, self.workers_step = None, 0  # the worker count, as of which step
+        for row in seen:
+            if row["step"] <= start_step:
+                self._note_resize(row, quiet=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _rows(self) -> list[dict]:
+        try:
+            return self.tail.new_rows()
+        except Exception:  # a half-written file or a transient storage error: try again next tick
+            return []
+
+    def poll(self) -> None:
+        for row in self._rows():
+            self._note_resize(row)
+            if row["step"] > self.last_step:
+                print(progress_line(row, self.total_steps), file=sys.stderr, flush=True)
+                self.last_step = row["step"]
+
+    def _note_resize(self, row: dict, quiet: bool = False) -> None:
+        """An elastic run's worker count changed (metrics.csv's num_workers): one line. Rows re-read from
+        before the last change (the file is read whole again on object stores) are not news."""
+        workers = row.get("num_workers")
+        if workers is None or workers != workers or row["step"] < self.workers_step:  # absent, NaN (older runs)
+            return
+        if self.workers is not None and workers != self.workers and not quiet:
+            say(f"resized: {self.workers} → {workers} workers at step {row['step']}")
+        self.workers, self.workers_step = workers, row["step"]
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def __enter__(self) -> "ProgressPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()

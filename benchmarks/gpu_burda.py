@@ -36,9 +36,8 @@ from gpu import burda_config, matmul_peak, say, test_log_px  # noqa: E402
 from aevb_dist import checkpoint, storage  # noqa: E402
 from aevb_dist.data.prepare import prepare  # noqa: E402
 from aevb_dist.data.reader import ParquetDataset  # noqa: E402
-from aevb_dist.run_log import read_metrics  # noqa: E402
+from aevb_dist.run_log import ProgressPrinter, read_metrics  # noqa: E402
 from aevb_dist.train import stop_request  # noqa: E402
-from aevb_dist.train.driver import ProgressPrinter  # noqa: E402
 from aevb_dist.train.run_folder_sink import WriteToRunFolder  # noqa: E402
 from aevb_dist.train.worker import WorkerContext, WorkerSpec, run_worker  # noqa: E402
 
