@@ -166,7 +166,7 @@ def run_group(spec: WorkerSpec, num_workers: int, max_failures: int) -> None:
                 error = _group_error(os.path.join(tmp, "errors"), err)
             except SignalException as err:  # Ctrl-C or SIGTERM: the agent has stopped the workers
                 raise KeyboardInterrupt(str(err)) from None
-        if isinstance(error, ValueError) or 0 <= max_failures <= restarts:  # a user's mistake recurs: no restart
+        if 0 <= max_failures <= restarts:
             raise error
         restarts += 1
         say(
