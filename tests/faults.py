@@ -43,7 +43,7 @@ def logged_step(run_dir: str) -> int:
 
 def our_train_workers():
     me = psutil.Process(os.getpid())
-    return [p for p in me.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline()[:1])]
+    return [p for p in me.children(recursive=True) if "RayTrainWorker" in " ".join(_cmdline(p)[:1])]
 
 
 def check_metrics_contiguous(run_dir: str, every: int, last: int) -> None:
@@ -54,8 +54,16 @@ def check_metrics_contiguous(run_dir: str, every: int, last: int) -> None:
 
 def our_local_workers():
     """Local mode's worker processes: children of this process's fork server."""
-    servers = [p for p in psutil.Process(os.getpid()).children() if "forkserver" in " ".join(p.cmdline())]
+    servers = [p for p in psutil.Process(os.getpid()).children() if "forkserver" in " ".join(_cmdline(p))]
     return [c for s in servers for c in s.children()]
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    """A child's command line; none for one that has exited (a zombie another test has not reaped yet)."""
+    try:
+        return process.cmdline()
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        return []
 
 
 def capture_errors(errors, fn, *args):
