@@ -46,3 +46,14 @@ def checkpoint_manager_snapshot_name() -> str:
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
     return CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+
+def running_cluster_address() -> str:
+    """The GCS address (host:port) that `ray.address=auto` joins: the cluster `ray start` last started on this
+    machine. Raises ConnectionError where none runs."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    address = canonicalize_bootstrap_address("auto")
+    if address is None:
+        raise ConnectionError("no running Ray instance found")
+    return address

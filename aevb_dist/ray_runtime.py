@@ -77,10 +77,20 @@ def choose_auth_mode(address: str) -> None:
     authentication, without one where it does not (a driver in token mode on a cluster without it has
     its actors cancelled: `SchedulingCancelled`). Told by asking its GCS, before Ray is started here.
     A head that does not answer, a missing or wrong token, and a RAY_AUTH_MODE that contradicts the
-    cluster are one line each. Addresses that cannot be asked (ray://, auto) use the token if one is
-    at hand, as before."""
+    cluster are one line each. `auto` is the cluster `ray start` left on this machine. A Ray Client
+    address (ray://), which cannot be asked, uses the token if one is at hand."""
     chosen = os.environ.get("RAY_AUTH_MODE", "").lower()
     token = cluster_auth_token() if chosen != "disabled" else None
+    if address == "auto":  # the cluster `ray start` last started on this machine
+        from aevb_dist import ray_compat
+
+        try:
+            address = ray_compat.running_cluster_address()
+        except ConnectionError:
+            raise ValueError(
+                "ray.address=auto: no Ray cluster runs on this machine; start one (`ray start "
+                "--head`) or give the head's address, ray.address=HOST:PORT"
+            ) from None
     if not _is_gcs_address(address):
         if not chosen and token is not None:
             _set_auth_mode("token")
