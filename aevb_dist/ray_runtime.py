@@ -127,10 +127,16 @@ def choose_auth_mode(address: str) -> None:
 
 def head_answers(timeout_s: float = 2.0) -> bool:
     """Whether the GCS of the cluster this process joined still answers (within `timeout_s`: the caller's
-    thread, the main one, takes Ctrl-C once the call returns)."""
+    thread, the main one, takes Ctrl-C once the call returns). True where it cannot be asked (a Ray Client
+    connection, ray://, has no GCS address of its own)."""
     import ray
 
-    address = ray.get_runtime_context().gcs_address
+    try:
+        address = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - Ray Client's context, or a Ray that moved it: nothing to watch
+        return True
+    if not address or not _is_gcs_address(address):
+        return True
     token = cluster_auth_token() if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else None
     return _probe_gcs(address, token, timeout_s)[0] != "unreachable"
 
