@@ -167,13 +167,19 @@ def with_retries(action: Callable[[], T], what: str, limit_s: float) -> T:
 
 
 def unwritable_error(
-    err: OSError, where: str, what: str, needed_bytes: Optional[int] = None, bound: str = "about"
+    err: OSError,
+    where: str,
+    what: str,
+    needed_bytes: Optional[int] = None,
+    bound: str = "about",
+    folder: Optional[str] = None,
 ) -> ValueError:
-    """One line for storage that waiting cannot fix (`console.unfixable_by_waiting`): which folder, and for a
-    full disk the space `what` needs (`bound`: about, up to) against what is free there."""
+    """One line for storage that waiting cannot fix (`console.unfixable_by_waiting`): which folder (`where`,
+    as the user knows it; `folder`, the URI whose free space is told, when `where` is not one), and for a full
+    disk the space `what` needs (`bound`: about, up to) against what is free there."""
     if err.errno not in (errno.ENOSPC, errno.EDQUOT):
         return ValueError(f"cannot write {what} to {where}: {err.strerror or first_line(err)}")
-    free = _free_bytes(where)
+    free = _free_bytes(folder or where)
     needs = f"needs {bound} {_mib(needed_bytes)}" if needed_bytes is not None else "did not fit"
     room = f", {_mib(free)} free" if free is not None else ""
     return ValueError(

@@ -118,6 +118,8 @@ def test_a_full_staging_folder_is_one_line_naming_it_and_the_space_needed(tmp_pa
     message = str(caught.value)
     assert f"no space left in the local staging folder {staging} (TMPDIR)" in message
     assert "needs about 2.0 MiB" in message and "\n" not in message
+    free = float(message.split("MiB free")[0].rsplit(", ", 1)[1])  # the staging disk's, not another's
+    assert free <= 0.5  # at most the 512 KiB disk (the wrong disk would have gigabytes)
     assert calls == []  # nothing reached the run folder
     assert not os.listdir(tmp_path / "tmp")  # and nothing was left behind (the mount is gone: its folder is empty)
 

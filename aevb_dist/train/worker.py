@@ -129,5 +129,6 @@ def save_checkpoint(
             f"the local staging folder {tempfile.gettempdir()} (TMPDIR)",
             name,
             needed_bytes=2 * checkpoint.state_nbytes(state),
+            folder=tempfile.gettempdir(),
         ) from None
     log.flush()
