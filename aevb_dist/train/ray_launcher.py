@@ -148,7 +148,7 @@ class _HeadWatch:
 
 def _head_lost(cfg: Config, run: storage.Folder, when: str) -> ValueError:
     return ValueError(
-        f"the Ray cluster's head at {cfg.ray.address or os.environ.get('RAY_ADDRESS')} stopped "
+        f"the Ray cluster's head at {cfg.ray.address or os.environ.get('RAY_ADDRESS') or 'its address'} stopped "
         f"answering {when}; {run.uri} keeps its newest complete checkpoint: run the same command "
         "again once the cluster is back"
     )
