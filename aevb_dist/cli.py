@@ -6,14 +6,13 @@ A user mistake prints one line and exits 2; `--debug` shows the traceback instea
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import signal
 import sys
 import threading
 from typing import Optional
 
-from aevb_dist import __version__, names
+from aevb_dist import __version__, compat, names
 from aevb_dist.console import is_user_error
 
 
@@ -456,7 +455,7 @@ def console_main() -> None:
         raise SystemExit(code)  # the interpreter's exit joins them
     # Ray's own exit handler disconnects from the cluster, and waits forever for a head that stopped
     # answering: the handlers get a bounded time, then the command exits all the same (its files are closed).
-    handlers = threading.Thread(target=atexit._run_exitfuncs, name="aevb-exit-handlers", daemon=True)
+    handlers = threading.Thread(target=compat.run_exit_handlers, name="aevb-exit-handlers", daemon=True)
     handlers.start()
     handlers.join(EXIT_HANDLERS_S)
     if handlers.is_alive():

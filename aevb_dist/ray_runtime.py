@@ -82,10 +82,10 @@ def choose_auth_mode(address: str) -> None:
     chosen = os.environ.get("RAY_AUTH_MODE", "").lower()
     token = cluster_auth_token() if chosen != "disabled" else None
     if address == "auto":  # the cluster `ray start` last started on this machine
-        from aevb_dist import ray_compat
+        from aevb_dist import compat
 
         try:
-            address = ray_compat.running_cluster_address()
+            address = compat.running_cluster_address()
         except ConnectionError:
             raise ValueError(
                 "ray.address=auto: no Ray cluster runs on this machine; start one (`ray start "
@@ -144,9 +144,9 @@ def head_answers(timeout_s: float = 2.0) -> bool:
 def _set_auth_mode(mode: str) -> None:
     os.environ["RAY_AUTH_MODE"] = mode
     if "ray._raylet" in sys.modules:  # Ray is imported in this process already: it re-reads its config
-        from aevb_dist import ray_compat
+        from aevb_dist import compat
 
-        ray_compat.reload_ray_config()
+        compat.reload_ray_config()
 
 
 # The embedded Ray serves one run on this machine, and shares its cores with the workers. Its settings are

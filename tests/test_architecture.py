@@ -24,7 +24,7 @@ LAYERS = {
     "config_checks": 0,
     "storage": 0,
     "ray_runtime": 0,
-    "ray_compat": 0,
+    "compat": 0,
     "config_docs": 0,
     "model": 1,
     "data": 1,

@@ -36,24 +36,38 @@ def test_the_embedded_rays_settings_apply_to_it_alone(monkeypatch):
         ray.shutdown()
 
 
-def test_rays_private_details_are_where_we_use_them():
-    """Every private detail of Ray that aevb_dist relies on (`aevb_dist/ray_compat.py`), against the
-    installed Ray: an upgrade that moves one fails here, by name. In a process of its own: reloading Ray's
+def test_the_private_details_we_rely_on_are_where_we_use_them():
+    """Every private detail of Ray and Python that aevb_dist relies on (`aevb_dist/compat.py`), against the
+    installed Ray and Python: an upgrade that moves one fails here, by name. In a process of its own: reloading Ray's
     config would change the auth mode of any Ray this test process has joined."""
     code = """
 import os
-from aevb_dist import ray_compat
+from aevb_dist import compat
 
-assert ray_compat.checkpoint_manager_snapshot_name() == "checkpoint_manager_snapshot.json"
+assert compat.checkpoint_manager_snapshot_name() == "checkpoint_manager_snapshot.json"
 from ray.train.v2._internal.execution.context import TrainContext, get_train_context  # preemption_context's
 assert "preemption_context" in TrainContext.__dataclass_fields__
-assert ray_compat.preemption_context() is None  # outside a worker: none, not an error
+assert compat.preemption_context() is None  # outside a worker: none, not an error
 from ray._private.state import state
 assert callable(state.get_max_resources_from_cluster_config)
 for mode in ("token", "disabled"):  # Ray re-reads RAY_AUTH_MODE when asked to
     os.environ["RAY_AUTH_MODE"] = mode
-    ray_compat.reload_ray_config()
-    assert ray_compat.authentication_mode() == mode, mode
+    compat.reload_ray_config()
+    assert compat.authentication_mode() == mode, mode
+import atexit, threading
+ran = []
+atexit.register(ran.append, "exit handler")
+compat.run_exit_handlers()
+assert ran == ["exit handler"]
+def interrupt():
+    compat.interrupt_main_thread()
+try:
+    threading.Thread(target=interrupt).start()
+    import time
+    time.sleep(5)
+    raise AssertionError("not interrupted")
+except KeyboardInterrupt:
+    pass
 print("checked")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

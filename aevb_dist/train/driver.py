@@ -6,11 +6,10 @@ and `run.name` continues from the newest complete checkpoint in the run folder.
 
 from __future__ import annotations
 
-import _thread
 import dataclasses
 from typing import Optional
 
-from aevb_dist import checkpoint, storage
+from aevb_dist import checkpoint, compat, storage
 from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml
 from aevb_dist.console import first_line, say
 from aevb_dist.data.value_range import check_range_fits
@@ -100,7 +99,7 @@ def _squeezed(shape) -> list[int]:
 def _stop_main_thread(reason: str) -> None:
     """The lease was lost (another driver took the run over): stop training, as Ctrl-C would."""
     say(reason)
-    _thread.interrupt_main()
+    compat.interrupt_main_thread()
 
 
 def _claim_run_folder(cfg: Config, run: storage.Folder, wait_for_lease: bool) -> RunLease:

@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 
-from aevb_dist import ray_compat, storage
+from aevb_dist import compat, storage
 from aevb_dist.config import Config
 from aevb_dist.console import first_line, say, user_error_in
 from aevb_dist.data.reader import ParquetDataset
@@ -66,7 +66,7 @@ def _forget_ray_checkpoint_list(run: storage.Folder) -> None:
     Ray Train refuses to resume a run whose snapshot names a missing checkpoint. Neither launcher
     resumes through Ray's list (the worker picks the newest verified folder), so the list is dropped.
     A later run on Ray then keeps `checkpoint.keep_last` of its own checkpoints and leaves older ones."""
-    snapshot = run.file(ray_compat.checkpoint_manager_snapshot_name())
+    snapshot = run.file(compat.checkpoint_manager_snapshot_name())
     if run.fs.exists(snapshot):
         run.fs.rm(snapshot)
 

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Optional
 
-from aevb_dist import ray_compat, storage
+from aevb_dist import compat, storage
 from aevb_dist.config import Config
 from aevb_dist.console import first_line, say, user_error_in
 from aevb_dist.data.reader import ParquetDataset
@@ -56,7 +56,7 @@ class PreemptionNotice:
     the last checkpoint, as a node failure does."""
 
     def __init__(self):
-        self._context = ray_compat.preemption_context()
+        self._context = compat.preemption_context()
 
     def info(self):
         return getattr(self._context, "preemption_info", None)
@@ -197,7 +197,7 @@ def _check_the_group_fits(cfg: Config, cpus: float) -> None:
     it forever. Where an autoscaler may add nodes, Ray Train checks against what it may bring up instead."""
     import ray
 
-    if ray_compat.autoscaler_max_resources():
+    if compat.autoscaler_max_resources():
         return
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     per_node = [math.floor(r.get("CPU", 0) / cpus + 1e-9) if cpus > 0 else math.inf for r in nodes]

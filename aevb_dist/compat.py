@@ -1,6 +1,8 @@
-"""Ray's private details that aevb_dist depends on, in one place, each with what it is for. A test imports
-every one against the installed Ray (`tests/test_ray_runtime.py::test_rays_private_details_are_where_we_use_them`),
-so an upgrade that moves one fails there, by name, instead of deep inside a run."""
+"""The private details of Ray and of Python that aevb_dist depends on, in one place, each with what it is for.
+A test checks every one against the installed Ray and Python
+(`tests/test_ray_runtime.py::test_the_private_details_we_rely_on_are_where_we_use_them`), so an upgrade that
+moves one fails there, by name, instead of deep inside a run.
+"""
 
 from __future__ import annotations
 
@@ -57,3 +59,18 @@ def running_cluster_address() -> str:
     if address is None:
         raise ConnectionError("no running Ray instance found")
     return address
+
+
+def run_exit_handlers() -> None:
+    """Run the interpreter's exit handlers now (multiprocessing's, logging's, Ray's), as interpreter exit
+    would: the command does so, then skips the rest of the teardown (`cli.console_main`)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+
+
+def interrupt_main_thread() -> None:
+    """Raise KeyboardInterrupt in the main thread, from another thread, as Ctrl-C would."""
+    import _thread
+
+    _thread.interrupt_main()
