@@ -135,3 +135,27 @@ def test_prepare_onto_a_full_disk_leaves_nothing_and_says_so_in_one_line(tmp_pat
         errors = error_lines(out.stderr)
         assert len(errors) == 1 and f"no space left in {disk}/data" in errors[0], out.stderr
         assert os.listdir(disk) == []  # nothing partial: no staging folder, no half dataset
+
+
+def test_a_complete_checkpoint_is_kept_when_pruning_the_old_ones_is_refused(tmp_path, monkeypatch):
+    """The sink removes a cut-off checkpoint to give its room back, never one written whole: here the
+    refusal (EACCES, injected into pruning) comes after the new checkpoint is complete."""
+    from aevb_dist.train.run_folder_sink import WriteToRunFolder
+
+    run = storage.Folder.open(str(tmp_path / "run"))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    checkpoint.save(str(staging), {"state": {"step": 4}, "model": {"w": torch.zeros(3)}}, {"model": {}})
+
+    def refuse(*args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "run" / "checkpoint_old"))
+
+    monkeypatch.setattr(checkpoint, "prune", refuse)
+    sink = WriteToRunFolder(run, keep_last=1, retry_s=300)
+    name = checkpoint.checkpoint_name(4)
+    started = time.monotonic()
+    sink(str(staging), name, {"step": 4})
+    with pytest.raises(ValueError, match=f"cannot write {name} to {run.uri}: Permission denied"):
+        sink.wait()
+    assert time.monotonic() - started < 30  # not retried as an outage
+    assert checkpoint.verify(run.fs, run.file(name)) is None  # the complete checkpoint stays

@@ -54,9 +54,12 @@ class WriteToRunFolder:
             )
         except OSError as err:  # raised in the training thread, by the next call or `wait`
             self._error = err
-            if unfixable_by_waiting(err):  # a full disk: the cut-off checkpoint (no manifest) gives its room back
+            if unfixable_by_waiting(err):
+                # A full disk: a cut-off checkpoint gives its room back (never a complete one: the failure
+                # may have come from pruning the old ones after this one was written whole).
                 with contextlib.suppress(Exception):
-                    self.run.fs.rm(self.run.file(name), recursive=True)
+                    if checkpoint.verify(self.run.fs, self.run.file(name)) is not None:
+                        self.run.fs.rm(self.run.file(name), recursive=True)
                 self._error = storage.unwritable_error(
                     err, self.run.uri, name, needed_bytes=_folder_bytes(os.path.join(staging, name))
                 )
