@@ -19,9 +19,8 @@ def cluster_auth_token() -> Optional[str]:
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     if token:
         return token
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
     try:
-        with open(path) as f:
+        with open(_token_file()) as f:
             return f.read().strip() or None
     except OSError:
         return None
@@ -31,6 +30,11 @@ def token_source() -> str:
     """Where `cluster_auth_token` looks, for messages."""
     if os.environ.get("RAY_AUTH_TOKEN", "").strip():
         return "$RAY_AUTH_TOKEN"
+    return _token_file()
+
+
+def _token_file() -> str:
+    """The token file Ray's CLI reads: $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
     return os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
 
 

@@ -81,3 +81,8 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         for k, v in sa.items():
             assert torch.equal(v, b["optimizer"]["state"][pid][k]), (pid, k)
     assert a["state"] == b["state"]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The command's one-line errors (`aevb-dist CMD: error: ...`) in its stderr."""
+    return [line for line in stderr.splitlines() if ": error: " in line]

@@ -16,7 +16,7 @@ from aevb_dist import checkpoint, storage
 from aevb_dist.run_lease import LEASE
 from aevb_dist.train import worker
 from tests.faults import SLOW, logged_step, wait_for
-from tests.helpers import SMOKE, aevb, tiny_overrides
+from tests.helpers import SMOKE, aevb, error_lines, tiny_overrides
 
 
 @contextlib.contextmanager
@@ -46,10 +46,6 @@ def fill(folder: str, leave: int = 0) -> str:
             assert err.errno == errno.ENOSPC
     os.truncate(path, max(os.path.getsize(path) - leave, 0))
     return path
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if ": error: " in line]
 
 
 @pytest.mark.slow

@@ -12,11 +12,7 @@ import psutil
 import pytest
 
 from aevb_dist.ray_runtime import GCS_PROBE_TIMEOUT_S, choose_auth_mode
-from tests.helpers import SMOKE, aevb, free_port, tiny_overrides
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if ": error: " in line]
+from tests.helpers import SMOKE, aevb, error_lines, free_port, tiny_overrides
 
 
 def home_with_token(tmp_path, token: str) -> dict:
