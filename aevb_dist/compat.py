@@ -31,6 +31,33 @@ def autoscaler_max_resources() -> dict:
     return state.get_max_resources_from_cluster_config() or {}
 
 
+def over_ray_client() -> bool:
+    """Whether this process joined its cluster through Ray Client (ray://): Ray's state API (what
+    `autoscaler_max_resources` reads) is not served through it, so such questions go to a task on the cluster."""
+    from ray.util.client import ray as client_ray
+
+    return client_ray.is_connected()
+
+
+def ray_train_machinery_failure(worker_failure: BaseException):
+    """The failure of Ray's own machinery behind a Ray Train worker's failure (its actor or its node died, a
+    health check hung, the group could not start), or None where the training function itself raised."""
+    from ray.exceptions import RayError, RayTaskError
+    from ray.train.v2._internal.exceptions import (
+        WorkerGroupStartupTimeoutError,
+        WorkerHealthCheckFailedError,
+        WorkerHealthCheckTimeoutError,
+    )
+
+    if isinstance(worker_failure, WorkerHealthCheckFailedError):
+        return worker_failure.health_check_failure
+    if isinstance(worker_failure, (WorkerHealthCheckTimeoutError, WorkerGroupStartupTimeoutError)):
+        return worker_failure
+    if isinstance(worker_failure, RayError) and not isinstance(worker_failure, RayTaskError):
+        return worker_failure  # a task's error is the code's that ran in it
+    return None
+
+
 def preemption_context():
     """This Ray Train worker's preemption context, which Ray Train's watcher marks when the worker's node is
     drained for preemption (`.preemption_info`); None where the installed Ray Train has none. Read at every

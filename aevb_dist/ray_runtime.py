@@ -43,20 +43,22 @@ AUTH_HELP = (
     "or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in ~/.ray/auth_token"
 )
 GCS_PROBE_TIMEOUT_S = 10.0  # a head that does not answer within this is refused (Ray itself retries forever)
+RAY_CLIENT_PORT = 10001  # Ray Client's port where a ray:// address names none (Ray's default)
+# One call each server answers without a session: the GCS (a `host:port` address) and the Ray Client server
+# (`ray://host:port`). Both take empty request bytes, and check a cluster's token before anything else.
+_GCS_CALL = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+_RAY_CLIENT_CALL = "/ray.rpc.RayletDriver/ClusterInfo"
 
 
-def _probe_gcs(address: str, token: Optional[str], timeout_s: float = GCS_PROBE_TIMEOUT_S) -> tuple[str, str]:
-    """Ask the GCS at `address` for its cluster id, sending `token` (or none): ("ok" | "unauthenticated" |
-    "unreachable", details). Plain gRPC, without importing Ray, whose auth mode is read once per process."""
+def _probe(address: str, token: Optional[str], timeout_s: float = GCS_PROBE_TIMEOUT_S) -> tuple[str, str]:
+    """Ask the Ray server at `address` (a GCS, or a Ray Client server for ray://) one question, sending `token`
+    (or none): ("ok" | "unauthenticated" | "unreachable", details). Plain gRPC, without importing Ray, whose auth
+    mode is read once per process."""
     import grpc
 
-    channel = grpc.insecure_channel(address)
-    # NodeInfoGcsService.GetClusterId takes an empty request: its bytes are b"".
-    call = channel.unary_unary(
-        "/ray.rpc.NodeInfoGcsService/GetClusterId",
-        request_serializer=lambda request: request,
-        response_deserializer=lambda reply: reply,
-    )
+    target, method = _probe_target(address)
+    channel = grpc.insecure_channel(target)
+    call = channel.unary_unary(method, request_serializer=lambda request: request, response_deserializer=lambda r: r)
     try:
         call(b"", timeout=timeout_s, metadata=[("authorization", f"Bearer {token}")] if token else None)
         return "ok", ""
@@ -66,23 +68,42 @@ def _probe_gcs(address: str, token: Optional[str], timeout_s: float = GCS_PROBE_
             return "unauthenticated", details
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return "unreachable", details or code.name
-        return "ok", ""  # it answered: a Ray of another version, say; Ray's own connect tells the rest
+        return (
+            "ok",
+            "",
+        )  # it answered past the token check (a Ray of another version, say): Ray's connect tells the rest
     finally:
         channel.close()
 
 
-def _is_gcs_address(address: str) -> bool:
+def _probe_target(address: str) -> tuple[str, str]:
+    if address.startswith("ray://"):
+        host_port = address[len("ray://") :].split("/", 1)[0]
+        return (host_port if _is_host_port(host_port) else f"{host_port}:{RAY_CLIENT_PORT}"), _RAY_CLIENT_CALL
+    return address, _GCS_CALL
+
+
+def _is_host_port(address: str) -> bool:
     host, _, port = address.rpartition(":")
     return bool(host) and "://" not in address and port.isdigit()
 
 
-def choose_auth_mode(address: str) -> None:
+def _can_ask(address: str) -> bool:
+    """Whether the cluster at `address` can be asked how it is set up: a GCS or a Ray Client server over plain
+    gRPC. Not over TLS (RAY_USE_TLS), nor through another scheme (anyscale://...)."""
+    tls = os.environ.get("RAY_USE_TLS", "").lower() in ("1", "true")
+    return not tls and (_is_host_port(address) or address.startswith("ray://"))
+
+
+def choose_auth_mode(address: str) -> bool:
     """Join the cluster at `address` the way it is set up: with its token where it uses token
     authentication, without one where it does not (a driver in token mode on a cluster without it has
-    its actors cancelled: `SchedulingCancelled`). Told by asking its GCS, before Ray is started here.
-    A head that does not answer, a missing or wrong token, and a RAY_AUTH_MODE that contradicts the
-    cluster are one line each. `auto` is the cluster `ray start` left on this machine. A Ray Client
-    address (ray://), which cannot be asked, uses the token if one is at hand."""
+    its actors cancelled: `SchedulingCancelled`; over Ray Client it waits 30-40 s, then fails). Told by asking
+    the cluster's GCS (`host:port`) or Ray Client server (`ray://`), before Ray is started here. A head that
+    does not answer, a missing or wrong token, and a RAY_AUTH_MODE that contradicts the cluster are one line
+    each. `auto` is the cluster `ray start` left on this machine. Where the cluster cannot be asked (TLS), the
+    token is used if one is at hand, and False is returned: a failed connect is then told by
+    `auth_mode_unknown`."""
     chosen = os.environ.get("RAY_AUTH_MODE", "").lower()
     token = cluster_auth_token() if chosen != "disabled" else None
     if address == "auto":  # the cluster `ray start` last started on this machine
@@ -95,11 +116,11 @@ def choose_auth_mode(address: str) -> None:
                 "ray.address=auto: no Ray cluster runs on this machine; start one (`ray start "
                 "--head`) or give the head's address, ray.address=HOST:PORT"
             ) from None
-    if not _is_gcs_address(address):
+    if not _can_ask(address):
         if not chosen and token is not None:
             _set_auth_mode("token")
-        return
-    answer, details = _probe_gcs(address, None)
+        return False
+    answer, details = _probe(address, None)
     if answer == "unreachable":
         raise ValueError(
             f"nothing answers at ray.address={address} ({details}): start the head (`ray start "
@@ -122,11 +143,24 @@ def choose_auth_mode(address: str) -> None:
                 f"the Ray cluster at {address} uses token authentication and no token was found "
                 f"({token_source()}); {AUTH_HELP}"
             )
-        if _probe_gcs(address, token)[0] == "unauthenticated":
+        if _probe(address, token)[0] == "unauthenticated":
             raise ValueError(
                 f"the Ray cluster at {address} refused the token in {token_source()} (not the cluster's); {AUTH_HELP}"
             )
     _set_auth_mode("token" if needs_token else "disabled")
+    return True
+
+
+def auth_mode_unknown(address: str, err: BaseException) -> ValueError:
+    """A connect that failed where the cluster's auth mode could not be asked: one line naming what to set."""
+    from aevb_dist.console import first_line
+
+    mode = os.environ.get("RAY_AUTH_MODE") or "unset"
+    return ValueError(
+        f"could not join the Ray cluster at {address} ({first_line(err)}); its auth mode could not be asked "
+        f"here (RAY_AUTH_MODE is {mode}): for a cluster with token authentication set RAY_AUTH_MODE=token "
+        f"and put its token in {_token_file()} (or RAY_AUTH_TOKEN), for one without set RAY_AUTH_MODE=disabled"
+    )
 
 
 def head_answers(timeout_s: float = 2.0) -> bool:
@@ -139,10 +173,10 @@ def head_answers(timeout_s: float = 2.0) -> bool:
         address = ray.get_runtime_context().gcs_address
     except Exception:  # noqa: BLE001 - Ray Client's context, or a Ray that moved it: nothing to watch
         return True
-    if not address or not _is_gcs_address(address):
+    if not address or not _is_host_port(address):
         return True
     token = cluster_auth_token() if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else None
-    return _probe_gcs(address, token, timeout_s)[0] != "unreachable"
+    return _probe(address, token, timeout_s)[0] != "unreachable"
 
 
 def _set_auth_mode(mode: str) -> None:
@@ -202,13 +236,18 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
     if address:
         if from_environment:  # said, so that nobody joins a cluster without knowing it
             say(f"joining the Ray cluster at $RAY_ADDRESS={address} (unset RAY_ADDRESS for an embedded Ray)")
-        choose_auth_mode(address)  # before Ray is imported, where it can be
+        asked = choose_auth_mode(address)  # before Ray is imported, where it can be
     set_now = [] if address else _use_embedded_ray_env()
     import ray
 
     with _keeping_sigterm_handler():
         if address:
-            ray.init(address=address, log_to_driver=show_worker_logs)
+            try:
+                ray.init(address=address, log_to_driver=show_worker_logs)
+            except (ConnectionError, RuntimeError) as err:
+                if asked:
+                    raise
+                raise auth_mode_unknown(address, err) from None
             return False
         # address="local": always a new embedded cluster, never one that `ray start` left on this machine.
         try:

@@ -58,6 +58,7 @@ class RayHead:
     env: dict  # what a client on this machine has: HOME holds the head's token, as `ray start` left it
     temp_dir: str  # the head's session folder, logs included
     gcs_address: str  # what `ray.address` joins: 127.0.0.1:PORT
+    client_address: str  # its Ray Client server: ray://127.0.0.1:PORT
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +72,7 @@ def ray_head(tmp_path_factory):
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
     temp_dir = str(tmp_path_factory.mktemp("rayhead"))
-    port, dashboard = free_port(), free_port()
+    port, dashboard, client = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["HOME"] = str(home)
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")  # the ray of this interpreter
@@ -94,7 +95,7 @@ def ray_head(tmp_path_factory):
             f"--dashboard-agent-grpc-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}",
             f"--metrics-export-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
+            f"--ray-client-server-port={client}",
             f"--temp-dir={temp_dir}",
         ],
         stdout=subprocess.DEVNULL,
@@ -114,6 +115,6 @@ def ray_head(tmp_path_factory):
     else:
         proc.terminate()
         raise RuntimeError("the Ray head did not start")
-    yield RayHead(address, {"HOME": str(home)}, temp_dir, f"127.0.0.1:{port}")
+    yield RayHead(address, {"HOME": str(home)}, temp_dir, f"127.0.0.1:{port}", f"ray://127.0.0.1:{client}")
     proc.terminate()
     proc.wait(timeout=60)

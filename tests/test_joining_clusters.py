@@ -51,13 +51,20 @@ def run_aevb(args: list[str], env: dict, timeout: float = 300) -> subprocess.Com
 
 @pytest.fixture
 def open_cluster(monkeypatch):
-    """A Ray cluster started without token authentication (`ray.cluster_utils.Cluster`, one node of 1 CPU)."""
+    """A Ray cluster started without token authentication (`ray.cluster_utils.Cluster`, one node of 1 CPU),
+    its Ray Client server at `.client_address`."""
     from ray.cluster_utils import Cluster
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    head = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    client_port = free_port()
+    head = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "ray_client_server_port": client_port},
+    )
     head.wait_for_nodes()
+    head.client_address = f"ray://127.0.0.1:{client_port}"
     monkeypatch.delenv("RAY_AUTH_MODE")
     yield head
     head.shutdown()
@@ -107,6 +114,33 @@ def test_a_token_cluster_is_joined_with_its_token_and_a_wrong_or_missing_one_is_
     assert not os.path.exists(tmp_path / "runs" / "refused" / "lease.json")
 
 
+@pytest.mark.slow
+def test_a_ray_client_address_is_joined_the_way_its_cluster_is_set_up(open_cluster, ray_head, tiny_data, tmp_path):
+    """ray://: the Ray Client server is asked as the GCS is. Ray alone, in the wrong mode, waits 30-40 s and
+    fails in a traceback (token mode on an open cluster: "Starting Ray client server failed")."""
+    with_token_file = home_with_token(tmp_path, secrets.token_hex(32))
+    proc = run_aevb(train_args(tiny_data, tmp_path, open_cluster.client_address, "client"), with_token_file)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done:" in proc.stderr
+    started = time.monotonic()
+    proc = run_aevb(train_args(tiny_data, tmp_path, ray_head.client_address, "refused"), {"HOME": str(tmp_path)})
+    assert time.monotonic() - started < 30
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and "uses token authentication and no token was found" in errors[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_where_the_auth_mode_cannot_be_asked_a_failed_join_names_ray_auth_mode_and_the_token_path(tiny_data, tmp_path):
+    """Over TLS (RAY_USE_TLS) the cluster is not asked; a join that fails says what to set, in one line."""
+    address = f"ray://127.0.0.1:{free_port()}"
+    proc = run_aevb(train_args(tiny_data, tmp_path, address, "tls"), {"RAY_USE_TLS": "1", "HOME": str(tmp_path)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and f"could not join the Ray cluster at {address}" in errors[0], proc.stderr
+    assert "RAY_AUTH_MODE=token" in errors[0] and f"{tmp_path}/.ray/auth_token" in errors[0]
+
+
 @pytest.mark.slow  # `aevb-dist train` starting up
 def test_an_address_where_nothing_listens_is_one_line_from_the_command(tiny_data, tmp_path):
     address = f"127.0.0.1:{free_port()}"
@@ -118,62 +152,98 @@ def test_an_address_where_nothing_listens_is_one_line_from_the_command(tiny_data
     assert len(errors) == 1 and f"nothing answers at ray.address={address}" in errors[0], proc.stderr
 
 
-@pytest.mark.slow
-def test_a_head_that_stops_answering_mid_run_ends_the_command_in_one_line_keeping_the_checkpoint(
-    tiny_data, tmp_path, monkeypatch
-):
+@pytest.fixture
+def cluster_of_one_worker_node(monkeypatch):
+    """A head without CPUs and one worker node of 1 CPU, without token authentication: the training worker runs
+    on a node of its own, away from the driver's."""
     from ray.cluster_utils import Cluster
-
-    from aevb_dist import checkpoint, storage
-    from tests.faults import SLOW, wait_for
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     head = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    head.add_node(num_cpus=1)
+    head.worker = head.add_node(num_cpus=1)
     head.wait_for_nodes()
     monkeypatch.delenv("RAY_AUTH_MODE")
-    gcs = psutil.Process(head.head_node.all_processes["gcs_server"][0].process.pid)
+    yield head
+    head.shutdown()
+
+
+def fail_mid_run(tiny_data, tmp_path, address: str, name: str, fault, undo=lambda: None) -> tuple[int, str, str, float]:
+    """`aevb-dist train` on the cluster at `address`; `fault()` once its first checkpoint is in the run folder,
+    `undo()` when the command has ended. (exit code, stderr, run folder, seconds from the fault to the end)."""
+    from aevb_dist import checkpoint, storage
+    from tests.faults import SLOW, wait_for
+
+    args = [
+        "train",
+        SMOKE,
+        *tiny_overrides(
+            tiny_data,
+            str(tmp_path / "runs"),
+            **{**SLOW, "train.num_workers": 1, "train.cpus_per_worker": 1, "train.max_steps": 100000},
+        ),
+        f"run.name={name}",
+        f"ray.address={address}",
+    ]
+    fs, path = storage.resolve(str(tmp_path / "runs" / name))
+    env = {k: v for k, v in without_auth_settings().items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "aevb_dist", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
-        args = [
-            "train",
-            SMOKE,
-            *tiny_overrides(
-                tiny_data,
-                str(tmp_path / "runs"),
-                **{**SLOW, "train.num_workers": 1, "train.cpus_per_worker": 1, "train.max_steps": 100000},
-            ),
-            "run.name=headless",
-            f"ray.address={head.address}",
-        ]
-        fs, path = storage.resolve(str(tmp_path / "runs" / "headless"))
-        env = {k: v for k, v in without_auth_settings().items() if k != "RAY_ADDRESS"}
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "aevb_dist", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        try:
-            wait_for(lambda: driver.poll() is not None or checkpoint.latest(fs, path) is not None, timeout=180)
-            assert driver.poll() is None, driver.stderr.read()[-3000:]
-            # The head's GCS stops answering (stopped, not killed: its port still takes connections). The
-            # driver's raylet stays up meanwhile; Ray's driver alone would wait 60 s, then die in a C++ log.
-            gcs.send_signal(signal.SIGSTOP)
-            stopped = time.monotonic()
-            _, stderr = driver.communicate(timeout=120)
-        finally:
-            driver.kill()
-        assert time.monotonic() - stopped < 45
+        wait_for(lambda: driver.poll() is not None or checkpoint.latest(fs, path) is not None, timeout=180)
+        assert driver.poll() is None, driver.stderr.read()[-3000:]
+        fault()
+        faulted = time.monotonic()
+        _, stderr = driver.communicate(timeout=120)
+        took = time.monotonic() - faulted
     finally:
-        gcs.send_signal(signal.SIGCONT)
-        head.shutdown()
-    assert driver.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+        driver.kill()
+        undo()
+    assert not os.path.exists(f"{path}/lease.json")  # released: a rerun is not refused
+    checkpoint.load(fs, checkpoint.latest(fs, path))  # the newest complete checkpoint is whole
+    return driver.returncode, stderr, path, took
+
+
+@pytest.mark.slow
+def test_a_head_that_stops_answering_mid_run_ends_the_command_in_one_line_keeping_the_checkpoint(
+    cluster_of_one_worker_node, tiny_data, tmp_path
+):
+    head = cluster_of_one_worker_node
+    gcs = psutil.Process(head.head_node.all_processes["gcs_server"][0].process.pid)
+    # The head's GCS stops answering (stopped, not killed: its port still takes connections). The driver's
+    # raylet stays up meanwhile; Ray's driver alone would wait 60 s, then die in a C++ log.
+    code, stderr, _, took = fail_mid_run(
+        tiny_data,
+        tmp_path,
+        head.address,
+        "headless",
+        lambda: gcs.send_signal(signal.SIGSTOP),
+        lambda: gcs.send_signal(signal.SIGCONT),
+    )
+    assert took < 45
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
     errors = error_lines(stderr)
     assert len(errors) == 1 and "head at" in errors[0] and "stopped answering" in errors[0], stderr[-3000:]
-    assert not os.path.exists(f"{path}/lease.json")
-    checkpoint.load(fs, checkpoint.latest(fs, path))
+
+
+@pytest.mark.slow
+def test_a_raylet_that_dies_mid_run_ends_the_command_in_one_line_keeping_the_checkpoint(
+    cluster_of_one_worker_node, tiny_data, tmp_path
+):
+    """The raylet of the training worker's node killed (the node's other processes, and the head, stay)."""
+    head = cluster_of_one_worker_node
+    raylet = psutil.Process(head.worker.all_processes["raylet"][0].process.pid)
+    code, stderr, path, took = fail_mid_run(tiny_data, tmp_path, head.address, "raylet", raylet.kill)
+    assert took < 90
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    errors = error_lines(stderr)
+    assert len(errors) == 1 and f"{path} keeps its newest complete checkpoint" in errors[0], stderr[-3000:]
+    assert "run the same command again" in errors[0]
 
 
 @pytest.mark.slow

@@ -50,6 +50,12 @@ assert "preemption_context" in TrainContext.__dataclass_fields__
 assert compat.preemption_context() is None  # outside a worker: none, not an error
 from ray._private.state import state
 assert callable(state.get_max_resources_from_cluster_config)
+assert compat.over_ray_client() is False  # no Ray joined: not through Ray Client
+from ray.exceptions import ActorDiedError
+from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+died = ActorDiedError()
+assert compat.ray_train_machinery_failure(WorkerHealthCheckFailedError("a health check failed", died)) is died
+assert compat.ray_train_machinery_failure(ValueError("the training function's")) is None
 for mode in ("token", "disabled"):  # Ray re-reads RAY_AUTH_MODE when asked to
     os.environ["RAY_AUTH_MODE"] = mode
     compat.reload_ray_config()

@@ -112,15 +112,12 @@ def launch_on_ray(cfg: Config, run: storage.Folder, train_data: ParquetDataset) 
         try:
             _fit_off_the_main_thread(trainer, _HeadWatch(cfg, run) if not started else None)
         except ray.train.TrainingFailedError as err:
-            raise _user_error(err) from None
+            told = _told(err, cfg, run)
+            raise told from (err if told is not err else None)
         except ray.exceptions.RayError as err:  # Ray's own machinery failed (a node, the head, an actor)
             if not started and not head_answers():
                 raise _head_lost(cfg, run, "during the run") from None
-            raise ValueError(
-                f"Ray failed during the run ({type(err).__name__}: {first_line(err)}); {run.uri} "
-                "keeps its newest complete checkpoint: run the same command again to resume "
-                "(--debug shows Ray's traceback)"
-            ) from err
+            raise _ray_failed(f"{type(err).__name__}: {first_line(err)}", run) from err
     finally:
         stop_ray(started)
 
@@ -197,9 +194,12 @@ def _check_the_group_fits(cfg: Config, cpus: float) -> None:
     it forever. Where an autoscaler may add nodes, Ray Train checks against what it may bring up instead."""
     import ray
 
-    if compat.autoscaler_max_resources():
+    if compat.over_ray_client():  # the cluster's state is asked on the cluster
+        autoscaled, nodes = ray.get(ray.remote(num_cpus=0)(_the_nodes_alive).remote())
+    else:
+        autoscaled, nodes = _the_nodes_alive()
+    if autoscaled:
         return
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     per_node = [math.floor(r.get("CPU", 0) / cpus + 1e-9) if cpus > 0 else math.inf for r in nodes]
     if cfg.train.use_gpu:
         per_node = [min(n, math.floor(r.get("GPU", 0) + 1e-9)) for n, r in zip(per_node, nodes)]
@@ -215,6 +215,13 @@ def _check_the_group_fits(cfg: Config, cpus: float) -> None:
     )
 
 
+def _the_nodes_alive() -> tuple[bool, list[dict]]:
+    """(whether an autoscaler may add nodes, the resources of each node alive now)."""
+    import ray
+
+    return bool(compat.autoscaler_max_resources()), [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
 def _cpus_per_worker(cfg: Config) -> float:
     if cfg.train.cpus_per_worker is not None:
         return cfg.train.cpus_per_worker
@@ -222,11 +229,26 @@ def _cpus_per_worker(cfg: Config) -> float:
     return max(cluster_cpus() / cfg.train.num_workers if not cfg.ray.address else 1.0, 0.01)
 
 
-def _user_error(err: Exception) -> Exception:
-    """The root cause of a failed run, as a one-line ValueError where it is the user's to fix."""
+def _told(err: Exception, cfg: Config, run: storage.Folder) -> Exception:
+    """A failed run as the user is told it: a one-line ValueError where the cause is the user's to fix, or Ray's
+    machinery (a worker's actor or node lost); else `err` itself, an error in aevb_dist's own code, whose
+    traceback is for a bug report."""
     failures = getattr(err, "worker_failures", None) or {}
-    for cause in list(failures.values()) or [getattr(err, "controller_failure", err)]:
+    causes = list(failures.values()) or [getattr(err, "controller_failure", err)]
+    for cause in causes:
         found = user_error_in(cause)
         if found is not None:
             return found
+    lost = [compat.ray_train_machinery_failure(cause) for cause in causes]
+    if all(failure is not None for failure in lost):
+        reason = next((line for line in str(lost[0]).splitlines() if "died because" in line), first_line(lost[0]))
+        more = "" if cfg.train.max_failures else "; train.max_failures > 0 lets Ray Train restart them"
+        return _ray_failed(f"lost {len(lost)} training worker(s): {reason.strip()}{more}", run)
     return err
+
+
+def _ray_failed(why: str, run: storage.Folder) -> ValueError:
+    return ValueError(
+        f"Ray failed during the run ({why}); {run.uri} keeps its newest complete checkpoint: run the same "
+        "command again to resume (--debug shows Ray's traceback)"
+    )
