@@ -343,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ais: annealing steps; appendix-d: HMC transitions per chain (default 500)",
     )
     p.add_argument("--leapfrog-steps", type=int, default=10, help="leapfrog steps per HMC transition (default 10)")
-    p.add_argument("--batch-size", type=int, default=100, help="examples per forward pass (default 100)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=names.EVAL_BATCH_SIZE,
+        help=f"examples per forward pass (default {names.EVAL_BATCH_SIZE}, as training's test-set evaluation)",
+    )
     p.add_argument(
         "--chunk-size",
         type=int,

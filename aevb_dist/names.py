@@ -19,6 +19,9 @@ LR_SCHEDULES = ("constant", "burda2015")
 BINARIZATIONS = ("dynamic", "static", "none")
 MARGINAL_LIKELIHOOD_ESTIMATORS = ("is", "ais", "appendix-d")  # log p(x): `aevb-dist evaluate --estimator`
 ALLREDUCE_DTYPES = ("float32", "bfloat16")
+# Examples per forward pass of an evaluation (`aevb-dist evaluate --batch-size`'s default), and of training's
+# test-set evaluation: a row group's noise is drawn batch by batch, so the ELBO's draws depend on it.
+EVAL_BATCH_SIZE = 100
 AUTOCAST_DTYPES = ("none", "bfloat16")
 ON_NONFINITE = ("error", "skip")
 DATASET_FORMATS = (

@@ -60,6 +60,23 @@ def test_evaluate_matches_single_process_and_worker_count(trained):
     assert abs(precise_elbo - one["elbo"]) < 4 * one["elbo_sem"]
 
 
+def test_the_test_elbo_training_logs_is_the_one_evaluate_computes(trained):
+    """Training's test-set evaluation is eval/evaluation.py's (row groups' noise from the run's seed): its last
+    logged test ELBO is what `aevb-dist evaluate --seed <the run's seed>` says of the final checkpoint."""
+    import fsspec
+
+    from aevb_dist.run_log import read_metrics
+
+    vae, saved = model_from_bytes(load_checkpoint_bytes(trained["run"])[0])
+    last = read_metrics(fsspec.filesystem("file"), f"{trained['run']}/metrics.csv")[-1]
+    assert last["step"] == saved["state"]["step"] == 60 and math.isfinite(last["test_elbo"])
+    seed = saved["config"]["seed"]
+    result = evaluate(trained["run"], trained["test"], num_importance_samples=1, num_workers=2, seed=seed)
+    assert result["elbo"] == pytest.approx(last["test_elbo"], rel=1e-9)
+    other = evaluate(trained["run"], trained["test"], num_importance_samples=1, num_workers=1, seed=seed + 1)
+    assert other["elbo"] != pytest.approx(last["test_elbo"], rel=1e-9)  # the comparison can fail
+
+
 def test_evaluate_use_gpu_on_a_cluster_without_gpus_is_refused_at_once(trained):
     """--use-gpu asks for a GPU per Ray task; a cluster without one is told so (a ValueError: one line on
     the command line), never left waiting for tasks that cannot be placed."""

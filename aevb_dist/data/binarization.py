@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from aevb_dist import names
+from aevb_dist import names, seeds
 from aevb_dist.data.schema import Batch
 
 
@@ -61,7 +61,7 @@ def binarization_key(mode: str, seed: int, epoch: int) -> int:
     """The hash key of a draw: `dynamic` has one per epoch, `static` one for all (the device cache uses it too)."""
     if mode not in ("dynamic", "static"):
         raise ValueError(f"data.binarization={mode!r} is not one of: {', '.join(names.BINARIZATIONS)}")
-    return (seed + 1) * 1_000_003 + (epoch + 1 if mode == "dynamic" else 0)
+    return seeds.binarization_key(seed, epoch, per_epoch=mode == "dynamic")
 
 
 def binarize(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:

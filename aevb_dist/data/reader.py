@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aevb_dist import storage
+from aevb_dist import seeds, storage
 from aevb_dist.console import first_line, say
 from aevb_dist.data import images
 from aevb_dist.data.binarization import binarize, binarize_bytes
@@ -292,7 +292,9 @@ def assign_row_groups(
     units: list[RowGroup], world_size: int, *, seed: int, epoch: int, shuffle: bool
 ) -> list[list[int]]:
     """Unit ids per rank: a seeded permutation dealt greedily to the rank with the fewest rows."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
+    order = np.arange(len(units))
+    if shuffle:
+        order = np.random.default_rng(seeds.epoch_order_seed(seed, epoch)).permutation(len(units))
     loads = [0] * world_size
     assignment: list[list[int]] = [[] for _ in range(world_size)]
     for uid in order:
@@ -350,7 +352,7 @@ class EpochStream:
         return [self.unit_ids[i : i + self.window] for i in range(0, len(self.unit_ids), self.window)]
 
     def _window_permutation(self, ids: list[int], num_rows: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch, ids[0], 1]).permutation(num_rows)
+        return np.random.default_rng(seeds.window_seed(self.seed, self.epoch, ids[0])).permutation(num_rows)
 
     def row_positions(self) -> np.ndarray:
         """The rows this rank's epoch yields, in order, as positions in the dataset's stored order (its

@@ -12,6 +12,8 @@ from typing import Optional
 
 import numpy as np
 
+from aevb_dist import seeds
+
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -105,7 +107,7 @@ def split_rows(n: int, test_fraction: float, seed: int) -> dict[str, np.ndarray]
     """A deterministic train/test split of row positions, each sorted."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"--test-fraction={test_fraction} must lie strictly between 0 and 1")
-    perm = np.random.default_rng(seed).permutation(n)
+    perm = np.random.default_rng(seeds.split_seed(seed)).permutation(n)
     num_test = max(1, int(round(n * test_fraction)))
     if num_test >= n:
         raise ValueError(f"a source of {n} examples is too small to split into train and test")

@@ -2,7 +2,7 @@
 
 No Ray here: `jobs.py` deals row groups to Ray tasks and adds up what they return.
 Results are sums, sums of squares and counts (divided once, at the end), and the noise
-for a row group is seeded by (seed, row group), so the dataset result does not depend on
+for a row group is seeded by (seed, row group) (seeds.py), so the dataset result does not depend on
 how many workers computed it.
 """
 
@@ -15,11 +15,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from aevb_dist import seeds
 from aevb_dist.data.reader import ParquetDataset, to_model_input
 from aevb_dist.data.schema import Batch
 from aevb_dist.model.elbo import sgvb_b
 from aevb_dist.model.marginal_likelihood import estimate_log_marginal_likelihood
 from aevb_dist.model.vae import VAE
+from aevb_dist.names import EVAL_BATCH_SIZE
 
 
 def open_as_trained(data_uri: str, vae: VAE, saved: dict, endpoint_url: Optional[str] = None) -> ParquetDataset:
@@ -61,9 +63,10 @@ class Sums:
         return out
 
 
-def unit_generator(seed: int, unit_id: int, device: torch.device = torch.device("cpu")) -> torch.Generator:
-    """A row group's noise: the same on any worker (on a GPU, the device's own stream of the same seed)."""
-    return torch.Generator(device=device).manual_seed(seed * 7_919 + unit_id * 104_729 + 17)
+def row_group_generator(seed: int, unit_id: int, draw: str, device: torch.device) -> torch.Generator:
+    """A row group's noise for the ELBO or for log p(x) (seeds.row_group_seed): the same on any worker (on a
+    GPU, the device's own stream of the same seed)."""
+    return torch.Generator(device=device).manual_seed(seeds.row_group_seed(seed, unit_id, draw))
 
 
 def _batches(dataset: ParquetDataset, unit_id: int, batch_size: int, binarization: str, seed: int):
@@ -83,7 +86,7 @@ def evaluate_units(
     *,
     num_importance_samples: int,
     chunk_size: int = 100,
-    batch_size: int = 100,
+    batch_size: int = EVAL_BATCH_SIZE,
     binarization: str = "static",
     seed: int = 0,
     estimator: str = "is",
@@ -97,10 +100,11 @@ def evaluate_units(
     device = next(vae.parameters()).device
     total = Sums()
     for uid in unit_ids:
-        gen = unit_generator(seed, uid, device)
+        elbo_noise = row_group_generator(seed, uid, seeds.ELBO, device)
+        log_px_noise = row_group_generator(seed, uid, seeds.LOG_PX, device)
         for batch in _batches(dataset, uid, batch_size, binarization, seed):
             x = torch.from_numpy(batch.x).to(device)
-            elbo = sgvb_b(vae, x, 1, generator=gen).double()
+            elbo = sgvb_b(vae, x, 1, generator=elbo_noise).double()
             total += Sums(count=len(batch), elbo=elbo.sum().item(), elbo_sq=elbo.pow(2).sum().item())
             if num_importance_samples > 0:
                 log_px = estimate_log_marginal_likelihood(
@@ -111,7 +115,7 @@ def evaluate_units(
                     chunk_size=chunk_size,
                     num_steps=num_steps,
                     num_leapfrog=num_leapfrog,
-                    generator=gen,
+                    generator=log_px_noise,
                 ).double()
                 total += Sums(log_px=log_px.sum().item(), log_px_sq=log_px.pow(2).sum().item())
         if on_unit is not None:

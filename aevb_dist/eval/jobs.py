@@ -100,7 +100,7 @@ def evaluate(
     *,
     num_importance_samples: int = 5000,
     num_workers: int = 2,
-    batch_size: int = 100,
+    batch_size: int = names.EVAL_BATCH_SIZE,
     chunk_size: int = 100,
     seed: int = 0,
     output_uri: Optional[str] = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from aevb_dist import seeds
 from aevb_dist.model.elbo import per_example_bound
 from aevb_dist.model.vae import VAE
 
@@ -21,7 +22,7 @@ def gradient_draws(
     groups = {"encoder": list(vae.encoder.parameters()), "decoder": list(vae.decoder.parameters())}
     draws: dict[str, list[torch.Tensor]] = {k: [] for k in groups}
     for d in range(num_draws):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + d)
+        gen = torch.Generator().manual_seed(seeds.gradient_draw_seed(seed, d))
         elbo = per_example_bound(vae, x, estimator, num_latent_samples, generator=gen).mean()
         grads = torch.autograd.grad(elbo, groups["encoder"] + groups["decoder"])
         n_enc = len(groups["encoder"])

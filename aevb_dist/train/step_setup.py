@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from aevb_dist import names
+from aevb_dist import names, seeds
 from aevb_dist.config import Config
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.model.vae import VAE
@@ -77,15 +77,9 @@ def autocast_networks(vae: VAE, device: torch.device) -> None:
         network.forward = forward
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of step `step`'s noise on `rank` (or, in a global-batch run, of a data partition)."""
-    return (seed * 1_000_003 + step) * 4099 + rank
-
-
-def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(step_seed(seed, step, rank))
-    return gen
+def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
+    """Step `step`'s noise on rank (or partition) `stream`, by the rule in seeds.py."""
+    return torch.Generator(device=device).manual_seed(seeds.step_seed(seed, step, stream))
 
 
 def open_datasets(

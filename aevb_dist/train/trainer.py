@@ -22,10 +22,12 @@ from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 
+from aevb_dist import names, seeds
 from aevb_dist.config import Config
 from aevb_dist.data.binarization import eval_binarization, train_binarization
-from aevb_dist.data.reader import ParquetDataset, assign_row_groups, to_model_input
+from aevb_dist.data.reader import ParquetDataset, assign_row_groups
 from aevb_dist.data.schema import Batch
+from aevb_dist.eval.evaluation import evaluate_units
 from aevb_dist.model.elbo import add_prior_gradient, per_example_bound
 from aevb_dist.model.noise import SegmentedNoise
 from aevb_dist.model.vae import VAE
@@ -40,7 +42,6 @@ from aevb_dist.train.step_setup import (
     open_datasets,
     set_learning_rate,
     step_generator,
-    step_seed,
 )
 
 
@@ -221,7 +222,7 @@ class Trainer:
         return self.step_on(torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index)
 
     def seed_of_step(self, step: int) -> int:
-        return step_seed(self.cfg.seed, step, self.rank)
+        return seeds.step_seed(self.cfg.seed, step, self.rank)
 
     def _noise(self, segments: Segments):
         """Step s's noise: one generator of (seed, s, rank), or per partition one of (seed, s, partition)."""
@@ -276,20 +277,23 @@ class Trainer:
             )
 
     # -- evaluation --------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, data: ParquetDataset, estimator: str = "B", num_samples: int = 1) -> float:
-        """Dataset mean of the bound: this rank's row groups, sums and counts all-reduced, divided once.
-        Each row group's noise has its own generator, so the estimate does not depend on the worker count."""
-        binarization = eval_binarization(self.cfg.model.likelihood, self.cfg.data.binarization)
+    def evaluate(self, data: ParquetDataset) -> float:
+        """Dataset mean of the bound (estimator B, L=1), as `aevb-dist evaluate` computes it (eval/evaluation.py:
+        a row group's noise is seeded by (seed, row group), so the result does not depend on the worker count):
+        this rank's row groups, sums and counts all-reduced, divided once."""
         ids = assign_row_groups(data.units, self.world_size, seed=self.cfg.seed, epoch=0, shuffle=False)[self.rank]
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for uid in ids:
-            batch = to_model_input(data, data.read_raw(data.units[uid]), binarization, seed=self.cfg.seed, epoch=0)
-            gen = step_generator(self.cfg.seed + 1, 0, uid, self.device)
-            for start in range(0, len(batch), 1000):
-                x = torch.from_numpy(batch.x[start : start + 1000]).to(self.device)
-                total[0] += per_example_bound(self.vae, x, estimator, num_samples, generator=gen).sum().double()
-                total[1] += len(x)
+        binarization = eval_binarization(self.cfg.model.likelihood, self.cfg.data.binarization)
+        sums = evaluate_units(
+            self.vae,
+            data,
+            ids,
+            num_importance_samples=0,
+            batch_size=names.EVAL_BATCH_SIZE,
+            binarization=binarization,
+            seed=self.cfg.seed,
+        )
+        self.vae.train()
+        total = torch.tensor([sums.elbo, sums.count], dtype=torch.float64, device=self.device)
         all_reduce_sum(total)
         return (total[0] / total[1]).item()
 
