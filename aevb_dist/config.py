@@ -76,6 +76,10 @@ class DataConfig:
     # many MiB, and later epochs read them from there: no decompression, checksums or GETs again. What does not
     # fit is read every epoch. 0: read every row group from storage every epoch (data/decoded_cache.py).
     decoded_cache_mib: int = 512
+    # On a GPU without data.cache_on_device: threads that decode a shuffle window's row groups (zstd, checksums)
+    # while the previous window trains (train/device_stream.py). None: one per row group of a window, up to the
+    # cores this process may use.
+    decode_threads: Optional[int] = None
 
 
 @dataclass

@@ -39,6 +39,7 @@ def validate(cfg: Config) -> None:
         raise ValueError("model.squash_mean=true only applies to model.likelihood=gaussian")
     _choice("data.binarization", cfg.data.binarization, names.BINARIZATIONS)
     _positive("data.shuffle_window_row_groups", cfg.data.shuffle_window_row_groups)
+    _positive("data.decode_threads", cfg.data.decode_threads, allow_none=True)
     if cfg.data.decoded_cache_mib < 0:
         raise ValueError(f"data.decoded_cache_mib={cfg.data.decoded_cache_mib} must be >= 0 (0 = no cache)")
     _choice("train.estimator", t.estimator, names.ESTIMATORS)

@@ -351,8 +351,22 @@ class EpochStream:
     def _windows(self) -> list[list[int]]:
         return [self.unit_ids[i : i + self.window] for i in range(0, len(self.unit_ids), self.window)]
 
-    def _window_permutation(self, ids: list[int], num_rows: int) -> np.ndarray:
+    def window_permutation(self, ids: list[int], num_rows: int) -> np.ndarray:
+        """The order of a window's rows (stored order → the order they are yielded in)."""
         return np.random.default_rng(seeds.window_seed(self.seed, self.epoch, ids[0])).permutation(num_rows)
+
+    def windows_to_read(self) -> tuple[list[list[int]], int]:
+        """The windows from the data position on (whole windows before it skipped by their row counts, unread),
+        and how many of the first one's rows (in yielded order) lie before it."""
+        skip = self.start_batch * self.batch_size
+        windows = []
+        for ids in self._windows():
+            size = sum(self.dataset.units[u].num_rows for u in ids)
+            if not windows and skip >= size:
+                skip -= size
+            else:
+                windows.append(ids)
+        return windows, skip
 
     def row_positions(self) -> np.ndarray:
         """The rows this rank's epoch yields, in order, as positions in the dataset's stored order (its
@@ -361,25 +375,18 @@ class EpochStream:
         parts = []
         for ids in self._windows():
             rows = np.concatenate([np.arange(first[units[u]], first[units[u]] + units[u].num_rows) for u in ids])
-            parts.append(rows[self._window_permutation(ids, len(rows))] if self.shuffle else rows)
+            parts.append(rows[self.window_permutation(ids, len(rows))] if self.shuffle else rows)
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def _load_window(self, ids: list[int]) -> Batch:
         batch = _concat([self.dataset.read_raw(self.dataset.units[u]) for u in ids])
         if self.shuffle:
-            perm = self._window_permutation(ids, len(batch))
+            perm = self.window_permutation(ids, len(batch))
             batch = Batch(batch.x[perm], batch.index[perm], None if batch.label is None else batch.label[perm])
         return to_model_input(self.dataset, batch, self.binarization, seed=self.seed, epoch=self.epoch)
 
     def __iter__(self) -> Iterator[Batch]:
-        skip = self.start_batch * self.batch_size
-        windows = []
-        for ids in self._windows():  # skip whole windows by their row counts, without reading them
-            size = sum(self.dataset.units[u].num_rows for u in ids)
-            if not windows and skip >= size:
-                skip -= size
-            else:
-                windows.append(ids)
+        windows, skip = self.windows_to_read()
         emitted = self.start_batch
         with window_loader(self.dataset, self.read_ahead) as pool:  # in a thread or when needed: prefetch.py
             pending = pool.submit(self._load_window, windows[0]) if windows else None

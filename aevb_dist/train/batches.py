@@ -38,10 +38,12 @@ class BatchSource:
         binarization: str,
         device: torch.device,
         device_data=None,
+        device_windows=None,
         num_partitions: Optional[int] = None,
     ):
         self.cfg, self.data, self.rank, self.world_size = cfg, data, rank, world_size
         self.binarization, self.device, self.device_data = binarization, device, device_data
+        self.device_windows = device_windows  # train/device_stream.py: windows binarized on the device
         self.global_batch_size = cfg.train.global_batch_size
         self.num_partitions = None
         if self.global_batch_size is not None:
@@ -110,11 +112,14 @@ class BatchSource:
         )
 
     def batches(self, stream: Stream) -> Iterator[tuple[torch.Tensor, object, Segments]]:
-        """Each remaining batch of the epoch: read by the streaming reader, or gathered from
-        data.cache_on_device's copy (the same examples and bits)."""
+        """Each remaining batch of the epoch: read by the streaming reader (binarized on the host, or on the
+        device from its windows), or gathered from data.cache_on_device's copy (the same examples and bits)."""
         if isinstance(stream, PartitionedEpoch):
             for batch, partitions, sizes in stream:
                 yield torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index, (partitions, sizes)
+        elif self.device_windows is not None and self.device_data is None:
+            for x_BD, index_B in self.device_windows.batches(stream):
+                yield x_BD, index_B, None
         elif self.device_data is None:
             for batch in stream:
                 yield torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index, None

@@ -22,26 +22,50 @@ from typing import Iterator, Optional
 
 import torch
 
+from aevb_dist.console import say
 from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES
 from aevb_dist.train.device_data import EpochPlan, FusedInputs
 
 _EPOCH_CHUNK_ROWS = 8192
 
 
+def captured_step_serves(cfg, rank: int = 0) -> bool:
+    """Whether the captured step runs this GPU run (with `train.cuda_graph`). The device cache's runs are refused
+    by config_checks where it cannot serve them; a streamed run takes the eager step there instead, said once."""
+    if cfg.data.cache_on_device:
+        return True
+    why = None
+    if cfg.train.global_batch_size is not None:
+        why = "train.global_batch_size runs read partitioned epochs on the host"
+    elif cfg.optim.name == "adagrad":
+        why = "Adagrad keeps its step count on the host"
+    elif cfg.optim.lr_schedule != "constant" and cfg.optim.name != "adam":
+        why = f"optim.lr_schedule={cfg.optim.lr_schedule} needs optim.name=adam in the graph"
+    elif cfg.train.on_nonfinite == "skip":
+        why = "train.on_nonfinite=skip is checked on the host each step"
+    if why is not None and rank == 0:
+        say(f"train.cuda_graph: the eager step runs ({why})")
+    return why is None
+
+
 class CapturedStep:
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, trainer, streamed: bool = False):
+        """`streamed`: one batch at a time from streamed windows (load_batch) instead of the cached epoch."""
+        self.trainer, self.streamed = trainer, streamed
         data, device = trainer.device_data, trainer.device
         size = trainer.cfg.train.batch_size_per_worker
-        # The epoch's inputs and weights, in buffers the graph reads. Epochs can differ in length (row groups
-        # are dealt anew), so the buffers hold the most batches a rank can have; rows past the epoch weigh 0.
-        # The inputs are binarized for the whole epoch when it starts (load_epoch): the same bits, but a
-        # dozen int64 kernels over [B, D] per step become a few over [rows, D] per epoch (the hash is
-        # launch-bound at small B), and the step only gathers its batch and casts it. On a GPU the epoch's
-        # binarization is one compiled kernel (FusedInputs): eager, it is memory-bound at large B.
-        self.epoch_inputs = FusedInputs(data) if device.type == "cuda" else data.inputs
-        capacity = -(-trainer.train_data.num_rows // size)
-        self.inputs_NBD = torch.zeros((capacity, size, data.rows_ND.shape[1]), dtype=data.input_dtype, device=device)
+        if streamed:  # one batch, put in place before each replay
+            capacity, dim, dtype = 1, trainer.train_data.dim, torch.float32
+        else:
+            # The epoch's inputs and weights, in buffers the graph reads. Epochs can differ in length (row groups
+            # are dealt anew), so the buffers hold the most batches a rank can have; rows past the epoch weigh
+            # 0. The inputs are binarized for the whole epoch when it starts (load_epoch): the same bits, but a
+            # dozen int64 kernels over [B, D] per step become a few over [rows, D] per epoch (the hash is
+            # launch-bound at small B), and the step only gathers its batch and casts it. On a GPU the epoch's
+            # binarization is one compiled kernel (FusedInputs): eager, it is memory-bound at large B.
+            self.epoch_inputs = FusedInputs(data) if device.type == "cuda" else data.inputs
+            capacity, dim, dtype = -(-trainer.train_data.num_rows // size), data.rows_ND.shape[1], data.input_dtype
+        self.inputs_NBD = torch.zeros((capacity, size, dim), dtype=dtype, device=device)
         self.weights_NB = torch.zeros((capacity, size), device=device)
         self.batch_no = torch.zeros((), dtype=torch.int64, device=device)  # which row of the plan
         self.elbo_total = torch.zeros((), dtype=torch.float64, device=device)  # global ELBO sums since last read
@@ -70,6 +94,14 @@ class CapturedStep:
         self.weights_NB[num_batches:].zero_()
         self.batch_no.fill_(start_batch)
 
+    def load_batch(self, x_BD: torch.Tensor) -> None:
+        """A streamed batch into the graph's one-batch buffer, padded to the batch size with weight-0 rows."""
+        count = x_BD.shape[0]
+        self.inputs_NBD[0, :count].copy_(x_BD)
+        self.inputs_NBD[0, count:].zero_()
+        self.weights_NB[0, :count].fill_(1.0)
+        self.weights_NB[0, count:].zero_()
+
     def _step(self) -> None:
         tr = self.trainer
         flat = tr.flat
@@ -84,7 +116,8 @@ class CapturedStep:
         self.elbo_total += global_elbo.double()
         grad_flat.div_(flat[COUNT].clamp_min(1.0))
         tr.optimizer.step()
-        self.batch_no += 1
+        if not self.streamed:  # a streamed step reads its one buffer every time
+            self.batch_no += 1
 
     def capture(self) -> None:
         """Warm up on a side stream (kernel choice, lazy optimizer state, compilation), record one step,
@@ -134,15 +167,29 @@ class CapturedSteps:
     request is seen there (reading the reduced votes each step would sync the host with the GPU each step)."""
 
     def __init__(self, trainer, capture: bool = True):
-        self.trainer, self.step, self.capture = trainer, CapturedStep(trainer), capture
+        self.streamed = trainer.device_data is None  # fed from train/device_stream.py's windows
+        self.trainer, self.step, self.capture = trainer, CapturedStep(trainer, self.streamed), capture
 
     def epoch(self, stream, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
         t = self.trainer
+        if self.streamed:
+            yield from self._streamed_epoch(stream, start_batch)
+            return
         self.step.load_epoch(t.device_data.plan(stream), t.device_data.epoch_words(t.state.epoch), start_batch)
         global_counts = stream.global_counts()
         if self.capture and self.step.graph is None:
             self.step.capture()
         for b in range(start_batch, stream.num_batches):
+            self.step.replay(t.state.step)
+            yield None, int(global_counts[b])
+
+    def _streamed_epoch(self, stream, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
+        t = self.trainer
+        global_counts = stream.global_counts()
+        for b, (x_BD, _, _) in enumerate(t.source.batches(stream), start=start_batch):
+            self.step.load_batch(x_BD)
+            if self.capture and self.step.graph is None:
+                self.step.capture()
             self.step.replay(t.state.step)
             yield None, int(global_counts[b])
 

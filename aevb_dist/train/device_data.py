@@ -43,6 +43,25 @@ def example_hashes(index_N: torch.Tensor, key: int) -> torch.Tensor:
     return fmix32(fmix32(low ^ (key & _MASK32)) ^ high ^ ((key >> 32) & _MASK32))
 
 
+class DeviceBinarization:
+    """The reader's binarization rule on the device (data/binarization.py `binarize_bytes` and `binarize`):
+    the bits of rows given each row's per-example hash word (`example_hashes`). One kernel sequence, used by
+    the device cache and by the streamed windows (train/device_stream.py)."""
+
+    def __init__(self, dim: int, device: torch.device, is_bytes: bool):
+        self.is_bytes = is_bytes
+        self.pixel_words_D = (torch.arange(dim, dtype=torch.int64, device=device) * 0x9E3779B9) & _MASK32
+        self.thresholds = torch.from_numpy(BYTE_THRESHOLDS.astype(np.int64)).to(device)
+
+    def bits(self, rows_BD: torch.Tensor, words_B: torch.Tensor) -> torch.Tensor:
+        """x ~ Bernoulli(intensity) as bool [B, D]: uint8 rows v compared as u < v/255 in integers, others as
+        floats in [0, 1]."""
+        bits24_BD = fmix32((words_B[:, None] + self.pixel_words_D[None, :]) & _MASK32) >> 8
+        if self.is_bytes:
+            return bits24_BD < self.thresholds[rows_BD.long()]
+        return (bits24_BD.float() * 2.0**-24) < rows_BD
+
+
 @dataclass
 class EpochPlan:
     """One rank's epoch: row positions [num_batches, B] (padded with row 0) and weights [num_batches, B]
@@ -63,9 +82,7 @@ class DeviceData:
         self.rows_ND = torch.from_numpy(rows if self.is_bytes else dataset.to_unit_interval(rows)).to(device)
         self.index_N = torch.from_numpy(np.concatenate([r.index for r in raws])).to(device)
         self.dataset, self.device, self.binarization, self.seed = dataset, device, binarization, seed
-        dim = rows.shape[1]
-        self.pixel_words_D = (torch.arange(dim, dtype=torch.int64, device=device) * 0x9E3779B9) & _MASK32
-        self.thresholds = torch.from_numpy(BYTE_THRESHOLDS.astype(np.int64)).to(device)
+        self.rule = DeviceBinarization(rows.shape[1], device, self.is_bytes)
 
     def plan(self, stream: EpochStream) -> EpochPlan:
         """The batches `stream` would yield (all of them; the caller starts at its data position)."""
@@ -97,10 +114,7 @@ class DeviceData:
         rows_BD = self.rows_ND.index_select(0, positions_B)
         if self.binarization == "none":
             return rows_BD
-        bits24_BD = fmix32((words_N.index_select(0, positions_B)[:, None] + self.pixel_words_D[None, :]) & _MASK32) >> 8
-        if self.is_bytes:  # u < v/255 compared in integers, as binarize_bytes does
-            return bits24_BD < self.thresholds[rows_BD.long()]
-        return (bits24_BD.float() * 2.0**-24) < rows_BD
+        return self.rule.bits(rows_BD, words_N.index_select(0, positions_B))
 
     @property
     def input_dtype(self) -> torch.dtype:

@@ -32,9 +32,10 @@ from aevb_dist.model.elbo import add_prior_gradient, per_example_bound
 from aevb_dist.model.noise import SegmentedNoise
 from aevb_dist.model.vae import VAE
 from aevb_dist.train.batches import BatchSource, Segments, Stream
-from aevb_dist.train.captured_step import CapturedSteps
+from aevb_dist.train.captured_step import CapturedSteps, captured_step_serves
 from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES, all_reduce_step_sums, all_reduce_sum
 from aevb_dist.train.device_data import DeviceData
+from aevb_dist.train.device_stream import streamed_to
 from aevb_dist.train.step_setup import (
     autocast_networks,
     build_optimizer,
@@ -87,7 +88,8 @@ class Trainer:
         self.device_data = (
             DeviceData(self.train_data, self.device, self.binarization, cfg.seed) if cfg.data.cache_on_device else None
         )
-        self.graphed = self.device_data is not None and self.device.type == "cuda" and cfg.train.cuda_graph
+        self.device_windows = None if self.device_data else streamed_to(self.device, cfg, self.train_data)
+        self.graphed = self.device.type == "cuda" and cfg.train.cuda_graph and captured_step_serves(cfg, rank)
         # On a GPU the eager and the captured step use the same (fused) Adam: the same update arithmetic.
         self.optimizer = build_optimizer(
             self.vae.parameters(), cfg.optim.name, cfg.optim.lr, on_gpu=self.device.type == "cuda", eps=cfg.optim.eps
@@ -113,6 +115,7 @@ class Trainer:
             binarization=self.binarization,
             device=self.device,
             device_data=self.device_data,
+            device_windows=self.device_windows,
         )
         self.total_steps = self.source.total_steps()
 

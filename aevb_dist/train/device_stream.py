@@ -1,0 +1,129 @@
+"""Streamed data on the device (`train.use_gpu=true`, `data.cache_on_device=false`): datasets larger than
+device memory, read from Parquet every epoch without the host binarizing them.
+
+Each shuffle window of the streaming reader (data/reader.py `EpochStream`) is decoded on the host as stored
+(uint8 for byte images: a quarter of float32's bytes) by a pool of `data.decode_threads` threads (zstd and
+page checksums release the GIL), put in pinned memory and copied to the device on a side stream, while the
+previous window trains. On the device the window is put in the reader's order (its seeded permutation,
+one gather), cut into batches, and each batch is binarized with the device cache's kernel
+(train/device_data.py `DeviceBinarization`): the same examples, in the same order, with the same bits as
+iterating the `EpochStream` yields on the host (tested bit for bit). On a CPU the same code runs without
+pinned memory or a side stream (what the tests check).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from aevb_dist.data.binarization import binarization_key, train_binarization
+from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.train.device_data import DeviceBinarization, example_hashes
+
+
+def default_decode_threads(window_row_groups: int) -> int:
+    """One decoding thread per row group of a window, up to the cores this process may use: a window is
+    decoded in about one row group's time where the cores allow it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(window_row_groups, cores))
+
+
+def streamed_to(device: torch.device, cfg, dataset: ParquetDataset) -> Optional["DeviceWindows"]:
+    """The windows of a run on a GPU (without the device cache: the caller's to check); None on a CPU, whose
+    reader binarizes in its own process anyway."""
+    if device.type != "cuda":
+        return None
+    threads = cfg.data.decode_threads or default_decode_threads(cfg.data.shuffle_window_row_groups)
+    binarization = train_binarization(cfg.model.likelihood, cfg.data.binarization)
+    return DeviceWindows(dataset, device, binarization, cfg.seed, threads)
+
+
+@dataclass
+class _Window:
+    rows_WD: torch.Tensor  # on the device, in the reader's order: uint8 as stored, or float32 in [0, 1]
+    index_W: np.ndarray  # dataset indices, same order (host: for messages)
+    ready: Optional[torch.cuda.Event]  # the side stream's copy is done (None on a CPU)
+    pinned: Optional[torch.Tensor]  # kept alive until the copy is done
+
+
+class DeviceWindows:
+    def __init__(
+        self, dataset: ParquetDataset, device: torch.device, binarization: str, seed: int, decode_threads: int
+    ):
+        self.dataset, self.device, self.binarization, self.seed = dataset, device, binarization, seed
+        self.decode_threads = decode_threads
+        self.on_gpu = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.on_gpu else None
+        self.rule: Optional[DeviceBinarization] = None  # made with the first window: it depends on the stored dtype
+
+    def batches(self, stream: EpochStream) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        """The remaining batches of `stream`: x [B, D] float32 on the device and their dataset indices, every
+        rank's `stream.num_batches` in all (empty batches at the end where this rank has fewer rows)."""
+        windows, skip = stream.windows_to_read()
+        size, emitted = stream.batch_size, stream.start_batch
+        key = 0 if self.binarization == "none" else binarization_key(self.binarization, self.seed, stream.epoch)
+        carry_rows: Optional[torch.Tensor] = None
+        carry_index = np.zeros(0, np.int64)
+        with (
+            ThreadPoolExecutor(self.decode_threads, "aevb-decode") as decoders,
+            ThreadPoolExecutor(1, "aevb-window") as ahead,
+        ):
+            pending = ahead.submit(self._load, stream, windows[0], decoders) if windows else None
+            for i in range(len(windows)):
+                window = pending.result()
+                if i + 1 < len(windows):  # the next window is read and copied while this one trains
+                    pending = ahead.submit(self._load, stream, windows[i + 1], decoders)
+                if window.ready is not None:
+                    torch.cuda.current_stream(self.device).wait_event(window.ready)
+                rows, index = window.rows_WD[skip:], window.index_W[skip:]
+                skip = 0
+                if carry_rows is not None and len(carry_index):
+                    rows, index = torch.cat([carry_rows, rows]), np.concatenate([carry_index, index])
+                start = 0
+                while len(index) - start >= size:
+                    yield self._inputs(rows[start : start + size], index[start : start + size], key)
+                    start += size
+                    emitted += 1
+                carry_rows, carry_index = rows[start:], index[start:]
+        if len(carry_index):
+            yield self._inputs(carry_rows, carry_index, key)
+            emitted += 1
+        empty = torch.zeros((0, self.dataset.dim), dtype=torch.float32, device=self.device)
+        for _ in range(stream.num_batches - emitted):
+            yield empty, np.zeros(0, np.int64)
+
+    def _load(self, stream: EpochStream, ids: list[int], decoders: Executor) -> _Window:
+        """A window's row groups decoded in parallel, on the device in the reader's order."""
+        raws = list(decoders.map(self.dataset.read_raw, [self.dataset.units[u] for u in ids]))
+        rows = np.concatenate([r.x for r in raws])
+        index = np.concatenate([r.index for r in raws])
+        is_bytes = self.binarization != "none" and self.dataset.is_bytes() and rows.dtype == np.uint8
+        if not is_bytes:
+            rows = self.dataset.to_unit_interval(rows)  # the reader's own scaling
+        if self.rule is None and self.binarization != "none":
+            self.rule = DeviceBinarization(rows.shape[1], self.device, is_bytes)
+        order = stream.window_permutation(ids, len(rows)) if stream.shuffle else None
+        host = torch.from_numpy(np.ascontiguousarray(rows))
+        if not self.on_gpu:
+            rows_WD = host if order is None else host[torch.from_numpy(order)]
+            return _Window(rows_WD, index if order is None else index[order], None, None)
+        pinned = host.pin_memory()
+        with torch.cuda.stream(self.copy_stream):
+            rows_WD = pinned.to(self.device, non_blocking=True)
+            if order is not None:
+                rows_WD = rows_WD.index_select(0, torch.from_numpy(order).to(self.device, non_blocking=True))
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        rows_WD.record_stream(torch.cuda.current_stream(self.device))  # used there: not reused before
+        return _Window(rows_WD, index if order is None else index[order], ready, pinned)
+
+    def _inputs(self, rows_BD: torch.Tensor, index_B: np.ndarray, key: int) -> tuple[torch.Tensor, np.ndarray]:
+        if self.binarization == "none":
+            return rows_BD.float(), index_B
+        words_B = example_hashes(torch.from_numpy(index_B).to(self.device, non_blocking=True), key)
+        return self.rule.bits(rows_BD, words_B).float(), index_B
