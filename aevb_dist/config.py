@@ -92,6 +92,10 @@ class TrainConfig:
     min_workers: Optional[int] = None
     # One GPU per worker; gradients all-reduced with NCCL instead of gloo.
     use_gpu: bool = False
+    # With train.use_gpu on a Ray cluster: the share of a GPU each worker holds. Below 1, workers share GPUs
+    # (e.g. 0.5: two a GPU) and all-reduce with gloo, which takes CUDA tensors (NCCL refuses two ranks on one
+    # device). For models too small to fill a GPU.
+    gpus_per_worker: float = 1.0
     # CPUs reserved per worker; None sizes workers to the embedded machine (leaves room for the driver).
     cpus_per_worker: Optional[float] = None
     # Examples each worker takes per step (without train.global_batch_size).

@@ -112,6 +112,12 @@ def _validate_placement(cfg: Config) -> None:
         _elastic(cfg)
     if t.global_batch_size is not None and cfg.data.cache_on_device:
         raise ValueError("data.cache_on_device=true does not yet serve train.global_batch_size runs; unset one of them")
+    if not 0 < t.gpus_per_worker <= 1:
+        raise ValueError(f"train.gpus_per_worker={t.gpus_per_worker:g} must lie in (0, 1]: a worker uses one device")
+    if t.gpus_per_worker != 1 and not t.use_gpu:
+        raise ValueError("train.gpus_per_worker applies with train.use_gpu=true")
+    if t.gpus_per_worker != 1 and cfg.ray.local_mode:
+        raise ValueError("ray.local_mode=true gives each worker a GPU of its own: unset train.gpus_per_worker")
     if t.use_gpu and cfg.data.cache_on_device and t.cuda_graph:
         if cfg.optim.name == "adagrad":
             raise ValueError(

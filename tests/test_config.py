@@ -62,11 +62,15 @@ def test_round_trip_through_dict():
         ("model.squash_mean=true", r"squash_mean=true only applies to model.likelihood=gaussian"),
         ("run.name=a/b", r"run.name='a/b' must be a non-empty name without '/'"),
         ("train.max_steps", r"must look like key=value"),
+        ("data.decode_threads=0", r"data.decode_threads=0 must be a positive number"),
+        ("train.gpus_per_worker=0.5", r"train.gpus_per_worker applies with train.use_gpu=true"),
+        ("train.use_gpu=true train.gpus_per_worker=1.5", r"gpus_per_worker=1.5 must lie in \(0, 1\]"),
+        ("train.use_gpu=true train.gpus_per_worker=0.5 ray.local_mode=true", r"a GPU of its own"),
     ],
 )
 def test_bad_config_is_a_value_error_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
-        load_config(SMOKE, [override])
+        load_config(SMOKE, override.split(" "))
 
 
 def test_both_lengths_at_once_is_impossible():

@@ -104,5 +104,3 @@ def test_where_the_graph_cannot_serve_a_streamed_run_the_eager_step_runs_and_say
 def test_decode_threads_default_to_a_windows_row_groups_within_the_cores():
     assert default_decode_threads(1) == 1
     assert 1 <= default_decode_threads(64) <= 64
-    with pytest.raises(ValueError, match="data.decode_threads"):
-        load_config(SMOKE, ["data.decode_threads=0"])

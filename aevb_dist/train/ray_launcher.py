@@ -93,13 +93,13 @@ def launch_on_ray(cfg: Config, run: storage.Folder, train_data: ParquetDataset) 
             else str(cfg.train.num_workers)
         )
         say(
-            f"training {cfg.run.name}: {workers} worker(s) × {cpus:g} CPU, "
+            f"training {cfg.run.name}: {workers} worker(s) × {_worker_resources(cfg, cpus)}, "
             f"{spec.threads} thread(s) each, {train_data.num_rows:,} training examples → {run.uri}"
         )
         storage_path, storage_fs = storage.ray_train_storage(run)
         trainer = TorchTrainer(
             functools.partial(train_on_ray, spec),
-            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo", timeout_s=300),
+            torch_config=TorchConfig(backend=_collectives_backend(cfg), timeout_s=300),
             scaling_config=_scaling(cfg, cpus),
             run_config=RunConfig(
                 name=cfg.run.name,
@@ -179,12 +179,13 @@ def _scaling(cfg: Config, cpus: float):
     from ray.train import ScalingConfig
 
     t = cfg.train
+    resources = {"CPU": cpus, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
     if t.min_workers is None:
-        return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": cpus})
+        return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources)
     return ScalingConfig(
         num_workers=(t.min_workers, t.num_workers),
         use_gpu=t.use_gpu,
-        resources_per_worker={"CPU": cpus},
+        resources_per_worker=resources,
         elastic_resize_monitor_interval_s=ELASTIC_CHECK_S,
     )
 
@@ -202,17 +203,27 @@ def _check_the_group_fits(cfg: Config, cpus: float) -> None:
         return
     per_node = [math.floor(r.get("CPU", 0) / cpus + 1e-9) if cpus > 0 else math.inf for r in nodes]
     if cfg.train.use_gpu:
-        per_node = [min(n, math.floor(r.get("GPU", 0) + 1e-9)) for n, r in zip(per_node, nodes)]
+        share = cfg.train.gpus_per_worker
+        per_node = [min(n, math.floor(r.get("GPU", 0) / share + 1e-9)) for n, r in zip(per_node, nodes)]
     room, needed = sum(per_node), cfg.train.min_workers or cfg.train.num_workers
     if room >= needed:
         return
     key = "train.min_workers" if cfg.train.min_workers else "train.num_workers"
-    worker = f"{cpus:g} CPU" + (" and 1 GPU" if cfg.train.use_gpu else "")
+    worker = _worker_resources(cfg, cpus)
     have = f"{sum(r.get('CPU', 0) for r in nodes):g} CPUs, {sum(r.get('GPU', 0) for r in nodes):g} GPUs"
     raise ValueError(
         f"the Ray cluster has room for {room} worker(s) of {worker} ({len(nodes)} node(s), {have}), "
         f"and {key}={needed} are needed: add nodes, lower {key}, or lower train.cpus_per_worker"
     )
+
+
+def _collectives_backend(cfg: Config) -> str:
+    """NCCL for a GPU of one's own; gloo on CPUs and for ranks sharing a GPU (NCCL: "Duplicate GPU detected")."""
+    return "nccl" if cfg.train.use_gpu and cfg.train.gpus_per_worker == 1 else "gloo"
+
+
+def _worker_resources(cfg: Config, cpus: float) -> str:
+    return f"{cpus:g} CPU" + (f" and {cfg.train.gpus_per_worker:g} GPU" if cfg.train.use_gpu else "")
 
 
 def _the_nodes_alive() -> tuple[bool, list[dict]]:
