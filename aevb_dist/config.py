@@ -38,6 +38,13 @@ class ModelConfig:
     squash_mean: bool = False
     # Initial parameters drawn from N(0, init_std²) as in the paper (Section 5); None = PyTorch default.
     init_std: Optional[float] = None
+    # The mlp's initial weights: default (PyTorch's) or glorot_uniform (U(±√(6/(fan_in+fan_out))), biases 0:
+    # Burda et al.'s code).
+    init: str = "default"
+    # The mlp decoder's output bias for Bernoulli models: default (as model.init leaves it), zero, or data_mean:
+    # the logit of the training set's mean pixel clipped to [0.001, 0.999], computed from the data when a run
+    # starts and recorded in its checkpoints (Burda et al.'s code; worth ~1.4 nats of log p(x) elsewhere).
+    output_bias_init: str = "default"
     # mlp: the paper's networks on flat rows. conv: stride-2 convolutions with these widths and a mirrored
     # decoder, for images. "package.module:function": your own pair (docs/models.md, "Your own networks").
     architecture: str = "mlp"

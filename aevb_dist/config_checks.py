@@ -23,6 +23,18 @@ def _positive(key: str, value: Optional[float], allow_none: bool = False) -> Non
         raise ValueError(f"{key}={value} must be a positive number")
 
 
+def _initialization(m) -> None:
+    _choice("model.init", m.init, names.WEIGHT_INITS)
+    _choice("model.output_bias_init", m.output_bias_init, names.OUTPUT_BIAS_INITS)
+    if m.init != "default" and m.init_std is not None:
+        raise ValueError(f"model.init={m.init} and model.init_std={m.init_std:g} both set the weights; unset one")
+    for key, value in (("model.init", m.init), ("model.output_bias_init", m.output_bias_init)):
+        if value != "default" and m.architecture != "mlp":
+            raise ValueError(f"{key}={value} applies to model.architecture=mlp (your networks initialize themselves)")
+    if m.output_bias_init == "data_mean" and m.likelihood != "bernoulli":
+        raise ValueError("model.output_bias_init=data_mean sets Bernoulli logits; it needs model.likelihood=bernoulli")
+
+
 def validate(cfg: Config) -> None:
     """Checks that span fields; raises ValueError naming the key and the fix."""
     m, t = cfg.model, cfg.train
@@ -35,6 +47,7 @@ def validate(cfg: Config) -> None:
         _positive(f"model.hidden_sizes[{i}]", h)
     _positive("model.init_std", m.init_std, allow_none=True)
     _architecture(m)
+    _initialization(m)
     if m.squash_mean and m.likelihood != "gaussian":
         raise ValueError("model.squash_mean=true only applies to model.likelihood=gaussian")
     _choice("data.binarization", cfg.data.binarization, names.BINARIZATIONS)

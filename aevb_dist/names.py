@@ -19,6 +19,8 @@ LR_SCHEDULES = ("constant", "burda2015")
 BINARIZATIONS = ("dynamic", "static", "none")
 MARGINAL_LIKELIHOOD_ESTIMATORS = ("is", "ais", "appendix-d")  # log p(x): `aevb-dist evaluate --estimator`
 ALLREDUCE_DTYPES = ("float32", "bfloat16")
+WEIGHT_INITS = ("default", "glorot_uniform")  # model.init: PyTorch's, or Glorot & Bengio (2010)'s uniform
+OUTPUT_BIAS_INITS = ("default", "zero", "data_mean")  # model.output_bias_init
 # Examples per forward pass of an evaluation (`aevb-dist evaluate --batch-size`'s default), and of training's
 # test-set evaluation: a row group's noise is drawn batch by batch, so the ELBO's draws depend on it.
 EVAL_BATCH_SIZE = 100

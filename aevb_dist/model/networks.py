@@ -28,6 +28,14 @@ def mlp(in_features: int, hidden_sizes: list[int], out_features: int, activation
     return nn.Sequential(*layers)
 
 
+def init_glorot_uniform(module: nn.Module) -> None:
+    """Every Linear layer's weights from U(±√(6 / (fan_in + fan_out))) (Glorot & Bengio, 2010), biases 0."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
 def init_paper(module: nn.Module, std: float = 0.01) -> None:
     """The paper initialises parameters from N(0, 0.01²) (Section 5)."""
     for p in module.parameters():

@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from aevb_dist.model.distributions import likelihood_from_name, log_standard_normal
-from aevb_dist.model.networks import ShapedNetwork, check_contract, conv_networks, init_paper, mlp, user_factory
+from aevb_dist.model.networks import (
+    ShapedNetwork,
+    check_contract,
+    conv_networks,
+    init_glorot_uniform,
+    init_paper,
+    mlp,
+    user_factory,
+)
 from aevb_dist.model.posteriors import posterior_from_name
 
 
@@ -33,6 +41,8 @@ class VAE(nn.Module):
         input_shape: Optional[list[int]] = None,
         conv_channels: Optional[list[int]] = None,
         model_cfg=None,
+        init: str = "default",
+        output_bias_init: str = "default",
     ):
         """`architecture`: "mlp" (the paper's), "conv" (for images of `input_shape`), or a user's
         "package.module:factory", called as factory(model_cfg, input_shape, params_per_dim) → (encoder,
@@ -57,6 +67,10 @@ class VAE(nn.Module):
             )
         if init_std is not None:
             init_paper(self, init_std)
+        if init == "glorot_uniform":
+            init_glorot_uniform(self)
+        if output_bias_init == "zero":
+            self.set_output_bias(torch.zeros(self.likelihood.params_per_dim * input_dim))
         # Checks every input's finiteness and support. The trainer builds its model without it: its
         # reader has already checked every row group, and the check costs passes over each batch.
         self.validate_inputs = validate_inputs
@@ -104,6 +118,8 @@ class VAE(nn.Module):
                 input_shape=model_cfg.input_shape,
                 conv_channels=list(model_cfg.conv_channels),
                 model_cfg=model_cfg,
+                init=model_cfg.init,
+                output_bias_init=model_cfg.output_bias_init,
             )
 
         if seed is None:
@@ -112,6 +128,18 @@ class VAE(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # the CPU generator only: the model is built on the CPU
             return build()
+
+    @torch.no_grad()
+    def set_output_bias(self, bias_P: torch.Tensor) -> None:
+        """The mlp decoder's last layer's bias: the decoder's outputs at zero hidden activations."""
+        last = self.decoder[-1]
+        last.bias.copy_(bias_P.to(last.bias))
+
+    @torch.no_grad()
+    def set_output_bias_to_data_mean(self, mean_D: torch.Tensor) -> None:
+        """Bernoulli logits of the data's mean pixel, clipped to [0.001, 0.999] (Burda et al.'s code): the
+        decoder starts at the data's average image instead of grey."""
+        self.set_output_bias(torch.logit(mean_D.double().clamp(0.001, 0.999)).float())
 
     def check_input(self, x_BD: torch.Tensor) -> None:
         if x_BD.dim() != 2 or x_BD.shape[1] != self.input_dim:

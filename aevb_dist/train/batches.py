@@ -52,6 +52,48 @@ class BatchSource:
             )
             check_partitioning(self.num_partitions, self.global_batch_size, world_size)
 
+    def partitioning(self) -> Optional[dict]:
+        """What a checkpoint records of a global-batch run's partitions (None for other runs)."""
+        if self.num_partitions is None:
+            return None
+        return {"num_partitions": self.num_partitions, "global_batch_size": self.global_batch_size}
+
+    def resumed(self, saved: Optional[dict]) -> Optional["BatchSource"]:
+        """The source a run resumed from a checkpoint recording `saved` partitions reads: it keeps the
+        checkpoint's data.num_partitions (a different value set in the config, or a different global batch, is
+        refused: the data position would change). None for a run without partitions."""
+        now = self.partitioning()
+        if saved is None and now is None:
+            return None
+        if saved is None or now is None:
+            raise ValueError(
+                "this run was started "
+                + ("without" if saved is None else "with")
+                + " train.global_batch_size; resume it as it was started (or use a new run.name)"
+            )
+        if saved["global_batch_size"] != now["global_batch_size"]:
+            raise ValueError(
+                f"train.global_batch_size={now['global_batch_size']} differs from the run's "
+                f"{saved['global_batch_size']}; a run keeps its global batch (or use a new run.name)"
+            )
+        configured = self.cfg.data.num_partitions
+        if configured is not None and configured != saved["num_partitions"]:
+            raise ValueError(
+                f"data.num_partitions={configured} differs from the run's {saved['num_partitions']}, "
+                "recorded in its first checkpoint; a run keeps its partitions (or use a new run.name)"
+            )
+        if saved["num_partitions"] == now["num_partitions"]:
+            return self
+        return BatchSource(
+            self.cfg,
+            self.data,
+            rank=self.rank,
+            world_size=self.world_size,
+            binarization=self.binarization,
+            device=self.device,
+            num_partitions=saved["num_partitions"],
+        )
+
     def read_ahead(self):
         """data.read_ahead; by default also on a GPU, whose step leaves the CPU free (data/prefetch.py)."""
         configured = self.cfg.data.read_ahead

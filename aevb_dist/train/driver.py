@@ -12,6 +12,7 @@ from typing import Optional
 from aevb_dist import checkpoint, compat, storage
 from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml
 from aevb_dist.console import first_line, say
+from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.data.value_range import check_range_fits
 from aevb_dist.model.vae import VAE
 from aevb_dist.run_lease import LeaseHeld, RunLease
@@ -46,8 +47,9 @@ def train(cfg: Config, wait_for_lease: bool = True) -> dict:
             launch = launch_local if cfg.ray.local_mode else launch_on_ray
             stop_request.clear(run)  # one left by an earlier run is not this run's
             try:
+                data_mean = _data_mean(cfg, train_data) if start_step == 0 else None
                 with ProgressPrinter(run, steps, start_step), stop_request.maybe_stop_on_signals(run):
-                    launch(cfg, run, train_data)
+                    launch(cfg, run, train_data, data_mean)
             finally:
                 try:
                     stop_request.clear(run)
@@ -67,6 +69,14 @@ def train(cfg: Config, wait_for_lease: bool = True) -> dict:
     return last
 
 
+def _data_mean(cfg: Config, train_data) -> Optional[list[float]]:
+    """model.output_bias_init=data_mean: the training set's mean pixel, read once here for every worker."""
+    if cfg.model.output_bias_init != "data_mean":
+        return None
+    say(f"model.output_bias_init=data_mean: the mean pixel of {train_data.num_rows:,} training examples")
+    return mean_intensity(train_data).tolist()
+
+
 def model_for_data(cfg: Config, data_shape: list[int]) -> Config:
     """model.input_shape from the training data when unset, refused in one line when it differs; then the
     networks are built once here, so that a factory that does not import, or returns the wrong shapes, or a
@@ -84,9 +94,9 @@ def model_for_data(cfg: Config, data_shape: list[int]) -> Config:
 
 
 def _same_setting(key: str, saved, now) -> bool:
-    """init_std only shaped the first step; an input_shape the checkpoint left unset (None: the data's) or wrote
-    with/without its one channel is the same shape."""
-    if key == "init_std" or saved == now:
+    """The initializations (init_std, init, output_bias_init) only shaped the first step; an input_shape the
+    checkpoint left unset (None: the data's) or wrote with/without its one channel is the same shape."""
+    if key in ("init_std", "init", "output_bias_init") or saved == now:
         return True
     return key == "input_shape" and (saved is None or _squeezed(saved) == _squeezed(now))
 

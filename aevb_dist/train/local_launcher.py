@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from typing import Optional
 
 from aevb_dist import compat, storage
 from aevb_dist.config import Config
@@ -41,7 +42,9 @@ from aevb_dist.train.worker import WorkerSpec, run_worker
 _PROCESS_LOGGERS = ["torch.distributed.elastic.multiprocessing", "torch.multiprocessing"]
 
 
-def launch_local(cfg: Config, run: storage.Folder, train_data: ParquetDataset) -> None:
+def launch_local(
+    cfg: Config, run: storage.Folder, train_data: ParquetDataset, data_mean: Optional[list[float]] = None
+) -> None:
     """Run the workers as processes of this machine to the end; raises ValueError for a user's mistake."""
     import torch
 
@@ -53,7 +56,7 @@ def launch_local(cfg: Config, run: storage.Folder, train_data: ParquetDataset) -
         )
     _forget_ray_checkpoint_list(run)
     cpus = cfg.train.cpus_per_worker if cfg.train.cpus_per_worker is not None else (os.cpu_count() or 1) // n
-    spec = WorkerSpec(cfg, run, threads_for_cpus(cpus), train_data.describe())
+    spec = WorkerSpec(cfg, run, threads_for_cpus(cpus), train_data.describe(), data_mean)
     say(
         f"training {cfg.run.name} in Ray Train's local mode: {n} worker process(es), {spec.threads} thread(s) "
         f"each, {train_data.num_rows:,} training examples → {run.uri}"

@@ -76,7 +76,9 @@ class PreemptionNotice:
         )
 
 
-def launch_on_ray(cfg: Config, run: storage.Folder, train_data: ParquetDataset) -> None:
+def launch_on_ray(
+    cfg: Config, run: storage.Folder, train_data: ParquetDataset, data_mean: Optional[list[float]] = None
+) -> None:
     """Run the workers to the end; raises a one-line ValueError for a user's mistake."""
     import ray
     from ray.train import FailureConfig, RunConfig
@@ -86,7 +88,7 @@ def launch_on_ray(cfg: Config, run: storage.Folder, train_data: ParquetDataset) 
     try:
         cpus = _cpus_per_worker(cfg)
         _check_the_group_fits(cfg, cpus)
-        spec = WorkerSpec(cfg, run, threads_for_cpus(cpus), train_data.describe())
+        spec = WorkerSpec(cfg, run, threads_for_cpus(cpus), train_data.describe(), data_mean)
         workers = (
             f"{cfg.train.min_workers}–{cfg.train.num_workers} (elastic)"
             if cfg.train.min_workers

@@ -27,6 +27,7 @@ from aevb_dist.config import Config
 from aevb_dist.data.binarization import eval_binarization, train_binarization
 from aevb_dist.data.reader import ParquetDataset, assign_row_groups
 from aevb_dist.data.schema import Batch
+from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.eval.evaluation import evaluate_units
 from aevb_dist.model.elbo import add_prior_gradient, per_example_bound
 from aevb_dist.model.noise import SegmentedNoise
@@ -72,8 +73,12 @@ class Trainer:
         device: str = "cpu",
         train_description: Optional[dict] = None,
         stop_probe: Callable[[], bool] = lambda: False,
+        data_mean: Optional[list[float]] = None,
     ):
-        """`stop_probe()`: whether this rank asks to stop after the current step (read every step: a flag, no I/O)."""
+        """`stop_probe()`: whether this rank asks to stop after the current step (read every step: a flag, no
+        I/O). `data_mean`: the training set's mean pixel for model.output_bias_init=data_mean, as the driver
+        computed it (else computed here when a run starts)."""
+        self.data_mean = data_mean
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.stop_probe = stop_probe
         self.stop_requested = False  # some rank asked: the step just taken is checkpointed and fit() returns
@@ -126,13 +131,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "state": dataclasses.asdict(self.state),
             "image_shape": list(self.train_data.shape),
-            "partitioning": self._partitioning(),
+            "partitioning": self.source.partitioning(),
+            "data_mean": self.data_mean,  # what model.output_bias_init=data_mean started from
         }
-
-    def _partitioning(self) -> Optional[dict]:
-        if self.source.num_partitions is None:
-            return None
-        return {"num_partitions": self.source.num_partitions, "global_batch_size": self.source.global_batch_size}
 
     def load_state_dict(self, saved: dict) -> Optional[str]:
         """Restore everything; returns a warning when the data position cannot carry over."""
@@ -149,7 +150,10 @@ class Trainer:
         for group, rate in zip(self.optimizer.param_groups, rates):
             group["lr"] = rate
         self.state = TrainState(**saved["state"])
-        if self._resume_partitioning(saved.get("partitioning")):
+        self.data_mean = saved.get("data_mean")
+        resumed = self.source.resumed(saved.get("partitioning"))
+        if resumed is not None:
+            self.source, self.total_steps = resumed, resumed.total_steps()
             self.state.world_size = self.world_size  # global batches do not depend on it: the epoch goes on
         elif self.state.world_size != self.world_size:
             old = self.state.world_size
@@ -159,42 +163,6 @@ class Trainer:
                 f"so epoch {self.state.epoch} restarts from its beginning"
             )
         return None
-
-    def _resume_partitioning(self, saved: Optional[dict]) -> bool:
-        """Keep the run's partitions: a resumed run takes the checkpoint's data.num_partitions (a different
-        value set in the config, or a different global batch, is refused: the data position would change)."""
-        now = self._partitioning()
-        if saved is None and now is None:
-            return False
-        if saved is None or now is None:
-            raise ValueError(
-                "this run was started "
-                + ("without" if saved is None else "with")
-                + " train.global_batch_size; resume it as it was started (or use a new run.name)"
-            )
-        if saved["global_batch_size"] != now["global_batch_size"]:
-            raise ValueError(
-                f"train.global_batch_size={now['global_batch_size']} differs from the run's "
-                f"{saved['global_batch_size']}; a run keeps its global batch (or use a new run.name)"
-            )
-        configured = self.cfg.data.num_partitions
-        if configured is not None and configured != saved["num_partitions"]:
-            raise ValueError(
-                f"data.num_partitions={configured} differs from the run's {saved['num_partitions']}, "
-                "recorded in its first checkpoint; a run keeps its partitions (or use a new run.name)"
-            )
-        if saved["num_partitions"] != now["num_partitions"]:
-            self.source = BatchSource(
-                self.cfg,
-                self.train_data,
-                rank=self.rank,
-                world_size=self.world_size,
-                binarization=self.binarization,
-                device=self.device,
-                num_partitions=saved["num_partitions"],
-            )
-            self.total_steps = self.source.total_steps()
-        return True
 
     # -- one step ----------------------------------------------------------------------------
     def _bound_sum(
@@ -314,6 +282,9 @@ class Trainer:
         `stop_requested` set)."""
         steps = steps or (CapturedSteps(self) if self.graphed else EagerSteps(self))
         s = self.state
+        if s.step == 0 and self.cfg.model.output_bias_init == "data_mean":  # a new run, not a resumed one
+            self.data_mean = self.data_mean or mean_intensity(self.train_data).tolist()
+            self.vae.set_output_bias_to_data_mean(torch.tensor(self.data_mean, dtype=torch.float64))
         window = self.new_window()
         row: dict = {}
         while not self.finished():

@@ -38,6 +38,8 @@ class WorkerSpec:
     # The training set as the driver found it (ParquetDataset.describe): workers open it without reading
     # its index or footers, O(1) storage requests per worker whatever the number of shards.
     train_description: Optional[dict] = None
+    # model.output_bias_init=data_mean: the training set's mean pixel, computed once by the driver for a new run.
+    data_mean: Optional[list[float]] = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ def run_worker(
         world_size=world_size,
         device=device,
         train_description=spec.train_description,
+        data_mean=spec.data_mean,
         stop_probe=lambda: preemption_notice() or (watch is not None and watch.requested),
     )
     if rank == 0:  # the one process that writes into the run folder
