@@ -35,6 +35,10 @@ def open_as_trained(data_uri: str, vae: VAE, saved: dict, endpoint_url: Optional
     )
 
 
+# A latent is active when Cov_x(E_q[z_u | x]) exceeds this (Burda et al., 2015, §5.2).
+ACTIVE_UNIT_THRESHOLD = 1e-2
+
+
 @dataclass
 class Sums:
     count: int = 0
@@ -42,9 +46,20 @@ class Sums:
     elbo_sq: float = 0.0
     log_px: float = 0.0
     log_px_sq: float = 0.0
+    # Per latent: Σ_x E_q[z|x] and Σ_x E_q[z|x]², for the active units (None until an example is seen).
+    z_mean: Optional[np.ndarray] = None
+    z_mean_sq: Optional[np.ndarray] = None
 
     def __add__(self, other: "Sums") -> "Sums":
-        return Sums(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        def add(a, b):
+            return b if a is None else a if b is None else a + b
+
+        return Sums(**{f.name: add(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+
+    def posterior_mean_variance(self) -> np.ndarray:
+        """Cov_x(E_q[z_u | x]) per latent u over the examples seen (their sample variance)."""
+        mean = self.z_mean / self.count
+        return np.maximum(self.z_mean_sq / self.count - mean**2, 0.0) * self.count / max(self.count - 1, 1)
 
     def summary(self) -> dict:
         """Means and standard errors of the mean over examples."""
@@ -58,6 +73,8 @@ class Sums:
 
         elbo, elbo_sem = mean_sem(self.elbo, self.elbo_sq)
         out = {"elbo": elbo, "elbo_sem": elbo_sem, "num_examples": self.count}
+        if self.z_mean is not None:
+            out["active_units"] = int((self.posterior_mean_variance() > ACTIVE_UNIT_THRESHOLD).sum())
         if self.log_px or self.log_px_sq:
             out["log_marginal_likelihood"], out["log_marginal_likelihood_sem"] = mean_sem(self.log_px, self.log_px_sq)
         return out
@@ -105,7 +122,14 @@ def evaluate_units(
         for batch in _batches(dataset, uid, batch_size, binarization, seed):
             x = torch.from_numpy(batch.x).to(device)
             elbo = sgvb_b(vae, x, 1, generator=elbo_noise).double()
-            total += Sums(count=len(batch), elbo=elbo.sum().item(), elbo_sq=elbo.pow(2).sum().item())
+            z_mean = vae.posterior.mean_and_std(*vae.encode(x))[0].double()
+            total += Sums(
+                count=len(batch),
+                elbo=elbo.sum().item(),
+                elbo_sq=elbo.pow(2).sum().item(),
+                z_mean=z_mean.sum(0).cpu().numpy(),
+                z_mean_sq=z_mean.pow(2).sum(0).cpu().numpy(),
+            )
             if num_importance_samples > 0:
                 log_px = estimate_log_marginal_likelihood(
                     vae,
