@@ -68,7 +68,7 @@ def stream_epoch(rank: int, world_size: int, uri: str, description: dict, overri
 
     from aevb_dist.config import load_config
     from aevb_dist.train.batches import BatchSource
-    from aevb_dist.train.step_setup import open_datasets
+    from aevb_dist.train.datasets import open_datasets
 
     torch.set_num_threads(1)
     cfg = load_config(None, [f"data.train_uri={uri}", f"model.input_dim={DIM}", *overrides])

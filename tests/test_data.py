@@ -437,7 +437,7 @@ def test_row_groups_read_once_are_kept_decoded_within_the_budget(uneven_dataset,
 
 def test_training_sets_get_the_configured_cache_and_test_sets_none(tiny_data):
     from aevb_dist.config import load_config
-    from aevb_dist.train.step_setup import open_datasets
+    from aevb_dist.train.datasets import open_datasets
     from tests.helpers import SMOKE, tiny_overrides
 
     overrides = tiny_overrides(tiny_data, "unused")

@@ -7,8 +7,7 @@ import torch.multiprocessing as mp
 
 from aevb_dist.config import load_config
 from aevb_dist.model.elbo import map_objective_sum, per_example_bound
-from aevb_dist.train.step_setup import step_generator
-from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.trainer import Trainer, step_generator
 from tests.gloo_worker import stop_on_one_ranks_vote, take_one_step
 from tests.helpers import free_port, tiny_overrides
 

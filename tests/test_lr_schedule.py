@@ -8,7 +8,7 @@ import torch
 
 from aevb_dist import names
 from aevb_dist.config import load_config
-from aevb_dist.train.step_setup import build_optimizer, learning_rate
+from aevb_dist.train.optimizers import build_optimizer, learning_rate
 from aevb_dist.train.trainer import Trainer
 from tests.helpers import SMOKE, tiny_overrides
 

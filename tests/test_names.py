@@ -14,7 +14,7 @@ from aevb_dist.data.schema import Batch
 from aevb_dist.model.elbo import per_example_bound
 from aevb_dist.model.marginal_likelihood import estimate_log_marginal_likelihood
 from aevb_dist.model.vae import VAE
-from aevb_dist.train.step_setup import build_optimizer
+from aevb_dist.train.optimizers import build_optimizer
 from tests.helpers import SMOKE
 
 

@@ -28,6 +28,19 @@ def mlp(in_features: int, hidden_sizes: list[int], out_features: int, activation
     return nn.Sequential(*layers)
 
 
+def autocast_networks(vae, device: torch.device) -> None:
+    """bf16 autocast for the encoder's and decoder's matrix products only: their outputs return to float32,
+    so the noise ε, the likelihood, the KL and every sum stay float32."""
+    for network in (vae.encoder, vae.decoder):
+
+        def forward(x, _inner=network.forward):
+            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):  # CUDA-graph safe
+                out = _inner(x)
+            return out.float()
+
+        network.forward = forward
+
+
 def init_glorot_uniform(module: nn.Module) -> None:
     """Every Linear layer's weights from U(±√(6 / (fan_in + fan_out))) (Glorot & Bengio, 2010), biases 0."""
     for layer in module.modules():

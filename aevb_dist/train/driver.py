@@ -19,9 +19,9 @@ from aevb_dist.run_lease import LeaseHeld, RunLease
 from aevb_dist.run_log import ProgressPrinter, read_metrics
 from aevb_dist.train import stop_request
 from aevb_dist.train.batches import BatchSource
+from aevb_dist.train.datasets import open_datasets
 from aevb_dist.train.local_launcher import launch_local
 from aevb_dist.train.ray_launcher import launch_on_ray
-from aevb_dist.train.step_setup import open_datasets
 
 
 def train(cfg: Config, wait_for_lease: bool = True) -> dict:

@@ -30,21 +30,21 @@ from aevb_dist.data.schema import Batch
 from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.eval.evaluation import evaluate_units
 from aevb_dist.model.elbo import add_prior_gradient, per_example_bound
+from aevb_dist.model.networks import autocast_networks
 from aevb_dist.model.noise import SegmentedNoise
 from aevb_dist.model.vae import VAE
 from aevb_dist.train.batches import BatchSource, Segments, Stream
 from aevb_dist.train.captured_step import CapturedSteps, captured_step_serves
 from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES, all_reduce_step_sums, all_reduce_sum
+from aevb_dist.train.datasets import open_datasets
 from aevb_dist.train.device_data import DeviceData
 from aevb_dist.train.device_stream import streamed_to
-from aevb_dist.train.step_setup import (
-    autocast_networks,
-    build_optimizer,
-    learning_rate,
-    open_datasets,
-    set_learning_rate,
-    step_generator,
-)
+from aevb_dist.train.optimizers import build_optimizer, learning_rate, set_learning_rate
+
+
+def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
+    """Step `step`'s noise on rank (or partition) `stream`, by the rule in seeds.py."""
+    return torch.Generator(device=device).manual_seed(seeds.step_seed(seed, step, stream))
 
 
 @dataclass

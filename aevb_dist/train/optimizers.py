@@ -1,5 +1,4 @@
-"""What the Trainer builds before its first step: the datasets, the optimizer, bf16 autocast of the
-networks, and the seed rule of each step's noise. No Ray here."""
+"""The optimizer of a run and its learning-rate schedule (optim.*). No Ray here."""
 
 from __future__ import annotations
 
@@ -7,10 +6,7 @@ from typing import Optional
 
 import torch
 
-from aevb_dist import names, seeds
-from aevb_dist.config import Config
-from aevb_dist.data.reader import ParquetDataset
-from aevb_dist.model.vae import VAE
+from aevb_dist import names
 
 OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 names.require_registry("optimizer", names.OPTIMIZERS, OPTIMIZERS)
@@ -62,51 +58,3 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:
             group["lr"].fill_(value)
         else:
             group["lr"] = value
-
-
-def autocast_networks(vae: VAE, device: torch.device) -> None:
-    """bf16 autocast for the encoder's and decoder's matrix products only: their outputs return to float32,
-    so the noise ε, the likelihood, the KL and every sum stay float32."""
-    for network in (vae.encoder, vae.decoder):
-
-        def forward(x, _inner=network.forward):
-            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):  # CUDA-graph safe
-                out = _inner(x)
-            return out.float()
-
-        network.forward = forward
-
-
-def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
-    """Step `step`'s noise on rank (or partition) `stream`, by the rule in seeds.py."""
-    return torch.Generator(device=device).manual_seed(seeds.step_seed(seed, step, stream))
-
-
-def open_datasets(
-    cfg: Config, train_description: Optional[dict] = None
-) -> tuple[ParquetDataset, Optional[ParquetDataset]]:
-    """The training and test sets; the training set from `train_description` (the driver's) where given."""
-    endpoint = cfg.run.s3_endpoint_url
-    if not cfg.data.train_uri:
-        raise ValueError("data.train_uri is empty; point it at a dataset made by `aevb-dist prepare`")
-    # data.cache_on_device holds the training set on the device already: no second copy in host memory.
-    cache_mib = 0 if cfg.data.cache_on_device else cfg.data.decoded_cache_mib
-    train = ParquetDataset(
-        cfg.data.train_uri,
-        expected_dim=cfg.model.input_dim,
-        endpoint_url=endpoint,
-        description=train_description,
-        image_column=cfg.data.image_column,
-        cache_bytes=cache_mib << 20,
-    )
-    test = (
-        ParquetDataset(
-            cfg.data.test_uri,
-            expected_dim=cfg.model.input_dim,
-            endpoint_url=endpoint,
-            image_column=cfg.data.image_column,
-        )
-        if cfg.data.test_uri
-        else None
-    )
-    return train, test
