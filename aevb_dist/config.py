@@ -117,6 +117,12 @@ class TrainConfig:
     num_epochs: Optional[int] = None
     # The bound's estimator: A (generic SGVB, eq. 6), B (analytic KL, eq. 7, Appendix B) or iwae.
     estimator: str = "B"
+    # KL warm-up (Sønderby et al., 2016), estimator B: the KL term weighed by β rising linearly from 0 to 1 over
+    # this many steps. 0: none. The logged train ELBO stays the true bound; train_objective is what is optimized.
+    kl_warmup_steps: int = 0
+    # Free bits (Kingma et al., 2016), estimator B: each latent's KL, averaged over the worker's batch, counts
+    # as at least this many nats (below it, nothing pushes it lower). None: none.
+    free_bits: Optional[float] = None
     # The paper's L (estimators A, B) or the number of importance samples K (iwae).
     num_latent_samples: int = 1
     # MAP estimation of θ: standard deviation of a Gaussian prior on every parameter; None = ML.

@@ -35,6 +35,26 @@ def _initialization(m) -> None:
         raise ValueError("model.output_bias_init=data_mean sets Bernoulli logits; it needs model.likelihood=bernoulli")
 
 
+def _kl_weighting(cfg: Config) -> None:
+    t = cfg.train
+    if t.kl_warmup_steps < 0:
+        raise ValueError(f"train.kl_warmup_steps={t.kl_warmup_steps} must be >= 0 (0: no warm-up)")
+    _positive("train.free_bits", t.free_bits, allow_none=True)
+    if not (t.kl_warmup_steps or t.free_bits is not None):
+        return
+    if t.estimator != "B":
+        raise ValueError(
+            "train.kl_warmup_steps and train.free_bits weigh the analytic KL of estimator B; set train.estimator=B"
+        )
+    if t.free_bits is not None and t.global_batch_size is not None:
+        raise ValueError(
+            "train.free_bits averages each latent's KL over a worker's batch, which depends on the worker count; "
+            "train.global_batch_size promises results that do not: unset one of them"
+        )
+    if t.use_gpu and cfg.data.cache_on_device and t.cuda_graph:
+        raise ValueError("train.kl_warmup_steps and train.free_bits need the eager step: set train.cuda_graph=false")
+
+
 def validate(cfg: Config) -> None:
     """Checks that span fields; raises ValueError naming the key and the fix."""
     m, t = cfg.model, cfg.train
@@ -131,6 +151,7 @@ def _validate_placement(cfg: Config) -> None:
         raise ValueError("train.gpus_per_worker applies with train.use_gpu=true")
     if t.gpus_per_worker != 1 and cfg.ray.local_mode:
         raise ValueError("ray.local_mode=true gives each worker a GPU of its own: unset train.gpus_per_worker")
+    _kl_weighting(cfg)
     if t.use_gpu and cfg.data.cache_on_device and t.cuda_graph:
         if cfg.optim.name == "adagrad":
             raise ValueError(

@@ -34,6 +34,8 @@ COLUMNS = [
     "skipped_steps",
     "time",
     "num_workers",
+    # What was optimized, where it is not the bound itself (KL warm-up, free bits); blank otherwise.
+    "train_objective",
 ]
 
 
@@ -120,9 +122,10 @@ class RunLog:
             self._upload()
         if self._tb is not None:
             with self._local_write("TensorBoard events"):
-                for key in ("train_elbo", "test_elbo", "samples_per_s"):
-                    if not math.isnan(row[key]):
-                        self._tb.add_scalar(key, row[key], global_step=row["step"])
+                for key in ("train_elbo", "test_elbo", "samples_per_s", "train_objective"):
+                    value = row.get(key, math.nan)
+                    if not math.isnan(value):
+                        self._tb.add_scalar(key, value, global_step=row["step"])
 
     def flush(self) -> None:
         if not self._on_local_disk:

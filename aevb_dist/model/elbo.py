@@ -47,6 +47,30 @@ def sgvb_b(
     return vae.log_likelihood(x_BD, z_LBZ).mean(0) - vae.kl_to_prior(a_BZ, b_BZ)
 
 
+def sgvb_b_terms(
+    vae: VAE, x_BD: torch.Tensor, num_latent_samples: int = 1, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimator B's two terms: (1/L) Σ_l log p_θ(x|z_l) [B] and each latent's KL to the prior [B, Z]
+    (their difference, summed over the latents, is `sgvb_b`)."""
+    _check_samples("num_latent_samples", num_latent_samples)
+    a_BZ, b_BZ = vae.encode(x_BD)
+    z_LBZ = vae.sample_latent(a_BZ, b_BZ, num_latent_samples, generator)
+    return vae.log_likelihood(x_BD, z_LBZ).mean(0), vae.posterior.kl_per_latent(a_BZ, b_BZ)
+
+
+def weighted_kl_objective(
+    log_likelihood_B: torch.Tensor, kl_BZ: torch.Tensor, beta: float, free_bits: Optional[float]
+) -> torch.Tensor:
+    """What KL warm-up and free bits optimize instead of the bound, [B]: log p(x|z) − β Σ_u KL'_u, where KL'_u
+    is KL_u, or with free bits λ (Kingma et al., 2016) a constant λ for each latent whose KL, averaged over
+    the batch, is below λ (no gradient pushes it lower). β = 1 without free bits is the bound (eq. 7)."""
+    penalty_BZ = kl_BZ
+    if free_bits is not None:
+        held = kl_BZ.detach().mean(0) < free_bits
+        penalty_BZ = torch.where(held, torch.full_like(kl_BZ, free_bits), kl_BZ)
+    return log_likelihood_B - beta * penalty_BZ.sum(-1)
+
+
 def log_importance_weights(
     vae: VAE,
     x_BD: torch.Tensor,

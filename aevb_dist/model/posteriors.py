@@ -63,6 +63,12 @@ class PosteriorFamily:
         """E_q[z] and E_q[z²] per latent, each [B, Z]."""
         raise NotImplementedError
 
+    def kl_per_latent(self, a_BZ: torch.Tensor, b_BZ: torch.Tensor) -> torch.Tensor:
+        """KL(q_φ(z_u|x) || N(0, 1)) of each latent u in closed form, [B, Z]: the terms `kl_to_standard_normal`
+        sums (q factorizes over the latents)."""
+        _, second_BZ = self.moments(a_BZ, b_BZ)
+        return -self.entropy(a_BZ, b_BZ) + 0.5 * LOG_2PI + 0.5 * second_BZ
+
     def kl_to_standard_normal(self, a_BZ: torch.Tensor, b_BZ: torch.Tensor) -> torch.Tensor:
         """KL(q_φ(z|x) || N(0, I)) in closed form, [B] (the identity in this module's docstring)."""
         _, second_BZ = self.moments(a_BZ, b_BZ)
@@ -130,6 +136,9 @@ class Gaussian(_LocationScale):
 
     def kl_to_standard_normal(self, a_BZ, b_BZ):
         return kl_diag_gaussian_to_standard_normal(a_BZ, b_BZ)  # Appendix B
+
+    def kl_per_latent(self, a_BZ, b_BZ):
+        return -0.5 * (1.0 + b_BZ - a_BZ.pow(2) - b_BZ.exp())  # Appendix B, term by term
 
 
 class Laplace(_LocationScale):

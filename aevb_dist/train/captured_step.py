@@ -43,6 +43,8 @@ def captured_step_serves(cfg, rank: int = 0) -> bool:
         why = f"optim.lr_schedule={cfg.optim.lr_schedule} needs optim.name=adam in the graph"
     elif cfg.train.on_nonfinite == "skip":
         why = "train.on_nonfinite=skip is checked on the host each step"
+    elif cfg.train.kl_warmup_steps or cfg.train.free_bits is not None:
+        why = "train.kl_warmup_steps and train.free_bits weigh the KL in the eager step"
     if why is not None and rank == 0:
         say(f"train.cuda_graph: the eager step runs ({why})")
     return why is None

@@ -10,11 +10,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-# The flat buffer's tail, after the gradients: the step's ELBO sum, its example count, and how many ranks ask
-# to stop after this step (a preemption notice, Ctrl-C or SIGTERM; trainer.py). The vote rides on the
-# gradients' all-reduce, so every rank learns it at the same step, at no cost.
-ELBO_SUM, COUNT, STOP_VOTES = -3, -2, -1
-NUM_SCALARS = 3
+# The flat buffer's tail, after the gradients: the step's optimized objective's sum (the ELBO's but with KL
+# warm-up or free bits), its ELBO sum, its example count, and how many ranks ask to stop after this step (a
+# preemption notice, Ctrl-C or SIGTERM; trainer.py). The vote rides on the gradients' all-reduce, so every
+# rank learns it at the same step, at no cost.
+OBJECTIVE_SUM, ELBO_SUM, COUNT, STOP_VOTES = -4, -3, -2, -1
+NUM_SCALARS = 4
 
 
 def distributed() -> bool:

@@ -29,13 +29,21 @@ from aevb_dist.data.reader import ParquetDataset, assign_row_groups
 from aevb_dist.data.schema import Batch
 from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.eval.evaluation import evaluate_units
-from aevb_dist.model.elbo import add_prior_gradient, per_example_bound
+from aevb_dist.model.elbo import add_prior_gradient, per_example_bound, sgvb_b_terms, weighted_kl_objective
 from aevb_dist.model.networks import autocast_networks
 from aevb_dist.model.noise import SegmentedNoise
 from aevb_dist.model.vae import VAE
 from aevb_dist.train.batches import BatchSource, Segments, Stream
 from aevb_dist.train.captured_step import CapturedSteps, captured_step_serves
-from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES, all_reduce_step_sums, all_reduce_sum
+from aevb_dist.train.collectives import (
+    COUNT,
+    ELBO_SUM,
+    NUM_SCALARS,
+    OBJECTIVE_SUM,
+    STOP_VOTES,
+    all_reduce_step_sums,
+    all_reduce_sum,
+)
 from aevb_dist.train.datasets import open_datasets
 from aevb_dist.train.device_data import DeviceData
 from aevb_dist.train.device_stream import streamed_to
@@ -110,6 +118,9 @@ class Trainer:
         for p in self.params:
             p.grad = self.flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
+        # KL warm-up or free bits: the step optimizes another objective than the bound it logs.
+        self.weighs_kl = bool(cfg.train.kl_warmup_steps) or cfg.train.free_bits is not None
+        self.objective_in_window = 0.0  # the optimized objective's global sum since the last log line
         self._grad_comm_dtype = torch.bfloat16 if cfg.train.allreduce_dtype == "bfloat16" else None
         self.state = TrainState(world_size=world_size)
         self.source = BatchSource(
@@ -178,12 +189,24 @@ class Trainer:
     ) -> None:
         """Backpropagate this rank's −(objective sum) into the flat buffer, and put its ELBO sum and
         example count (an int, or a device tensor inside a CUDA graph) in the buffer's tail."""
-        elbo_sum = self.bound_sum(x_BD, weight_B, generator)
-        (-elbo_sum).backward()
+        if self.weighs_kl:  # the eager step only (captured_step_serves)
+            elbo_sum, objective_sum = self._weighted_kl_sums(x_BD, generator)
+        else:
+            elbo_sum = objective_sum = self.bound_sum(x_BD, weight_B, generator)
+        (-objective_sum).backward()
         # MAP: the gradient of map_objective_sum's prior term (eq. 8 / N), in closed form.
         add_prior_gradient(self.params, self.cfg.train.theta_prior_std, count, self.train_data.num_rows)
+        self.flat[OBJECTIVE_SUM] = objective_sum.detach()
         self.flat[ELBO_SUM] = elbo_sum.detach()
         self.flat[COUNT] = count
+
+    def _weighted_kl_sums(self, x_BD: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ELBO sum, optimized objective's sum) with KL warm-up (this step's β) and free bits (estimator B)."""
+        t = self.cfg.train
+        log_likelihood_B, kl_BZ = sgvb_b_terms(self.vae, x_BD, t.num_latent_samples, generator)
+        beta = min(1.0, self.state.step / t.kl_warmup_steps) if t.kl_warmup_steps else 1.0
+        objective_B = weighted_kl_objective(log_likelihood_B, kl_BZ, beta, t.free_bits)
+        return (log_likelihood_B - kl_BZ.sum(-1)).sum(), objective_B.sum()
 
     def reduce_step_sums(self) -> None:
         all_reduce_step_sums(self.flat, self._grad_comm_dtype)
@@ -212,7 +235,7 @@ class Trainer:
             self.accumulate_gradients(x_BD, None, count, self._noise(segments))
         flat[STOP_VOTES] = float(self.stop_probe())
         self.reduce_step_sums()
-        global_elbo, global_count, stop_votes = flat[-NUM_SCALARS:].tolist()
+        global_objective, global_elbo, global_count, stop_votes = flat[-NUM_SCALARS:].tolist()
         self.stop_requested = self.stop_requested or stop_votes > 0
         grad_flat = flat[:-NUM_SCALARS]
         # One reduction: a NaN or inf anywhere makes the sum non-finite.
@@ -220,6 +243,7 @@ class Trainer:
             return self._nonfinite(index_B, global_elbo)
         grad_flat.div_(global_count)
         self.optimizer.step()
+        self.objective_in_window += global_objective
         return global_elbo, int(global_count)
 
     def _nonfinite(self, index_B, elbo: float) -> tuple[float, int]:
@@ -357,7 +381,11 @@ class Trainer:
             "samples_per_s": window["count"] / max(now - window["start"], 1e-9),
             "time": time.time(),
             "num_workers": self.world_size,
+            "train_objective": self.objective_in_window / window["count"]
+            if self.weighs_kl and window["count"]
+            else math.nan,
         }
+        self.objective_in_window = 0.0
         on_log(row)
         window.update(self.new_window())
         return row
