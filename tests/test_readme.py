@@ -63,3 +63,17 @@ def test_readme_quickstart_command_as_written():
         assert float(rows[-1]["train_elbo"]) > float(rows[0]["train_elbo"]) + 5  # the ELBO improved
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.parametrize("document", ["RELIABILITY.md", "docs/models.md", "docs/gpus.md", "docs/training.md"])
+def test_every_test_a_document_cites_exists(document):
+    """A promise names the test that holds it: each cited file exists and defines each cited test."""
+    text = open(os.path.join(REPO, document)).read()
+    cited = re.findall(r"`(tests/test_\w+\.py)((?:::\w+)?)(?:\[[^\]]*\])?((?:, test_\w+)*)`", text)
+    assert cited or document != "RELIABILITY.md"
+    for path, name, more in cited:
+        assert os.path.exists(os.path.join(REPO, path)), f"{document} cites {path}, which does not exist"
+        source = open(os.path.join(REPO, path)).read()
+        for test in [name.lstrip(":")] + re.findall(r"test_\w+", more):
+            if test:
+                assert re.search(rf"^def {test}\(", source, flags=re.M), f"{document} cites {path}::{test}, not there"
