@@ -38,6 +38,7 @@ from aevb_dist.data.prepare import prepare  # noqa: E402
 from aevb_dist.data.reader import ParquetDataset  # noqa: E402
 from aevb_dist.run_log import ProgressPrinter, read_metrics  # noqa: E402
 from aevb_dist.train import stop_request  # noqa: E402
+from aevb_dist.train.driver import plan_run  # noqa: E402
 from aevb_dist.train.run_folder_sink import WriteToRunFolder  # noqa: E402
 from aevb_dist.train.worker import WorkerContext, WorkerSpec, run_worker  # noqa: E402
 
@@ -75,8 +76,9 @@ def main() -> None:
     cfg = burda_config(data, os.path.dirname(run_uri), device, *extra)
     run = storage.run_folder(cfg.run)
     newest = checkpoint.latest(run.fs, run.path)
-    start_step = checkpoint.manifest_step(run.fs, newest) if newest is not None else 0
-    total = cfg.train.num_epochs * -(-ParquetDataset(f"{data}/train").num_rows // cfg.train.batch_size_per_worker)
+    manifest = checkpoint.read_manifest(run.fs, newest) if newest is not None else None
+    plan = plan_run(cfg, ParquetDataset(f"{data}/train"), run.uri, newest, manifest)  # as `aevb-dist train` plans
+    start_step, total = plan.start_step, plan.total_steps
     stop_after = args.stop_after_s if not args.tiny or newest is not None else 0.0  # tiny: stop once, then resume
     run.fs.makedirs(run.path, exist_ok=True)
     stop_request.clear(run)

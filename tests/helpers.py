@@ -58,10 +58,11 @@ def tiny_overrides(data: str, storage_uri: str, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def aevb(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+def aevb(*args: str, env: dict | None = None, unset: tuple = (), **kwargs) -> subprocess.CompletedProcess:
     """`aevb-dist ARGS` in a new process of this interpreter, as a user runs it: never inside a Ray job
-    ($RAY_ADDRESS unset), with `env` added to the environment."""
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
+    ($RAY_ADDRESS unset), without the variables `unset` names, with `env` added to the environment."""
+    gone = {"RAY_ADDRESS", *unset}
+    env = {**{k: v for k, v in os.environ.items() if k not in gone}, **(env or {})}
     kwargs.setdefault("timeout", 600)
     return subprocess.run([sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True, env=env, **kwargs)
 

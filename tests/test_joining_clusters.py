@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import psutil
 import pytest
@@ -23,8 +24,11 @@ def home_with_token(tmp_path, token: str) -> dict:
     return {"HOME": str(home)}
 
 
+AUTH_SETTINGS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # the user's shell sets none of them
+
+
 def without_auth_settings() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    return {k: v for k, v in os.environ.items() if k not in AUTH_SETTINGS}
 
 
 def train_args(tiny_data, tmp_path, address: str, name: str, *extra: str) -> list[str]:
@@ -43,29 +47,30 @@ def train_args(tiny_data, tmp_path, address: str, name: str, *extra: str) -> lis
 
 
 def run_aevb(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**{k: v for k, v in without_auth_settings().items() if k != "RAY_ADDRESS"}, **env}
-    return subprocess.run(
-        [sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
+    return aevb(*args, env=env, unset=AUTH_SETTINGS, timeout=timeout)
+
+
+def cluster_without_token(monkeypatch, head_node_args: dict, worker_cpus: Optional[int] = None):
+    """A `ray.cluster_utils.Cluster` started without token authentication (and a worker node of `worker_cpus`),
+    whatever this machine's token file says; RAY_AUTH_MODE is left unset for the test."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    head = Cluster(initialize_head=True, connect=False, head_node_args={"include_dashboard": False, **head_node_args})
+    head.worker = head.add_node(num_cpus=worker_cpus) if worker_cpus else None
+    head.wait_for_nodes()
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    return head
 
 
 @pytest.fixture
 def open_cluster(monkeypatch):
     """A Ray cluster started without token authentication (`ray.cluster_utils.Cluster`, one node of 1 CPU),
     its Ray Client server at `.client_address`."""
-    from ray.cluster_utils import Cluster
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     client_port = free_port()
-    head = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "ray_client_server_port": client_port},
-    )
-    head.wait_for_nodes()
+    head = cluster_without_token(monkeypatch, {"num_cpus": 1, "ray_client_server_port": client_port})
     head.client_address = f"ray://127.0.0.1:{client_port}"
-    monkeypatch.delenv("RAY_AUTH_MODE")
     yield head
     head.shutdown()
 
@@ -156,14 +161,7 @@ def test_an_address_where_nothing_listens_is_one_line_from_the_command(tiny_data
 def cluster_of_one_worker_node(monkeypatch):
     """A head without CPUs and one worker node of 1 CPU, without token authentication: the training worker runs
     on a node of its own, away from the driver's."""
-    from ray.cluster_utils import Cluster
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    head = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    head.worker = head.add_node(num_cpus=1)
-    head.wait_for_nodes()
-    monkeypatch.delenv("RAY_AUTH_MODE")
+    head = cluster_without_token(monkeypatch, {"num_cpus": 0}, worker_cpus=1)
     yield head
     head.shutdown()
 

@@ -1,4 +1,5 @@
-"""The training step as one CUDA graph (`train.use_gpu=true data.cache_on_device=true`).
+"""The training step as one CUDA graph (`train.use_gpu=true`, `train.cuda_graph=true`): fed from the device
+cache's epoch (`data.cache_on_device=true`), or one streamed batch at a time (train/device_stream.py).
 
 A small VAE's step is ~150-200 kernels of a few microseconds each (194 for Burda et al.'s model,
 measured on an H100: benchmarks/gpu_profile.py): launched one by one from Python, the GPU waits on

@@ -7,6 +7,7 @@ and `run.name` continues from the newest complete checkpoint in the run folder.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
 from aevb_dist import checkpoint, compat, storage
@@ -38,41 +39,87 @@ def train(cfg: Config, wait_for_lease: bool = True) -> dict:
     run = storage.run_folder(cfg.run)
     lease = _claim_run_folder(cfg, run, wait_for_lease)
     try:
-        # Steps from the config's partitions; a resumed run keeps its recorded ones (the workers count those).
-        steps = BatchSource(
-            cfg, train_data, rank=0, world_size=cfg.train.num_workers, binarization="none", device=None
-        ).total_steps()
-        start_step = _announce_resume(cfg, run, steps)
-        if start_step < steps:
-            launch = launch_local if cfg.ray.local_mode else launch_on_ray
-            stop_request.clear(run)  # one left by an earlier run is not this run's
-            try:
-                data_mean = _data_mean(cfg, train_data) if start_step == 0 else None
-                with ProgressPrinter(run, steps, start_step), stop_request.maybe_stop_on_signals(run):
-                    launch(cfg, run, train_data, data_mean)
-            finally:
-                try:
-                    stop_request.clear(run)
-                except Exception:  # storage unreachable (the run's own error says so): the next run clears it
-                    pass
+        plan = plan_run(cfg, train_data, run.uri, *_newest_checkpoint(run))
+        announcement = plan.announcement(cfg.run.name, run.uri)
+        if announcement:
+            say(announcement)
+        if not plan.done:
+            _launch(cfg, run, train_data, plan)
     finally:
         lease.release()
     rows = read_metrics(run.fs, run.file("metrics.csv"))
     last = rows[-1] if rows else {}
-    if start_step < steps and last.get("step", 0) < steps:
+    if not plan.done and last.get("step", 0) < plan.total_steps:
         say(
-            f"stopped at step {last.get('step', 0)} of {steps}, with a checkpoint of it in {run.uri}; "
+            f"stopped at step {last.get('step', 0)} of {plan.total_steps}, with a checkpoint of it in {run.uri}; "
             "run the same command again to resume"
         )
-    elif start_step < steps:
+    elif not plan.done:
         say(f"done: {run.uri} (step {last.get('step', 0)}, test ELBO {last.get('test_elbo', float('nan')):.2f})")
     return last
 
 
-def _data_mean(cfg: Config, train_data) -> Optional[list[float]]:
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will do, decided before any worker starts, from the config, the data and the run folder's
+    newest complete checkpoint."""
+
+    total_steps: int  # from the config's length and partitions (a resumed run's workers count its recorded ones)
+    start_step: int  # 0 for a new run
+    resumes_from: Optional[str]  # the checkpoint's name
+    computes_data_mean: bool  # model.output_bias_init=data_mean, for a new run
+
+    @property
+    def done(self) -> bool:
+        return self.start_step >= self.total_steps
+
+    def announcement(self, name: str, uri: str) -> Optional[str]:
+        """What the command says before it launches (None for a new run: the launcher's line says it)."""
+        if self.resumes_from is None:
+            return None
+        if self.done:
+            return (
+                f"{uri} is already at step {self.start_step} of {self.total_steps} ({self.resumes_from}); nothing "
+                "to train. Raise train.max_steps or train.num_epochs to continue"
+            )
+        return f"resuming {name} from {self.resumes_from} (step {self.start_step} of {self.total_steps})"
+
+
+def plan_run(cfg: Config, train_data, run_uri: str, newest: Optional[str], manifest: Optional[dict]) -> RunPlan:
+    """The run's plan; a checkpoint of a different model is refused in one line. No I/O beyond what
+    `train_data` already holds."""
+    total = BatchSource(
+        cfg, train_data, rank=0, world_size=cfg.train.num_workers, binarization="none", device=None
+    ).total_steps()
+    if newest is None:
+        return RunPlan(total, 0, None, cfg.model.output_bias_init == "data_mean")
+    name = newest.rstrip("/").rsplit("/", 1)[-1]
+    _check_same_model(cfg, run_uri, manifest.get("model"), name)
+    return RunPlan(total, int(manifest["step"]), name, False)
+
+
+def _newest_checkpoint(run: storage.Folder) -> tuple[Optional[str], Optional[dict]]:
+    newest = checkpoint.latest(run.fs, run.path, warn=lambda m: say(f"warning: {m}"))
+    return newest, None if newest is None else checkpoint.read_manifest(run.fs, newest)
+
+
+def _launch(cfg: Config, run: storage.Folder, train_data, plan: RunPlan) -> None:
+    """The workers, on Ray or in local mode, with the driver's progress lines and its stop request."""
+    launch = launch_local if cfg.ray.local_mode else launch_on_ray
+    stop_request.clear(run)  # one left by an earlier run is not this run's
+    try:
+        data_mean = _data_mean(train_data) if plan.computes_data_mean else None
+        with ProgressPrinter(run, plan.total_steps, plan.start_step), stop_request.maybe_stop_on_signals(run):
+            launch(cfg, run, train_data, data_mean)
+    finally:
+        try:
+            stop_request.clear(run)
+        except Exception:  # storage unreachable (the run's own error says so): the next run clears it
+            pass
+
+
+def _data_mean(train_data) -> list[float]:
     """model.output_bias_init=data_mean: the training set's mean pixel, read once here for every worker."""
-    if cfg.model.output_bias_init != "data_mean":
-        return None
     say(f"model.output_bias_init=data_mean: the mean pixel of {train_data.num_rows:,} training examples")
     return mean_intensity(train_data).tolist()
 
@@ -139,25 +186,7 @@ def _storage_error(cfg: Config, err: Exception) -> ValueError:
     return ValueError(f"cannot reach run.storage_uri {cfg.run.storage_uri}: {type(err).__name__}: {first_line(err)}")
 
 
-def _announce_resume(cfg: Config, run: storage.Folder, steps: int) -> int:
-    """The step the run resumes from (0 for a new run), said aloud."""
-    newest = checkpoint.latest(run.fs, run.path, warn=lambda m: say(f"warning: {m}"))
-    if newest is None:
-        return 0
-    manifest = checkpoint.read_manifest(run.fs, newest)
-    step, name = int(manifest["step"]), newest.rsplit("/", 1)[-1]
-    _check_same_model(cfg, run, manifest.get("model"), name)
-    if step >= steps:
-        say(
-            f"{run.uri} is already at step {step} of {steps} ({name}); nothing to train. "
-            "Raise train.max_steps or train.num_epochs to continue"
-        )
-    else:
-        say(f"resuming {cfg.run.name} from {name} (step {step} of {steps})")
-    return step
-
-
-def _check_same_model(cfg: Config, run: storage.Folder, saved_model: Optional[dict], name: str) -> None:
+def _check_same_model(cfg: Config, run_uri: str, saved_model: Optional[dict], name: str) -> None:
     if not saved_model:
         return
     current = to_dict(cfg)["model"]
@@ -168,6 +197,6 @@ def _check_same_model(cfg: Config, run: storage.Folder, saved_model: Optional[di
     ]
     if changed:
         raise ValueError(
-            f"{run.uri} holds a checkpoint of a different model ({'; '.join(changed)}); "
+            f"{run_uri} holds a checkpoint of a different model ({'; '.join(changed)}); "
             "use another run.name, or the model settings it was trained with"
         )
