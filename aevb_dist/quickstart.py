@@ -125,7 +125,8 @@ Next:
   resume and train longer:    aevb-dist train {run_dir}/config.yaml train.num_epochs=100
   evaluate with K=5000:       aevb-dist evaluate {run_dir} {data_uri}/test -k 5000
   posterior codes q(z|x):     aevb-dist encode {run_dir} {data_uri}/test {output}/codes
-  the paper's MNIST model:    aevb-dist prepare ../shared/data/mnist data/mnist && aevb-dist train configs/mnist.yaml
+  the paper's MNIST model:    aevb-dist prepare MNIST_DIR data/mnist && aevb-dist train configs/mnist.yaml
+                              (MNIST_DIR: a folder holding MNIST's four IDX .gz files)
   on a cluster:               aevb-dist train configs/mnist.yaml ray.address=auto run.storage_uri=s3://bucket/runs
 """.rstrip()
     )
