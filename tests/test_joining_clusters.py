@@ -125,6 +125,10 @@ def test_a_ray_client_address_is_joined_the_way_its_cluster_is_set_up(open_clust
     fails in a traceback (token mode on an open cluster: "Starting Ray client server failed")."""
     with_token_file = home_with_token(tmp_path, secrets.token_hex(32))
     proc = run_aevb(train_args(tiny_data, tmp_path, open_cluster.client_address, "client"), with_token_file)
+    if proc.returncode != 0 and "ZombieProcess" in proc.stderr and "proxier" in proc.stderr:
+        # Ray's own race, seen once in CI: its Ray Client proxier read the command line of a process that had
+        # just exited (psutil.ZombieProcess) while starting the client's server. Not the auth mode: once more.
+        proc = run_aevb(train_args(tiny_data, tmp_path, open_cluster.client_address, "client2"), with_token_file)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done:" in proc.stderr
     started = time.monotonic()
