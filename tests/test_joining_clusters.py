@@ -176,17 +176,8 @@ def fail_mid_run(tiny_data, tmp_path, address: str, name: str, fault, undo=lambd
     from aevb_dist import checkpoint, storage
     from tests.faults import SLOW, wait_for
 
-    args = [
-        "train",
-        SMOKE,
-        *tiny_overrides(
-            tiny_data,
-            str(tmp_path / "runs"),
-            **{**SLOW, "train.num_workers": 1, "train.cpus_per_worker": 1, "train.max_steps": 100000},
-        ),
-        f"run.name={name}",
-        f"ray.address={address}",
-    ]
+    slow = [f"{key}={value}" for key, value in {**SLOW, "train.max_steps": 100000}.items()]  # later keys win
+    args = train_args(tiny_data, tmp_path, address, name, *slow)
     fs, path = storage.resolve(str(tmp_path / "runs" / name))
     env = {k: v for k, v in without_auth_settings().items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen(
