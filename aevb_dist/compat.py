@@ -39,6 +39,24 @@ def over_ray_client() -> bool:
     return client_ray.is_connected()
 
 
+def ray_client_server_failed(connect_failure: BaseException) -> bool:
+    """Whether a Ray Client connect (ray://) failed because the head's Ray Client proxier could not start this
+    client's own server process: it exited at once (Ray's "Starting Ray client server failed"), or while the
+    proxier read its command line (psutil.ZombieProcess in `proxier.start_specific_server`), or before it
+    served (the proxier's "Proxy failed to Connect to backend", after RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S).
+    Ray sends the proxier's error back as the text of a ConnectionAbortedError: its words are all to match."""
+    return isinstance(connect_failure, ConnectionAbortedError) and any(
+        words in str(connect_failure) for words in RAY_CLIENT_SERVER_FAILURES
+    )
+
+
+RAY_CLIENT_SERVER_FAILURES = (
+    "Starting Ray client server failed",
+    "ZombieProcess",
+    "Proxy failed to Connect to backend",
+)
+
+
 def ray_train_machinery_failure(worker_failure: BaseException):
     """The failure of Ray's own machinery behind a Ray Train worker's failure (its actor or its node died, a
     health check hung, the group could not start), or None where the training function itself raised."""

@@ -242,12 +242,7 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
 
     with _keeping_sigterm_handler():
         if address:
-            try:
-                ray.init(address=address, log_to_driver=show_worker_logs)
-            except (ConnectionError, RuntimeError) as err:
-                if asked:
-                    raise
-                raise auth_mode_unknown(address, err) from None
+            _join(ray, address, show_worker_logs, asked)
             return False
         # address="local": always a new embedded cluster, never one that `ray start` left on this machine.
         try:
@@ -264,6 +259,38 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
             raise
         _embedded_env_set.extend(set_now)
         return True
+
+
+RAY_CLIENT_JOIN_ATTEMPTS = 3  # Ray Client's per-client server has died at start in ~1 of 10 joins on a busy head
+
+
+def _join(ray, address: str, show_worker_logs: bool, asked: bool) -> None:
+    """ray.init on a cluster. Over Ray Client, the head starts a server process for each client; where that
+    process dies at start (Ray's own failure, seen on a loaded head: not the auth mode, which was asked), the
+    join is tried again, up to RAY_CLIENT_JOIN_ATTEMPTS times, then told in one line."""
+    from aevb_dist import compat
+
+    for attempt in range(1, RAY_CLIENT_JOIN_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, log_to_driver=show_worker_logs)
+            return
+        except (ConnectionError, RuntimeError) as err:
+            if not asked:
+                raise auth_mode_unknown(address, err) from None
+            if not compat.ray_client_server_failed(err):
+                raise
+            ray.shutdown()  # the half-made client connection, before the next one
+            if attempt < RAY_CLIENT_JOIN_ATTEMPTS:
+                say(
+                    f"the Ray head at {address} could not start this job's Ray Client server (attempt {attempt} of "
+                    f"{RAY_CLIENT_JOIN_ATTEMPTS}); trying again"
+                )
+                continue
+            raise ValueError(
+                f"the Ray head at {address} could not start this job's Ray Client server in {attempt} attempts: "
+                "its reason is in ray_client_server_<port>.err among the head's Ray logs "
+                "(/tmp/ray/session_latest/logs by default); --debug shows Ray's traceback"
+            ) from err
 
 
 @contextlib.contextmanager

@@ -1,18 +1,20 @@
 """Joining a Ray cluster the way it is set up, and Ray's failures told in one line within a bounded time:
 real heads with and without token authentication, a token file present either way."""
 
+import contextlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Optional
 
 import psutil
 import pytest
 
-from aevb_dist.ray_runtime import GCS_PROBE_TIMEOUT_S, choose_auth_mode
+from aevb_dist.ray_runtime import GCS_PROBE_TIMEOUT_S, RAY_CLIENT_JOIN_ATTEMPTS, choose_auth_mode
 from tests.helpers import SMOKE, aevb, error_lines, free_port, tiny_overrides
 
 
@@ -75,6 +77,17 @@ def open_cluster(monkeypatch):
     head.shutdown()
 
 
+def client_server_logs(cluster) -> str:
+    """The tails of the head's Ray Client server logs, where Ray writes why a client's server did not start."""
+    logs = cluster.head_node.get_logs_dir_path()
+    tails = []
+    for name in sorted(os.listdir(logs)):
+        if name.startswith("ray_client_server"):
+            with open(os.path.join(logs, name), errors="replace") as f:
+                tails.append(f"--- {name}\n" + f.read()[-1500:])
+    return "\n".join(tails)
+
+
 def test_an_address_where_nothing_listens_is_refused_at_once():
     address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -125,11 +138,7 @@ def test_a_ray_client_address_is_joined_the_way_its_cluster_is_set_up(open_clust
     fails in a traceback (token mode on an open cluster: "Starting Ray client server failed")."""
     with_token_file = home_with_token(tmp_path, secrets.token_hex(32))
     proc = run_aevb(train_args(tiny_data, tmp_path, open_cluster.client_address, "client"), with_token_file)
-    if proc.returncode != 0 and "ZombieProcess" in proc.stderr and "proxier" in proc.stderr:
-        # Ray's own race, seen once in CI: its Ray Client proxier read the command line of a process that had
-        # just exited (psutil.ZombieProcess) while starting the client's server. Not the auth mode: once more.
-        proc = run_aevb(train_args(tiny_data, tmp_path, open_cluster.client_address, "client2"), with_token_file)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + client_server_logs(open_cluster)
     assert "done:" in proc.stderr
     started = time.monotonic()
     proc = run_aevb(train_args(tiny_data, tmp_path, ray_head.client_address, "refused"), {"HOME": str(tmp_path)})
@@ -137,6 +146,60 @@ def test_a_ray_client_address_is_joined_the_way_its_cluster_is_set_up(open_clust
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = error_lines(proc.stderr)
     assert len(errors) == 1 and "uses token authentication and no token was found" in errors[0], proc.stderr
+
+
+class ClientServerKiller(threading.Thread):
+    """Kills the first `times` Ray Client servers that `cluster`'s head starts for its clients, while each is still
+    Ray's start-up shim (setup_worker.py): a client's server that dies at start, as Ray's has under load."""
+
+    def __init__(self, cluster, times: int):
+        super().__init__(daemon=True)
+        self.marks = ("setup_worker", "--mode=specific-server", f"--address={cluster.gcs_address}")
+        self.times, self.killed, self.stop = times, 0, threading.Event()
+
+    def run(self):
+        while self.killed < self.times and not self.stop.is_set():
+            for proc in psutil.process_iter(["cmdline"]):
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                if all(mark in cmdline for mark in self.marks):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        proc.kill()
+                        self.killed += 1
+            time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_ray_client_server_that_dies_at_start_is_tried_again_then_told_in_one_line(monkeypatch, tiny_data, tmp_path):
+    # The head's proxier waits this long for a client's server that started and died before it served (Ray's
+    # default 30 s): the third of the ways it fails that compat.ray_client_server_failed knows.
+    monkeypatch.setenv("RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S", "15")
+    client_port = free_port()
+    open_cluster = cluster_without_token(monkeypatch, {"num_cpus": 1, "ray_client_server_port": client_port})
+    open_cluster.client_address = f"ray://127.0.0.1:{client_port}"
+    try:
+        check_client_server_deaths(open_cluster, tiny_data, tmp_path)
+    finally:
+        open_cluster.shutdown()
+
+
+def check_client_server_deaths(open_cluster, tiny_data, tmp_path):
+    killer = ClientServerKiller(open_cluster, times=1)
+    killer.start()
+    proc = run_aevb(train_args(tiny_data, tmp_path, open_cluster.client_address, "again"), without_auth_settings())
+    killer.stop.set()
+    assert killer.killed == 1
+    assert proc.returncode == 0, proc.stderr[-3000:] + client_server_logs(open_cluster)
+    assert "Ray Client server (attempt 1 of 3); trying again" in proc.stderr and "done:" in proc.stderr
+    killer = ClientServerKiller(open_cluster, times=RAY_CLIENT_JOIN_ATTEMPTS)
+    killer.start()
+    proc = run_aevb(train_args(tiny_data, tmp_path, open_cluster.client_address, "never"), without_auth_settings())
+    killer.stop.set()
+    assert killer.killed >= 1  # all, but where Ray's own failure came first (the reason for trying again)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and "could not start this job's Ray Client server in 3 attempts" in errors[0], proc.stderr
+    assert "ray_client_server_<port>.err" in errors[0]
+    assert not os.path.exists(tmp_path / "runs" / "never" / "lease.json")
 
 
 @pytest.mark.slow

@@ -56,6 +56,14 @@ from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 died = ActorDiedError()
 assert compat.ray_train_machinery_failure(WorkerHealthCheckFailedError("a health check failed", died)) is died
 assert compat.ray_train_machinery_failure(ValueError("the training function's")) is None
+import inspect
+from ray.util.client import worker as client_worker
+from ray.util.client.server import proxier
+assert "raise ConnectionAbortedError" in inspect.getsource(client_worker)  # how the proxier's error reaches us
+for words in compat.RAY_CLIENT_SERVER_FAILURES[::2]:  # the proxier's own words (ZombieProcess is psutil's)
+    assert words in inspect.getsource(proxier), words
+    assert compat.ray_client_server_failed(ConnectionAbortedError(f"Initialization failure from server: {words}"))
+assert not compat.ray_client_server_failed(ConnectionError("Starting Ray client server failed"))
 for mode in ("token", "disabled"):  # Ray re-reads RAY_AUTH_MODE when asked to
     os.environ["RAY_AUTH_MODE"] = mode
     compat.reload_ray_config()
