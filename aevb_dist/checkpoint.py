@@ -20,6 +20,7 @@ import torch
 
 from aevb_dist import storage
 from aevb_dist.config import config_from_dict
+from aevb_dist.config_checks import same_image_shape
 from aevb_dist.console import first_line, say
 from aevb_dist.data.binarization import eval_binarization
 from aevb_dist.model.vae import VAE
@@ -120,6 +121,31 @@ def read_manifest(fs, folder: str) -> dict:
 
 def manifest_step(fs, folder: str) -> int:
     return int(read_manifest(fs, folder)["step"])
+
+
+def check_fits(model_now: dict, model_saved: Optional[dict], run_uri: str, name: str) -> None:
+    """Whether checkpoint `name` of the run at `run_uri`, whose manifest recorded `model_saved` (its model.*
+    settings), is the model `model_now` describes: refused in one line naming each setting that differs.
+    The initializations (init_std, init, output_bias_init) only shaped the first step; an input_shape left
+    unset (None: the data's) or written with or without its one channel is the same shape. A manifest without
+    model.* (older) fits: the parameters' shapes are checked as they load (Trainer.load_state_dict). The data
+    position is BatchSource.resumed's to check."""
+    changed = [
+        f"model.{key}: {model_saved[key]} in {name}, {model_now[key]} now"
+        for key in model_now
+        if model_saved and key in model_saved and not _same_setting(key, model_saved[key], model_now[key])
+    ]
+    if changed:
+        raise ValueError(
+            f"{run_uri} holds a checkpoint of a different model ({'; '.join(changed)}); "
+            "use another run.name, or the model settings it was trained with"
+        )
+
+
+def _same_setting(key: str, saved, now) -> bool:
+    if key in ("init_std", "init", "output_bias_init") or saved == now:
+        return True
+    return key == "input_shape" and (saved is None or same_image_shape(saved, now))
 
 
 def checkpoint_name(step: int) -> str:

@@ -205,3 +205,12 @@ def check_partitioning(num_partitions: int, global_batch_size: int, num_workers:
             f"train.num_workers={num_workers} is more than data.num_partitions={num_partitions}: "
             "a worker takes whole partitions (raise data.num_partitions for a new run)"
         )
+
+
+def same_image_shape(a, b) -> bool:
+    """Whether two image shapes are the same: [1, H, W] is [H, W] (one channel, written or not)."""
+
+    def squeezed(shape) -> list[int]:
+        return list(shape)[1:] if len(shape) == 3 and shape[0] == 1 else list(shape)
+
+    return squeezed(a) == squeezed(b)

@@ -10,7 +10,6 @@ the training steps between two logs of a long run.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import math
@@ -89,15 +88,9 @@ class RunLog:
         self._tb_dir = f"{self.path}/tensorboard" if self._on_local_disk else tempfile.mkdtemp(prefix="aevb-tb-")
         self._tb = _summary_writer(self._tb_dir, purge_step=resume_step + 1)
 
-    @contextlib.contextmanager
     def _local_write(self, what: str, num_bytes: Optional[int] = None):
         """A write on local disk; a full or read-only disk is one line naming the run folder."""
-        try:
-            yield
-        except OSError as err:
-            if not unfixable_by_waiting(err):
-                raise
-            raise storage.unwritable_error(err, self.uri, what, needed_bytes=num_bytes) from None
+        return storage.unwritable_told(self.uri, what, needed_bytes=num_bytes)
 
     def _upload(self) -> None:
         data = self._text.getvalue().encode()

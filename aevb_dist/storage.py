@@ -188,6 +188,24 @@ def unwritable_error(
     )
 
 
+@contextlib.contextmanager
+def unwritable_told(
+    where: str,
+    what: str,
+    needed_bytes: Optional[int] = None,
+    bound: str = "about",
+    folder: Optional[str] = None,
+):
+    """Writes within: storage that waiting cannot fix (a full or read-only disk, a refused permission) is
+    `unwritable_error`'s one line; other errors pass as they are (the callers' retries handle outages)."""
+    try:
+        yield
+    except OSError as err:
+        if not unfixable_by_waiting(err):
+            raise
+        raise unwritable_error(err, where, what, needed_bytes, bound, folder) from None
+
+
 def _mib(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:.1f} MiB"
 

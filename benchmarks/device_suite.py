@@ -23,7 +23,6 @@ paths; their figures mean nothing). Keep the log as benchmarks/results/<device>_
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import socket
 import subprocess
@@ -43,7 +42,7 @@ sys.path.insert(0, HERE)
 
 from gpu import attempt, plain_steps_per_s, say  # noqa: E402  (benchmarks/gpu.py)
 from plain import PlainVAE  # noqa: E402  (benchmarks/plain.py: written without aevb_dist)
-from throughput import make_step, timed_loop  # noqa: E402  (benchmarks/throughput.py)
+from throughput import make_step, read_metrics_rows, steady_samples_per_s, timed_loop  # noqa: E402
 
 from aevb_dist.config import load_config  # noqa: E402
 from aevb_dist.data.prepare import prepare  # noqa: E402
@@ -111,7 +110,7 @@ def trainer_steps_per_s(data: str, runs: str, device: torch.device, batch: int, 
         f"train.log_every_steps={max(steps // 6, 1)}",
         f"checkpoint.every_steps={steps}",
     ]
-    trainer = Trainer(load_config(BURDA, overrides + list(extra)), device=str(device))
+    trainer = Trainer.for_config(load_config(BURDA, overrides + list(extra)), device=str(device))
     rows: list[dict] = []
     trainer.fit(on_log=rows.append, on_checkpoint=lambda state, row: None)
     return float(np.median([r["samples_per_s"] / batch for r in rows if r["step"] > max(steps // 6, 1)]))
@@ -134,10 +133,8 @@ def command_steps_per_s(config: str, runs: str, name: str, batch: int, steps: in
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
-    rows = list(csv.DictReader(open(os.path.join(runs, name, "metrics.csv"))))
-    second, last = rows[1], rows[-1]
-    samples = int(last["samples_seen"]) - int(second["samples_seen"])
-    return samples / (float(last["time"]) - float(second["time"])) / (batch * int(last["num_workers"]))
+    rows = read_metrics_rows(os.path.join(runs, name))
+    return steady_samples_per_s(rows) / (batch * int(rows[-1]["num_workers"]))
 
 
 def gpu_section(images: torch.Tensor, data: str, runs: str, device: torch.device, tiny: bool) -> None:

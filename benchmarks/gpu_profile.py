@@ -65,17 +65,19 @@ def main() -> None:
     prepare(args.mnist, data, num_shards=4, report=lambda m: None)
     extra = [f"train.batch_size_per_worker={args.batch}", "data.test_uri=null", "train.max_steps=100000"]
     extra += ["train.compile=true"] if args.compile else []
-    trainer = Trainer(burda_config(data, os.path.join(work, "runs"), torch.device("cuda:0"), *extra), device="cuda:0")
+    trainer = Trainer.for_config(
+        burda_config(data, os.path.join(work, "runs"), torch.device("cuda:0"), *extra), device="cuda:0"
+    )
     stream = trainer.epoch_stream(0, 0)
-    plan, words = trainer.device_data.plan(stream), trainer.device_data.epoch_words(0)
+    plan, words = trainer.source.device_data.plan(stream), trainer.source.device_data.epoch_words(0)
     batch_no = [0]
 
     def eager_step():
         positions = plan.positions[batch_no[0] % stream.num_batches]
-        trainer.step_on(trainer.device_data.batch(positions, words), positions)
+        trainer.step_on(trainer.source.device_data.batch(positions, words), positions)
         batch_no[0] += 1
 
-    profile_steps(plain_step(trainer.device_data.rows_ND, args.batch, captured=True), "plain loop, captured")
+    profile_steps(plain_step(trainer.source.device_data.rows_ND, args.batch, captured=True), "plain loop, captured")
     profile_steps(eager_step, "eager step")
     captured = CapturedStep(trainer)
     captured.load_epoch(plan, words, 0)

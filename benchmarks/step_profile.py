@@ -58,7 +58,7 @@ def trainer_rates(data_uri: str, batch: int, epochs: int, prefilled: bool = Fals
             "checkpoint.every_steps=1000000",
         ],
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer.for_config(cfg)
     per_epoch = trainer.source.num_batches(0)
     trainer.cfg.train.log_every_steps = max(per_epoch // 10, 1)
     if prefilled:

@@ -47,6 +47,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(REPO, "..", "shared", "data", "mnist")
 
 
+def read_metrics_rows(run_folder: str) -> list[dict]:
+    """A finished run's metrics.csv, row by row."""
+    with open(os.path.join(run_folder, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def steady_samples_per_s(rows: list[dict]) -> float:
+    """A run's steady state from its metrics.csv rows: samples/s between its second and its last log line (the
+    first interval holds the warm-up: the first batches read, torch's first calls)."""
+    second, last = rows[1], rows[-1]
+    return (int(last["samples_seen"]) - int(second["samples_seen"])) / (float(last["time"]) - float(second["time"]))
+
+
 def mnist_in_memory() -> torch.Tensor:
     return torch.from_numpy(
         read_idx(os.path.join(MNIST, "train-images-idx3-ubyte.gz")).reshape(-1, 784).astype(np.float32) / 255.0
@@ -189,9 +202,8 @@ def aevb_train(
     end = time.time()
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
-    rows = list(csv.DictReader(open(os.path.join(runs, name, "metrics.csv"))))
-    first, second, last = rows[0], rows[1], rows[-1]
-    rate = (int(last["samples_seen"]) - int(second["samples_seen"])) / (float(last["time"]) - float(second["time"]))
+    rows = read_metrics_rows(os.path.join(runs, name))
+    first, last, rate = rows[0], rows[-1], steady_samples_per_s(rows)
     return {
         "samples_per_s": rate,
         "final_train_elbo": float(last["train_elbo"]),

@@ -87,3 +87,18 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 def error_lines(stderr: str) -> list[str]:
     """The command's one-line errors (`aevb-dist CMD: error: ...`) in its stderr."""
     return [line for line in stderr.splitlines() if ": error: " in line]
+
+
+def byte_dataset(folder, num_rows: int, rows_per_row_group: int, seed: int) -> str:
+    """A prepared dataset of `num_rows` random uint8 images of 12 pixels (declared range [0, 255], both ends
+    present) in 3 shards of row groups of `rows_per_row_group` rows; its Parquet folder."""
+    import numpy as np
+
+    from aevb_dist.data.prepare import prepare
+
+    x = np.random.default_rng(seed).integers(0, 256, (num_rows, 12), dtype=np.uint8)
+    x[:, 0], x[:, 1] = 0, 255  # the two ends of the range
+    np.save(folder / "x.npy", x)
+    pq = str(folder / "pq")
+    prepare(str(folder / "x.npy"), pq, num_shards=3, rows_per_row_group=rows_per_row_group, report=lambda m: None)
+    return pq

@@ -10,22 +10,16 @@ import torch
 
 from aevb_dist.config import load_config
 from aevb_dist.data.binarization import _fmix32
-from aevb_dist.data.prepare import prepare
 from aevb_dist.data.reader import EpochStream, ParquetDataset
 from aevb_dist.train.device_data import DeviceData, fmix32
 from aevb_dist.train.trainer import Trainer
-from tests.helpers import SMOKE, tiny_overrides
+from tests.helpers import SMOKE, byte_dataset, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def byte_data(tmp_path_factory):
     """200 uint8 images of 12 pixels (declared range [0, 255]), 3 shards of row groups of 16 rows."""
-    folder = tmp_path_factory.mktemp("bytes")
-    x = np.random.default_rng(3).integers(0, 256, (200, 12), dtype=np.uint8)
-    x[:, 0], x[:, 1] = 0, 255  # the two ends of the range
-    np.save(folder / "x.npy", x)
-    prepare(str(folder / "x.npy"), str(folder / "pq"), num_shards=3, rows_per_row_group=16, report=lambda m: None)
-    return str(folder / "pq")
+    return byte_dataset(tmp_path_factory.mktemp("bytes"), 200, rows_per_row_group=16, seed=3)
 
 
 def test_the_torch_hash_equals_the_readers_numpy_hash():
@@ -95,7 +89,7 @@ def test_the_compiled_epoch_binarization_gives_the_eager_bits(request, fixture, 
 
 def _train(data: str, tmp_path, *extra: str) -> Trainer:
     cfg = load_config(SMOKE, tiny_overrides(data, str(tmp_path), **{"train.max_steps": 40}) + list(extra))
-    trainer = Trainer(cfg, device="cuda:0" if cfg.train.use_gpu else "cpu")
+    trainer = Trainer.for_config(cfg, device="cuda:0" if cfg.train.use_gpu else "cpu")
     trainer.fit(on_log=lambda row: None, on_checkpoint=lambda state, row: None)
     return trainer
 
@@ -172,7 +166,7 @@ def test_the_captured_steps_loop_run_uncaptured_equals_the_eager_step(tiny_data,
     )
     eager = _train(tiny_data, tmp_path / "a", *extra)
     cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path / "b"), **{"train.max_steps": 40}) + list(extra))
-    uncaptured, rows = Trainer(cfg), []
+    uncaptured, rows = Trainer.for_config(cfg), []
     uncaptured.fit(
         on_log=rows.append, on_checkpoint=lambda state, row: None, steps=CapturedSteps(uncaptured, capture=False)
     )

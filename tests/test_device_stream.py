@@ -7,23 +7,17 @@ import pytest
 import torch
 
 from aevb_dist.config import load_config
-from aevb_dist.data.prepare import prepare
 from aevb_dist.data.reader import EpochStream, ParquetDataset
 from aevb_dist.train.captured_step import CapturedSteps, captured_step_serves
 from aevb_dist.train.device_stream import DeviceWindows, default_decode_threads
 from aevb_dist.train.trainer import Trainer
-from tests.helpers import SMOKE, tiny_overrides
+from tests.helpers import SMOKE, byte_dataset, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def byte_data(tmp_path_factory):
     """300 uint8 images of 12 pixels in row groups of 13 rows (windows never end on a batch's edge)."""
-    folder = tmp_path_factory.mktemp("bytes")
-    x = np.random.default_rng(5).integers(0, 256, (300, 12), dtype=np.uint8)
-    x[:, 0], x[:, 1] = 0, 255  # the two ends of the range
-    np.save(folder / "x.npy", x)
-    prepare(str(folder / "x.npy"), str(folder / "pq"), num_shards=3, rows_per_row_group=13, report=lambda m: None)
-    return str(folder / "pq")
+    return byte_dataset(tmp_path_factory.mktemp("bytes"), 300, rows_per_row_group=13, seed=5)
 
 
 @pytest.mark.parametrize(
@@ -55,13 +49,13 @@ def test_streamed_windows_yield_the_streaming_readers_batches_bit_for_bit(reques
 
 def _trainer(data: str, tmp_path, *extra: str) -> Trainer:
     overrides = tiny_overrides(data, str(tmp_path), **{"train.max_steps": 40}) + ["model.likelihood=bernoulli"]
-    return Trainer(load_config(SMOKE, overrides + list(extra)))
+    return Trainer.for_config(load_config(SMOKE, overrides + list(extra)))
 
 
 def _streamed(trainer: Trainer) -> Trainer:
     """The trainer reading through the device windows (on a GPU the default without the device cache)."""
-    windows = DeviceWindows(trainer.train_data, trainer.device, trainer.binarization, trainer.cfg.seed, 2)
-    trainer.device_windows = trainer.source.device_windows = windows
+    windows = DeviceWindows(trainer.source.data, trainer.device, trainer.source.binarization, trainer.cfg.seed, 2)
+    trainer.source.device_windows = windows
     return trainer
 
 

@@ -34,7 +34,7 @@ def test_sum_reduced_gradient_is_the_global_mean_gradient(tiny_data, tmp_path, r
     got = torch.load(tmp_path / "result.pt")
 
     # The same step by hand in one process: each rank's examples with that rank's noise, summed, divided once.
-    ref = Trainer(load_config(None, overrides))
+    ref = Trainer.for_config(load_config(None, overrides))
     before = [p.detach().clone() for p in ref.vae.parameters()]
     total = 0.0
     objective = 0.0

@@ -68,7 +68,7 @@ def test_two_workers_sharing_the_gpu_end_where_one_worker_does(tiny_data, tmp_pa
 def _fit(tiny_data, tmp_path, *extra: str) -> Trainer:
     overrides = tiny_overrides(tiny_data, str(tmp_path), **{"train.max_steps": 40})
     cfg = load_config(SMOKE, overrides + ["train.use_gpu=true", "model.likelihood=bernoulli", *extra])
-    trainer = Trainer(cfg, device="cuda:0")
+    trainer = Trainer.for_config(cfg, device="cuda:0")
     trainer.fit(on_log=lambda row: None, on_checkpoint=lambda state, row: None)
     return trainer
 

@@ -35,7 +35,7 @@ def test_free_bits_hold_the_latents_under_lambda_at_lambda_with_no_gradient():
 
 def _fit(tiny_data, tmp_path, *extra: str) -> list[dict]:
     overrides = tiny_overrides(tiny_data, str(tmp_path), **{"train.max_steps": 12, "train.log_every_steps": 4})
-    trainer, rows = Trainer(load_config(SMOKE, overrides + list(extra))), []
+    trainer, rows = Trainer.for_config(load_config(SMOKE, overrides + list(extra))), []
     trainer.fit(on_log=rows.append, on_checkpoint=lambda state, row: None)
     return rows
 

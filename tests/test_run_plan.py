@@ -47,3 +47,14 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tiny_data, tmp_pat
         plan_run(cfg, data, "runs/x", "runs/x/checkpoint_000008", {"step": 8, "model": saved})
     changed_init = {**to_dict(cfg)["model"], "init": "glorot_uniform", "output_bias_init": "data_mean"}
     plan_run(cfg, data, "runs/x", "runs/x/checkpoint_000008", {"step": 8, "model": changed_init})  # first step only
+
+
+def test_a_checkpoint_fits_a_config_whose_shape_differs_only_in_its_one_channel_or_was_left_unset():
+    from aevb_dist.checkpoint import check_fits
+
+    now = {"latent_dim": 2, "input_shape": [28, 28], "init_std": 0.01}
+    for saved_shape in ([1, 28, 28], [28, 28], None):
+        check_fits(now, {**now, "input_shape": saved_shape, "init_std": 0.1}, "runs/x", "checkpoint_000008")
+    check_fits(now, None, "runs/x", "checkpoint_000008")  # an older manifest, without model.*
+    with pytest.raises(ValueError, match=r"model.input_shape: \[3, 28, 28\] in checkpoint_000008, \[28, 28\] now"):
+        check_fits(now, {**now, "input_shape": [3, 28, 28]}, "runs/x", "checkpoint_000008")

@@ -33,7 +33,7 @@ def plant_checkpoint(tiny_data: str, storage_uri: str, marker: str, step: int = 
     state = {
         "format_version": checkpoint.FORMAT_VERSION,
         "config": to_dict(cfg),
-        **Trainer(cfg).state_dict(),
+        **Trainer.for_config(cfg).state_dict(),
         "payload": RunsACommand(f"touch {marker}"),
     }
     state["state"]["step"] = step

@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aevb_dist import names, storage
-from aevb_dist.console import unfixable_by_waiting
 from aevb_dist.data import images as images_module
 from aevb_dist.data import sources
 from aevb_dist.data.images import ImageOptions
@@ -219,18 +218,14 @@ def prepare(
     report(f"prepare: value range [{lo:g}, {hi:g}] ({why}); the reader maps it to [0, 1]")
 
     counts = {}
-    try:
+    needs = sum(s.images.nbytes for s in splits.values())
+    # A full disk or a read-only one: one line (replace_folder has removed the staging folder by then).
+    with storage.unwritable_told(output_uri, "the dataset", needs, bound="up to"):
         with storage.replace_folder(fs, root) as staging:
             for name, data in splits.items():
                 counts[name] = _write_split(
                     fs, f"{staging}/{name}", name, data, fmt, num_shards, rows_per_row_group, (lo, hi), report
                 )
-    except OSError as err:  # a full disk or a read-only one: said in one line (the staging folder is gone)
-        if not unfixable_by_waiting(err):
-            raise
-        raise storage.unwritable_error(
-            err, output_uri, "the dataset", bound="up to", needed_bytes=sum(s.images.nbytes for s in splits.values())
-        ) from None
     report(f"prepare: wrote {', '.join(f'{k} {v:,} rows' for k, v in counts.items())} to {output_uri}")
     return counts
 

@@ -91,6 +91,8 @@ class BatchSource:
             world_size=self.world_size,
             binarization=self.binarization,
             device=self.device,
+            device_data=self.device_data,
+            device_windows=self.device_windows,
             num_partitions=saved["num_partitions"],
         )
 

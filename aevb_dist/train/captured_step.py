@@ -55,10 +55,10 @@ class CapturedStep:
     def __init__(self, trainer, streamed: bool = False):
         """`streamed`: one batch at a time from streamed windows (load_batch) instead of the cached epoch."""
         self.trainer, self.streamed = trainer, streamed
-        data, device = trainer.device_data, trainer.device
+        data, device = trainer.source.device_data, trainer.device
         size = trainer.cfg.train.batch_size_per_worker
         if streamed:  # one batch, put in place before each replay
-            capacity, dim, dtype = 1, trainer.train_data.dim, torch.float32
+            capacity, dim, dtype = 1, trainer.source.data.dim, torch.float32
         else:
             # The epoch's inputs and weights, in buffers the graph reads. Epochs can differ in length (row groups
             # are dealt anew), so the buffers hold the most batches a rank can have; rows past the epoch weigh
@@ -67,7 +67,7 @@ class CapturedStep:
             # launch-bound at small B), and the step only gathers its batch and casts it. On a GPU the epoch's
             # binarization is one compiled kernel (FusedInputs): eager, it is memory-bound at large B.
             self.epoch_inputs = FusedInputs(data) if device.type == "cuda" else data.inputs
-            capacity, dim, dtype = -(-trainer.train_data.num_rows // size), data.rows_ND.shape[1], data.input_dtype
+            capacity, dim, dtype = -(-trainer.source.data.num_rows // size), data.rows_ND.shape[1], data.input_dtype
         self.inputs_NBD = torch.zeros((capacity, size, dim), dtype=dtype, device=device)
         self.weights_NB = torch.zeros((capacity, size), device=device)
         self.batch_no = torch.zeros((), dtype=torch.int64, device=device)  # which row of the plan
@@ -170,7 +170,7 @@ class CapturedSteps:
     request is seen there (reading the reduced votes each step would sync the host with the GPU each step)."""
 
     def __init__(self, trainer, capture: bool = True):
-        self.streamed = trainer.device_data is None  # fed from train/device_stream.py's windows
+        self.streamed = trainer.source.device_data is None  # fed from train/device_stream.py's windows
         self.trainer, self.step, self.capture = trainer, CapturedStep(trainer, self.streamed), capture
 
     def epoch(self, stream, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
@@ -178,7 +178,8 @@ class CapturedSteps:
         if self.streamed:
             yield from self._streamed_epoch(stream, start_batch)
             return
-        self.step.load_epoch(t.device_data.plan(stream), t.device_data.epoch_words(t.state.epoch), start_batch)
+        data = t.source.device_data
+        self.step.load_epoch(data.plan(stream), data.epoch_words(t.state.epoch), start_batch)
         global_counts = stream.global_counts()
         if self.capture and self.step.graph is None:
             self.step.capture()

@@ -1,11 +1,18 @@
-"""The datasets a run trains and tests on, opened from its config. No Ray here."""
+"""The datasets a run trains and tests on, opened from its config, and what one rank reads of the training set.
+No Ray here."""
 
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from aevb_dist.config import Config
+from aevb_dist.data.binarization import train_binarization
 from aevb_dist.data.reader import ParquetDataset
+from aevb_dist.train.batches import BatchSource
+from aevb_dist.train.device_data import DeviceData
+from aevb_dist.train.device_stream import streamed_to
 
 
 def open_datasets(
@@ -36,3 +43,22 @@ def open_datasets(
         else None
     )
     return train, test
+
+
+def batch_source_for(
+    cfg: Config, train_data: ParquetDataset, *, rank: int, world_size: int, device: torch.device
+) -> BatchSource:
+    """The batches rank `rank` of `world_size` trains on: from the training set held on the device
+    (data.cache_on_device), or read from storage, windows binarized on the device where it is a GPU."""
+    binarization = train_binarization(cfg.model.likelihood, cfg.data.binarization)
+    device_data = DeviceData(train_data, device, binarization, cfg.seed) if cfg.data.cache_on_device else None
+    return BatchSource(
+        cfg,
+        train_data,
+        rank=rank,
+        world_size=world_size,
+        binarization=binarization,
+        device=device,
+        device_data=device_data,
+        device_windows=None if device_data else streamed_to(device, cfg, train_data),
+    )

@@ -12,6 +12,7 @@ from typing import Optional
 
 from aevb_dist import checkpoint, compat, storage
 from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml
+from aevb_dist.config_checks import same_image_shape
 from aevb_dist.console import first_line, say
 from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.data.value_range import check_range_fits
@@ -94,7 +95,7 @@ def plan_run(cfg: Config, train_data, run_uri: str, newest: Optional[str], manif
     if newest is None:
         return RunPlan(total, 0, None, cfg.model.output_bias_init == "data_mean")
     name = newest.rstrip("/").rsplit("/", 1)[-1]
-    _check_same_model(cfg, run_uri, manifest.get("model"), name)
+    checkpoint.check_fits(to_dict(cfg)["model"], manifest.get("model"), run_uri, name)
     return RunPlan(total, int(manifest["step"]), name, False)
 
 
@@ -131,26 +132,13 @@ def model_for_data(cfg: Config, data_shape: list[int]) -> Config:
     m = cfg.model
     if m.input_shape is None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, input_shape=list(data_shape)))
-    elif _squeezed(m.input_shape) != _squeezed(data_shape):
+    elif not same_image_shape(m.input_shape, data_shape):
         raise ValueError(
             f"model.input_shape={list(m.input_shape)} differs from the training data's shape "
             f"{list(data_shape)} ({cfg.data.train_uri})"
         )
     VAE.from_config(cfg.model)
     return cfg
-
-
-def _same_setting(key: str, saved, now) -> bool:
-    """The initializations (init_std, init, output_bias_init) only shaped the first step; an input_shape the
-    checkpoint left unset (None: the data's) or wrote with/without its one channel is the same shape."""
-    if key in ("init_std", "init", "output_bias_init") or saved == now:
-        return True
-    return key == "input_shape" and (saved is None or _squeezed(saved) == _squeezed(now))
-
-
-def _squeezed(shape) -> list[int]:
-    """[1, H, W] is [H, W]: one channel."""
-    return list(shape)[1:] if len(shape) == 3 and shape[0] == 1 else list(shape)
 
 
 def _stop_main_thread(reason: str) -> None:
@@ -184,19 +172,3 @@ def _storage_error(cfg: Config, err: Exception) -> ValueError:
         )
     # botocore's endpoint and credential errors have no common base we import
     return ValueError(f"cannot reach run.storage_uri {cfg.run.storage_uri}: {type(err).__name__}: {first_line(err)}")
-
-
-def _check_same_model(cfg: Config, run_uri: str, saved_model: Optional[dict], name: str) -> None:
-    if not saved_model:
-        return
-    current = to_dict(cfg)["model"]
-    changed = [
-        f"model.{k}: {saved_model[k]} in {name}, {current[k]} now"
-        for k in current
-        if k in saved_model and not _same_setting(k, saved_model[k], current[k])
-    ]
-    if changed:
-        raise ValueError(
-            f"{run_uri} holds a checkpoint of a different model ({'; '.join(changed)}); "
-            "use another run.name, or the model settings it was trained with"
-        )

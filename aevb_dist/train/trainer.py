@@ -24,7 +24,7 @@ import torch
 
 from aevb_dist import names, seeds
 from aevb_dist.config import Config
-from aevb_dist.data.binarization import eval_binarization, train_binarization
+from aevb_dist.data.binarization import eval_binarization
 from aevb_dist.data.reader import ParquetDataset, assign_row_groups
 from aevb_dist.data.schema import Batch
 from aevb_dist.data.statistics import mean_intensity
@@ -44,9 +44,7 @@ from aevb_dist.train.collectives import (
     all_reduce_step_sums,
     all_reduce_sum,
 )
-from aevb_dist.train.datasets import open_datasets
-from aevb_dist.train.device_data import DeviceData
-from aevb_dist.train.device_stream import streamed_to
+from aevb_dist.train.datasets import batch_source_for, open_datasets
 from aevb_dist.train.optimizers import build_optimizer, learning_rate, set_learning_rate
 
 
@@ -75,38 +73,25 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
+        vae: VAE,
+        optimizer: torch.optim.Optimizer,
+        source: BatchSource,
+        test_data: Optional[ParquetDataset] = None,
         *,
-        rank: int = 0,
-        world_size: int = 1,
-        device: str = "cpu",
-        train_description: Optional[dict] = None,
         stop_probe: Callable[[], bool] = lambda: False,
         data_mean: Optional[list[float]] = None,
     ):
-        """`stop_probe()`: whether this rank asks to stop after the current step (read every step: a flag, no
+        """Trains `vae` (on `source.device`) with `optimizer` on the batches of `source`, this rank's of the
+        training set, and evaluates it on `test_data`. `for_config` builds all of them from a config.
+        `stop_probe()`: whether this rank asks to stop after the current step (read every step: a flag, no
         I/O). `data_mean`: the training set's mean pixel for model.output_bias_init=data_mean, as the driver
         computed it (else computed here when a run starts)."""
+        self.cfg, self.vae, self.optimizer, self.source, self.test_data = cfg, vae, optimizer, source, test_data
+        self.rank, self.world_size, self.device = source.rank, source.world_size, source.device
         self.data_mean = data_mean
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.stop_probe = stop_probe
         self.stop_requested = False  # some rank asked: the step just taken is checkpointed and fit() returns
-        self.device = torch.device(device)
-        self.train_data, self.test_data = open_datasets(cfg, train_description)
-        # Initial parameters from the seed: identical on every rank. No input checks in the step:
-        # ParquetDataset checked every row group (range, NaN/inf) already.
-        self.vae = VAE.from_config(cfg.model, seed=cfg.seed, validate_inputs=False).to(self.device)
-        if cfg.train.autocast == "bfloat16":
-            autocast_networks(self.vae, self.device)
-        self.binarization = train_binarization(cfg.model.likelihood, cfg.data.binarization)
-        self.device_data = (
-            DeviceData(self.train_data, self.device, self.binarization, cfg.seed) if cfg.data.cache_on_device else None
-        )
-        self.device_windows = None if self.device_data else streamed_to(self.device, cfg, self.train_data)
-        self.graphed = self.device.type == "cuda" and cfg.train.cuda_graph and captured_step_serves(cfg, rank)
-        # On a GPU the eager and the captured step use the same (fused) Adam: the same update arithmetic.
-        self.optimizer = build_optimizer(
-            self.vae.parameters(), cfg.optim.name, cfg.optim.lr, on_gpu=self.device.type == "cuda", eps=cfg.optim.eps
-        )
+        self.graphed = self.device.type == "cuda" and cfg.train.cuda_graph and captured_step_serves(cfg, self.rank)
         # torch.compile traces the bound once per shape; the noise draws stay eager (graph breaks).
         self.bound_sum = torch.compile(self._bound_sum) if cfg.train.compile else self._bound_sum
         self.params = list(self.vae.parameters())
@@ -122,18 +107,35 @@ class Trainer:
         self.weighs_kl = bool(cfg.train.kl_warmup_steps) or cfg.train.free_bits is not None
         self.objective_in_window = 0.0  # the optimized objective's global sum since the last log line
         self._grad_comm_dtype = torch.bfloat16 if cfg.train.allreduce_dtype == "bfloat16" else None
-        self.state = TrainState(world_size=world_size)
-        self.source = BatchSource(
-            cfg,
-            self.train_data,
-            rank=rank,
-            world_size=world_size,
-            binarization=self.binarization,
-            device=self.device,
-            device_data=self.device_data,
-            device_windows=self.device_windows,
-        )
+        self.state = TrainState(world_size=self.world_size)
         self.total_steps = self.source.total_steps()
+
+    @classmethod
+    def for_config(
+        cls,
+        cfg: Config,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str = "cpu",
+        train_description: Optional[dict] = None,
+        stop_probe: Callable[[], bool] = lambda: False,
+        data_mean: Optional[list[float]] = None,
+    ) -> "Trainer":
+        """Rank `rank` of `world_size`'s trainer as the config says: its datasets (the training set from
+        `train_description`, the driver's, where given), its batches, the model and the optimizer."""
+        train_data, test_data = open_datasets(cfg, train_description)
+        source = batch_source_for(cfg, train_data, rank=rank, world_size=world_size, device=torch.device(device))
+        # Initial parameters from the seed: identical on every rank. No input checks in the step:
+        # ParquetDataset checked every row group (range, NaN/inf) already.
+        vae = VAE.from_config(cfg.model, seed=cfg.seed, validate_inputs=False).to(source.device)
+        if cfg.train.autocast == "bfloat16":
+            autocast_networks(vae, source.device)
+        # On a GPU the eager and the captured step use the same (fused) Adam: the same update arithmetic.
+        optimizer = build_optimizer(
+            vae.parameters(), cfg.optim.name, cfg.optim.lr, on_gpu=source.device.type == "cuda", eps=cfg.optim.eps
+        )
+        return cls(cfg, vae, optimizer, source, test_data, stop_probe=stop_probe, data_mean=data_mean)
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -141,7 +143,7 @@ class Trainer:
             "model": self.vae.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "state": dataclasses.asdict(self.state),
-            "image_shape": list(self.train_data.shape),
+            "image_shape": list(self.source.data.shape),
             "partitioning": self.source.partitioning(),
             "data_mean": self.data_mean,  # what model.output_bias_init=data_mean started from
         }
@@ -195,7 +197,7 @@ class Trainer:
             elbo_sum = objective_sum = self.bound_sum(x_BD, weight_B, generator)
         (-objective_sum).backward()
         # MAP: the gradient of map_objective_sum's prior term (eq. 8 / N), in closed form.
-        add_prior_gradient(self.params, self.cfg.train.theta_prior_std, count, self.train_data.num_rows)
+        add_prior_gradient(self.params, self.cfg.train.theta_prior_std, count, self.source.data.num_rows)
         self.flat[OBJECTIVE_SUM] = objective_sum.detach()
         self.flat[ELBO_SUM] = elbo_sum.detach()
         self.flat[COUNT] = count
@@ -307,7 +309,7 @@ class Trainer:
         steps = steps or (CapturedSteps(self) if self.graphed else EagerSteps(self))
         s = self.state
         if s.step == 0 and self.cfg.model.output_bias_init == "data_mean":  # a new run, not a resumed one
-            self.data_mean = self.data_mean or mean_intensity(self.train_data).tolist()
+            self.data_mean = self.data_mean or mean_intensity(self.source.data).tolist()
             self.vae.set_output_bias_to_data_mean(torch.tensor(self.data_mean, dtype=torch.float64))
         window = self.new_window()
         row: dict = {}

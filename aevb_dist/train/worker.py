@@ -23,7 +23,7 @@ import torch
 
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import Config, to_dict
-from aevb_dist.console import say, unfixable_by_waiting
+from aevb_dist.console import say
 from aevb_dist.run_lease import record_writer
 from aevb_dist.run_log import RunLog
 from aevb_dist.train.stop_request import StopRequestWatch
@@ -72,7 +72,7 @@ def run_worker(
     rank, world_size, device = context.rank, context.world_size, context.device
     run = spec.run
     watch: Optional[StopRequestWatch] = None  # rank 0's, started with the loop (the probe reads it then)
-    trainer = Trainer(
+    trainer = Trainer.for_config(
         cfg,
         rank=rank,
         world_size=world_size,
@@ -120,18 +120,10 @@ def save_checkpoint(
     if rank != 0:
         sink(None, name, metrics)
         return
-    try:
+    staging = tempfile.gettempdir()  # holds the checkpoint, and the sink's copy of it
+    needs = 2 * checkpoint.state_nbytes(state)
+    with storage.unwritable_told(f"the local staging folder {staging} (TMPDIR)", name, needs, folder=staging):
         with tempfile.TemporaryDirectory(prefix="aevb-ckpt-") as folder:
             checkpoint.save(folder, state, to_dict(cfg))
             sink(folder, name, metrics)
-    except OSError as err:  # the local staging folder (the checkpoint, and the sink's copy of it) is full
-        if not unfixable_by_waiting(err):
-            raise
-        raise storage.unwritable_error(
-            err,
-            f"the local staging folder {tempfile.gettempdir()} (TMPDIR)",
-            name,
-            needed_bytes=2 * checkpoint.state_nbytes(state),
-            folder=tempfile.gettempdir(),
-        ) from None
     log.flush()
