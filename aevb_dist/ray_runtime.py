@@ -261,7 +261,7 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
         return True
 
 
-RAY_CLIENT_JOIN_ATTEMPTS = 3  # Ray Client's per-client server has died at start in ~1 of 10 joins on a busy head
+RAY_CLIENT_JOIN_ATTEMPTS = 3  # its per-client server died at start in about 4 of 30 joins on a busy 2-core head
 
 
 def _join(ray, address: str, show_worker_logs: bool, asked: bool) -> None:

@@ -47,7 +47,7 @@ def test_sum_reduced_gradient_is_the_global_mean_gradient(tiny_data, tmp_path, r
                 1,
                 generator=step_generator(ref.cfg.seed, 0, rank, torch.device("cpu")),
             ).sum()
-            objective = objective + map_objective_sum(elbo, ref.vae, 2.0, len(idx), ref.train_data.num_rows)
+            objective = objective + map_objective_sum(elbo, ref.vae, 2.0, len(idx), ref.source.data.num_rows)
             total += elbo.item()
     grads = torch.autograd.grad(objective / 10, list(ref.vae.parameters()))
     assert got["count"] == 10
