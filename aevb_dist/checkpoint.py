@@ -130,10 +130,12 @@ def check_fits(model_now: dict, model_saved: Optional[dict], run_uri: str, name:
     unset (None: the data's) or written with or without its one channel is the same shape. A manifest without
     model.* (older) fits: the parameters' shapes are checked as they load (Trainer.load_state_dict). The data
     position is BatchSource.resumed's to check."""
+    if not model_saved:
+        return
     changed = [
         f"model.{key}: {model_saved[key]} in {name}, {model_now[key]} now"
         for key in model_now
-        if model_saved and key in model_saved and not _same_setting(key, model_saved[key], model_now[key])
+        if key in model_saved and not _same_setting(key, model_saved[key], model_now[key])
     ]
     if changed:
         raise ValueError(

@@ -68,16 +68,16 @@ def main() -> None:
     trainer = Trainer.for_config(
         burda_config(data, os.path.join(work, "runs"), torch.device("cuda:0"), *extra), device="cuda:0"
     )
-    stream = trainer.epoch_stream(0, 0)
-    plan, words = trainer.source.device_data.plan(stream), trainer.source.device_data.epoch_words(0)
+    stream, cached = trainer.epoch_stream(0, 0), trainer.source.device_data
+    plan, words = cached.plan(stream), cached.epoch_words(0)
     batch_no = [0]
 
     def eager_step():
         positions = plan.positions[batch_no[0] % stream.num_batches]
-        trainer.step_on(trainer.source.device_data.batch(positions, words), positions)
+        trainer.step_on(cached.batch(positions, words), positions)
         batch_no[0] += 1
 
-    profile_steps(plain_step(trainer.source.device_data.rows_ND, args.batch, captured=True), "plain loop, captured")
+    profile_steps(plain_step(cached.rows_ND, args.batch, captured=True), "plain loop, captured")
     profile_steps(eager_step, "eager step")
     captured = CapturedStep(trainer)
     captured.load_epoch(plan, words, 0)

@@ -66,13 +66,18 @@ def cluster_without_token(monkeypatch, head_node_args: dict, worker_cpus: Option
     return head
 
 
-@pytest.fixture
-def open_cluster(monkeypatch):
+def open_cluster_with_client_server(monkeypatch):
     """A Ray cluster started without token authentication (`ray.cluster_utils.Cluster`, one node of 1 CPU),
     its Ray Client server at `.client_address`."""
     client_port = free_port()
     head = cluster_without_token(monkeypatch, {"num_cpus": 1, "ray_client_server_port": client_port})
     head.client_address = f"ray://127.0.0.1:{client_port}"
+    return head
+
+
+@pytest.fixture
+def open_cluster(monkeypatch):
+    head = open_cluster_with_client_server(monkeypatch)
     yield head
     head.shutdown()
 
@@ -172,10 +177,8 @@ class ClientServerKiller(threading.Thread):
 def test_a_ray_client_server_that_dies_at_start_is_tried_again_then_told_in_one_line(monkeypatch, tiny_data, tmp_path):
     # The head's proxier waits this long for a client's server that started and died before it served (Ray's
     # default 30 s): the third of the ways it fails that compat.ray_client_server_failed knows.
-    monkeypatch.setenv("RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S", "15")
-    client_port = free_port()
-    open_cluster = cluster_without_token(monkeypatch, {"num_cpus": 1, "ray_client_server_port": client_port})
-    open_cluster.client_address = f"ray://127.0.0.1:{client_port}"
+    monkeypatch.setenv("RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S", "15")  # read as the head starts
+    open_cluster = open_cluster_with_client_server(monkeypatch)
     try:
         check_client_server_deaths(open_cluster, tiny_data, tmp_path)
     finally:
