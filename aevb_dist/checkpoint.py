@@ -42,6 +42,9 @@ def save(folder: str, state: dict, config: dict[str, Any]) -> None:
         "size": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
         "model": config.get("model", {}),
+        # A global-batch run's data.num_partitions and train.global_batch_size (None for other runs): the driver
+        # counts a resumed run's steps over them before any worker loads the state.
+        "partitioning": state.get("partitioning"),
     }
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f)

@@ -1,4 +1,9 @@
-"""The config's cross-field checks: every user mistake a one-line ValueError naming the key and the fix."""
+"""The config's checks: every user mistake a one-line ValueError naming the key and the fix.
+
+One `check_<section>` per section of config.py, each reading only its own section, then `check_across` for
+the rules that join sections (where the data and the step are placed, elastic runs, KL weighting, the
+captured step). `validate` runs them all, as `load_config` does.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from typing import Any, Optional
 from aevb_dist import names
 from aevb_dist.uri import check_uri
 
-Config = Any  # aevb_dist.config.Config (which imports this module)
+# The sections' types are config.py's, which imports this module: named here for readers, not imported.
+Config = ModelConfig = DataConfig = TrainConfig = OptimConfig = RunConfig = CheckpointConfig = RayConfig = Any
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -23,41 +29,20 @@ def _positive(key: str, value: Optional[float], allow_none: bool = False) -> Non
         raise ValueError(f"{key}={value} must be a positive number")
 
 
-def _initialization(m) -> None:
-    _choice("model.init", m.init, names.WEIGHT_INITS)
-    _choice("model.output_bias_init", m.output_bias_init, names.OUTPUT_BIAS_INITS)
-    if m.init != "default" and m.init_std is not None:
-        raise ValueError(f"model.init={m.init} and model.init_std={m.init_std:g} both set the weights; unset one")
-    for key, value in (("model.init", m.init), ("model.output_bias_init", m.output_bias_init)):
-        if value != "default" and m.architecture != "mlp":
-            raise ValueError(f"{key}={value} applies to model.architecture=mlp (your networks initialize themselves)")
-    if m.output_bias_init == "data_mean" and m.likelihood != "bernoulli":
-        raise ValueError("model.output_bias_init=data_mean sets Bernoulli logits; it needs model.likelihood=bernoulli")
-
-
-def _kl_weighting(cfg: Config) -> None:
-    t = cfg.train
-    if t.kl_warmup_steps < 0:
-        raise ValueError(f"train.kl_warmup_steps={t.kl_warmup_steps} must be >= 0 (0: no warm-up)")
-    _positive("train.free_bits", t.free_bits, allow_none=True)
-    if not (t.kl_warmup_steps or t.free_bits is not None):
-        return
-    if t.estimator != "B":
-        raise ValueError(
-            "train.kl_warmup_steps and train.free_bits weigh the analytic KL of estimator B; set train.estimator=B"
-        )
-    if t.free_bits is not None and t.global_batch_size is not None:
-        raise ValueError(
-            "train.free_bits averages each latent's KL over a worker's batch, which depends on the worker count; "
-            "train.global_batch_size promises results that do not: unset one of them"
-        )
-    if t.use_gpu and cfg.data.cache_on_device and t.cuda_graph:
-        raise ValueError("train.kl_warmup_steps and train.free_bits need the eager step: set train.cuda_graph=false")
-
-
 def validate(cfg: Config) -> None:
-    """Checks that span fields; raises ValueError naming the key and the fix."""
-    m, t = cfg.model, cfg.train
+    """Every check of every section, then those across sections; raises ValueError naming the key and the fix."""
+    check_model(cfg.model)
+    check_data(cfg.data)
+    check_train(cfg.train)
+    check_optim(cfg.optim)
+    check_checkpoint(cfg.checkpoint)
+    check_run(cfg.run)
+    check_ray(cfg.ray)
+    check_across(cfg)
+
+
+# -- each section ----------------------------------------------------------------------------------------------
+def check_model(m: ModelConfig) -> None:
     _choice("model.activation", m.activation, names.ACTIVATIONS)
     _choice("model.likelihood", m.likelihood, names.LIKELIHOODS)
     _choice("model.posterior", m.posterior, names.POSTERIORS)
@@ -70,55 +55,9 @@ def validate(cfg: Config) -> None:
     _initialization(m)
     if m.squash_mean and m.likelihood != "gaussian":
         raise ValueError("model.squash_mean=true only applies to model.likelihood=gaussian")
-    _choice("data.binarization", cfg.data.binarization, names.BINARIZATIONS)
-    _positive("data.shuffle_window_row_groups", cfg.data.shuffle_window_row_groups)
-    _positive("data.decode_threads", cfg.data.decode_threads, allow_none=True)
-    if cfg.data.decoded_cache_mib < 0:
-        raise ValueError(f"data.decoded_cache_mib={cfg.data.decoded_cache_mib} must be >= 0 (0 = no cache)")
-    _choice("train.estimator", t.estimator, names.ESTIMATORS)
-    _choice("train.on_nonfinite", t.on_nonfinite, names.ON_NONFINITE)
-    _choice("train.allreduce_dtype", t.allreduce_dtype, names.ALLREDUCE_DTYPES)
-    _choice("train.autocast", t.autocast, names.AUTOCAST_DTYPES)
-    _choice("optim.name", cfg.optim.name, names.OPTIMIZERS)
-    _positive("optim.lr", cfg.optim.lr)
-    _choice("optim.lr_schedule", cfg.optim.lr_schedule, names.LR_SCHEDULES)
-    _positive("optim.eps", cfg.optim.eps, allow_none=True)
-    if cfg.optim.eps is not None and cfg.optim.name == "sgd":
-        raise ValueError("optim.eps applies to adam and adagrad; SGD has no ε (unset optim.eps)")
-    _positive("train.num_workers", t.num_workers)
-    _positive("train.batch_size_per_worker", t.batch_size_per_worker)
-    _positive("train.num_latent_samples", t.num_latent_samples)
-    _positive("train.cpus_per_worker", t.cpus_per_worker, allow_none=True)
-    _positive("train.theta_prior_std", t.theta_prior_std, allow_none=True)
-    _positive("train.max_steps", t.max_steps, allow_none=True)
-    _positive("train.num_epochs", t.num_epochs, allow_none=True)
-    _positive("train.log_every_steps", t.log_every_steps)
-    if t.eval_every_steps < 0:
-        raise ValueError(f"train.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = only at the end)")
-    if t.max_failures < -1:
-        raise ValueError(f"train.max_failures={t.max_failures} must be >= -1 (-1 retries forever)")
-    if t.max_steps is not None and t.num_epochs is not None:
-        raise ValueError("set only one of train.max_steps and train.num_epochs (the other must be null)")
-    if t.estimator == "iwae" and t.num_latent_samples < 1:
-        raise ValueError("train.estimator=iwae needs train.num_latent_samples >= 1 importance samples")
-    _validate_placement(cfg)
-    _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
-    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
-    _positive("run.lease_timeout_s", cfg.run.lease_timeout_s)
-    _positive("run.storage_retry_s", cfg.run.storage_retry_s)
-    if not cfg.run.name or "/" in cfg.run.name:
-        raise ValueError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
-    check_uri("run.storage_uri", cfg.run.storage_uri)
-    if cfg.ray.local_mode and cfg.ray.address:
-        raise ValueError(
-            f"ray.local_mode=true runs on this machine without a cluster; it cannot join "
-            f"ray.address={cfg.ray.address} (unset one of them)"
-        )
-    check_uri("data.train_uri", cfg.data.train_uri)
-    check_uri("data.test_uri", cfg.data.test_uri or "")
 
 
-def _architecture(m: Any) -> None:
+def _architecture(m: ModelConfig) -> None:
     if m.architecture not in ("mlp", "conv") and ":" not in m.architecture:
         raise ValueError(
             f'model.architecture={m.architecture!r} is not mlp, conv or a "package.module:function" of your own'
@@ -132,47 +71,54 @@ def _architecture(m: Any) -> None:
         )
 
 
-def _validate_placement(cfg: Config) -> None:
-    """How the data and the step are laid out: global batches over partitions, the device cache, the graph."""
-    t = cfg.train
-    _positive("train.global_batch_size", t.global_batch_size, allow_none=True)
-    _positive("data.num_partitions", cfg.data.num_partitions, allow_none=True)
-    if cfg.data.num_partitions is not None and t.global_batch_size is None:
-        raise ValueError("data.num_partitions applies to train.global_batch_size runs; set train.global_batch_size")
-    if t.global_batch_size is not None and cfg.data.num_partitions is not None:
-        check_partitioning(cfg.data.num_partitions, t.global_batch_size, t.num_workers)
-    if t.min_workers is not None:
-        _elastic(cfg)
-    if t.global_batch_size is not None and cfg.data.cache_on_device:
-        raise ValueError("data.cache_on_device=true does not yet serve train.global_batch_size runs; unset one of them")
+def _initialization(m: ModelConfig) -> None:
+    _choice("model.init", m.init, names.WEIGHT_INITS)
+    _choice("model.output_bias_init", m.output_bias_init, names.OUTPUT_BIAS_INITS)
+    if m.init != "default" and m.init_std is not None:
+        raise ValueError(f"model.init={m.init} and model.init_std={m.init_std:g} both set the weights; unset one")
+    for key, value in (("model.init", m.init), ("model.output_bias_init", m.output_bias_init)):
+        if value != "default" and m.architecture != "mlp":
+            raise ValueError(f"{key}={value} applies to model.architecture=mlp (your networks initialize themselves)")
+    if m.output_bias_init == "data_mean" and m.likelihood != "bernoulli":
+        raise ValueError("model.output_bias_init=data_mean sets Bernoulli logits; it needs model.likelihood=bernoulli")
+
+
+def check_data(d: DataConfig) -> None:
+    _choice("data.binarization", d.binarization, names.BINARIZATIONS)
+    _positive("data.shuffle_window_row_groups", d.shuffle_window_row_groups)
+    _positive("data.decode_threads", d.decode_threads, allow_none=True)
+    _positive("data.num_partitions", d.num_partitions, allow_none=True)
+    if d.decoded_cache_mib < 0:
+        raise ValueError(f"data.decoded_cache_mib={d.decoded_cache_mib} must be >= 0 (0 = no cache)")
+    check_uri("data.train_uri", d.train_uri)
+    check_uri("data.test_uri", d.test_uri or "")
+
+
+def check_train(t: TrainConfig) -> None:
+    _choice("train.estimator", t.estimator, names.ESTIMATORS)
+    _choice("train.on_nonfinite", t.on_nonfinite, names.ON_NONFINITE)
+    _choice("train.allreduce_dtype", t.allreduce_dtype, names.ALLREDUCE_DTYPES)
+    _choice("train.autocast", t.autocast, names.AUTOCAST_DTYPES)
+    for key in ("num_workers", "batch_size_per_worker", "num_latent_samples", "log_every_steps"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("cpus_per_worker", "theta_prior_std", "max_steps", "num_epochs", "global_batch_size", "free_bits"):
+        _positive(f"train.{key}", getattr(t, key), allow_none=True)
+    if t.eval_every_steps < 0:
+        raise ValueError(f"train.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = only at the end)")
+    if t.max_failures < -1:
+        raise ValueError(f"train.max_failures={t.max_failures} must be >= -1 (-1 retries forever)")
+    if t.max_steps is not None and t.num_epochs is not None:
+        raise ValueError("set only one of train.max_steps and train.num_epochs (the other must be null)")
     if not 0 < t.gpus_per_worker <= 1:
         raise ValueError(f"train.gpus_per_worker={t.gpus_per_worker:g} must lie in (0, 1]: a worker uses one device")
     if t.gpus_per_worker != 1 and not t.use_gpu:
         raise ValueError("train.gpus_per_worker applies with train.use_gpu=true")
-    if t.gpus_per_worker != 1 and cfg.ray.local_mode:
-        raise ValueError("ray.local_mode=true gives each worker a GPU of its own: unset train.gpus_per_worker")
-    _kl_weighting(cfg)
-    if t.use_gpu and cfg.data.cache_on_device and t.cuda_graph:
-        if cfg.optim.name == "adagrad":
-            raise ValueError(
-                "the captured CUDA-graph step (train.cuda_graph=true) needs optim.name=adam or sgd "
-                "(Adagrad keeps its step count on the host); or set train.cuda_graph=false"
-            )
-        if cfg.optim.lr_schedule != "constant" and cfg.optim.name != "adam":
-            raise ValueError(
-                f"optim.lr_schedule={cfg.optim.lr_schedule} with the captured CUDA-graph step needs "
-                "optim.name=adam (its learning rate is a device tensor the graph reads); or set "
-                "train.cuda_graph=false"
-            )
-        if t.on_nonfinite == "skip":
-            raise ValueError(
-                "train.on_nonfinite=skip needs the eager step: set train.cuda_graph=false (the "
-                "captured step applies every update and stops at the next log line instead)"
-            )
+    if t.min_workers is not None:
+        _elastic(t)
+    _kl_weighting(t)
 
 
-def _elastic(cfg: Config) -> None:
-    t = cfg.train
+def _elastic(t: TrainConfig) -> None:
     _positive("train.min_workers", t.min_workers)
     if t.min_workers > t.num_workers:
         raise ValueError(f"train.min_workers={t.min_workers} is more than train.num_workers={t.num_workers}")
@@ -186,9 +132,95 @@ def _elastic(cfg: Config) -> None:
             "train.min_workers (elastic) needs train.max_failures > 0 (or -1): Ray Train resizes "
             "the group by restarting it"
         )
-    if cfg.ray.local_mode:
+
+
+def _kl_weighting(t: TrainConfig) -> None:
+    if t.kl_warmup_steps < 0:
+        raise ValueError(f"train.kl_warmup_steps={t.kl_warmup_steps} must be >= 0 (0: no warm-up)")
+    if not (t.kl_warmup_steps or t.free_bits is not None):
+        return
+    if t.estimator != "B":
+        raise ValueError(
+            "train.kl_warmup_steps and train.free_bits weigh the analytic KL of estimator B; set train.estimator=B"
+        )
+    if t.free_bits is not None and t.global_batch_size is not None:
+        raise ValueError(
+            "train.free_bits averages each latent's KL over a worker's batch, which depends on the worker count; "
+            "train.global_batch_size promises results that do not: unset one of them"
+        )
+
+
+def check_optim(o: OptimConfig) -> None:
+    _choice("optim.name", o.name, names.OPTIMIZERS)
+    _positive("optim.lr", o.lr)
+    _choice("optim.lr_schedule", o.lr_schedule, names.LR_SCHEDULES)
+    _positive("optim.eps", o.eps, allow_none=True)
+    if o.eps is not None and o.name == "sgd":
+        raise ValueError("optim.eps applies to adam and adagrad; SGD has no ε (unset optim.eps)")
+
+
+def check_checkpoint(c: CheckpointConfig) -> None:
+    _positive("checkpoint.every_steps", c.every_steps)
+    _positive("checkpoint.keep_last", c.keep_last)
+
+
+def check_run(r: RunConfig) -> None:
+    _positive("run.lease_timeout_s", r.lease_timeout_s)
+    _positive("run.storage_retry_s", r.storage_retry_s)
+    if not r.name or "/" in r.name:
+        raise ValueError(f"run.name={r.name!r} must be a non-empty name without '/'")
+    check_uri("run.storage_uri", r.storage_uri)
+
+
+def check_ray(r: RayConfig) -> None:
+    if r.local_mode and r.address:
+        raise ValueError(
+            f"ray.local_mode=true runs on this machine without a cluster; it cannot join "
+            f"ray.address={r.address} (unset one of them)"
+        )
+
+
+# -- across sections -------------------------------------------------------------------------------------------
+def check_across(cfg: Config) -> None:
+    """How the data and the step are laid out: global batches over partitions, the device cache, GPUs shared
+    or not, and what the captured CUDA-graph step can serve."""
+    t, d = cfg.train, cfg.data
+    if d.num_partitions is not None and t.global_batch_size is None:
+        raise ValueError("data.num_partitions applies to train.global_batch_size runs; set train.global_batch_size")
+    if t.global_batch_size is not None and d.num_partitions is not None:
+        check_partitioning(d.num_partitions, t.global_batch_size, t.num_workers)
+    if t.min_workers is not None and cfg.ray.local_mode:
         raise ValueError(
             "train.min_workers (elastic) needs Ray (a cluster or the embedded one), not ray.local_mode=true"
+        )
+    if t.global_batch_size is not None and d.cache_on_device:
+        raise ValueError("data.cache_on_device=true does not yet serve train.global_batch_size runs; unset one of them")
+    if t.gpus_per_worker != 1 and cfg.ray.local_mode:
+        raise ValueError("ray.local_mode=true gives each worker a GPU of its own: unset train.gpus_per_worker")
+    if t.use_gpu and d.cache_on_device and t.cuda_graph:
+        _captured_step(cfg)
+
+
+def _captured_step(cfg: Config) -> None:
+    """train.cuda_graph=true on a GPU with data.cache_on_device: what the captured step cannot serve."""
+    t, o = cfg.train, cfg.optim
+    if t.kl_warmup_steps or t.free_bits is not None:
+        raise ValueError("train.kl_warmup_steps and train.free_bits need the eager step: set train.cuda_graph=false")
+    if o.name == "adagrad":
+        raise ValueError(
+            "the captured CUDA-graph step (train.cuda_graph=true) needs optim.name=adam or sgd "
+            "(Adagrad keeps its step count on the host); or set train.cuda_graph=false"
+        )
+    if o.lr_schedule != "constant" and o.name != "adam":
+        raise ValueError(
+            f"optim.lr_schedule={o.lr_schedule} with the captured CUDA-graph step needs "
+            "optim.name=adam (its learning rate is a device tensor the graph reads); or set "
+            "train.cuda_graph=false"
+        )
+    if t.on_nonfinite == "skip":
+        raise ValueError(
+            "train.on_nonfinite=skip needs the eager step: set train.cuda_graph=false (the "
+            "captured step applies every update and stops at the next log line instead)"
         )
 
 

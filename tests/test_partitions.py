@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from aevb_dist import storage
+from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
 from aevb_dist.data.partitions import PartitionedEpoch, partition_shares
 from aevb_dist.data.reader import ParquetDataset
@@ -154,3 +154,5 @@ def test_a_run_resumed_with_other_worker_counts_equals_the_uninterrupted_one(tin
     assert resized["state"]["samples_seen"] == straight["state"]["samples_seen"]  # nothing repeated or skipped
     assert max_relative_difference(resized, straight) <= 1e-5
     assert resized["partitioning"] == {"num_partitions": P, "global_batch_size": M} and last["step"] == 25
+    fs, path = storage.resolve(f"{tmp_path}/resized")  # the manifest says so too: the driver plans from it
+    assert checkpoint.read_manifest(fs, checkpoint.latest(fs, path))["partitioning"] == resized["partitioning"]

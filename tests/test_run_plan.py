@@ -58,3 +58,33 @@ def test_a_checkpoint_fits_a_config_whose_shape_differs_only_in_its_one_channel_
     check_fits(now, None, "runs/x", "checkpoint_000008")  # an older manifest, without model.*
     with pytest.raises(ValueError, match=r"model.input_shape: \[3, 28, 28\] in checkpoint_000008, \[28, 28\] now"):
         check_fits(now, {**now, "input_shape": [3, 28, 28]}, "runs/x", "checkpoint_000008")
+
+
+def test_a_resumed_global_batch_run_counts_its_steps_over_the_partitions_its_checkpoint_recorded(tiny_data, tmp_path):
+    from aevb_dist.train.batches import BatchSource
+
+    cfg = _cfg(tiny_data, tmp_path, "train.global_batch_size=16", "train.max_steps=null", "train.num_epochs=1")
+    data = ParquetDataset(f"{tiny_data}/train")
+    steps_over = {
+        p: BatchSource(
+            cfg, data, rank=0, world_size=1, binarization="none", device=None, num_partitions=p
+        ).total_steps()
+        for p in (None, 2)  # None: the default partitions of a new run
+    }
+    assert steps_over[2] != steps_over[None]  # the tiny data's epoch is cut differently over 2 partitions
+    assert plan_run(cfg, data, "runs/x", None, None).total_steps == steps_over[None]
+    manifest = {
+        "step": 4,
+        "model": to_dict(cfg)["model"],
+        "partitioning": {"num_partitions": 2, "global_batch_size": 16},
+    }
+    resumed = plan_run(cfg, data, "runs/x", "runs/x/checkpoint_000004", manifest)
+    assert (resumed.total_steps, resumed.start_step) == (steps_over[2], 4)
+    older = {k: v for k, v in manifest.items() if k != "partitioning"}  # a manifest that does not say
+    assert plan_run(cfg, data, "runs/x", "runs/x/checkpoint_000004", older).total_steps == steps_over[None]
+    other_batch = {**manifest, "partitioning": {"num_partitions": 2, "global_batch_size": 32}}
+    with pytest.raises(ValueError, match="train.global_batch_size=16 differs from the run's 32"):
+        plan_run(cfg, data, "runs/x", "runs/x/checkpoint_000004", other_batch)
+    without = {**manifest, "partitioning": None}
+    with pytest.raises(ValueError, match="this run was started without train.global_batch_size"):
+        plan_run(cfg, data, "runs/x", "runs/x/checkpoint_000004", without)

@@ -65,7 +65,7 @@ class RunPlan:
     """What a run will do, decided before any worker starts, from the config, the data and the run folder's
     newest complete checkpoint."""
 
-    total_steps: int  # from the config's length and partitions (a resumed run's workers count its recorded ones)
+    total_steps: int  # from the config's length and the run's partitions (a resumed run's recorded ones)
     start_step: int  # 0 for a new run
     resumes_from: Optional[str]  # the checkpoint's name
     computes_data_mean: bool  # model.output_bias_init=data_mean, for a new run
@@ -87,16 +87,28 @@ class RunPlan:
 
 
 def plan_run(cfg: Config, train_data, run_uri: str, newest: Optional[str], manifest: Optional[dict]) -> RunPlan:
-    """The run's plan; a checkpoint of a different model is refused in one line. No I/O beyond what
-    `train_data` already holds."""
-    total = BatchSource(
-        cfg, train_data, rank=0, world_size=cfg.train.num_workers, binarization="none", device=None
-    ).total_steps()
+    """The run's plan; a checkpoint of a different model, or of other partitions, is refused in one line. No
+    I/O beyond what `train_data` already holds."""
+    # A resumed global-batch run keeps the partitions its checkpoint recorded; its steps are counted over them.
+    # (An older manifest does not say: its workers count them.)
+    recorded = manifest is not None and "partitioning" in manifest
+    saved = manifest["partitioning"] if recorded else None
+    source = BatchSource(
+        cfg,
+        train_data,
+        rank=0,
+        world_size=cfg.train.num_workers,
+        binarization="none",
+        device=None,
+        num_partitions=saved["num_partitions"] if saved else None,
+    )
     if newest is None:
-        return RunPlan(total, 0, None, cfg.model.output_bias_init == "data_mean")
+        return RunPlan(source.total_steps(), 0, None, cfg.model.output_bias_init == "data_mean")
     name = newest.rstrip("/").rsplit("/", 1)[-1]
     checkpoint.check_fits(to_dict(cfg)["model"], manifest.get("model"), run_uri, name)
-    return RunPlan(total, int(manifest["step"]), name, False)
+    if recorded:
+        source = source.resumed(saved) or source
+    return RunPlan(source.total_steps(), int(manifest["step"]), name, False)
 
 
 def _newest_checkpoint(run: storage.Folder) -> tuple[Optional[str], Optional[dict]]:
