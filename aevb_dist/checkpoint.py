@@ -23,6 +23,7 @@ from aevb_dist.config import config_from_dict
 from aevb_dist.config_checks import same_image_shape
 from aevb_dist.console import first_line, say
 from aevb_dist.data.binarization import eval_binarization
+from aevb_dist.model.hierarchical import model_from_config
 from aevb_dist.model.vae import VAE
 
 STATE, MANIFEST = "state.pt", "manifest.json"
@@ -229,7 +230,7 @@ def model_from_bytes(state_bytes: bytes, where: str = "", architecture_checked: 
     model_cfg = config_from_dict(saved["config"]).model
     if not architecture_checked:
         check_trusted_architecture(model_cfg.architecture, where)
-    vae = VAE.from_config(model_cfg)
+    vae = model_from_config(model_cfg)
     vae.load_state_dict(saved["model"])
     return vae, saved
 

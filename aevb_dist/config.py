@@ -19,6 +19,16 @@ from aevb_dist.uri import absolute_uri
 
 
 @dataclass
+class LatentLayerConfig:
+    """One stochastic layer of `model.latent_layers`."""
+
+    # Dimensions of this layer's z_l.
+    latent_dim: int = 50
+    # Widths of the hidden layers of q_φ(z_l | the layer below), mirrored in p_θ(the layer below | z_l).
+    hidden_sizes: list[int] = field(default_factory=lambda: [100, 100])
+
+
+@dataclass
 class ModelConfig:
     """Encoder q_φ(z|x) and decoder p_θ(x|z) (paper, Appendix C)."""
 
@@ -52,6 +62,10 @@ class ModelConfig:
     conv_channels: list[int] = field(default_factory=lambda: [32, 64])
     # Each example's shape ([H, W] or [C, H, W]); None: the training data's, filled in by `train`.
     input_shape: Optional[list[int]] = None
+    # Stochastic layers from x upward, each {latent_dim, hidden_sizes}: p(z_L) ∏ p(z_l | z_{l+1}) p(x | z_1) with
+    # q(z_1 | x) ∏ q(z_{l+1} | z_l), Gaussian conditionals (Burda et al. 2015, §5; docs/models.md). When set, they
+    # replace model.latent_dim and model.hidden_sizes. Empty: one stochastic layer.
+    latent_layers: list[LatentLayerConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -284,6 +298,9 @@ def _explain(err: OmegaConfBaseException) -> str:
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)) or "not in struct" in str(err):
         section, _, leaf = key.rpartition(".")
         allowed = _allowed_keys(section)
+        holder = getattr(err, "object_type", None)
+        if holder is LatentLayerConfig:  # an item of a list: OmegaConf's key does not say which list
+            key, section, allowed = f"model.latent_layers[].{leaf}", "each model.latent_layers item", _fields(holder)
         return f"unknown config key '{key}'; allowed keys{' in ' + section if section else ''}: {', '.join(allowed)}"
     if isinstance(err, ValidationError):
         first = str(err).splitlines()[0]
@@ -300,4 +317,8 @@ def _allowed_keys(section: str) -> list[str]:
             node = globals().get(node)
         if node is None or not dataclasses.is_dataclass(node):
             return []
-    return [f.name for f in dataclasses.fields(node)]
+    return _fields(node)
+
+
+def _fields(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]

@@ -53,6 +53,7 @@ def check_model(m: ModelConfig) -> None:
     _positive("model.init_std", m.init_std, allow_none=True)
     _architecture(m)
     _initialization(m)
+    _latent_layers(m)
     if m.squash_mean and m.likelihood != "gaussian":
         raise ValueError("model.squash_mean=true only applies to model.likelihood=gaussian")
 
@@ -68,6 +69,22 @@ def _architecture(m: ModelConfig) -> None:
         raise ValueError(
             f"model.input_shape={list(m.input_shape)} holds {math.prod(m.input_shape)} values, "
             f"model.input_dim={m.input_dim}"
+        )
+
+
+def _latent_layers(m: ModelConfig) -> None:
+    for i, layer in enumerate(m.latent_layers):
+        _positive(f"model.latent_layers[{i}].latent_dim", layer.latent_dim)
+        for j, width in enumerate(layer.hidden_sizes):
+            _positive(f"model.latent_layers[{i}].hidden_sizes[{j}]", width)
+    if m.latent_layers and m.architecture != "mlp":
+        raise ValueError(
+            f"model.latent_layers builds mlp conditionals; it does not combine with model.architecture={m.architecture}"
+        )
+    if m.latent_layers and m.posterior != "gaussian":
+        raise ValueError(
+            f"model.latent_layers has Gaussian conditionals in q and p; model.posterior={m.posterior} applies to one "
+            "stochastic layer (unset one of them)"
         )
 
 
@@ -195,6 +212,13 @@ def check_across(cfg: Config) -> None:
         )
     if t.global_batch_size is not None and d.cache_on_device:
         raise ValueError("data.cache_on_device=true does not yet serve train.global_batch_size runs; unset one of them")
+    if cfg.model.latent_layers and t.estimator == "B":
+        raise ValueError(
+            "train.estimator=B needs the KL to the prior in closed form, which a stack of model.latent_layers does "
+            "not have (the layers' KL terms couple): use train.estimator=A or iwae"
+        )
+    if cfg.model.latent_layers and t.autocast != "none":
+        raise ValueError(f"train.autocast={t.autocast} applies to one stochastic layer; unset model.latent_layers")
     if t.gpus_per_worker != 1 and cfg.ray.local_mode:
         raise ValueError("ray.local_mode=true gives each worker a GPU of its own: unset train.gpus_per_worker")
     if t.use_gpu and d.cache_on_device and t.cuda_graph:

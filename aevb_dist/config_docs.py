@@ -66,8 +66,20 @@ def _rows(prefix: str, schema: type) -> list[str]:
             continue
         default = json.dumps(_default(f), ensure_ascii=False)
         meaning = comments.get(f.name, "").replace("|", "\\|")
-        rows.append(f"| `{prefix}{f.name}` | {_type_name(hints[f.name])} | `{default}` | {meaning} |")
+        item = _item_schema(hints[f.name])
+        kind = (
+            f"list of {{{', '.join(g.name for g in dataclasses.fields(item))}}}" if item else _type_name(hints[f.name])
+        )
+        rows.append(f"| `{prefix}{f.name}` | {kind} | `{default}` | {meaning} |")
+        if item:  # each item's keys, with the defaults an item that leaves them out gets
+            rows += _rows(f"{prefix}{f.name}[].", item)
     return rows
+
+
+def _item_schema(annotation: Any):
+    """The dataclass of a list-of-dataclasses field's items, else None."""
+    args = getattr(annotation, "__args__", None) or ()
+    return args[0] if getattr(annotation, "__origin__", None) is list and dataclasses.is_dataclass(args[0]) else None
 
 
 def markdown() -> str:

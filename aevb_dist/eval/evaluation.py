@@ -18,7 +18,7 @@ import torch
 from aevb_dist import seeds
 from aevb_dist.data.reader import ParquetDataset, to_model_input
 from aevb_dist.data.schema import Batch
-from aevb_dist.model.elbo import sgvb_b
+from aevb_dist.model.elbo import evaluation_bound
 from aevb_dist.model.marginal_likelihood import estimate_log_marginal_likelihood
 from aevb_dist.model.vae import VAE
 from aevb_dist.names import EVAL_BATCH_SIZE
@@ -111,8 +111,9 @@ def evaluate_units(
     num_leapfrog: int = 10,
     on_unit: Optional[Callable[[int], None]] = None,
 ) -> Sums:
-    """ELBO (estimator B, L=1) and, with K > 0, log p(x) by `estimator` (see marginal_likelihood.py)
-    over the given row groups. K is the number of importance samples, or of chains for ais/appendix-d."""
+    """ELBO (`evaluation_bound`: estimator B, or A for a stack of stochastic layers; L=1) and, with K > 0, log p(x)
+    by `estimator` (see marginal_likelihood.py) over the given row groups. K is the number of importance
+    samples, or of chains for ais/appendix-d."""
     vae.eval()
     device = next(vae.parameters()).device
     total = Sums()
@@ -121,8 +122,8 @@ def evaluate_units(
         log_px_noise = row_group_generator(seed, uid, seeds.LOG_PX, device)
         for batch in _batches(dataset, uid, batch_size, binarization, seed):
             x = torch.from_numpy(batch.x).to(device)
-            elbo = sgvb_b(vae, x, 1, generator=elbo_noise).double()
-            z_mean = vae.posterior.mean_and_std(*vae.encode(x))[0].double()
+            elbo = evaluation_bound(vae, x, generator=elbo_noise).double()
+            z_mean = vae.posterior_moments(x)[0].double()
             total += Sums(
                 count=len(batch),
                 elbo=elbo.sum().item(),
@@ -156,7 +157,7 @@ def encode_units(
     parts: dict[str, list[np.ndarray]] = {"index": [], "label": [], "mean": [], "std": []}
     for uid in unit_ids:
         for batch in _batches(dataset, uid, batch_size, binarization, seed):
-            mean, std = vae.posterior.mean_and_std(*vae.encode(torch.from_numpy(batch.x)))
+            mean, std = vae.posterior_moments(torch.from_numpy(batch.x))
             parts["index"].append(batch.index)
             parts["mean"].append(mean.numpy())
             parts["std"].append(std.numpy())

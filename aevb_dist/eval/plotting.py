@@ -165,7 +165,7 @@ def plot_run(
     figures = {"learning_curve.png": learning_curve(rows, f"{name}: Nz={vae.latent_dim}")}
     samples = vae.sample(100, generator=torch.Generator().manual_seed(seed)).numpy()
     figures["samples.png"] = image_grid(samples, shape, 10, f"samples from p(x|z), z ~ p(z) (step {rows[-1]['step']})")
-    if vae.latent_dim == 2:
+    if vae.latent_dims == [2]:  # one stochastic layer of two latents
         means = vae.decode_mean(manifold_codes(20)).numpy()
         figures["manifold.png"] = image_grid(means, shape, 20, "learned 2-D manifold (Figure 4)")
     written = []

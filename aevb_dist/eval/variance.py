@@ -26,6 +26,11 @@ def checkpoint_gradient_variance(
 ) -> dict:
     """The variance report of `variance_sweep` on the first (seeded) batch of `data_uri`."""
     vae, saved = model_from_bytes(*load_checkpoint_bytes(checkpoint_uri, endpoint_url))
+    if "B" in estimators and not vae.has_analytic_kl:
+        raise ValueError(
+            f"estimator B needs a KL in closed form; this model has {len(vae.latent_dims)} stochastic layers "
+            "(model.latent_layers), whose KL has none: ask for the others (--estimators A iwae)"
+        )
     data = open_as_trained(data_uri, vae, saved, endpoint_url)
     binarization = saved_eval_binarization(vae, saved)
     batch = next(

@@ -29,10 +29,8 @@ def sgvb_a(
 ) -> torch.Tensor:
     """Estimator A (eq. 6): (1/L) Σ_l log p_θ(x, z_l) − log q_φ(z_l|x), z_l = μ + σ ⊙ ε_l."""
     _check_samples("num_latent_samples", num_latent_samples)
-    a_BZ, b_BZ = vae.encode(x_BD)
-    z_LBZ = vae.sample_latent(a_BZ, b_BZ, num_latent_samples, generator)
-    log_joint_LB = vae.log_likelihood(x_BD, z_LBZ) + vae.log_prior(z_LBZ)
-    return (log_joint_LB - vae.log_posterior(z_LBZ, a_BZ, b_BZ)).mean(0)
+    z_LBZ, log_posterior_LB = vae.sample_posterior(x_BD, num_latent_samples, generator)
+    return (vae.log_joint(x_BD, z_LBZ) - log_posterior_LB).mean(0)
 
 
 def sgvb_b(
@@ -40,7 +38,8 @@ def sgvb_b(
 ) -> torch.Tensor:
     """Estimator B (eq. 7): −KL(q_φ(z|x) || p(z)) in closed form (Appendix B) + (1/L) Σ_l log p_θ(x|z_l).
 
-    Every posterior family in posteriors.py has a closed-form KL to N(0, I), so B is exact for each."""
+    Every posterior family in posteriors.py has a closed-form KL to N(0, I), so B is exact for each; a stack of
+    stochastic layers has none (config_checks refuses B for it)."""
     _check_samples("num_latent_samples", num_latent_samples)
     a_BZ, b_BZ = vae.encode(x_BD)
     z_LBZ = vae.sample_latent(a_BZ, b_BZ, num_latent_samples, generator)
@@ -72,16 +71,11 @@ def weighted_kl_objective(
 
 
 def log_importance_weights(
-    vae: VAE,
-    x_BD: torch.Tensor,
-    a_BZ: torch.Tensor,
-    b_BZ: torch.Tensor,
-    num_samples: int,
-    generator: Optional[torch.Generator] = None,
+    vae: VAE, x_BD: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
     """log w_k = log p_θ(x, z_k) − log q_φ(z_k|x) for z_k ~ q_φ(z|x), [K, B]."""
-    z_KBZ = vae.sample_latent(a_BZ, b_BZ, num_samples, generator)
-    return vae.log_likelihood(x_BD, z_KBZ) + vae.log_prior(z_KBZ) - vae.log_posterior(z_KBZ, a_BZ, b_BZ)
+    z_KBZ, log_posterior_KB = vae.sample_posterior(x_BD, num_samples, generator)
+    return vae.log_joint(x_BD, z_KBZ) - log_posterior_KB
 
 
 def iwae_bound(
@@ -89,8 +83,7 @@ def iwae_bound(
 ) -> torch.Tensor:
     """The importance-weighted bound (Burda et al., 2015): log (1/K) Σ_k w_k. K=1 is estimator A."""
     _check_samples("num_samples", num_samples)
-    a_BZ, b_BZ = vae.encode(x_BD)
-    log_w_KB = log_importance_weights(vae, x_BD, a_BZ, b_BZ, num_samples, generator)
+    log_w_KB = log_importance_weights(vae, x_BD, num_samples, generator)
     return torch.logsumexp(log_w_KB, dim=0) - math.log(num_samples)
 
 
@@ -105,6 +98,12 @@ def per_example_bound(
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator {estimator!r} is not one of: {', '.join(ESTIMATORS)}")
     return ESTIMATORS[estimator](vae, x_BD, num_latent_samples, generator=generator)
+
+
+def evaluation_bound(vae: VAE, x_BD: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The ELBO reported for a test set, L=1, [B]: estimator B where the model's KL has a closed form (the lower
+    variance), else estimator A (a stack of stochastic layers)."""
+    return (sgvb_b if vae.has_analytic_kl else sgvb_a)(vae, x_BD, 1, generator=generator)
 
 
 def log_parameter_prior(module: nn.Module, std: float) -> torch.Tensor:

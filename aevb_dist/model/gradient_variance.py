@@ -19,7 +19,7 @@ def gradient_draws(
     vae: VAE, x: torch.Tensor, estimator: str, num_latent_samples: int, num_draws: int, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """Gradients of the minibatch-mean bound, [num_draws, P] for encoder and decoder."""
-    groups = {"encoder": list(vae.encoder.parameters()), "decoder": list(vae.decoder.parameters())}
+    groups = vae.parameter_groups()
     draws: dict[str, list[torch.Tensor]] = {k: [] for k in groups}
     for d in range(num_draws):
         gen = torch.Generator().manual_seed(seeds.gradient_draw_seed(seed, d))

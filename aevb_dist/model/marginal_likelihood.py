@@ -45,22 +45,20 @@ def log_marginal_likelihood(
     """Importance-sampled log p_θ(x) with q_φ(z|x) as proposal, [B]."""
     _positive_int("num_importance_samples", num_importance_samples)
     _positive_int("chunk_size", chunk_size)
-    a_BZ, b_BZ = vae.encode(x_BD)
-    running_B = torch.full((x_BD.shape[0],), -math.inf, dtype=a_BZ.dtype, device=a_BZ.device)
+    dtype = next(vae.parameters()).dtype
+    running_B = torch.full((x_BD.shape[0],), -math.inf, dtype=dtype, device=x_BD.device)
     remaining = num_importance_samples
     while remaining > 0:
         count = min(chunk_size, remaining)
-        log_w_CB = log_importance_weights(vae, x_BD, a_BZ, b_BZ, count, generator)
+        log_w_CB = log_importance_weights(vae, x_BD, count, generator)
         running_B = torch.logaddexp(running_B, torch.logsumexp(log_w_CB, dim=0))
         remaining -= count
     return running_B - math.log(num_importance_samples)
 
 
 def _prior_draws(vae: VAE, x_BD: torch.Tensor, num_chains: int, generator) -> torch.Tensor:
-    dtype = next(vae.parameters()).dtype
-    return torch.randn(
-        (num_chains, x_BD.shape[0], vae.latent_dim), generator=generator, dtype=dtype, device=x_BD.device
-    )
+    like = torch.empty((), dtype=next(vae.parameters()).dtype, device=x_BD.device)
+    return vae.sample_prior((num_chains, x_BD.shape[0]), like, generator)
 
 
 def annealing_schedule(num_steps: int, sharpness: float = 4.0, dtype=torch.float64) -> torch.Tensor:
@@ -141,8 +139,7 @@ def appendix_d_log_marginal_likelihood(
         raise ValueError(f"num_steps must be an integer >= 3 (burn-in, fit, estimate), got {num_steps!r}")
     vae.check_input(x_BD)
     # Chains start at q_φ(z|x)'s mean, near the posterior's mode, so burn-in is short.
-    a_BZ, b_BZ = vae.encode(x_BD)
-    start_BZ, _ = vae.posterior.mean_and_std(a_BZ, b_BZ)
+    start_BZ, _ = vae.posterior_moments(x_BD)
     z_CBZ = start_BZ.expand(num_chains, *start_BZ.shape).clone()
     step_B = torch.full((x_BD.shape[0],), initial_step_size, dtype=z_CBZ.dtype, device=z_CBZ.device)
     third = num_steps // 3

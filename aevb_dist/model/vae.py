@@ -7,7 +7,7 @@ Shapes: B batch, D data dimension, Z latent dimension, L latent samples, P decod
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -25,7 +25,38 @@ from aevb_dist.model.networks import (
 from aevb_dist.model.posteriors import posterior_from_name
 
 
-class VAE(nn.Module):
+def seeded(build: Callable[[], nn.Module], seed: Optional[int]) -> nn.Module:
+    """`build()`; with `seed`, its initial parameters are a function of it (every rank builds the same model)
+    and torch's global random state is left as it was."""
+    if seed is None:
+        return build()
+    # nn.Linear initializes from the global generator and takes no other: seed a private copy of it.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: the model is built on the CPU
+        return build()
+
+
+class OutputBias:
+    """The mlp decoder's last layer's bias (`self.decoder`: the network of p_θ(x|z), or of p_θ(x|z_1))."""
+
+    decoder: nn.Sequential
+
+    @torch.no_grad()
+    def set_output_bias(self, bias_P: torch.Tensor) -> None:
+        """The mlp decoder's last layer's bias: the decoder's outputs at zero hidden activations."""
+        last = self.decoder[-1]
+        last.bias.copy_(bias_P.to(last.bias))
+
+    @torch.no_grad()
+    def set_output_bias_to_data_mean(self, mean_D: torch.Tensor) -> None:
+        """Bernoulli logits of the data's mean pixel, clipped to [0.001, 0.999] (Burda et al.'s code): the
+        decoder starts at the data's average image instead of grey."""
+        self.set_output_bias(torch.logit(mean_D.double().clamp(0.001, 0.999)).float())
+
+
+class VAE(OutputBias, nn.Module):
+    has_analytic_kl = True  # KL(q_φ(z|x) || p(z)) in closed form for every family of posteriors.py (estimator B)
+
     def __init__(
         self,
         input_dim: int,
@@ -122,24 +153,16 @@ class VAE(nn.Module):
                 output_bias_init=model_cfg.output_bias_init,
             )
 
-        if seed is None:
-            return build()
-        # nn.Linear initializes from the global generator and takes no other: seed a private copy of it.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)  # the CPU generator only: the model is built on the CPU
-            return build()
+        return seeded(build, seed)
 
-    @torch.no_grad()
-    def set_output_bias(self, bias_P: torch.Tensor) -> None:
-        """The mlp decoder's last layer's bias: the decoder's outputs at zero hidden activations."""
-        last = self.decoder[-1]
-        last.bias.copy_(bias_P.to(last.bias))
+    @property
+    def latent_dims(self) -> list[int]:
+        """Each stochastic layer's latents: one layer here."""
+        return [self.latent_dim]
 
-    @torch.no_grad()
-    def set_output_bias_to_data_mean(self, mean_D: torch.Tensor) -> None:
-        """Bernoulli logits of the data's mean pixel, clipped to [0.001, 0.999] (Burda et al.'s code): the
-        decoder starts at the data's average image instead of grey."""
-        self.set_output_bias(torch.logit(mean_D.double().clamp(0.001, 0.999)).float())
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The recognition model's parameters φ and the generative model's θ."""
+        return {"encoder": list(self.encoder.parameters()), "decoder": list(self.decoder.parameters())}
 
     def check_input(self, x_BD: torch.Tensor) -> None:
         if x_BD.dim() != 2 or x_BD.shape[1] != self.input_dim:
@@ -172,6 +195,26 @@ class VAE(nn.Module):
         """log p_θ(z) = log N(z; 0, I), [L, B]."""
         return log_standard_normal(z_LBZ)
 
+    def log_joint(self, x_BD: torch.Tensor, z_LBZ: torch.Tensor) -> torch.Tensor:
+        """log p_θ(x, z) = log p_θ(x|z) + log p_θ(z), [L, B]."""
+        return self.log_likelihood(x_BD, z_LBZ) + self.log_prior(z_LBZ)
+
+    def sample_posterior(
+        self, x_BD: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_l ~ q_φ(z|x) by the reparameterization trick, with log q_φ(z_l|x): [L, B, Z] and [L, B]."""
+        a_BZ, b_BZ = self.encode(x_BD)
+        z_LBZ = self.sample_latent(a_BZ, b_BZ, num_samples, generator)
+        return z_LBZ, self.log_posterior(z_LBZ, a_BZ, b_BZ)
+
+    def sample_prior(self, shape: tuple[int, ...], like: torch.Tensor, generator=None) -> torch.Tensor:
+        """z ~ p_θ(z), [*shape, Z], in `like`'s dtype and device."""
+        return torch.randn((*shape, self.latent_dim), generator=generator, dtype=like.dtype, device=like.device)
+
+    def posterior_moments(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and standard deviation of q_φ(z|x), each [B, Z]."""
+        return self.posterior.mean_and_std(*self.encode(x_BD))
+
     def log_posterior(self, z_LBZ: torch.Tensor, a_BZ: torch.Tensor, b_BZ: torch.Tensor) -> torch.Tensor:
         """log q_φ(z|x), [L, B]."""
         return self.posterior.log_prob(z_LBZ, a_BZ, b_BZ)
@@ -183,8 +226,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Means of p_θ(x|z) for z ~ p(z): [num_samples, D]."""
-        device = next(self.parameters()).device
-        z = torch.randn((num_samples, self.latent_dim), generator=generator, device=device)
+        z = self.sample_prior((num_samples,), next(self.parameters()), generator)
         return self.likelihood.mean(self.decode(z))
 
     @torch.no_grad()

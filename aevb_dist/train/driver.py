@@ -16,7 +16,7 @@ from aevb_dist.config_checks import same_image_shape
 from aevb_dist.console import first_line, say
 from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.data.value_range import check_range_fits
-from aevb_dist.model.vae import VAE
+from aevb_dist.model.hierarchical import model_from_config
 from aevb_dist.run_lease import LeaseHeld, RunLease
 from aevb_dist.run_log import ProgressPrinter, read_metrics
 from aevb_dist.train import stop_request
@@ -149,7 +149,7 @@ def model_for_data(cfg: Config, data_shape: list[int]) -> Config:
             f"model.input_shape={list(m.input_shape)} differs from the training data's shape "
             f"{list(data_shape)} ({cfg.data.train_uri})"
         )
-    VAE.from_config(cfg.model)
+    model_from_config(cfg.model)
     return cfg
 
 

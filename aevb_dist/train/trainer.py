@@ -30,6 +30,7 @@ from aevb_dist.data.schema import Batch
 from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.eval.evaluation import evaluate_units
 from aevb_dist.model.elbo import add_prior_gradient, per_example_bound, sgvb_b_terms, weighted_kl_objective
+from aevb_dist.model.hierarchical import model_from_config
 from aevb_dist.model.networks import autocast_networks
 from aevb_dist.model.noise import SegmentedNoise
 from aevb_dist.model.vae import VAE
@@ -128,7 +129,7 @@ class Trainer:
         source = batch_source_for(cfg, train_data, rank=rank, world_size=world_size, device=torch.device(device))
         # Initial parameters from the seed: identical on every rank. No input checks in the step:
         # ParquetDataset checked every row group (range, NaN/inf) already.
-        vae = VAE.from_config(cfg.model, seed=cfg.seed, validate_inputs=False).to(source.device)
+        vae = model_from_config(cfg.model, seed=cfg.seed, validate_inputs=False).to(source.device)
         if cfg.train.autocast == "bfloat16":
             autocast_networks(vae, source.device)
         # On a GPU the eager and the captured step use the same (fused) Adam: the same update arithmetic.
