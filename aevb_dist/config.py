@@ -163,14 +163,15 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    # The optimizer: adagrad (the paper's), adam or sgd.
+    # The optimizer: adagrad (the paper's), adam, sgd, or adam_burda2015: Adam as Burda et al.'s released code runs
+    # it (β1 = 0.99, second moments starting at 1, ε = 1e-4 on the uncorrected √v, on the summed minibatch gradient).
     name: str = "adagrad"
     # The learning rate (the first one, with optim.lr_schedule).
     lr: float = 0.02
     # The learning rate by epoch: "constant", or "burda2015" (optim.lr·10^(−i/7) for 3^i epochs, i = 0…7:
     # 3,280 epochs, then the last rate; Burda et al. 2015, §5). Set from the epoch, so a resume keeps it.
     lr_schedule: str = "constant"
-    # The optimizer's ε (Adam: added to √v̂; Adagrad: to √Σg²); None: torch's default (1e-8, 1e-10).
+    # The optimizer's ε (Adam: added to √v̂; Adagrad: to √Σg²); None: its default (1e-8, 1e-10; adam_burda2015: 1e-4).
     eps: Optional[float] = None
 
 

@@ -230,10 +230,10 @@ def _captured_step(cfg: Config) -> None:
     t, o = cfg.train, cfg.optim
     if t.kl_warmup_steps or t.free_bits is not None:
         raise ValueError("train.kl_warmup_steps and train.free_bits need the eager step: set train.cuda_graph=false")
-    if o.name == "adagrad":
+    if o.name in ("adagrad", "adam_burda2015"):
         raise ValueError(
             "the captured CUDA-graph step (train.cuda_graph=true) needs optim.name=adam or sgd "
-            "(Adagrad keeps its step count on the host); or set train.cuda_graph=false"
+            f"(optim.name={o.name} keeps its step count on the host); or set train.cuda_graph=false"
         )
     if o.lr_schedule != "constant" and o.name != "adam":
         raise ValueError(

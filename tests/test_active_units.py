@@ -27,3 +27,5 @@ def test_a_latent_whose_posterior_mean_ignores_x_is_inactive_and_one_that_follow
     variances = means.var(axis=0, ddof=1)
     assert variances[0] > 1e-2 and variances[1] < 1e-12 and 0 < variances[2] < 1e-2
     assert sums.summary()["active_units"] == 1
+    assert sums.active_units_by_layer([1, 2]) == [1, 0] and sums.active_units_by_layer([2, 1]) == [1, 0]
+    assert sums.active_units_by_layer([1, 1, 1]) == [1, 0, 0]

@@ -179,6 +179,9 @@ def test_a_two_layer_run_resumes_and_is_evaluated_encoded_and_plotted(ray_local,
     run = f"{tmp_path}/smoke"
     result = evaluate(run, f"{tiny_data}/test", num_importance_samples=50, num_workers=1)
     assert result["num_examples"] == 30 and result["log_marginal_likelihood"] > result["elbo"]  # IWAE₅₀ ≥ ELBO
+    assert (
+        len(result["active_units_per_layer"]) == 2 and sum(result["active_units_per_layer"]) == result["active_units"]
+    )
     ais = evaluate(run, f"{tiny_data}/test", num_importance_samples=4, num_workers=1, estimator="ais", num_steps=20)
     assert math.isfinite(ais["log_marginal_likelihood"]) and ais["elbo"] == result["elbo"]
     assert encode(run, f"{tiny_data}/test", str(tmp_path / "codes"), num_workers=1) == 30

@@ -61,6 +61,14 @@ class Sums:
         mean = self.z_mean / self.count
         return np.maximum(self.z_mean_sq / self.count - mean**2, 0.0) * self.count / max(self.count - 1, 1)
 
+    def active(self) -> np.ndarray:
+        """Whether each latent is active (Burda et al., 2015, §5.2)."""
+        return self.posterior_mean_variance() > ACTIVE_UNIT_THRESHOLD
+
+    def active_units_by_layer(self, latent_dims: list[int]) -> list[int]:
+        """Active latents in each stochastic layer, the layers' latents side by side as the model keeps them."""
+        return [int(layer.sum()) for layer in np.split(self.active(), np.cumsum(latent_dims)[:-1])]
+
     def summary(self) -> dict:
         """Means and standard errors of the mean over examples."""
         if self.count == 0:
@@ -74,7 +82,7 @@ class Sums:
         elbo, elbo_sem = mean_sem(self.elbo, self.elbo_sq)
         out = {"elbo": elbo, "elbo_sem": elbo_sem, "num_examples": self.count}
         if self.z_mean is not None:
-            out["active_units"] = int((self.posterior_mean_variance() > ACTIVE_UNIT_THRESHOLD).sum())
+            out["active_units"] = int(self.active().sum())
         if self.log_px or self.log_px_sq:
             out["log_marginal_likelihood"], out["log_marginal_likelihood_sem"] = mean_sem(self.log_px, self.log_px_sq)
         return out

@@ -166,14 +166,23 @@ def evaluate(
         "binarization": options["binarization"],
         "seed": seed,
     }
-    if vae.likelihood.name == "discretized_logistic":  # a probability mass over 256 levels: bits per pixel
-        for key in ("elbo", "log_marginal_likelihood"):
-            if key in result:
-                result[f"{key}_bits_per_dim"] = -result[key] / (vae.input_dim * math.log(2.0))
+    result.update(_for_this_model(vae, total, result))
     if output_uri:
         fs, path = storage.resolve(output_uri, endpoint_url)
         fs.pipe_file(path, (json.dumps(result, indent=2) + "\n").encode())
     return result
+
+
+def _for_this_model(vae, total: Sums, result: dict) -> dict:
+    """What only some models report: each stochastic layer's active units, bits per pixel."""
+    extra = {}
+    if len(vae.latent_dims) > 1:
+        extra["active_units_per_layer"] = total.active_units_by_layer(vae.latent_dims)
+    if vae.likelihood.name == "discretized_logistic":  # a probability mass over 256 levels: bits per pixel
+        for key in ("elbo", "log_marginal_likelihood"):
+            if key in result:
+                extra[f"{key}_bits_per_dim"] = -result[key] / (vae.input_dim * math.log(2.0))
+    return extra
 
 
 def _encode_task(

@@ -40,6 +40,8 @@ def captured_step_serves(cfg, rank: int = 0) -> bool:
         why = "train.global_batch_size runs read partitioned epochs on the host"
     elif cfg.optim.name == "adagrad":
         why = "Adagrad keeps its step count on the host"
+    elif cfg.optim.name == "adam_burda2015":
+        why = "optim.name=adam_burda2015 keeps its step count on the host"
     elif cfg.optim.lr_schedule != "constant" and cfg.optim.name != "adam":
         why = f"optim.lr_schedule={cfg.optim.lr_schedule} needs optim.name=adam in the graph"
     elif cfg.train.on_nonfinite == "skip":

@@ -46,7 +46,7 @@ from aevb_dist.train.collectives import (
     all_reduce_sum,
 )
 from aevb_dist.train.datasets import batch_source_for, open_datasets
-from aevb_dist.train.optimizers import build_optimizer, learning_rate, set_learning_rate
+from aevb_dist.train.optimizers import build_optimizer, examples_per_step, learning_rate, set_learning_rate
 
 
 def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
@@ -133,8 +133,9 @@ class Trainer:
         if cfg.train.autocast == "bfloat16":
             autocast_networks(vae, source.device)
         # On a GPU the eager and the captured step use the same (fused) Adam: the same update arithmetic.
+        on_gpu, examples = source.device.type == "cuda", examples_per_step(cfg.train, world_size)
         optimizer = build_optimizer(
-            vae.parameters(), cfg.optim.name, cfg.optim.lr, on_gpu=source.device.type == "cuda", eps=cfg.optim.eps
+            vae.parameters(), cfg.optim.name, cfg.optim.lr, on_gpu=on_gpu, eps=cfg.optim.eps, examples_per_step=examples
         )
         return cls(cfg, vae, optimizer, source, test_data, stop_probe=stop_probe, data_mean=data_mean)
 
