@@ -167,5 +167,5 @@ class HierarchicalVAE(OutputBias, nn.Module):
 def model_from_config(model_cfg, *, seed: Optional[int] = None, validate_inputs: bool = True):
     """The model of a config's `model` section: a stack when `model.latent_layers` lists layers, else the VAE
     of `model.latent_dim` and `model.hidden_sizes` (`VAE.from_config` says what `seed` does)."""
-    kind = HierarchicalVAE if getattr(model_cfg, "latent_layers", None) else VAE
+    kind = HierarchicalVAE if model_cfg.latent_layers else VAE
     return kind.from_config(model_cfg, seed=seed, validate_inputs=validate_inputs)
