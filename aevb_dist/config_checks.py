@@ -81,10 +81,10 @@ def _latent_layers(m: ModelConfig) -> None:
         raise ValueError(
             f"model.latent_layers builds mlp conditionals; it does not combine with model.architecture={m.architecture}"
         )
-    if m.latent_layers and m.posterior != "gaussian":
+    if m.latent_layers and m.posterior not in ("gaussian", "gaussian_log_std"):
         raise ValueError(
-            f"model.latent_layers has Gaussian conditionals in q and p; model.posterior={m.posterior} applies to one "
-            "stochastic layer (unset one of them)"
+            f"model.latent_layers has Gaussian conditionals in q and p (model.posterior=gaussian or gaussian_log_std); "
+            f"model.posterior={m.posterior} applies to one stochastic layer"
         )
 
 

@@ -11,7 +11,7 @@ from typing import Iterable
 
 ACTIVATIONS = ("tanh", "relu", "softplus", "sigmoid", "elu")
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli", "discretized_logistic")
-POSTERIORS = ("gaussian", "laplace", "logistic", "kumaraswamy", "lognormal")
+POSTERIORS = ("gaussian", "gaussian_log_std", "laplace", "logistic", "kumaraswamy", "lognormal")
 ESTIMATORS = ("A", "B", "iwae")  # the training bound: SGVB A, SGVB B, or the IWAE bound
 OPTIMIZERS = ("adagrad", "adam", "adam_burda2015", "sgd")
 # optim.lr_schedule: "burda2015" is Burda et al. (2015) §5: optim.lr·10^(−i/7) for 3^i epochs, i = 0…7

@@ -21,6 +21,8 @@ def reference(name: str, a: torch.Tensor, b: torch.Tensor) -> D.Distribution:
     """The same distribution, as torch.distributions builds it."""
     if name == "gaussian":
         return D.Normal(a, torch.exp(0.5 * b))
+    if name == "gaussian_log_std":
+        return D.Normal(a, b.exp())
     if name == "laplace":
         return D.Laplace(a, b.exp())
     if name == "logistic":
@@ -119,7 +121,8 @@ def test_unknown_family_names_are_refused_naming_the_choices():
     from aevb_dist.config import load_config
 
     with pytest.raises(
-        ValueError, match="model.posterior='student'.*gaussian, laplace, logistic, kumaraswamy, lognormal"
+        ValueError,
+        match="model.posterior='student'.*gaussian, gaussian_log_std, laplace, logistic, kumaraswamy, lognormal",
     ):
         load_config(None, ["model.posterior=student"])
     with pytest.raises(ValueError, match="model.likelihood='poisson'.*continuous_bernoulli"):

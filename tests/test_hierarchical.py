@@ -190,3 +190,16 @@ def test_a_two_layer_run_resumes_and_is_evaluated_encoded_and_plotted(ray_local,
     written = plot_run(run)
     assert any(uri.endswith("samples.png") for uri in written)
     assert not any(uri.endswith("manifold.png") for uri in written)
+
+
+def test_a_stack_reads_every_scale_output_as_log_sigma_with_gaussian_log_std():
+    torch.manual_seed(0)
+    vae = HierarchicalVAE(6, [(3, [5]), (2, [4])], posterior="gaussian_log_std").double()
+    z = torch.randn(4, 3, 5, dtype=torch.float64)
+    z1, z2 = z[..., :3], z[..., 3:]
+    mean, log_std = vae.conditional_priors[0](z2).chunk(2, dim=-1)
+    normal = torch.distributions.Normal
+    expected = normal(0.0, 1.0).log_prob(z2).sum(-1) + normal(mean, log_std.exp()).log_prob(z1).sum(-1)
+    torch.testing.assert_close(vae.log_prior(z), expected)
+    with pytest.raises(ValueError, match="model.posterior=laplace is not one"):
+        HierarchicalVAE(6, [(3, [5]), (2, [4])], posterior="laplace")

@@ -4,10 +4,11 @@
     q_φ(z_1, …, z_L | x) = q_φ(z_1 | x) ∏_{l<L} q_φ(z_{l+1} | z_l)
 
 Every conditional is a diagonal Gaussian whose (μ, log σ²) an mlp computes (Appendix C.2's parameterization,
-layer by layer). The recognition path climbs from x to z_L; the generative path mirrors it. The latents travel
-as one vector z = [z_1, …, z_L] of Σ_l Z_l values, so the estimators that treat z as one vector (IWAE, estimator
-A, importance sampling, AIS and HMC) serve this model and the one-layer `VAE` alike, through the same methods:
-`sample_posterior`, `log_joint`, `log_prior`, `log_likelihood`, `sample_prior`, `posterior_moments`.
+layer by layer; (μ, log σ) with model.posterior=gaussian_log_std, as Burda et al.'s code). The recognition path
+climbs from x to z_L; the generative path mirrors it. The latents travel as one vector z = [z_1, …, z_L] of
+Σ_l Z_l values, so the estimators that treat z as one vector (IWAE, estimator A, importance sampling, AIS and
+HMC) serve this model and the one-layer `VAE` alike, through the same methods: `sample_posterior`, `log_joint`,
+`log_prior`, `log_likelihood`, `sample_prior`, `posterior_moments`.
 
 Shapes: B batch, D data dimension, Z all latents, Z_l one layer's, L samples.
 """
@@ -21,7 +22,7 @@ from torch import nn
 
 from aevb_dist.model.distributions import likelihood_from_name, log_standard_normal
 from aevb_dist.model.networks import init_glorot_uniform, init_paper, mlp
-from aevb_dist.model.posteriors import Gaussian
+from aevb_dist.model.posteriors import Gaussian, posterior_from_name
 from aevb_dist.model.vae import VAE, OutputBias, seeded
 
 
@@ -40,6 +41,7 @@ class HierarchicalVAE(OutputBias, nn.Module):
         init: str = "default",
         output_bias_init: str = "default",
         validate_inputs: bool = True,
+        posterior: str = "gaussian",
     ):
         """`layers`: (latent_dim, hidden_sizes) of each stochastic layer from x upward; layer l's hidden sizes
         are those of q_φ(z_l | the layer below), mirrored in p_θ(the layer below | z_l)."""
@@ -48,7 +50,9 @@ class HierarchicalVAE(OutputBias, nn.Module):
         self.latent_dims = [dim for dim, _ in layers]
         self.latent_dim = sum(self.latent_dims)
         self.likelihood = likelihood_from_name(likelihood, squash_mean=squash_mean)
-        self.posterior = Gaussian()  # every conditional's family, in q and in p alike
+        self.posterior = posterior_from_name(posterior)  # every conditional's Gaussian, in q and in p alike
+        if not isinstance(self.posterior, Gaussian):
+            raise ValueError(f"model.latent_layers has Gaussian conditionals; model.posterior={posterior} is not one")
         below = [input_dim] + self.latent_dims[:-1]  # what each layer is inferred from
         # q_φ(z_l | below_l): below_l → (μ, log σ²) of z_l.
         self.encoders = nn.ModuleList(
@@ -84,6 +88,7 @@ class HierarchicalVAE(OutputBias, nn.Module):
                 init=model_cfg.init,
                 output_bias_init=model_cfg.output_bias_init,
                 validate_inputs=validate_inputs,
+                posterior=model_cfg.posterior,
             )
 
         return seeded(build, seed)
