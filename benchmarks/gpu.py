@@ -129,7 +129,7 @@ def plain_steps_per_s(images: torch.Tensor, batch: int, steps: int, captured: bo
 
 
 # -- aevb_dist ---------------------------------------------------------------------------------
-def burda_config(data: str, runs: str, device: torch.device, *extra: str):
+def burda_config(data: str, runs: str, device: torch.device, *extra: str, config: str = BURDA):
     overrides = [
         f"data.train_uri={data}/train",
         f"data.test_uri={data}/test",
@@ -137,7 +137,7 @@ def burda_config(data: str, runs: str, device: torch.device, *extra: str):
         f"train.use_gpu={str(device.type == 'cuda').lower()}",
         "data.cache_on_device=true",
     ]
-    return load_config(BURDA, overrides + list(extra))
+    return load_config(config, overrides + list(extra))
 
 
 def aevb_steps_per_s(data: str, runs: str, device: torch.device, batch: int, steps: int, *extra: str) -> float:
@@ -270,7 +270,7 @@ def burda(data: str, runs: str, out: str, device: torch.device, epochs: int, k: 
 
 
 def test_log_px(trainer: Trainer, data: str, device: torch.device, k: int, peak: float, when: str) -> float:
-    """The Burda model's test log p(x): K importance samples on every test image (statically binarized, as
+    """The model's test log p(x): K importance samples on every test image (statically binarized, as
     evaluation is), printed with the computation's FLOP/s as a fraction of the matmul peak."""
     test = ParquetDataset(f"{data}/test")
     test_x = DeviceData(test, device, "static", trainer.cfg.seed)  # the fixed binarization evaluation uses
@@ -282,7 +282,9 @@ def test_log_px(trainer: Trainer, data: str, device: torch.device, k: int, peak:
     for i in range(0, len(x), 100):
         total += log_marginal_likelihood(vae, x[i : i + 100], k, min(k, 1000), gen).sum().item()
     elapsed = time.perf_counter() - start
-    flops = len(x) * (k * 2 * (Z * H + H * H + H * D) + 2 * (D * H + H * H + H * 2 * Z))
+    # A multiply-add a weight: the encoder of x once an image, every other network once a sample.
+    first = sum(p.numel() for p in (vae.encoders[0] if hasattr(vae, "encoders") else vae.encoder).parameters())
+    flops = len(x) * 2 * (k * (sum(p.numel() for p in vae.parameters()) - first) + first)
     say(
         f"burda: test log p(x), K={k}, {len(x)} images: {total / len(x):.2f} nats {when} "
         f"({elapsed:.1f} s, {flops / elapsed / 1e12:.2f} TFLOP/s, fraction_of_peak={flops / elapsed / peak:.2f})"
