@@ -27,7 +27,7 @@ from aevb_dist.model.vae import VAE, OutputBias, seeded
 
 
 class HierarchicalVAE(OutputBias, nn.Module):
-    # Only estimator B's KL has no closed form here: KL(q(z_1..z_L|x) || p(z_1..z_L)) couples the layers.
+    # Estimator B needs KL(q(z_1..z_L|x) || p(z_1..z_L)) in closed form; the layers couple it, so there is none.
     has_analytic_kl = False
 
     def __init__(
@@ -54,7 +54,7 @@ class HierarchicalVAE(OutputBias, nn.Module):
         if not isinstance(self.posterior, Gaussian):
             raise ValueError(f"model.latent_layers has Gaussian conditionals; model.posterior={posterior} is not one")
         below = [input_dim] + self.latent_dims[:-1]  # what each layer is inferred from
-        # q_φ(z_l | below_l): below_l → (μ, log σ²) of z_l.
+        # q_φ(z_l | below_l): below_l → (μ, log σ²) of z_l (log σ with gaussian_log_std).
         self.encoders = nn.ModuleList(
             mlp(width, list(hidden), 2 * dim, activation) for width, (dim, hidden) in zip(below, layers)
         )
