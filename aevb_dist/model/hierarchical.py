@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from aevb_dist.model.distributions import likelihood_from_name, log_standard_normal
-from aevb_dist.model.networks import init_glorot_uniform, init_paper, mlp
+from aevb_dist.model.networks import mlp
 from aevb_dist.model.posteriors import Gaussian, posterior_from_name
-from aevb_dist.model.vae import VAE, OutputBias, seeded
+from aevb_dist.model.vae import VAE, SharedParts, seeded
 
 
-class HierarchicalVAE(OutputBias, nn.Module):
+class HierarchicalVAE(SharedParts, nn.Module):
     # Estimator B needs KL(q(z_1..z_L|x) || p(z_1..z_L)) in closed form; the layers couple it, so there is none.
     has_analytic_kl = False
 
@@ -67,12 +67,7 @@ class HierarchicalVAE(OutputBias, nn.Module):
         self.decoder = mlp(
             self.latent_dims[0], list(reversed(layers[0][1])), self.likelihood.params_per_dim * input_dim, activation
         )
-        if init_std is not None:
-            init_paper(self, init_std)
-        if init == "glorot_uniform":
-            init_glorot_uniform(self)
-        if output_bias_init == "zero":
-            self.set_output_bias(torch.zeros(self.likelihood.params_per_dim * input_dim))
+        self.initialize(init_std, init, output_bias_init, self.likelihood.params_per_dim * input_dim)
         self.validate_inputs = validate_inputs
 
     @classmethod
@@ -92,8 +87,6 @@ class HierarchicalVAE(OutputBias, nn.Module):
             )
 
         return seeded(build, seed)
-
-    check_input = VAE.check_input
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The recognition model's parameters φ (every q_φ layer) and the generative model's θ."""

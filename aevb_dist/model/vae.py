@@ -36,10 +36,26 @@ def seeded(build: Callable[[], nn.Module], seed: Optional[int]) -> nn.Module:
         return build()
 
 
-class OutputBias:
-    """The mlp decoder's last layer's bias (`self.decoder`: the network of p_θ(x|z), or of p_θ(x|z_1))."""
+class SharedParts:
+    """What the one-layer VAE and a stack of layers (hierarchical.py) share: their input check, their initial
+    parameters, and the mlp decoder's output bias (`self.decoder`: the network of p_θ(x|z), or of p_θ(x|z_1))."""
 
     decoder: nn.Sequential
+
+    def initialize(self, init_std: Optional[float], init: str, output_bias_init: str, num_outputs: int) -> None:
+        """model.init_std (the paper's N(0, init_std²)), model.init and model.output_bias_init=zero."""
+        if init_std is not None:
+            init_paper(self, init_std)
+        if init == "glorot_uniform":
+            init_glorot_uniform(self)
+        if output_bias_init == "zero":
+            self.set_output_bias(torch.zeros(num_outputs))
+
+    def check_input(self, x_BD: torch.Tensor) -> None:
+        if x_BD.dim() != 2 or x_BD.shape[1] != self.input_dim:
+            raise ValueError(f"expected inputs of shape [batch, {self.input_dim}], got {list(x_BD.shape)}")
+        if self.validate_inputs:
+            self.likelihood.validate(x_BD)
 
     @torch.no_grad()
     def set_output_bias(self, bias_P: torch.Tensor) -> None:
@@ -54,7 +70,7 @@ class OutputBias:
         self.set_output_bias(torch.logit(mean_D.double().clamp(0.001, 0.999)).float())
 
 
-class VAE(OutputBias, nn.Module):
+class VAE(SharedParts, nn.Module):
     has_analytic_kl = True  # KL(q_φ(z|x) || p(z)) in closed form for every family of posteriors.py (estimator B)
 
     def __init__(
@@ -96,12 +112,7 @@ class VAE(OutputBias, nn.Module):
             self._shaped_networks(
                 architecture, list(input_shape or [input_dim]), conv_channels or [32, 64], activation, model_cfg
             )
-        if init_std is not None:
-            init_paper(self, init_std)
-        if init == "glorot_uniform":
-            init_glorot_uniform(self)
-        if output_bias_init == "zero":
-            self.set_output_bias(torch.zeros(self.likelihood.params_per_dim * input_dim))
+        self.initialize(init_std, init, output_bias_init, self.likelihood.params_per_dim * input_dim)
         # Checks every input's finiteness and support. The trainer builds its model without it: its
         # reader has already checked every row group, and the check costs passes over each batch.
         self.validate_inputs = validate_inputs
@@ -163,12 +174,6 @@ class VAE(OutputBias, nn.Module):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The recognition model's parameters φ and the generative model's θ."""
         return {"encoder": list(self.encoder.parameters()), "decoder": list(self.decoder.parameters())}
-
-    def check_input(self, x_BD: torch.Tensor) -> None:
-        if x_BD.dim() != 2 or x_BD.shape[1] != self.input_dim:
-            raise ValueError(f"expected inputs of shape [batch, {self.input_dim}], got {list(x_BD.shape)}")
-        if self.validate_inputs:
-            self.likelihood.validate(x_BD)
 
     def encode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The parameters (a, b) of q_φ(z|x), each [B, Z]: (μ, log σ²) for the Gaussian."""
