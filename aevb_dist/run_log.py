@@ -71,13 +71,11 @@ class RunLog:
         run: storage.Folder,
         *,
         resume_step: int,
-        total_steps: int,
         upload_interval_s: float = 10.0,
         retry_s: float = 300.0,
     ):
         self.fs, self.path, self.uri = run.fs, run.path, run.uri
         self.fs.makedirs(self.path, exist_ok=True)
-        self.total_steps = total_steps
         self.metrics_path = f"{self.path}/metrics.csv"
         kept = [r for r in read_metrics(self.fs, self.metrics_path) if r["step"] <= resume_step]
         self._text = io.StringIO()

@@ -47,7 +47,7 @@ from throughput import make_step, read_metrics_rows, steady_samples_per_s, timed
 from aevb_dist.config import load_config  # noqa: E402
 from aevb_dist.data.prepare import prepare  # noqa: E402
 from aevb_dist.data.sources import read_idx  # noqa: E402
-from aevb_dist.train.trainer import Trainer  # noqa: E402
+from aevb_dist.train.worker import trainer_for_config  # noqa: E402
 
 BURDA = os.path.join(REPO, "configs", "mnist_burda.yaml")
 SMOKE = os.path.join(REPO, "configs", "smoke.yaml")
@@ -110,7 +110,7 @@ def trainer_steps_per_s(data: str, runs: str, device: torch.device, batch: int, 
         f"train.log_every_steps={max(steps // 6, 1)}",
         f"checkpoint.every_steps={steps}",
     ]
-    trainer = Trainer.for_config(load_config(BURDA, overrides + list(extra)), device=str(device))
+    trainer = trainer_for_config(load_config(BURDA, overrides + list(extra)), device=str(device))
     rows: list[dict] = []
     trainer.fit(on_log=rows.append, on_checkpoint=lambda state, row: None)
     return float(np.median([r["samples_per_s"] / batch for r in rows if r["step"] > max(steps // 6, 1)]))

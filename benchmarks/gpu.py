@@ -43,6 +43,7 @@ from aevb_dist.data.sources import read_idx  # noqa: E402
 from aevb_dist.model.marginal_likelihood import log_marginal_likelihood  # noqa: E402
 from aevb_dist.train.device_data import DeviceData  # noqa: E402
 from aevb_dist.train.trainer import Trainer  # noqa: E402
+from aevb_dist.train.worker import trainer_for_config  # noqa: E402
 
 BURDA = os.path.join(REPO, "configs", "mnist_burda.yaml")
 D, H, Z = 784, 200, 50
@@ -153,7 +154,7 @@ def aevb_steps_per_s(data: str, runs: str, device: torch.device, batch: int, ste
         f"checkpoint.every_steps={steps}",
         *extra,
     )
-    trainer = Trainer.for_config(cfg, device=str(device))
+    trainer = trainer_for_config(cfg, device=str(device))
     rows = []
     trainer.fit(on_log=rows.append, on_checkpoint=lambda state, row: None)
     rates = [r["samples_per_s"] / batch for r in rows if r["step"] > max(steps // 6, 1)]
@@ -176,7 +177,7 @@ def check_captured_step(data: str, runs: str, device: torch.device) -> None:
             "checkpoint.every_steps=60",
             f"train.cuda_graph={graph}",
         )
-        trainer = Trainer.for_config(cfg, device=str(device))
+        trainer = trainer_for_config(cfg, device=str(device))
         trainer.fit(on_log=lambda row: None, on_checkpoint=lambda state, row: None)
         trained[graph] = trainer
     assert trained["true"].graphed and not trained["false"].graphed
@@ -250,7 +251,7 @@ def burda(data: str, runs: str, out: str, device: torch.device, epochs: int, k: 
         "checkpoint.every_steps=10000000",
         *extra,
     )
-    trainer = Trainer.for_config(cfg, device=str(device))
+    trainer = trainer_for_config(cfg, device=str(device))
     say(
         f"burda: {epochs} epochs of {trainer.total_steps // max(epochs, 1)} steps (M=100), "
         f"{trainer.total_steps:,} steps {' '.join(extra)}"

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aevb_dist.data.prepare import prepare  # noqa: E402
 from aevb_dist.train.captured_step import CapturedStep  # noqa: E402
-from aevb_dist.train.trainer import Trainer  # noqa: E402
+from aevb_dist.train.worker import trainer_for_config
 from benchmarks.gpu import burda_config, plain_step  # noqa: E402
 
 STEPS = 50
@@ -65,10 +65,10 @@ def main() -> None:
     prepare(args.mnist, data, num_shards=4, report=lambda m: None)
     extra = [f"train.batch_size_per_worker={args.batch}", "data.test_uri=null", "train.max_steps=100000"]
     extra += ["train.compile=true"] if args.compile else []
-    trainer = Trainer.for_config(
+    trainer = trainer_for_config(
         burda_config(data, os.path.join(work, "runs"), torch.device("cuda:0"), *extra), device="cuda:0"
     )
-    stream, cached = trainer.epoch_stream(0, 0), trainer.source.device_data
+    stream, cached = trainer.source.stream(0, 0), trainer.source.device_data
     plan, words = cached.plan(stream), cached.epoch_words(0)
     batch_no = [0]
 

@@ -57,7 +57,7 @@ def main() -> None:
                 rfs, rpath = storage.resolve(f"{uri}/run")
                 rfs.makedirs(rpath, exist_ok=True)
                 rfs.pipe_file(f"{rpath}/metrics.csv", fs.cat_file(path))
-                log = RunLog(storage.Folder.open(f"{uri}/run"), resume_step=n, total_steps=10 * n)
+                log = RunLog(storage.Folder.open(f"{uri}/run"), resume_step=n)
                 log._tb = None  # TensorBoard's cost does not grow with the file
                 step = [n]
 

@@ -30,7 +30,7 @@ from throughput import MNIST, make_step, mnist_in_memory, timed_loop  # noqa: E4
 
 from aevb_dist.config import load_config  # noqa: E402
 from aevb_dist.data.prepare import prepare  # noqa: E402
-from aevb_dist.train.trainer import Trainer  # noqa: E402
+from aevb_dist.train.worker import trainer_for_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +58,7 @@ def trainer_rates(data_uri: str, batch: int, epochs: int, prefilled: bool = Fals
             "checkpoint.every_steps=1000000",
         ],
     )
-    trainer = Trainer.for_config(cfg)
+    trainer = trainer_for_config(cfg)
     per_epoch = trainer.source.num_batches(0)
     trainer.cfg.train.log_every_steps = max(per_epoch // 10, 1)
     if prefilled:

@@ -25,8 +25,14 @@ from torch import nn
 def build(model_cfg, input_shape, params_per_dim):
     pixels, latent = math.prod(input_shape), model_cfg.latent_dim
     width = model_cfg.hidden_sizes[0] if model_cfg.hidden_sizes else 256
-    encoder = nn.Sequential(nn.Flatten(), nn.Linear(pixels, width), nn.GELU(), nn.LayerNorm(width),
-                            nn.Linear(width, 2 * latent))
-    decoder = nn.Sequential(nn.Linear(latent, width), nn.GELU(), nn.LayerNorm(width),
-                            nn.Linear(width, params_per_dim * pixels), nn.Unflatten(1, (params_per_dim, *input_shape)))
+    encoder = nn.Sequential(
+        nn.Flatten(), nn.Linear(pixels, width), nn.GELU(), nn.LayerNorm(width), nn.Linear(width, 2 * latent)
+    )
+    decoder = nn.Sequential(
+        nn.Linear(latent, width),
+        nn.GELU(),
+        nn.LayerNorm(width),
+        nn.Linear(width, params_per_dim * pixels),
+        nn.Unflatten(1, (params_per_dim, *input_shape)),
+    )
     return encoder, decoder

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from aevb_dist.config import load_config
 from aevb_dist.data.schema import Batch
-from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.worker import trainer_for_config
 
 
 def take_one_step(rank: int, world_size: int, port: int, overrides: list, rows: list, out: str) -> None:
@@ -17,7 +17,7 @@ def take_one_step(rank: int, world_size: int, port: int, overrides: list, rows: 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
-        trainer = Trainer.for_config(load_config(None, overrides), rank=rank, world_size=world_size)
+        trainer = trainer_for_config(load_config(None, overrides), rank=rank, world_size=world_size)
         x = np.load(os.path.join(out, "x.npy"))[rows[rank]]
         elbo_sum, count = trainer.train_step(Batch(x, np.asarray(rows[rank], dtype=np.int64)))
         if rank == 0:
@@ -41,7 +41,7 @@ def stop_on_one_ranks_vote(rank: int, world_size: int, port: int, overrides: lis
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
-        trainer = Trainer.for_config(load_config(None, overrides), rank=rank, world_size=world_size)
+        trainer = trainer_for_config(load_config(None, overrides), rank=rank, world_size=world_size)
         if rank == world_size - 1:
             trainer.stop_probe = lambda: trainer.state.step >= 5
         saved = []

@@ -8,7 +8,7 @@ import torch
 
 from aevb_dist.config import load_config
 from aevb_dist.train.optimizers import BurdaAdam, build_optimizer
-from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, tiny_overrides
 
 
@@ -58,10 +58,10 @@ def test_a_resumed_optimizer_takes_the_same_next_step():
 
 def test_the_trainer_steps_on_the_sum_over_every_workers_batch(tiny_data, tmp_path):
     overrides = tiny_overrides(tiny_data, str(tmp_path), **{"optim.name": "adam_burda2015", "optim.lr": 1e-3})
-    trainer = Trainer.for_config(load_config(SMOKE, overrides), world_size=1)
+    trainer = trainer_for_config(load_config(SMOKE, overrides), world_size=1)
     assert trainer.optimizer.param_groups[0]["scale"] == 8 and trainer.optimizer.param_groups[0]["eps"] == 1e-4
     globally = load_config(SMOKE, overrides + ["train.global_batch_size=20"])
-    assert Trainer.for_config(globally).optimizer.param_groups[0]["scale"] == 20
+    assert trainer_for_config(globally).optimizer.param_groups[0]["scale"] == 20
 
 
 def test_the_captured_step_does_not_serve_it():

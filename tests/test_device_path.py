@@ -13,6 +13,7 @@ from aevb_dist.data.binarization import _fmix32
 from aevb_dist.data.reader import EpochStream, ParquetDataset
 from aevb_dist.train.device_data import DeviceData, fmix32
 from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, byte_dataset, tiny_overrides
 
 
@@ -89,7 +90,7 @@ def test_the_compiled_epoch_binarization_gives_the_eager_bits(request, fixture, 
 
 def _train(data: str, tmp_path, *extra: str) -> Trainer:
     cfg = load_config(SMOKE, tiny_overrides(data, str(tmp_path), **{"train.max_steps": 40}) + list(extra))
-    trainer = Trainer.for_config(cfg, device="cuda:0" if cfg.train.use_gpu else "cpu")
+    trainer = trainer_for_config(cfg, device="cuda:0" if cfg.train.use_gpu else "cpu")
     trainer.fit(on_log=lambda row: None, on_checkpoint=lambda state, row: None)
     return trainer
 
@@ -166,7 +167,7 @@ def test_the_captured_steps_loop_run_uncaptured_equals_the_eager_step(tiny_data,
     )
     eager = _train(tiny_data, tmp_path / "a", *extra)
     cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path / "b"), **{"train.max_steps": 40}) + list(extra))
-    uncaptured, rows = Trainer.for_config(cfg), []
+    uncaptured, rows = trainer_for_config(cfg), []
     uncaptured.fit(
         on_log=rows.append, on_checkpoint=lambda state, row: None, steps=CapturedSteps(uncaptured, capture=False)
     )

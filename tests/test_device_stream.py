@@ -11,6 +11,7 @@ from aevb_dist.data.reader import EpochStream, ParquetDataset
 from aevb_dist.train.captured_step import CapturedSteps, captured_step_serves
 from aevb_dist.train.device_stream import DeviceWindows, default_decode_threads
 from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, byte_dataset, tiny_overrides
 
 
@@ -49,7 +50,7 @@ def test_streamed_windows_yield_the_streaming_readers_batches_bit_for_bit(reques
 
 def _trainer(data: str, tmp_path, *extra: str) -> Trainer:
     overrides = tiny_overrides(data, str(tmp_path), **{"train.max_steps": 40}) + ["model.likelihood=bernoulli"]
-    return Trainer.for_config(load_config(SMOKE, overrides + list(extra)))
+    return trainer_for_config(load_config(SMOKE, overrides + list(extra)))
 
 
 def _streamed(trainer: Trainer) -> Trainer:

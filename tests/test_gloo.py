@@ -7,7 +7,8 @@ import torch.multiprocessing as mp
 
 from aevb_dist.config import load_config
 from aevb_dist.model.elbo import map_objective_sum, per_example_bound
-from aevb_dist.train.trainer import Trainer, step_generator
+from aevb_dist.train.trainer import step_generator
+from aevb_dist.train.worker import trainer_for_config
 from tests.gloo_worker import stop_on_one_ranks_vote, take_one_step
 from tests.helpers import free_port, tiny_overrides
 
@@ -34,7 +35,7 @@ def test_sum_reduced_gradient_is_the_global_mean_gradient(tiny_data, tmp_path, r
     got = torch.load(tmp_path / "result.pt")
 
     # The same step by hand in one process: each rank's examples with that rank's noise, summed, divided once.
-    ref = Trainer.for_config(load_config(None, overrides))
+    ref = trainer_for_config(load_config(None, overrides))
     before = [p.detach().clone() for p in ref.vae.parameters()]
     total = 0.0
     objective = 0.0

@@ -10,6 +10,7 @@ import torch
 
 from aevb_dist.config import load_config
 from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, aevb, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device_suite.py runs it)")
@@ -68,7 +69,7 @@ def test_two_workers_sharing_the_gpu_end_where_one_worker_does(tiny_data, tmp_pa
 def _fit(tiny_data, tmp_path, *extra: str) -> Trainer:
     overrides = tiny_overrides(tiny_data, str(tmp_path), **{"train.max_steps": 40})
     cfg = load_config(SMOKE, overrides + ["train.use_gpu=true", "model.likelihood=bernoulli", *extra])
-    trainer = Trainer.for_config(cfg, device="cuda:0")
+    trainer = trainer_for_config(cfg, device="cuda:0")
     trainer.fit(on_log=lambda row: None, on_checkpoint=lambda state, row: None)
     return trainer
 

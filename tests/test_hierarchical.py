@@ -17,7 +17,7 @@ from aevb_dist.model.elbo import evaluation_bound, iwae_bound, sgvb_a
 from aevb_dist.model.hierarchical import HierarchicalVAE, model_from_config
 from aevb_dist.model.marginal_likelihood import ais_log_marginal_likelihood, log_marginal_likelihood
 from aevb_dist.train.driver import train
-from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, tiny_overrides
 
 D, Z1, Z2 = 4, 2, 1
@@ -148,7 +148,7 @@ def test_a_two_layer_model_trains_from_its_config_and_comes_back_from_its_checkp
         tiny_overrides(tiny_data, str(tmp_path), **{"train.max_steps": 120, "train.eval_every_steps": 40})
         + [TWO_LAYERS, "train.estimator=iwae", "train.num_latent_samples=3", "optim.name=adam", "optim.lr=0.01"],
     )
-    trainer = Trainer.for_config(cfg)
+    trainer = trainer_for_config(cfg)
     assert isinstance(trainer.vae, HierarchicalVAE) and trainer.vae.latent_dims == [3, 2]
     rows, saved = [], []
     trainer.fit(on_log=rows.append, on_checkpoint=lambda state, row: saved.append(state))

@@ -9,7 +9,7 @@ import torch
 from aevb_dist.config import load_config
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.model.vae import VAE
-from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, tiny_overrides
 
 
@@ -31,7 +31,7 @@ def test_glorot_uniform_weights_lie_in_their_bound_with_its_variance_and_zero_bi
 def test_a_new_run_starts_its_decoder_at_the_logit_of_the_clipped_data_mean_and_records_it(tiny_data, tmp_path):
     overrides = tiny_overrides(tiny_data, str(tmp_path), **{"train.max_steps": 1, "optim.name": "sgd"})
     cfg = load_config(SMOKE, overrides + ["model.output_bias_init=data_mean", "optim.lr=1e-30"])
-    trainer = Trainer.for_config(cfg)
+    trainer = trainer_for_config(cfg)
     saved = []
     trainer.fit(on_log=lambda row: None, on_checkpoint=lambda state, row: saved.append(state))
     x = ParquetDataset(f"{tiny_data}/train").read_all().x.astype(np.float64)
@@ -39,7 +39,7 @@ def test_a_new_run_starts_its_decoder_at_the_logit_of_the_clipped_data_mean_and_
     np.testing.assert_allclose(trainer.vae.decoder[-1].bias.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(saved[-1]["data_mean"], x.mean(axis=0), rtol=1e-12)
     # Resumed, the checkpoint's parameters stand: the bias is not set again.
-    resumed = Trainer.for_config(
+    resumed = trainer_for_config(
         load_config(SMOKE, overrides + ["model.output_bias_init=data_mean", "train.max_steps=2"])
     )
     resumed.load_state_dict(saved[-1])

@@ -9,7 +9,7 @@ import torch
 from aevb_dist.config import load_config
 from aevb_dist.model.elbo import sgvb_b, sgvb_b_terms, weighted_kl_objective
 from aevb_dist.model.vae import VAE
-from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, tiny_overrides
 
 
@@ -35,7 +35,7 @@ def test_free_bits_hold_the_latents_under_lambda_at_lambda_with_no_gradient():
 
 def _fit(tiny_data, tmp_path, *extra: str) -> list[dict]:
     overrides = tiny_overrides(tiny_data, str(tmp_path), **{"train.max_steps": 12, "train.log_every_steps": 4})
-    trainer, rows = Trainer.for_config(load_config(SMOKE, overrides + list(extra))), []
+    trainer, rows = trainer_for_config(load_config(SMOKE, overrides + list(extra))), []
     trainer.fit(on_log=rows.append, on_checkpoint=lambda state, row: None)
     return rows
 

@@ -9,7 +9,7 @@ import torch
 from aevb_dist import names
 from aevb_dist.config import load_config
 from aevb_dist.train.optimizers import build_optimizer, learning_rate
-from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, tiny_overrides
 
 
@@ -72,7 +72,7 @@ def _trainer(data, tmp_path, *extra):
         tiny_overrides(data, str(tmp_path), **{"train.max_steps": 150})
         + ["optim.name=adam", "optim.lr=0.01", "optim.lr_schedule=burda2015", "train.log_every_steps=1", *extra],
     )
-    return Trainer.for_config(cfg)
+    return trainer_for_config(cfg)
 
 
 def test_the_trainer_steps_each_epoch_at_its_scheduled_rate(tiny_data, tmp_path):

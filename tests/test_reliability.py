@@ -18,7 +18,8 @@ from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
 from aevb_dist.data.schema import Batch
 from aevb_dist.train.driver import train
-from aevb_dist.train.trainer import NonFiniteError, Trainer
+from aevb_dist.train.trainer import NonFiniteError
+from aevb_dist.train.worker import trainer_for_config
 from tests.faults import (
     SLOW,
     capture_errors,
@@ -140,10 +141,10 @@ def test_non_finite_step_stops_with_the_step_or_is_skipped_and_counted(tiny_data
     base = tiny_overrides(tiny_data, str(tmp_path), **{"model.likelihood": "gaussian", "data.binarization": "none"})
     bad = Batch(np.full((4, 16), 1e30, np.float32), np.arange(4))  # (x − μ)² overflows: an inf objective
     good = Batch(np.random.default_rng(0).random((4, 16)).astype(np.float32), np.arange(4))
-    trainer = Trainer.for_config(load_config(SMOKE, base))
+    trainer = trainer_for_config(load_config(SMOKE, base))
     with pytest.raises(NonFiniteError, match=r"non-finite objective or gradient at step 0 \(epoch 0, batch 0"):
         trainer.train_step(bad)
-    trainer = Trainer.for_config(load_config(SMOKE, base + ["train.on_nonfinite=skip"]))
+    trainer = trainer_for_config(load_config(SMOKE, base + ["train.on_nonfinite=skip"]))
     before = [p.detach().clone() for p in trainer.params]
     assert trainer.train_step(bad)[1] == 0 and trainer.state.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))  # nothing applied

@@ -25,7 +25,7 @@ def steps(rows: list[dict]) -> list[int]:
 
 
 def test_local_rows_are_appended_and_tailed_incrementally(tmp_path):
-    log = RunLog(storage.Folder.open(str(tmp_path / "run")), resume_step=0, total_steps=10)
+    log = RunLog(storage.Folder.open(str(tmp_path / "run")), resume_step=0)
     fs, path = storage.resolve(str(tmp_path / "run" / "metrics.csv"))
     tail = MetricsTail(fs, path)
     assert tail.new_rows() == []  # a header only
@@ -42,7 +42,7 @@ def test_local_rows_are_appended_and_tailed_incrementally(tmp_path):
     assert steps(tail.new_rows()) == [4]
     log.close()
     # Resuming from step 2 replaces the file with rows 1..2; the tail starts over and sees the new rows.
-    log = RunLog(storage.Folder.open(str(tmp_path / "run")), resume_step=2, total_steps=10)
+    log = RunLog(storage.Folder.open(str(tmp_path / "run")), resume_step=2)
     log.append(row(3))
     assert steps(read_metrics(fs, path)) == [1, 2, 3]
     assert steps(tail.new_rows()) == [1, 2, 3]
@@ -52,7 +52,7 @@ def test_local_rows_are_appended_and_tailed_incrementally(tmp_path):
 def test_object_store_rows_are_uploaded_whole_at_most_every_interval_and_at_flush():
     uri = "memory://aevb-run-log-test/run"
     fs, path = storage.resolve(uri)
-    log = RunLog(storage.Folder.open(uri), resume_step=0, total_steps=10, upload_interval_s=3600)
+    log = RunLog(storage.Folder.open(uri), resume_step=0, upload_interval_s=3600)
     log.append(row(1))
     log.append(row(2))
     assert steps(read_metrics(fs, f"{path}/metrics.csv")) == []  # not yet uploaded

@@ -11,7 +11,7 @@ import torch
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config, to_dict
 from aevb_dist.run_log import COLUMNS
-from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, aevb, tiny_overrides
 
 
@@ -33,7 +33,7 @@ def plant_checkpoint(tiny_data: str, storage_uri: str, marker: str, step: int = 
     state = {
         "format_version": checkpoint.FORMAT_VERSION,
         "config": to_dict(cfg),
-        **Trainer.for_config(cfg).state_dict(),
+        **trainer_for_config(cfg).state_dict(),
         "payload": RunsACommand(f"touch {marker}"),
     }
     state["state"]["step"] = step

@@ -5,6 +5,7 @@ import torch
 from aevb_dist.config import load_config
 from aevb_dist.model.vae import VAE
 from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, tiny_overrides
 
 
@@ -12,13 +13,13 @@ def test_building_a_trainer_leaves_torchs_global_random_state_alone(tiny_data, t
     cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path)))
     torch.manual_seed(1234)
     before = torch.get_rng_state()
-    first = Trainer.for_config(cfg)
+    first = trainer_for_config(cfg)
     assert torch.equal(torch.get_rng_state(), before)
     torch.manual_seed(99)  # another global state: the initial parameters are the seed's all the same
-    second = Trainer.for_config(cfg)
+    second = trainer_for_config(cfg)
     for a, b in zip(first.params, second.params):
         assert torch.equal(a, b)
-    other = Trainer.for_config(load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path)) + ["seed=1"]))
+    other = trainer_for_config(load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path)) + ["seed=1"]))
     assert not torch.equal(first.params[0], other.params[0])
 
 
@@ -55,11 +56,11 @@ def test_a_stop_request_checkpoints_the_step_it_was_seen_in_and_ends_the_loop(ti
             **{"train.max_steps": 40, "checkpoint.every_steps": 10, "train.log_every_steps": 10},
         ),
     )
-    trainer = Trainer.for_config(cfg)
+    trainer = trainer_for_config(cfg)
     saved, logged = _fit_with_a_stop_at(trainer, 13)
     assert trainer.stop_requested and trainer.state.step == 14
     assert saved == [10, 14] and logged == [1, 10, 14]
-    never = Trainer.for_config(cfg)  # no probe: to the end
+    never = trainer_for_config(cfg)  # no probe: to the end
     never.fit(on_log=lambda row: None, on_checkpoint=lambda state, row: None)
     assert not never.stop_requested and never.state.step == 40
 
@@ -82,7 +83,7 @@ def test_the_captured_loop_stops_at_the_log_line_after_the_request(tiny_data, tm
             },
         ),
     )
-    trainer = Trainer.for_config(cfg)
+    trainer = trainer_for_config(cfg)
     saved, logged = _fit_with_a_stop_at(
         trainer, 11, fit=lambda **kw: trainer.fit(steps=CapturedSteps(trainer, capture=False), **kw)
     )

@@ -18,8 +18,8 @@ import math
 from typing import Iterator, Optional
 
 from aevb_dist.config_checks import check_partitioning
-from aevb_dist.data.reader import EpochStream, ParquetDataset, _concat, assign_row_groups
-from aevb_dist.data.schema import Batch
+from aevb_dist.data.reader import EpochStream, ParquetDataset, assign_row_groups
+from aevb_dist.data.schema import Batch, concat
 
 
 def partition_shares(global_batch_size: int, num_partitions: int) -> list[int]:
@@ -95,4 +95,4 @@ class PartitionedEpoch:
     def __iter__(self) -> Iterator[tuple[Batch, list[int], list[int]]]:
         """(the rank's rows of the global batch, the partitions they come from, rows from each)."""
         for slices in zip(*self.streams):
-            yield _concat(list(slices)), self.partitions, [len(b) for b in slices]
+            yield concat(list(slices)), self.partitions, [len(b) for b in slices]

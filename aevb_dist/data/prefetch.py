@@ -13,38 +13,29 @@ PNG/JPEG images (`data.image_column`) is decoded ahead in the thread wherever it
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 from aevb_dist import storage
 
-
-class _Deferred:
-    def __init__(self, load: Callable, args: tuple):
-        self._load, self._args = load, args
-
-    def result(self):
-        return self._load(*self._args)
+Item, Loaded = TypeVar("Item"), TypeVar("Loaded")
 
 
-class LoadWhenNeeded:
-    """A thread pool's submit/result, but the work runs in the caller's thread when `result()` asks for it."""
-
-    def __enter__(self) -> "LoadWhenNeeded":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return False
-
-    def submit(self, load: Callable, *args) -> _Deferred:
-        return _Deferred(load, args)
+def reads_ahead(dataset, read_ahead: Optional[bool] = None) -> bool:
+    """Whether a ParquetDataset's windows load ahead in a thread: `read_ahead` where set (data.read_ahead),
+    else for remote storage and for encoded images (whose decoding is the heavy part, and what the thread is
+    for); local Parquet otherwise loads in the caller's thread, when needed."""
+    if read_ahead is not None:
+        return read_ahead
+    return not storage.is_local(dataset.fs) or bool(dataset.image_column)
 
 
-def window_loader(dataset, read_ahead: Optional[bool] = None):
-    """A context manager with `submit(load, *args).result()` for a ParquetDataset's windows: a one-thread
-    pool when `read_ahead` (None: for remote storage, and for encoded images, whose decoding is the
-    heavy part and is what the thread is for), else loading in the caller's thread when needed."""
-    if read_ahead is None:
-        read_ahead = not storage.is_local(dataset.fs) or bool(dataset.image_column)
-    if not read_ahead:
-        return LoadWhenNeeded()
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="aevb-read")
+def loaded_ahead(load: Callable[[Item], Loaded], items: Iterable[Item]) -> Iterator[Loaded]:
+    """`load(item)` for each item in order, each loaded in one background thread while the previous one is
+    used."""
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="aevb-read") as pool:
+        pending = next((pool.submit(load, item) for item in items), None)
+        while pending is not None:
+            current = pending.result()
+            pending = next((pool.submit(load, item) for item in items), None)
+            yield current

@@ -31,7 +31,7 @@ from aevb_dist.data import images
 from aevb_dist.data.binarization import binarize, binarize_bytes
 from aevb_dist.data.decoded_cache import DecodedRowGroups
 from aevb_dist.data.index import INDEX_NAME, read_index
-from aevb_dist.data.prefetch import window_loader
+from aevb_dist.data.prefetch import loaded_ahead, reads_ahead
 from aevb_dist.data.schema import (
     INDEX,
     LABEL,
@@ -40,9 +40,11 @@ from aevb_dist.data.schema import (
     META_SHAPE,
     PIXELS,
     Batch,
+    concat,
     metadata_checksum,
     pixel_width,
 )
+from aevb_dist.data.value_range import check_range_fits
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,14 @@ class ParquetDataset:
 
     def _relative(self, path: str) -> str:
         return path[len(self.root) :].lstrip("/")
+
+    def check_fits_likelihood(self, likelihood: str, where: str) -> None:
+        """value_range.check_range_fits on this dataset: its recorded value range and, for a Bernoulli model,
+        the brightest pixel of its first row group (one read)."""
+        brightest = None
+        if likelihood == "bernoulli" and self.units:
+            brightest = float(self.to_unit_interval(self.read_raw(self.units[0]).x).max(initial=0.0))
+        check_range_fits(self.value_range, brightest, likelihood, where)
 
     def describe(self) -> dict:
         """What opening the dataset found, as plain values: files in order with their row groups' rows."""
@@ -270,22 +280,11 @@ class ParquetDataset:
 
     def read_all(self) -> Batch:
         """Every row in file order; for small data and tests only."""
-        return _concat([self.read(u) for u in self.units])
+        return concat([self.read(u) for u in self.units])
 
 
 def _hidden(relative_path: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative_path.split("/"))
-
-
-def _concat(batches: list[Batch]) -> Batch:
-    if not batches:
-        return Batch(np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
-    labels = [b.label for b in batches]
-    return Batch(
-        np.concatenate([b.x for b in batches]),
-        np.concatenate([b.index for b in batches]),
-        None if any(lab is None for lab in labels) else np.concatenate(labels),
-    )
 
 
 def assign_row_groups(
@@ -379,7 +378,7 @@ class EpochStream:
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def _load_window(self, ids: list[int]) -> Batch:
-        batch = _concat([self.dataset.read_raw(self.dataset.units[u]) for u in ids])
+        batch = concat([self.dataset.read_raw(self.dataset.units[u]) for u in ids])
         if self.shuffle:
             perm = self.window_permutation(ids, len(batch))
             batch = Batch(batch.x[perm], batch.index[perm], None if batch.label is None else batch.label[perm])
@@ -388,26 +387,25 @@ class EpochStream:
     def __iter__(self) -> Iterator[Batch]:
         windows, skip = self.windows_to_read()
         emitted = self.start_batch
-        with window_loader(self.dataset, self.read_ahead) as pool:  # in a thread or when needed: prefetch.py
-            pending = pool.submit(self._load_window, windows[0]) if windows else None
-            carry: Optional[Batch] = None
-            for i in range(len(windows)):
-                current = pending.result()
-                pending = pool.submit(self._load_window, windows[i + 1]) if i + 1 < len(windows) else None
+        # In a thread, or in this one when needed (prefetch.py says which).
+        ahead = reads_ahead(self.dataset, self.read_ahead)
+        loaded = loaded_ahead(self._load_window, windows) if ahead else map(self._load_window, windows)
+        carry: Optional[Batch] = None
+        try:
+            for current in loaded:
                 if skip:
-                    current, skip = _slice(current, skip, len(current)), 0
-                carry = current if carry is None or not len(carry) else _concat([carry, current])
+                    current, skip = current.rows(skip, len(current)), 0
+                carry = current if carry is None or not len(carry) else concat([carry, current])
                 while len(carry) >= self.batch_size:
-                    yield _slice(carry, 0, self.batch_size)
-                    carry = _slice(carry, self.batch_size, len(carry))
+                    yield carry.rows(0, self.batch_size)
+                    carry = carry.rows(self.batch_size, len(carry))
                     emitted += 1
-            if carry is not None and len(carry):
-                yield carry
-                emitted += 1
+        finally:
+            if ahead:
+                loaded.close()  # the thread ends with its pending window when a consumer stops early
+        if carry is not None and len(carry):
+            yield carry
+            emitted += 1
         empty = Batch(np.zeros((0, self.dataset.dim), np.float32), np.zeros(0, np.int64))
         for _ in range(self.num_batches - emitted):
             yield empty
-
-
-def _slice(batch: Batch, start: int, stop: int) -> Batch:
-    return Batch(batch.x[start:stop], batch.index[start:stop], None if batch.label is None else batch.label[start:stop])

@@ -42,6 +42,21 @@ class Batch:
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
+    def rows(self, start: int, stop: int) -> "Batch":
+        label = None if self.label is None else self.label[start:stop]
+        return Batch(self.x[start:stop], self.index[start:stop], label)
+
+
+def concat(batches: list[Batch]) -> Batch:
+    if not batches:
+        return Batch(np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
+    labels = [b.label for b in batches]
+    return Batch(
+        np.concatenate([b.x for b in batches]),
+        np.concatenate([b.index for b in batches]),
+        None if any(lab is None for lab in labels) else np.concatenate(labels),
+    )
+
 
 def pixel_width(pix: pa.DataType, path: str) -> int:
     """D, the pixels per example, from the pixels column's type."""

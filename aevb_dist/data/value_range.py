@@ -58,25 +58,22 @@ def _declared(declared: tuple[float, float], lo: float, hi: float, where: str) -
     return low, high, "as given by --value-range"
 
 
-def check_range_fits(dataset, likelihood: str, where: str) -> None:
+def check_range_fits(value_range, brightest: Optional[float], likelihood: str, where: str) -> None:
     """One line for data the likelihood would misread: a discretized logistic (256 levels) on data that is
-    not recorded as 8-bit, or a Bernoulli model on data whose brightest pixel in the first row group (after
-    mapping the recorded range to [0, 1]) is nearly 0, so that every pixel reads as almost surely off."""
-    if likelihood == "discretized_logistic" and tuple(dataset.value_range) != (0.0, 255.0):
-        lo, hi = dataset.value_range
+    not recorded as 8-bit (`value_range`), or a Bernoulli model on data whose `brightest` pixel in the first
+    row group (after mapping the recorded range to [0, 1]; None where not read) is nearly 0, so that every
+    pixel reads as almost surely off."""
+    lo, hi = value_range
+    if likelihood == "discretized_logistic" and (lo, hi) != (0.0, 255.0):
         raise ValueError(
             f"model.likelihood=discretized_logistic models 8-bit pixels (256 levels); {where} is "
             f"recorded with the value range [{lo:g}, {hi:g}]"
         )
-    if likelihood != "bernoulli" or not dataset.units:
+    if likelihood != "bernoulli" or brightest is None or brightest >= NEARLY_BLANK:
         return
-    max_intensity = float(dataset.to_unit_interval(dataset.read_raw(dataset.units[0]).x).max(initial=0.0))
-    if max_intensity >= NEARLY_BLANK:
-        return
-    lo, hi = dataset.value_range
     raise ValueError(
         f"{where}: no pixel reaches {NEARLY_BLANK:.3g} of the recorded value range [{lo:g}, {hi:g}] "
-        f"(brightest: {max_intensity:.3g}); a Bernoulli model would read every pixel as off. "
+        f"(brightest: {brightest:.3g}); a Bernoulli model would read every pixel as off. "
         "Was 0/1 data prepared as 8-bit? Prepare it again (0/1 data is recorded as binary now, or "
         "pass --value-range)"
     )

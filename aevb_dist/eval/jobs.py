@@ -18,7 +18,6 @@ from aevb_dist import names, storage
 from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes, saved_eval_binarization
 from aevb_dist.console import Progress, say
 from aevb_dist.data.reader import ParquetDataset
-from aevb_dist.data.value_range import check_range_fits
 from aevb_dist.eval.evaluation import Sums, encode_units, evaluate_units, open_as_trained
 from aevb_dist.ray_runtime import cluster_cpus, run_tasks, start_ray, stop_ray, threads_for_cpus
 from aevb_dist.uri import absolute_uri
@@ -118,7 +117,7 @@ def evaluate(
     state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
     vae, saved = model_from_bytes(state_bytes, folder)
     dataset = open_as_trained(data_uri, vae, saved, endpoint_url)
-    check_range_fits(dataset, vae.likelihood.name, data_uri)
+    dataset.check_fits_likelihood(vae.likelihood.name, data_uri)
     if estimator == "is" and vae.posterior.support != "real":
         say(
             f"warning: q(z|x) is {vae.posterior.name}, supported on the {vae.posterior.support} values only, while "

@@ -155,6 +155,10 @@ class BatchSource:
             **common,
         )
 
+    def epoch_batches(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, object, Segments]]:
+        """`batches` of epoch `epoch` from batch `start_batch` on."""
+        yield from self.batches(self.stream(epoch, start_batch))
+
     def batches(self, stream: Stream) -> Iterator[tuple[torch.Tensor, object, Segments]]:
         """Each remaining batch of the epoch: read by the streaming reader (binarized on the host, or on the
         device from its windows), or gathered from data.cache_on_device's copy (the same examples and bits)."""

@@ -175,8 +175,9 @@ class CapturedSteps:
         self.streamed = trainer.source.device_data is None  # fed from train/device_stream.py's windows
         self.trainer, self.step, self.capture = trainer, CapturedStep(trainer, self.streamed), capture
 
-    def epoch(self, stream, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
         t = self.trainer
+        stream = t.source.stream(epoch, start_batch)
         if self.streamed:
             yield from self._streamed_epoch(stream, start_batch)
             return

@@ -45,6 +45,15 @@ def open_datasets(
     return train, test
 
 
+def rank_data(
+    cfg: Config, *, rank: int, world_size: int, device: torch.device, train_description: Optional[dict] = None
+) -> tuple[BatchSource, Optional[ParquetDataset]]:
+    """What rank `rank` of `world_size` trains and tests on: its batches of the training set (opened from
+    `train_description`, the driver's, where given) and the test set."""
+    train_data, test_data = open_datasets(cfg, train_description)
+    return batch_source_for(cfg, train_data, rank=rank, world_size=world_size, device=device), test_data
+
+
 def batch_source_for(
     cfg: Config, train_data: ParquetDataset, *, rank: int, world_size: int, device: torch.device
 ) -> BatchSource:

@@ -15,7 +15,6 @@ from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml
 from aevb_dist.config_checks import same_image_shape
 from aevb_dist.console import first_line, say
 from aevb_dist.data.statistics import mean_intensity
-from aevb_dist.data.value_range import check_range_fits
 from aevb_dist.model.hierarchical import model_from_config
 from aevb_dist.run_lease import LeaseHeld, RunLease
 from aevb_dist.run_log import ProgressPrinter, read_metrics
@@ -24,28 +23,33 @@ from aevb_dist.train.batches import BatchSource
 from aevb_dist.train.datasets import open_datasets
 from aevb_dist.train.local_launcher import launch_local
 from aevb_dist.train.ray_launcher import launch_on_ray
+from aevb_dist.train.worker import WorkerSpec
 
 
 def train(cfg: Config, wait_for_lease: bool = True) -> dict:
     """Run (or resume) training; returns the last row of metrics.csv. A run held by a driver on another
     machine whose heartbeat stopped is waited for (`wait_for_lease`) or refused."""
-    cfg = absolute_local_uris(cfg)
     train_data, _ = open_datasets(cfg)  # fail fast, before any worker starts
-    check_range_fits(train_data, cfg.model.likelihood, cfg.data.train_uri)
+    # The training set as found here, handed to every worker: workers open it without reading its index or
+    # footers (O(1) storage requests per worker whatever the number of shards).
+    train_description = train_data.describe()
+    train_data.check_fits_likelihood(cfg.model.likelihood, cfg.data.train_uri)
     cfg = model_for_data(cfg, train_data.shape)
+    cfg = absolute_local_uris(cfg)  # workers, Ray tasks and jobs run in other folders
+    config_yaml = to_yaml(cfg)  # the run folder's config.yaml
     if storage.scheme_of(cfg.run.storage_uri) == "memory":
         raise ValueError(
             "run.storage_uri=memory://... is private to one process; workers cannot share it. Use a local path or s3://"
         )
     run = storage.run_folder(cfg.run)
-    lease = _claim_run_folder(cfg, run, wait_for_lease)
+    lease = _claim_run_folder(cfg, config_yaml, run, wait_for_lease)
     try:
         plan = plan_run(cfg, train_data, run.uri, *_newest_checkpoint(run))
         announcement = plan.announcement(cfg.run.name, run.uri)
         if announcement:
             say(announcement)
         if not plan.done:
-            _launch(cfg, run, train_data, plan)
+            _launch(WorkerSpec(cfg, run, threads=None, train_description=train_description), train_data, plan)
     finally:
         lease.release()
     rows = read_metrics(run.fs, run.file("metrics.csv"))
@@ -116,14 +120,18 @@ def _newest_checkpoint(run: storage.Folder) -> tuple[Optional[str], Optional[dic
     return newest, None if newest is None else checkpoint.read_manifest(run.fs, newest)
 
 
-def _launch(cfg: Config, run: storage.Folder, train_data, plan: RunPlan) -> None:
-    """The workers, on Ray or in local mode, with the driver's progress lines and its stop request."""
+def _launch(spec: WorkerSpec, train_data, plan: RunPlan) -> None:
+    """The workers, on Ray or in local mode, with the driver's progress lines and its stop request. Each
+    worker is handed `spec`, with the data mean where the model starts from it; its launcher sets its
+    threads."""
+    cfg, run = spec.config, spec.run
     launch = launch_local if cfg.ray.local_mode else launch_on_ray
+    if plan.computes_data_mean:
+        spec = dataclasses.replace(spec, data_mean=_data_mean(train_data))
     stop_request.clear(run)  # one left by an earlier run is not this run's
     try:
-        data_mean = _data_mean(train_data) if plan.computes_data_mean else None
-        with ProgressPrinter(run, plan.total_steps, plan.start_step), stop_request.maybe_stop_on_signals(run):
-            launch(cfg, run, train_data, data_mean)
+        with stop_request.maybe_stop_on_signals(run), ProgressPrinter(run, plan.total_steps, plan.start_step):
+            launch(spec, train_data.num_rows)
     finally:
         try:
             stop_request.clear(run)
@@ -159,7 +167,7 @@ def _stop_main_thread(reason: str) -> None:
     compat.interrupt_main_thread()
 
 
-def _claim_run_folder(cfg: Config, run: storage.Folder, wait_for_lease: bool) -> RunLease:
+def _claim_run_folder(cfg: Config, config_yaml: str, run: storage.Folder, wait_for_lease: bool) -> RunLease:
     """The run's lease (one writer per run), then its config.yaml; storage errors are one line."""
     try:
         lease = RunLease(run, cfg.run.lease_timeout_s, on_lost=_stop_main_thread, wait=wait_for_lease)
@@ -170,7 +178,7 @@ def _claim_run_folder(cfg: Config, run: storage.Folder, wait_for_lease: bool) ->
         raise _storage_error(cfg, err) from None
     try:
         run.fs.makedirs(run.path, exist_ok=True)
-        run.fs.pipe_file(run.file("config.yaml"), to_yaml(cfg).encode())
+        run.fs.pipe_file(run.file("config.yaml"), config_yaml.encode())
     except Exception as err:
         lease.release()
         raise _storage_error(cfg, err) from None

@@ -17,6 +17,7 @@ up to `train.max_failures` times (`run_group`). Checkpoints go into the run fold
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -27,12 +28,9 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Optional
 
 from aevb_dist import compat, storage
-from aevb_dist.config import Config
 from aevb_dist.console import first_line, say, user_error_in
-from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.ray_runtime import threads_for_cpus
 from aevb_dist.train.fork_server import prestart
 from aevb_dist.train.ray_context import from_ray_train
@@ -42,11 +40,12 @@ from aevb_dist.train.worker import WorkerSpec, run_worker
 _PROCESS_LOGGERS = ["torch.distributed.elastic.multiprocessing", "torch.multiprocessing"]
 
 
-def launch_local(
-    cfg: Config, run: storage.Folder, train_data: ParquetDataset, data_mean: Optional[list[float]] = None
-) -> None:
-    """Run the workers as processes of this machine to the end; raises ValueError for a user's mistake."""
+def launch_local(spec: WorkerSpec, num_examples: int) -> None:
+    """Run the workers `spec` describes as processes of this machine to the end, each with its share of the
+    CPUs in torch threads; raises ValueError for a user's mistake."""
     import torch
+
+    cfg, run = spec.config, spec.run
 
     n = cfg.train.num_workers
     if cfg.train.use_gpu and torch.cuda.device_count() < n:
@@ -56,10 +55,10 @@ def launch_local(
         )
     _forget_ray_checkpoint_list(run)
     cpus = cfg.train.cpus_per_worker if cfg.train.cpus_per_worker is not None else (os.cpu_count() or 1) // n
-    spec = WorkerSpec(cfg, run, threads_for_cpus(cpus), train_data.describe(), data_mean)
+    spec = dataclasses.replace(spec, threads=threads_for_cpus(cpus))
     say(
         f"training {cfg.run.name} in Ray Train's local mode: {n} worker process(es), {spec.threads} thread(s) "
-        f"each, {train_data.num_rows:,} training examples → {run.uri}"
+        f"each, {num_examples:,} training examples → {run.uri}"
     )
     run_group(spec, num_workers=n, max_failures=cfg.train.max_failures)
 

@@ -13,6 +13,7 @@ nodes that remain (elastic) or when a replacement joins, from that checkpoint, s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -23,7 +24,6 @@ from typing import Optional
 from aevb_dist import compat, storage
 from aevb_dist.config import Config
 from aevb_dist.console import first_line, say, user_error_in
-from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.ray_runtime import cluster_cpus, head_answers, start_ray, stop_ray, threads_for_cpus
 from aevb_dist.train.ray_context import from_ray_train
 from aevb_dist.train.run_folder_sink import WriteThenReport
@@ -76,19 +76,19 @@ class PreemptionNotice:
         )
 
 
-def launch_on_ray(
-    cfg: Config, run: storage.Folder, train_data: ParquetDataset, data_mean: Optional[list[float]] = None
-) -> None:
-    """Run the workers to the end; raises a one-line ValueError for a user's mistake."""
+def launch_on_ray(spec: WorkerSpec, num_examples: int) -> None:
+    """Run the workers `spec` describes to the end, each with its share of the CPUs in torch threads; raises a
+    one-line ValueError for a user's mistake."""
     import ray
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg, run = spec.config, spec.run
     started = start_ray(cfg.ray.address, cfg.ray.show_worker_logs)
     try:
         cpus = _cpus_per_worker(cfg)
         _check_the_group_fits(cfg, cpus)
-        spec = WorkerSpec(cfg, run, threads_for_cpus(cpus), train_data.describe(), data_mean)
+        spec = dataclasses.replace(spec, threads=threads_for_cpus(cpus))
         workers = (
             f"{cfg.train.min_workers}–{cfg.train.num_workers} (elastic)"
             if cfg.train.min_workers
@@ -96,7 +96,7 @@ def launch_on_ray(
         )
         say(
             f"training {cfg.run.name}: {workers} worker(s) × {_worker_resources(cfg, cpus)}, "
-            f"{spec.threads} thread(s) each, {train_data.num_rows:,} training examples → {run.uri}"
+            f"{spec.threads} thread(s) each, {num_examples:,} training examples → {run.uri}"
         )
         storage_path, storage_fs = storage.ray_train_storage(run)
         trainer = TorchTrainer(

@@ -30,11 +30,9 @@ from aevb_dist.data.schema import Batch
 from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.eval.evaluation import evaluate_units
 from aevb_dist.model.elbo import add_prior_gradient, per_example_bound, sgvb_b_terms, weighted_kl_objective
-from aevb_dist.model.hierarchical import model_from_config
-from aevb_dist.model.networks import autocast_networks
 from aevb_dist.model.noise import SegmentedNoise
 from aevb_dist.model.vae import VAE
-from aevb_dist.train.batches import BatchSource, Segments, Stream
+from aevb_dist.train.batches import BatchSource, Segments
 from aevb_dist.train.captured_step import CapturedSteps, captured_step_serves
 from aevb_dist.train.collectives import (
     COUNT,
@@ -45,8 +43,7 @@ from aevb_dist.train.collectives import (
     all_reduce_step_sums,
     all_reduce_sum,
 )
-from aevb_dist.train.datasets import batch_source_for, open_datasets
-from aevb_dist.train.optimizers import build_optimizer, examples_per_step, learning_rate, set_learning_rate
+from aevb_dist.train.optimizers import learning_rate, set_learning_rate
 
 
 def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
@@ -81,12 +78,14 @@ class Trainer:
         *,
         stop_probe: Callable[[], bool] = lambda: False,
         data_mean: Optional[list[float]] = None,
+        saved: Optional[dict] = None,
     ):
         """Trains `vae` (on `source.device`) with `optimizer` on the batches of `source`, this rank's of the
-        training set, and evaluates it on `test_data`. `for_config` builds all of them from a config.
-        `stop_probe()`: whether this rank asks to stop after the current step (read every step: a flag, no
-        I/O). `data_mean`: the training set's mean pixel for model.output_bias_init=data_mean, as the driver
-        computed it (else computed here when a run starts)."""
+        training set, and evaluates it on `test_data` (`worker.trainer_for_config` builds all of them from a
+        config). `stop_probe()`: whether this rank asks to stop after the current step (read every step: a
+        flag, no I/O). `data_mean`: the training set's mean pixel for model.output_bias_init=data_mean, as the
+        driver computed it (else computed here when a run starts). `saved`: a checkpoint's state to resume
+        from (`load_state_dict`; its warning, if any, in `resume_note`)."""
         self.cfg, self.vae, self.optimizer, self.source, self.test_data = cfg, vae, optimizer, source, test_data
         self.rank, self.world_size, self.device = source.rank, source.world_size, source.device
         self.data_mean = data_mean
@@ -109,35 +108,15 @@ class Trainer:
         self.objective_in_window = 0.0  # the optimized objective's global sum since the last log line
         self._grad_comm_dtype = torch.bfloat16 if cfg.train.allreduce_dtype == "bfloat16" else None
         self.state = TrainState(world_size=self.world_size)
-        self.total_steps = self.source.total_steps()
+        self._total_steps: Optional[int] = None  # counted once per batch source, when first asked
+        self.resume_note = self.load_state_dict(saved) if saved is not None else None
 
-    @classmethod
-    def for_config(
-        cls,
-        cfg: Config,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        device: str = "cpu",
-        train_description: Optional[dict] = None,
-        stop_probe: Callable[[], bool] = lambda: False,
-        data_mean: Optional[list[float]] = None,
-    ) -> "Trainer":
-        """Rank `rank` of `world_size`'s trainer as the config says: its datasets (the training set from
-        `train_description`, the driver's, where given), its batches, the model and the optimizer."""
-        train_data, test_data = open_datasets(cfg, train_description)
-        source = batch_source_for(cfg, train_data, rank=rank, world_size=world_size, device=torch.device(device))
-        # Initial parameters from the seed: identical on every rank. No input checks in the step:
-        # ParquetDataset checked every row group (range, NaN/inf) already.
-        vae = model_from_config(cfg.model, seed=cfg.seed, validate_inputs=False).to(source.device)
-        if cfg.train.autocast == "bfloat16":
-            autocast_networks(vae, source.device)
-        # On a GPU the eager and the captured step use the same (fused) Adam: the same update arithmetic.
-        on_gpu, examples = source.device.type == "cuda", examples_per_step(cfg.train, world_size)
-        optimizer = build_optimizer(
-            vae.parameters(), cfg.optim.name, cfg.optim.lr, on_gpu=on_gpu, eps=cfg.optim.eps, examples_per_step=examples
-        )
-        return cls(cfg, vae, optimizer, source, test_data, stop_probe=stop_probe, data_mean=data_mean)
+    @property
+    def total_steps(self) -> int:
+        """The run's length in steps: train.max_steps, or the configured epochs' batches."""
+        if self._total_steps is None:
+            self._total_steps = self.source.total_steps()
+        return self._total_steps
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -168,7 +147,7 @@ class Trainer:
         self.data_mean = saved.get("data_mean")
         resumed = self.source.resumed(saved.get("partitioning"))
         if resumed is not None:
-            self.source, self.total_steps = resumed, resumed.total_steps()
+            self.source, self._total_steps = resumed, None
             self.state.world_size = self.world_size  # global batches do not depend on it: the epoch goes on
         elif self.state.world_size != self.world_size:
             old = self.state.world_size
@@ -315,10 +294,11 @@ class Trainer:
             self.vae.set_output_bias_to_data_mean(torch.tensor(self.data_mean, dtype=torch.float64))
         window = self.new_window()
         row: dict = {}
-        while not self.finished():
+        while True:
             self.begin_epoch()
-            stream = self.epoch_stream(s.epoch, s.batch_in_epoch)
-            for elbo, count in steps.epoch(stream, s.batch_in_epoch):
+            if self.finished():
+                break
+            for elbo, count in steps.epoch(s.epoch, s.batch_in_epoch):
                 s.step, s.batch_in_epoch, s.samples_seen = s.step + 1, s.batch_in_epoch + 1, s.samples_seen + count
                 window["count"] += count
                 if elbo is not None and count:
@@ -328,7 +308,7 @@ class Trainer:
                 row = self.after_step(window, on_log, on_checkpoint) or row
                 if self.finished():
                     break
-            if s.batch_in_epoch >= stream.num_batches:
+            if s.batch_in_epoch >= self.source.num_batches(s.epoch):
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         return row
 
@@ -347,9 +327,6 @@ class Trainer:
         if s.step > 0 and s.batch_in_epoch >= self.source.num_batches(s.epoch):
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         set_learning_rate(self.optimizer, learning_rate(self.cfg.optim.lr, self.cfg.optim.lr_schedule, s.epoch))
-
-    def epoch_stream(self, epoch: int, start_batch: int) -> Stream:
-        return self.source.stream(epoch, start_batch)
 
     def after_step(self, window: dict, on_log, on_checkpoint) -> dict:
         """Log and checkpoint when the step just taken calls for it; returns the logged row, if any."""
@@ -398,9 +375,9 @@ class Trainer:
 class StepRunner(Protocol):
     """What the training loop drives: one epoch's steps, and the window's sums at a log line."""
 
-    def epoch(self, stream: Stream, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
-        """Take the epoch's steps from `start_batch` on, yielding each step's global (ELBO sum or None when
-        it stays on the device, example count)."""
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
+        """Take epoch `epoch`'s steps from `start_batch` on (read from the trainer's batch source), yielding
+        each step's global (ELBO sum or None when it stays on the device, example count)."""
 
     def read_window(self, window: dict) -> None:
         """Before a log line: bring the window's sums that the steps kept elsewhere into `window`."""
@@ -412,8 +389,8 @@ class EagerSteps:
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
 
-    def epoch(self, stream: Stream, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
-        for x_BD, index_B, segments in self.trainer.source.batches(stream):
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
+        for x_BD, index_B, segments in self.trainer.source.epoch_batches(epoch, start_batch):
             yield self.trainer.step_on(x_BD, index_B, segments)
 
     def read_window(self, window: dict) -> None:

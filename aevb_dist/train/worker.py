@@ -1,12 +1,13 @@
 """One data-parallel worker: the same function under every launcher.
 
-A launcher hands `run_worker` a typed `WorkerSpec`, a checkpoint sink and a `WorkerContext` (rank,
-world size, device), with the process group joined where there are several workers: Ray Train does
-so on a Ray cluster and in its local mode (`ray_context.from_ray_train`), and one process needs
-none. The worker never asks which launcher started it. It resumes from
-the newest checkpoint in the run folder whose manifest verifies (so an upload cut off part way
-is skipped in favour of the last good one), trains, writes metrics.csv on rank 0, and gives each
-checkpoint to the sink. Where a checkpoint goes is the sink's business, never the worker's.
+The driver decides what every worker is handed (a typed `WorkerSpec`: the config, the run folder, the
+training set as it found it); a launcher sets the spec's threads from the CPUs it gives each worker and
+hands `run_worker` the spec, a checkpoint sink and a `WorkerContext` (rank, world size, device), with the
+process group joined where there are several workers: Ray Train does so on a Ray cluster and in its local
+mode (`ray_context.from_ray_train`), and one process needs none. The worker never asks which launcher
+started it. It resumes from the newest checkpoint in the run folder whose manifest verifies (so an upload
+cut off part way is skipped in favour of the last good one), trains, writes metrics.csv on rank 0, and
+gives each checkpoint to the sink. Where a checkpoint goes is the sink's business, never the worker's.
 
 It stops early, after the checkpoint of the step where it stopped, when a rank asks to: rank 0 when the
 driver asked (Ctrl-C / SIGTERM: `stop_request`), any rank when the launcher's `preemption_notice` says so.
@@ -24,8 +25,12 @@ import torch
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import Config, to_dict
 from aevb_dist.console import say
+from aevb_dist.model.hierarchical import model_from_config
+from aevb_dist.model.networks import autocast_networks
 from aevb_dist.run_lease import record_writer
 from aevb_dist.run_log import RunLog
+from aevb_dist.train.datasets import rank_data
+from aevb_dist.train.optimizers import build_optimizer, examples_per_step
 from aevb_dist.train.stop_request import StopRequestWatch
 from aevb_dist.train.trainer import Trainer
 
@@ -34,7 +39,9 @@ from aevb_dist.train.trainer import Trainer
 class WorkerSpec:
     config: Config  # validated, with local paths made absolute by the driver
     run: storage.Folder  # the run folder, resolved once on the driver
-    threads: int  # torch threads of each worker (ray_runtime.threads_for_cpus of its CPUs)
+    # torch threads of each worker (ray_runtime.threads_for_cpus of its CPUs): set by the launcher, which gives
+    # the workers their CPUs
+    threads: Optional[int]
     # The training set as the driver found it (ParquetDataset.describe): workers open it without reading
     # its index or footers, O(1) storage requests per worker whatever the number of shards.
     train_description: Optional[dict] = None
@@ -72,7 +79,10 @@ def run_worker(
     rank, world_size, device = context.rank, context.world_size, context.device
     run = spec.run
     watch: Optional[StopRequestWatch] = None  # rank 0's, started with the loop (the probe reads it then)
-    trainer = Trainer.for_config(
+    if rank == 0:  # the one process that writes into the run folder
+        record_writer(run)
+    newest = checkpoint.latest(run.fs, run.path)
+    trainer = trainer_for_config(
         cfg,
         rank=rank,
         world_size=world_size,
@@ -80,19 +90,11 @@ def run_worker(
         train_description=spec.train_description,
         data_mean=spec.data_mean,
         stop_probe=lambda: preemption_notice() or (watch is not None and watch.requested),
+        saved=None if newest is None else checkpoint.load(run.fs, newest, map_location=device),
     )
-    if rank == 0:  # the one process that writes into the run folder
-        record_writer(run)
-    newest = checkpoint.latest(run.fs, run.path)
-    if newest is not None:
-        note = trainer.load_state_dict(checkpoint.load(run.fs, newest, map_location=device))
-        if note and rank == 0:
-            say(f"warning: {note}")
-    log = (
-        RunLog(run, resume_step=trainer.state.step, total_steps=trainer.total_steps, retry_s=cfg.run.storage_retry_s)
-        if rank == 0
-        else None
-    )
+    if trainer.resume_note and rank == 0:
+        say(f"warning: {trainer.resume_note}")
+    log = RunLog(run, resume_step=trainer.state.step, retry_s=cfg.run.storage_retry_s) if rank == 0 else None
     watch = StopRequestWatch(run) if rank == 0 else None
     try:
         trainer.fit(
@@ -107,6 +109,36 @@ def run_worker(
     if not trainer.stop_requested:
         return None
     return "preempted" if preemption_notice() else "requested"
+
+
+def trainer_for_config(
+    cfg: Config,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str = "cpu",
+    train_description: Optional[dict] = None,
+    stop_probe: Callable[[], bool] = lambda: False,
+    data_mean: Optional[list[float]] = None,
+    saved: Optional[dict] = None,
+) -> Trainer:
+    """Rank `rank` of `world_size`'s trainer as the config says: its batches and test set (the training set
+    from `train_description`, the driver's, where given), the model and the optimizer; resumed from the
+    checkpoint state `saved` where given."""
+    source, test_data = rank_data(
+        cfg, rank=rank, world_size=world_size, device=torch.device(device), train_description=train_description
+    )
+    # Initial parameters from the seed: identical on every rank. No input checks in the step:
+    # ParquetDataset checked every row group (range, NaN/inf) already.
+    vae = model_from_config(cfg.model, seed=cfg.seed, validate_inputs=False).to(source.device)
+    if cfg.train.autocast == "bfloat16":
+        autocast_networks(vae, source.device)
+    # On a GPU the eager and the captured step use the same (fused) Adam: the same update arithmetic.
+    on_gpu, examples = source.device.type == "cuda", examples_per_step(cfg.train, world_size)
+    optimizer = build_optimizer(
+        vae.parameters(), cfg.optim.name, cfg.optim.lr, on_gpu=on_gpu, eps=cfg.optim.eps, examples_per_step=examples
+    )
+    return Trainer(cfg, vae, optimizer, source, test_data, stop_probe=stop_probe, data_mean=data_mean, saved=saved)
 
 
 def save_checkpoint(
