@@ -247,6 +247,16 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         raise ValueError(_explain(err)) from None
 
 
+def unused_keys(cfg: Config) -> list[str]:
+    """Keys set away from their defaults that this config does not read: a line each, for the driver to say.
+    Not refused: a base config (configs/smoke.yaml) may set them for its one-layer model."""
+    m, default = cfg.model, ModelConfig()
+    changed = [f"model.{k}" for k in ("latent_dim", "hidden_sizes") if getattr(m, k) != getattr(default, k)]
+    if m.latent_layers and changed:
+        return [f"{' and '.join(changed)} not used: model.latent_layers sets each layer's latent_dim and hidden_sizes"]
+    return []
+
+
 def absolute_local_uris(cfg: Config) -> Config:
     """A copy whose local paths are absolute: workers, Ray tasks and jobs run in other folders."""
     cfg = config_from_dict(to_dict(cfg))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aevb_dist import checkpoint
-from aevb_dist.config import load_config, to_dict
+from aevb_dist.config import load_config, to_dict, unused_keys
 from aevb_dist.eval.jobs import encode, evaluate
 from aevb_dist.eval.plotting import plot_run
 from aevb_dist.model.elbo import evaluation_bound, iwae_bound, sgvb_a
@@ -165,8 +165,22 @@ def test_a_two_layer_model_trains_from_its_config_and_comes_back_from_its_checkp
     assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in vae.parameters()]
 
 
+def test_the_one_layer_keys_a_stack_does_not_read_are_named_when_set():
+    assert unused_keys(load_config(SMOKE, [TWO_LAYERS, "train.estimator=A"])) == [
+        "model.latent_dim and model.hidden_sizes not used: model.latent_layers sets each layer's latent_dim and "
+        "hidden_sizes"
+    ]
+    assert (
+        unused_keys(
+            load_config(SMOKE, [TWO_LAYERS, "train.estimator=A", "model.latent_dim=20", "model.hidden_sizes=[500]"])
+        )
+        == []
+    )
+    assert unused_keys(load_config(SMOKE)) == []  # one layer reads them
+
+
 @pytest.mark.slow
-def test_a_two_layer_run_resumes_and_is_evaluated_encoded_and_plotted(ray_local, tiny_data, tmp_path):
+def test_a_two_layer_run_resumes_and_is_evaluated_encoded_and_plotted(ray_local, tiny_data, tmp_path, capsys):
     overrides = tiny_overrides(tiny_data, str(tmp_path)) + [
         TWO_LAYERS,
         "train.estimator=iwae",
@@ -175,6 +189,7 @@ def test_a_two_layer_run_resumes_and_is_evaluated_encoded_and_plotted(ray_local,
         "ray.local_mode=true",
     ]
     train(load_config(SMOKE, overrides + ["train.max_steps=8"]))
+    assert "warning: model.latent_dim and model.hidden_sizes not used" in capsys.readouterr().err
     assert train(load_config(SMOKE, overrides + ["train.max_steps=16"]))["step"] == 16  # resumed at 8
     run = f"{tmp_path}/smoke"
     result = evaluate(run, f"{tiny_data}/test", num_importance_samples=50, num_workers=1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from aevb_dist import checkpoint, compat, storage
-from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml
+from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml, unused_keys
 from aevb_dist.config_checks import same_image_shape
 from aevb_dist.console import first_line, say
 from aevb_dist.data.statistics import mean_intensity
@@ -37,6 +37,8 @@ def train(cfg: Config, wait_for_lease: bool = True) -> dict:
     cfg = model_for_data(cfg, train_data.shape)
     cfg = absolute_local_uris(cfg)  # workers, Ray tasks and jobs run in other folders
     config_yaml = to_yaml(cfg)  # the run folder's config.yaml
+    for line in unused_keys(cfg):
+        say(f"warning: {line}")
     if storage.scheme_of(cfg.run.storage_uri) == "memory":
         raise ValueError(
             "run.storage_uri=memory://... is private to one process; workers cannot share it. Use a local path or s3://"
