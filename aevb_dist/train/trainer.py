@@ -245,7 +245,7 @@ class Trainer:
             f"non-finite objective or gradient at {where}; lower optim.lr or set train.on_nonfinite=skip"
         )
 
-    def check_parameters_finite(self) -> None:
+    def _check_parameters_finite(self) -> None:
         """Never write a corrupted checkpoint: parameters that went non-finite stop the run here."""
         if not all(torch.isfinite(p).all() for p in self.params):
             raise NonFiniteError(
@@ -292,35 +292,35 @@ class Trainer:
         if s.step == 0 and self.cfg.model.output_bias_init == "data_mean":  # a new run, not a resumed one
             self.data_mean = self.data_mean or mean_intensity(self.source.data).tolist()
             self.vae.set_output_bias_to_data_mean(torch.tensor(self.data_mean, dtype=torch.float64))
-        window = self.new_window()
+        window = self._new_window()
         row: dict = {}
         while True:
-            self.begin_epoch()
-            if self.finished():
+            self._begin_epoch()
+            if self._finished():
                 break
             for elbo, count in steps.epoch(s.epoch, s.batch_in_epoch):
                 s.step, s.batch_in_epoch, s.samples_seen = s.step + 1, s.batch_in_epoch + 1, s.samples_seen + count
                 window["count"] += count
                 if elbo is not None and count:
                     window["elbo"] += elbo
-                if self.wants_log():
+                if self._wants_log():
                     steps.read_window(window)
-                row = self.after_step(window, on_log, on_checkpoint) or row
-                if self.finished():
+                row = self._after_step(window, on_log, on_checkpoint) or row
+                if self._finished():
                     break
             if s.batch_in_epoch >= self.source.num_batches(s.epoch):
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         return row
 
-    def finished(self) -> bool:
+    def _finished(self) -> bool:
         """The loop ends here: the configured length is reached, or a rank asked to stop after this step."""
         return self.state.step >= self.total_steps or self.stop_requested
 
     @staticmethod
-    def new_window() -> dict:
+    def _new_window() -> dict:
         return {"elbo": 0.0, "count": 0, "start": time.perf_counter()}
 
-    def begin_epoch(self) -> None:
+    def _begin_epoch(self) -> None:
         """Before an epoch's batches: move on to the next epoch when this one's are done, and set the learning
         rate of the epoch that runs (optim.lr_schedule)."""
         s = self.state
@@ -328,30 +328,39 @@ class Trainer:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         set_learning_rate(self.optimizer, learning_rate(self.cfg.optim.lr, self.cfg.optim.lr_schedule, s.epoch))
 
-    def after_step(self, window: dict, on_log, on_checkpoint) -> dict:
-        """Log and checkpoint when the step just taken calls for it; returns the logged row, if any."""
+    def _after_step(self, window: dict, on_log, on_checkpoint) -> dict:
+        """Log (with the test set's ELBO where due) and checkpoint when the step just taken calls for it;
+        returns the logged row, if any."""
         s = self.state
-        row = self._maybe_log(window, on_log)
-        if s.step % self.cfg.checkpoint.every_steps == 0 or self.finished():
-            self.check_parameters_finite()
+        row: dict = {}
+        if self._wants_log():
+            row = self._log_row(window, test_elbo=self._test_elbo_if_due())
+            on_log(row)
+            window.update(self._new_window())
+        if s.step % self.cfg.checkpoint.every_steps == 0 or self._finished():
+            self._check_parameters_finite()
             on_checkpoint(self.state_dict(), row)
         return row
 
-    def wants_log(self) -> bool:
+    def _wants_log(self) -> bool:
         """Whether the step just taken ends a log interval. Step 1 is always logged: the user sees the
         first step at once, and benchmarks time it."""
         s = self.state
-        return s.step % self.cfg.train.log_every_steps == 0 or s.step == 1 or self.finished()
+        return s.step % self.cfg.train.log_every_steps == 0 or s.step == 1 or self._finished()
 
-    def _maybe_log(self, window: dict, on_log: Callable[[dict], None]) -> dict:
+    def _test_elbo_if_due(self) -> float:
+        """The test set's ELBO at train.eval_every_steps and at the last step (NaN elsewhere, or without a
+        test set). A stop is not the end: no test-set pass before its checkpoint."""
         t, s = self.cfg.train, self.state
-        last = s.step >= self.total_steps  # (a stop is not the end: no test-set pass before its checkpoint)
-        if not self.wants_log():
-            return {}
-        now = time.perf_counter()
-        test_elbo = math.nan
+        last = s.step >= self.total_steps
         if self.test_data is not None and (last or (t.eval_every_steps and s.step % t.eval_every_steps == 0)):
-            test_elbo = self.evaluate(self.test_data)
+            return self.evaluate(self.test_data)
+        return math.nan
+
+    def _log_row(self, window: dict, test_elbo: float) -> dict:
+        """metrics.csv's row for the log interval `window` ends; the optimized objective's sum starts anew."""
+        s = self.state
+        now = time.perf_counter()
         row = {
             "step": s.step,
             "epoch": s.epoch,
@@ -367,8 +376,6 @@ class Trainer:
             else math.nan,
         }
         self.objective_in_window = 0.0
-        on_log(row)
-        window.update(self.new_window())
         return row
 
 
