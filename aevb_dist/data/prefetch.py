@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator, Optional, TypeVar
 from aevb_dist import storage
 
 Item, Loaded = TypeVar("Item"), TypeVar("Loaded")
+_END = object()
 
 
 def reads_ahead(dataset, read_ahead: Optional[bool] = None) -> bool:
@@ -34,8 +35,13 @@ def loaded_ahead(load: Callable[[Item], Loaded], items: Iterable[Item]) -> Itera
     used."""
     items = iter(items)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="aevb-read") as pool:
-        pending = next((pool.submit(load, item) for item in items), None)
+
+        def load_next():  # the next item's load, started; None after the last
+            item = next(items, _END)
+            return None if item is _END else pool.submit(load, item)
+
+        pending = load_next()
         while pending is not None:
             current = pending.result()
-            pending = next((pool.submit(load, item) for item in items), None)
+            pending = load_next()  # read while `current` is used
             yield current

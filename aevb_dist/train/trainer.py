@@ -308,8 +308,6 @@ class Trainer:
                 row = self._after_step(window, on_log, on_checkpoint) or row
                 if self._finished():
                     break
-            if s.batch_in_epoch >= self.source.num_batches(s.epoch):
-                s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         return row
 
     def _finished(self) -> bool:
@@ -321,8 +319,8 @@ class Trainer:
         return {"elbo": 0.0, "count": 0, "start": time.perf_counter()}
 
     def _begin_epoch(self) -> None:
-        """Before an epoch's batches: move on to the next epoch when this one's are done, and set the learning
-        rate of the epoch that runs (optim.lr_schedule)."""
+        """Before an epoch's batches (and once after the last step): move on to the next epoch when this one's
+        are done, and set the learning rate of the epoch that runs (optim.lr_schedule)."""
         s = self.state
         if s.step > 0 and s.batch_in_epoch >= self.source.num_batches(s.epoch):
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
