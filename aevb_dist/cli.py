@@ -13,7 +13,7 @@ import threading
 from typing import Optional
 
 from aevb_dist import __version__, compat, names
-from aevb_dist.console import is_user_error
+from aevb_dist.console import Interrupted, is_user_error
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -83,6 +83,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         num_steps=args.num_steps,
         num_leapfrog=args.leapfrog_steps,
         use_gpu=args.use_gpu,
+        save_in_run_folder=True,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -356,7 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="importance samples per pass (default 100: 100 × a batch of 100 stays cache-friendly)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and the test binarization")
-    p.add_argument("--output", default=None, help="also write the JSON to this URI")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="also write the JSON to this URI (it is always kept in the run folder too, as eval_SPLIT.json, "
+        "or eval_SPLIT_ESTIMATOR.json for ais and appendix-d)",
+    )
     p.add_argument(
         "--use-gpu",
         action="store_true",
@@ -426,9 +432,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         message = str(cause).strip().splitlines()
         print(f"aevb-dist {args.command}: error: {message[0] if message else type(cause).__name__}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"aevb-dist {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: 128 + the signal's number (console.Interrupted)
+        if not getattr(err, "told", False):
+            print(f"aevb-dist {args.command}: interrupted", file=sys.stderr)
+        return err.exit_status if isinstance(err, Interrupted) else 128 + signal.SIGINT
     finally:
         if before is not None:
             signal.signal(signal.SIGTERM, before)
@@ -441,7 +448,7 @@ def _sigterm_as_interrupt():
         return None
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Interrupted(signum)
 
     return signal.signal(signal.SIGTERM, interrupt)
 

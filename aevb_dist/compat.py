@@ -119,3 +119,24 @@ def interrupt_main_thread() -> None:
     import _thread
 
     _thread.interrupt_main()
+
+
+def quiet_token_auth_notice() -> None:
+    """Drop Ray's warning, at each start of a local cluster, that it turned token authentication on ("Token
+    authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out"): the embedded Ray
+    has it on by design, and the user has nothing to act on. Ray's other authentication warnings (one turned
+    off, a token missing) stay. Installed once, on the logger of the module that warns."""
+    import logging
+
+    logger = logging.getLogger(RAY_TOKEN_AUTH_LOGGER)
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in logger.filters):
+        logger.addFilter(_DropTokenAuthNotice())
+
+
+RAY_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+RAY_TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster."
+
+
+class _DropTokenAuthNotice:
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(RAY_TOKEN_AUTH_NOTICE)

@@ -8,6 +8,7 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -312,11 +313,38 @@ def _explain(err: OmegaConfBaseException) -> str:
         holder = getattr(err, "object_type", None)
         if holder is LatentLayerConfig:  # an item of a list: OmegaConf's key does not say which list
             key, section, allowed = f"model.latent_layers[].{leaf}", "each model.latent_layers item", _fields(holder)
-        return f"unknown config key '{key}'; allowed keys{' in ' + section if section else ''}: {', '.join(allowed)}"
+        guess = _closest_key(key, section, allowed)
+        return (
+            f"unknown config key '{key}'{f' (did you mean {guess}?)' if guess else ''}; "
+            f"allowed keys{' in ' + section if section else ''}: {', '.join(allowed)}"
+        )
     if isinstance(err, ValidationError):
         first = str(err).splitlines()[0]
         return f"config key '{key}' has the wrong type: {first}"
     return f"invalid config{' at ' + key if key else ''}: {str(err).splitlines()[0]}"
+
+
+def _closest_key(key: str, section: str, allowed: list[str]) -> Optional[str]:
+    """The key a mistyped one most likely meant: a near spelling in its own section, else the one key of that
+    name in another section (model.max_steps: train.max_steps); None where no guess is a good one."""
+    leaf = key.rpartition(".")[2]
+    near = difflib.get_close_matches(leaf, allowed, n=1, cutoff=0.75)
+    if near:
+        return f"{section}.{near[0]}" if section and "[]" not in section and " " not in section else near[0]
+    elsewhere = [k for k in _all_keys(Config) if k.rpartition(".")[2] == leaf]
+    return elsewhere[0] if len(elsewhere) == 1 else None
+
+
+def _all_keys(schema: type, prefix: str = "") -> list[str]:
+    """Every leaf key of the schema, dotted (model.latent_dim, ...)."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        node = globals().get(f.type) if isinstance(f.type, str) else f.type
+        if node is not None and dataclasses.is_dataclass(node):
+            keys += _all_keys(node, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
 
 
 def _allowed_keys(section: str) -> list[str]:

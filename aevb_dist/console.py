@@ -7,6 +7,7 @@ traceback; every launcher and command decides that with `user_error_in`, written
 from __future__ import annotations
 
 import errno
+import signal
 import sys
 import time
 from typing import Optional
@@ -24,6 +25,21 @@ def unfixable_by_waiting(err: BaseException) -> bool:
 def is_user_error(err: BaseException) -> bool:
     """The user's to fix (bad input, or storage that waiting cannot fix): one line, no traceback."""
     return isinstance(err, USER_ERRORS) or unfixable_by_waiting(err)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal ended the command (Ctrl-C's SIGINT, or SIGTERM from a scheduler): it exits with 128 + the
+    signal's number, as a shell reports a process that signal ended (130 for SIGINT, 143 for SIGTERM), so
+    `aevb-dist train ... && aevb-dist evaluate ...` stops there and a batch scheduler can requeue the job.
+    `told`: the command has said already how it stopped."""
+
+    def __init__(self, signum: int, told: bool = False):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.told = signum, told
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
 
 
 def say(message: str) -> None:

@@ -34,6 +34,7 @@ DATASET_FORMATS = (
     "imagefolder",
     "parquet",
 )  # `aevb-dist prepare --format`
+SPLITS = ("train", "test")  # the folders `aevb-dist prepare` writes under its OUTPUT_URI
 
 
 def require_registry(kind: str, listed: tuple[str, ...], implemented: Iterable[str]) -> None:

@@ -8,7 +8,6 @@ learning curve, samples and the 2-D manifold are plotted.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -101,7 +100,7 @@ def quickstart(output: str = "aevb-quickstart", dataset: str = "digits") -> dict
             f"{data_uri}/test",
             num_importance_samples=IMPORTANCE_SAMPLES[dataset],
             num_workers=2,
-            output_uri=os.path.join(run_dir, "eval_test.json"),
+            save_in_run_folder=True,  # eval_test.json
         )
     finally:
         stop_ray(started)
@@ -119,6 +118,7 @@ aevb-dist quickstart finished in {seconds:.0f} s. Everything is under {output}:
   dataset (sharded Parquet)   {data_uri}/{{train,test}}
   run folder                  {run_dir}  (metrics.csv, tensorboard/, config.yaml, checkpoint_*/)
   test set                    {elbo}, {log_px} (K={result["num_importance_samples"]}), {result["num_examples"]} examples
+                              (all of it in {run_dir}/eval_test.json)
   plots                       {", ".join(os.path.basename(p) for p in plots)} in {os.path.dirname(plots[0])}
 
 Next:
@@ -130,4 +130,3 @@ Next:
   on a cluster:               aevb-dist train configs/mnist.yaml ray.address=auto run.storage_uri=s3://bucket/runs
 """.rstrip()
     )
-    print(json.dumps({"elbo": result["elbo"], "log_marginal_likelihood": result["log_marginal_likelihood"]}))

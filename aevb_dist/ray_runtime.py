@@ -10,7 +10,8 @@ import sys
 import threading
 from typing import Any, Callable, Optional
 
-from aevb_dist.console import say
+from aevb_dist import compat
+from aevb_dist.console import Interrupted, say
 
 
 def cluster_auth_token() -> Optional[str]:
@@ -107,8 +108,6 @@ def choose_auth_mode(address: str) -> bool:
     chosen = os.environ.get("RAY_AUTH_MODE", "").lower()
     token = cluster_auth_token() if chosen != "disabled" else None
     if address == "auto":  # the cluster `ray start` last started on this machine
-        from aevb_dist import compat
-
         try:
             address = compat.running_cluster_address()
         except ConnectionError:
@@ -182,8 +181,6 @@ def head_answers(timeout_s: float = 2.0) -> bool:
 def _set_auth_mode(mode: str) -> None:
     os.environ["RAY_AUTH_MODE"] = mode
     if "ray._raylet" in sys.modules:  # Ray is imported in this process already: it re-reads its config
-        from aevb_dist import compat
-
         compat.reload_ray_config()
 
 
@@ -245,6 +242,7 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
             _join(ray, address, show_worker_logs, asked)
             return False
         # address="local": always a new embedded cluster, never one that `ray start` left on this machine.
+        compat.quiet_token_auth_notice()  # token authentication is on, as Ray's default for a new local cluster
         try:
             ray.init(
                 address="local",
@@ -268,8 +266,6 @@ def _join(ray, address: str, show_worker_logs: bool, asked: bool) -> None:
     """ray.init on a cluster. Over Ray Client, the head starts a server process for each client; where that
     process dies at start (Ray's own failure, seen on a loaded head: not the auth mode, which was asked), the
     join is tried again, up to RAY_CLIENT_JOIN_ATTEMPTS times, then told in one line."""
-    from aevb_dist import compat
-
     for attempt in range(1, RAY_CLIENT_JOIN_ATTEMPTS + 1):
         try:
             ray.init(address=address, log_to_driver=show_worker_logs)
@@ -295,12 +291,20 @@ def _join(ray, address: str, show_worker_logs: bool, asked: bool) -> None:
 
 @contextlib.contextmanager
 def _keeping_sigterm_handler():
-    """ray.init makes SIGTERM exit the driver at once (sys.exit); the caller's own handler stays (train's:
-    a checkpoint at the next step, then exit; train/stop_request.py)."""
+    """ray.init makes SIGTERM exit the driver at once (sys.exit(15)); the caller's own handler stays (train's:
+    a checkpoint at the next step, then exit; train/stop_request.py). A SIGTERM that arrives while ray.init
+    runs is the caller's handler's to answer, and ends the start-up: an `Interrupted`, whose exit status is
+    143, not Ray's 15."""
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
     try:
         yield
+    except SystemExit as exit_:
+        if not main or exit_.code != signal.SIGTERM:
+            raise
+        if callable(before):
+            before(signal.SIGTERM, None)  # says what it does; raises where it stops at once
+        raise Interrupted(signal.SIGTERM, told=callable(before)) from None
     finally:
         if main and before is not None:
             signal.signal(signal.SIGTERM, before)

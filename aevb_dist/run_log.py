@@ -83,6 +83,7 @@ class RunLog:
         self._on_local_disk = storage.is_local(self.fs)  # append in place; else upload the whole file
         self.upload_interval_s, self._uploaded_at, self.retry_s = upload_interval_s, 0.0, retry_s
         self._upload()  # once whole: drops the rows after the resumed step
+        self._uploaded_at = -math.inf  # the launch's first row goes up at once: the driver sees training begin
         self._tb_dir = f"{self.path}/tensorboard" if self._on_local_disk else tempfile.mkdtemp(prefix="aevb-tb-")
         self._tb = _summary_writer(self._tb_dir, purge_step=resume_step + 1)
 
@@ -217,7 +218,7 @@ class ProgressPrinter:
             interval_s,
         )
         seen = self._rows()  # what is there already (rows past `start_step` are trained again, and printed then)
-        self.last_step = start_step
+        self.start_step = self.last_step = start_step
         self.workers, self.workers_step = None, 0  # the worker count, as of which step
         for row in seen:
             if row["step"] <= start_step:
@@ -237,6 +238,12 @@ class ProgressPrinter:
             if row["step"] > self.last_step:
                 print(progress_line(row, self.total_steps), file=sys.stderr, flush=True)
                 self.last_step = row["step"]
+
+    @property
+    def trained_past_start(self) -> bool:
+        """Whether this launch has logged a step yet (rank 0 logs its first step at once: RunLog), as of the
+        newest poll, at most `interval_s` ago."""
+        return self.last_step > self.start_step
 
     def _note_resize(self, row: dict, quiet: bool = False) -> None:
         """An elastic run's worker count changed (metrics.csv's num_workers): one line. Rows re-read from

@@ -36,5 +36,10 @@ def test_train_bad_inputs_fail_fast_with_one_line(tiny_data, tmp_path):
     assert "no Parquet files found" in _one_line_error(aevb("train", SMOKE, *base, f"data.train_uri={tmp_path}"))
     assert "model.input_dim=784" in _one_line_error(aevb("train", SMOKE, *base, "model.input_dim=784"))
     assert "dataset not found" in _one_line_error(aevb("train", SMOKE, *base, f"data.test_uri={tmp_path}/nope"))
+    root = tiny_data.rstrip("/")
+    for key in ("data.train_uri", "data.test_uri"):
+        assert f"{key}: {root} holds the splits train/ and test/ of a prepared dataset, not one split: pass" in (
+            _one_line_error(aevb("train", SMOKE, *base, f"{key}={root}"))
+        )
     assert "unknown scheme 'hdfs://'" in _one_line_error(aevb("train", SMOKE, *base, "run.storage_uri=hdfs://x/y"))
     assert "is private to one process" in _one_line_error(aevb("train", SMOKE, *base, "run.storage_uri=memory://x"))

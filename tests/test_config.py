@@ -50,7 +50,13 @@ def test_round_trip_through_dict():
     "override, message",
     [
         ("train.batchsize=3", r"unknown config key 'train.batchsize'; allowed keys in train: .*batch_size_per_worker"),
-        ("trian.max_steps=3", r"unknown config key 'trian'; allowed keys: model, data, train"),
+        ("trian.max_steps=3", r"unknown config key 'trian' \(did you mean train\?\); allowed keys: model, data, train"),
+        (
+            "train.max_step=3",
+            r"unknown config key 'train.max_step' \(did you mean train.max_steps\?\); allowed keys in",
+        ),
+        ("model.max_steps=3", r"unknown config key 'model.max_steps' \(did you mean train.max_steps\?\)"),
+        ("optim.learning_rate=0.1", r"unknown config key 'optim.learning_rate'; allowed keys in optim: name, lr,"),
         ("train.num_workers=two", r"'train.num_workers' has the wrong type"),
         ("model.hidden_sizes=[a]", r"'model.hidden_sizes\[0\]' has the wrong type"),
         ("train.estimator=C", r"train.estimator='C' is not allowed; choose one of: A, B, iwae"),

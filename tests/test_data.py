@@ -168,6 +168,29 @@ def test_reader_rejects_bad_parquet(tmp_path):
         ParquetDataset(str(tmp_path / "zero"))
 
 
+def test_a_prepared_datasets_root_is_not_one_split_and_is_refused_naming_them(tiny_data, tmp_path):
+    """Read as one dataset, the root of `prepare`'s output mixes its train and test examples: an evaluation
+    on it would score the training set as "test" with exit status 0."""
+    root = tiny_data.rstrip("/")
+    with pytest.raises(ValueError) as refused:
+        ParquetDataset(root)
+    assert str(refused.value) == (
+        f"{root} holds the splits train/ and test/ of a prepared dataset, not one split: "
+        f"pass {root}/train or {root}/test"
+    )
+    assert ParquetDataset(f"{root}/test").num_rows == 30  # each split opens as itself
+    # A root with one split (prepare --split train) names that one; other subfolders stay one dataset.
+    (tmp_path / "only" / "train").mkdir(parents=True)
+    (tmp_path / "mine" / "2024").mkdir(parents=True)
+    for folder in ("only/train", "mine/2024"):
+        _write_parquet(str(tmp_path / folder / "part-0.parquet"), np.random.default_rng(0).random((4, 4)))
+    with pytest.raises(
+        ValueError, match=r"holds the splits train/ of a prepared dataset, not one split: pass \S+/only/train$"
+    ):
+        ParquetDataset(str(tmp_path / "only"))
+    assert ParquetDataset(str(tmp_path / "mine")).num_rows == 4
+
+
 @pytest.fixture
 def uneven_dataset(tmp_path):
     """Three files of 37, 5 and 58 rows, row groups of 8: uneven on purpose."""

@@ -202,9 +202,13 @@ def test_a_two_layer_run_resumes_and_is_evaluated_encoded_and_plotted(ray_local,
     assert encode(run, f"{tiny_data}/test", str(tmp_path / "codes"), num_workers=1) == 30
     codes = pq.read_table(str(tmp_path / "codes")).to_pydict()
     assert len(codes["mean"][0]) == len(codes["std"][0]) == 3 + 2  # both layers, side by side
+    capsys.readouterr()
     written = plot_run(run)
     assert any(uri.endswith("samples.png") for uri in written)
     assert not any(uri.endswith("manifold.png") for uri in written)
+    assert "plot: no manifold.png: the 2-D manifold (Figure 4) needs one layer of 2 latents; this model has 3 + 2" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_stack_reads_every_scale_output_as_log_sigma_with_gaussian_log_std():

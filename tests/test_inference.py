@@ -84,6 +84,50 @@ def test_evaluate_use_gpu_on_a_cluster_without_gpus_is_refused_at_once(trained):
         evaluate(trained["run"], trained["test"], num_importance_samples=10, num_workers=1, use_gpu=True)
 
 
+def test_evaluate_and_encode_refuse_a_datasets_root_naming_the_split(trained, tmp_path):
+    root = trained["test"].rsplit("/", 1)[0]
+    for command in (
+        lambda: evaluate(trained["run"], root, num_importance_samples=10),
+        lambda: encode(trained["run"], root, str(tmp_path / "codes")),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=f"holds the splits train/ and test/ of a prepared dataset, not one split: pass {root}/train or ",
+        ):
+            command()
+    assert not (tmp_path / "codes").exists()
+
+
+def test_an_evaluation_is_kept_in_its_run_folder_one_file_per_split_and_estimator(trained, tmp_path, capsys):
+    """What `aevb-dist evaluate` does (save_in_run_folder): the JSON beside the model it scored, whether a run
+    folder or one of its checkpoints was named."""
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    newest = max(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint_"))
+    scored = evaluate(run, trained["test"], num_importance_samples=10, num_workers=1, save_in_run_folder=True)
+    assert json.loads((tmp_path / "run" / "eval_test.json").read_text()) == scored
+    assert f"wrote {run}/eval_test.json" in capsys.readouterr().err
+    ais = evaluate(
+        f"{run}/{newest}",
+        trained["train"],
+        num_importance_samples=2,
+        num_workers=1,
+        estimator="ais",
+        num_steps=5,
+        save_in_run_folder=True,
+    )
+    assert json.loads((tmp_path / "run" / "eval_train_ais.json").read_text()) == ais
+    assert json.loads((tmp_path / "run" / "eval_test.json").read_text()) == scored  # the other kept
+    # Where the file cannot be written (here a folder is in its way; a read-only bucket alike), the result
+    # stands, with a warning.
+    (tmp_path / "run" / "eval_test.json").unlink()
+    (tmp_path / "run" / "eval_test.json").mkdir()
+    again = evaluate(run, trained["test"], num_importance_samples=10, num_workers=1, save_in_run_folder=True)
+    assert again == scored and "warning: could not keep the evaluation in" in capsys.readouterr().err
+
+
 def test_evaluate_cli_prints_json_and_writes_output(trained, tmp_path):
     result = evaluate(
         trained["run"],

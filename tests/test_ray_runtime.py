@@ -68,6 +68,24 @@ for mode in ("token", "disabled"):  # Ray re-reads RAY_AUTH_MODE when asked to
     os.environ["RAY_AUTH_MODE"] = mode
     compat.reload_ray_config()
     assert compat.authentication_mode() == mode, mode
+import logging
+from ray._private.authentication import authentication_token_setup as token_setup
+assert token_setup.logger.name == compat.RAY_TOKEN_AUTH_LOGGER  # where Ray warns
+assert compat.RAY_TOKEN_AUTH_NOTICE in inspect.getsource(token_setup._warn_token_auth_enabled)
+compat.quiet_token_auth_notice()
+compat.quiet_token_auth_notice()  # once, however often asked
+assert len(token_setup.logger.filters) == 1
+class Seen(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+seen = Seen()
+token_setup.logger.addHandler(seen)
+token_setup._warn_token_auth_enabled()
+token_setup._warn_token_auth_disabled()  # a warning the user can act on stays
+assert len(seen.messages) == 1 and seen.messages[0].startswith("Token authentication is disabled"), seen.messages
 import atexit, threading
 ran = []
 atexit.register(ran.append, "exit handler")

@@ -49,13 +49,14 @@ def test_local_rows_are_appended_and_tailed_incrementally(tmp_path):
     log.close()
 
 
-def test_object_store_rows_are_uploaded_whole_at_most_every_interval_and_at_flush():
+def test_object_store_rows_are_uploaded_whole_at_most_every_interval_and_at_flush_the_first_at_once():
     uri = "memory://aevb-run-log-test/run"
     fs, path = storage.resolve(uri)
     log = RunLog(storage.Folder.open(uri), resume_step=0, upload_interval_s=3600)
-    log.append(row(1))
+    log.append(row(1))  # the first row goes up at once: the driver sees training begin (stop_request)
+    assert steps(read_metrics(fs, f"{path}/metrics.csv")) == [1]
     log.append(row(2))
-    assert steps(read_metrics(fs, f"{path}/metrics.csv")) == []  # not yet uploaded
+    assert steps(read_metrics(fs, f"{path}/metrics.csv")) == [1]  # not yet uploaded
     log.flush()  # at every checkpoint
     assert steps(read_metrics(fs, f"{path}/metrics.csv")) == [1, 2]
     assert steps(MetricsTail(fs, f"{path}/metrics.csv").new_rows()) == [1, 2]

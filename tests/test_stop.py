@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from aevb_dist import checkpoint, storage
@@ -34,9 +36,10 @@ def _start(overrides: list[str]) -> subprocess.Popen:
     )
 
 
-def _stopped_run(overrides: list[str], run_dir: str, send) -> tuple[str, int, int]:
+def _stopped_run(overrides: list[str], run_dir: str, send, signum: int) -> tuple[str, int, int]:
     """Start a run, signal it (send(proc)) once it has logged step 20, and return (stderr, the step logged
-    when the signal went, the step of its newest checkpoint)."""
+    when the signal went, the step of its newest checkpoint). The command exits as that signal's conventional
+    status (128 + its number), the run unfinished."""
     proc = _start(overrides)
     try:
         wait_for(lambda: logged_step(run_dir) >= 20 or proc.poll() is not None, timeout=240)
@@ -47,7 +50,7 @@ def _stopped_run(overrides: list[str], run_dir: str, send) -> tuple[str, int, in
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 128 + signum, err[-3000:]
     fs, path = storage.resolve(run_dir)
     return err, seen, checkpoint.manifest_step(fs, checkpoint.latest(fs, path))
 
@@ -69,7 +72,7 @@ def test_a_signal_checkpoints_the_next_step_and_a_rerun_ends_bit_for_bit(tiny_da
         else:
             os.killpg(proc.pid, signum)
 
-    err, seen, saved = _stopped_run(overrides + ["run.name=stopped"], f"{tmp_path}/stopped", send)
+    err, seen, saved = _stopped_run(overrides + ["run.name=stopped"], f"{tmp_path}/stopped", send, signum)
     name = signal.Signals(signum).name
     assert f"{name}: stopping after the next step" in err, err[-3000:]
     # Within a poll of the request (2 s) and a step of it: far from a checkpoint interval (500 steps).
@@ -96,3 +99,46 @@ def test_a_signal_checkpoints_the_next_step_and_a_rerun_ends_bit_for_bit(tiny_da
         )
     )
     assert_bitwise_equal(final_state(f"{tmp_path}/straight"), final_state(f"{tmp_path}/stopped"))
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    """Every process `pid` started (Ray's, the workers), and theirs."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_embedded_rays_start_up_stops_at_once_with_nothing_trained(tiny_data, tmp_path, signum):
+    """Ctrl-C (to the process group, as a terminal sends it) or SIGTERM while the embedded Ray starts: the
+    command stops within seconds, with the signal's exit status and no step taken, and leaves no process."""
+    overrides = tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2}) + ["run.name=early"]
+    proc = _start(overrides)
+    try:
+        # Ray's own processes are starting: the driver is past its checks and inside the launch.
+        wait_for(
+            lambda: proc.poll() is not None or any("gcs_server" in p.name() for p in _children(proc.pid)),
+            timeout=120,
+            interval=0.2,
+        )
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        started = _children(proc.pid)
+        signalled = time.monotonic()
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert f"{name} before training's first logged step: stopping now, with nothing to checkpoint" in err, err[-3000:]
+    assert "Traceback" not in err and "samples/s" not in err and took < 20, (took, err[-3000:])
+    fs, path = storage.resolve(f"{tmp_path}/early")
+    assert checkpoint.latest(fs, path) is None and logged_step(f"{tmp_path}/early") == 0
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [p.name() for p in alive]

@@ -35,7 +35,9 @@ def test_0_1_bytes_are_recorded_as_binary_and_read_as_0_and_1(tmp_path):
     """Binarized MNIST as it is usually shipped: uint8 0/1. Taken as 8-bit, every "on" pixel was 1/255."""
     pixels = _binary()
     out, said = _prepare(tmp_path, pixels, "binary")
-    assert any("value range [0, 1] (binary: every value is 0 or 1)" in line for line in said), said
+    assert any(
+        "pixel values in [0, 1] are mapped to [0, 1]: every value is 0 or 1 (binary data)" in line for line in said
+    ), said
     data = ParquetDataset(f"{out}/train")
     assert data.value_range == (0.0, 1.0)
     batch = data.read_raw(data.units[0])
@@ -43,7 +45,20 @@ def test_0_1_bytes_are_recorded_as_binary_and_read_as_0_and_1(tmp_path):
     assert set(np.unique(intensities)) == {0.0, 1.0}
     np.testing.assert_array_equal(intensities, pixels[batch.index].astype(np.float32))
     _, said = _prepare(tmp_path, (pixels * 200).astype(np.uint8), "bytes")  # real 8-bit data stays 8-bit
-    assert any("value range [0, 255] (8-bit" in line for line in said), said
+    assert any("pixel values in [0, 255] are mapped to [0, 1]: uint8 values, read as 8-bit" in line for line in said), (
+        said
+    )
+
+
+def test_floats_outside_the_unit_interval_take_their_own_extremes_and_say_how_to_give_another(tmp_path):
+    """scikit-learn's digits: float pixels 0..16. Their range is the data's own, said in plain words."""
+    pixels = np.random.default_rng(3).integers(0, 17, size=(100, 16)).astype(np.float32)
+    pixels[0, :2] = 0, 16
+    out, said = _prepare(tmp_path, pixels, "floats")
+    line = next(line for line in said if "are mapped to [0, 1]" in line)
+    assert line.startswith("prepare: pixel values in [0, 16] are mapped to [0, 1]: the data's own minimum and maximum")
+    assert "--value-range LO HI" in line and line.count("(") == line.count(")") <= 1
+    assert ParquetDataset(f"{out}/train").value_range == (0.0, 16.0)
 
 
 def test_integers_whose_full_scale_cannot_be_told_are_refused_unless_declared(tmp_path):
@@ -55,7 +70,7 @@ def test_integers_whose_full_scale_cannot_be_told_are_refused_unless_declared(tm
         _prepare(tmp_path, sixteen_bit, "guess")
     assert not (tmp_path / "guess").exists()  # nothing left behind
     out, said = _prepare(tmp_path, sixteen_bit, "declared", value_range=(0, 65535))
-    assert any("value range [0, 65535] (as given by --value-range)" in line for line in said)
+    assert any("pixel values in [0, 65535] are mapped to [0, 1]: as given by --value-range" in line for line in said)
     assert ParquetDataset(f"{out}/train").value_range == (0.0, 65535.0)
     with pytest.raises(ValueError, match=r"values in \[0, 3999\] fall outside --value-range 0 1000"):
         _prepare(tmp_path, sixteen_bit, "too-narrow", value_range=(0, 1000))
@@ -72,7 +87,7 @@ def test_the_command_line_takes_value_range_and_refuses_in_one_line(tmp_path):
     assert "int64 pixels in [0, 899]" in refused.stderr and not (tmp_path / "refused").exists()
     done = aevb("prepare", str(tmp_path / "ints.npy"), str(tmp_path / "ok"), "--value-range", "0", "1023", timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "value range [0, 1023] (as given by --value-range)" in done.stderr
+    assert "pixel values in [0, 1023] are mapped to [0, 1]: as given by --value-range" in done.stderr
 
 
 def test_a_bernoulli_model_on_data_recorded_in_the_wrong_range_is_refused_before_training(tmp_path):

@@ -203,9 +203,9 @@ def prepare(
         raise ValueError(f"--num-shards={num_shards} must be at least 1")
     if rows_per_row_group < 1:
         raise ValueError(f"--rows-per-row-group={rows_per_row_group} must be at least 1")
-    if split not in ("train", "test", "both"):
+    if split not in (*names.SPLITS, "both"):
         raise ValueError(f"--split={split!r} must be train, test or both")
-    wanted = ["train", "test"] if split == "both" else [split]
+    wanted = list(names.SPLITS) if split == "both" else [split]
     fs, root = storage.resolve(output_uri, endpoint_url)
     _check_destination(fs, root, output_uri, overwrite)
     if not os.path.exists(source):
@@ -215,7 +215,7 @@ def prepare(
     fmt = detect_format(source) if fmt == "auto" else fmt
     splits = load_splits(source, fmt, wanted, test_fraction, seed, image_options, report)
     lo, hi, why = decide_value_range([s.images for s in splits.values()], source, value_range)
-    report(f"prepare: value range [{lo:g}, {hi:g}] ({why}); the reader maps it to [0, 1]")
+    report(f"prepare: pixel values in [{lo:g}, {hi:g}] are mapped to [0, 1]: {why}")
 
     counts = {}
     needs = sum(s.images.nbytes for s in splits.values())

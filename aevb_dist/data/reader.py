@@ -43,6 +43,7 @@ from aevb_dist.data.schema import (
     concat,
     metadata_checksum,
     pixel_width,
+    refuse_a_root_of_splits,
 )
 from aevb_dist.data.value_range import check_range_fits
 
@@ -96,6 +97,7 @@ class ParquetDataset:
         paths = sorted(p for p in self.fs.find(self.root) if p.endswith(".parquet") and not _hidden(self._relative(p)))
         if not paths:
             raise ValueError(f"{self.uri}: no Parquet files found (run `aevb-dist prepare` to make a dataset)")
+        refuse_a_root_of_splits(self.uri, [self._relative(p) for p in paths])
         return paths
 
     def _index_for(self, paths: list[str]) -> Optional[dict]:

@@ -6,11 +6,12 @@ Each file holds
           faster than a list of D numbers with their repetition levels (benchmarks/reader.py).
   index   int64                                 the example's position in the source split
   label   int64                                 where the source has labels
-and in the schema metadata the image shape and the value range the reader scales to [0, 1], with a
-checksum of the two. Parquet's footer has no checksum of its own, and a flipped byte in the range
-would silently rescale every pixel; pages carry CRC32 checksums (`write_page_checksum`) that the
-reader verifies, so a flipped byte in the data is an error, never a wrong pixel. Columns are zstd-compressed
-(prepare.py `PIXEL_ENCODING`; files written elsewhere may use any codec Parquet has).
+A dataset is one split: `prepare` writes OUTPUT_URI/train and OUTPUT_URI/test (names.SPLITS), and the
+folder above them is refused as a dataset. In the schema metadata are the image shape and the value range
+the reader scales to [0, 1], with a checksum of the two. Parquet's footer has no checksum of its own,
+and a flipped byte in the range would silently rescale every pixel; pages carry CRC32 checksums
+(`write_page_checksum`) that the reader verifies, so a flipped byte in the data is an error, never a wrong
+pixel. Columns are zstd-compressed (prepare.py `PIXEL_ENCODING`; files written elsewhere may use any codec Parquet has).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+
+from aevb_dist import names
 
 PIXELS, INDEX, LABEL = "pixels", "index", "label"
 META_SHAPE, META_RANGE, META_SOURCE = b"aevb.shape", b"aevb.value_range", b"aevb.source"
@@ -69,3 +72,15 @@ def pixel_width(pix: pa.DataType, path: str) -> int:
     raise ValueError(
         f"{path}: column '{PIXELS}' must be fixed_size_binary (uint8) or a fixed-size list of numbers, got {pix}"
     )
+
+
+def refuse_a_root_of_splits(uri: str, relative_paths: list[str]) -> None:
+    """A folder holding `aevb-dist prepare`'s split folders is not one split: read as one, it would mix the
+    training and test examples into one silently wrong figure (or train on the test set)."""
+    splits = sorted(
+        {p.split("/", 1)[0] for p in relative_paths if "/" in p} & set(names.SPLITS), key=names.SPLITS.index
+    )
+    if splits:
+        held = " and ".join(f"{s}/" for s in splits)
+        choices = " or ".join(f"{uri.rstrip('/')}/{s}" for s in sorted(splits, key=names.SPLITS.index))
+        raise ValueError(f"{uri} holds the splits {held} of a prepared dataset, not one split: pass {choices}")

@@ -18,7 +18,8 @@ NEARLY_BLANK = 1.0 / 64
 def decide_value_range(
     arrays: list[np.ndarray], where: str, declared: Optional[tuple[float, float]] = None
 ) -> tuple[float, float, str]:
-    """(lo, hi, why) for pixels `arrays` (all splits of one dataset, so that they share one range)."""
+    """(lo, hi, why) for pixels `arrays` (all splits of one dataset, so that they share one range); `why` is
+    what `prepare` says after "pixel values in [lo, hi] are mapped to [0, 1]: "."""
     arrays = [a for a in arrays if a.size]
     if not arrays:
         raise ValueError(f"{where}: the dataset is empty")
@@ -35,18 +36,25 @@ def decide_value_range(
         if lo < 0:
             raise ValueError(f"{where}: integer pixels must be >= 0, found {lo:g}; pass --value-range LO HI")
         if hi <= 1:
-            return 0.0, 1.0, "binary: every value is 0 or 1"
+            return 0.0, 1.0, "every value is 0 or 1 (binary data)"
         if dtype == np.uint8:
-            return 0.0, 255.0, "8-bit: uint8 values up to 255"
+            return 0.0, 255.0, "uint8 values, read as 8-bit"
         raise ValueError(
             f"{where}: {dtype} pixels in [{lo:g}, {hi:g}]: their full scale cannot be told from the "
             f"data; pass --value-range LO HI (e.g. --value-range 0 65535 for 16-bit images)"
         )
     if lo >= 0.0 and hi <= 1.0:
-        return 0.0, 1.0, "float intensities within [0, 1]"
+        return 0.0, 1.0, "float values, already within [0, 1]"
     if hi == lo:
         raise ValueError(f"{where}: every value equals {lo:g}; nothing to learn")
-    return lo, hi, "float data outside [0, 1]: its own minimum and maximum (pass --value-range to say otherwise)"
+    return (
+        lo,
+        hi,
+        (
+            "the data's own minimum and maximum, as its float values fall outside [0, 1]. If their full scale is "
+            "another, prepare again with --value-range LO HI"
+        ),
+    )
 
 
 def _declared(declared: tuple[float, float], lo: float, hi: float, where: str) -> tuple[float, float, str]:

@@ -16,11 +16,11 @@ import torch
 
 from aevb_dist import names, storage
 from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes, saved_eval_binarization
-from aevb_dist.console import Progress, say
+from aevb_dist.console import Progress, first_line, say
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.eval.evaluation import Sums, encode_units, evaluate_units, open_as_trained
 from aevb_dist.ray_runtime import cluster_cpus, run_tasks, start_ray, stop_ray, threads_for_cpus
-from aevb_dist.uri import absolute_uri
+from aevb_dist.uri import absolute_uri, join
 
 
 def _chunks(num_units: int, num_workers: int) -> list[list[int]]:
@@ -109,9 +109,12 @@ def evaluate(
     num_steps: int = 500,
     num_leapfrog: int = 10,
     use_gpu: bool = False,
+    save_in_run_folder: bool = False,
 ) -> dict:
     """Dataset means (and standard errors) of the ELBO and log p(x), every row group computed once; with
-    `use_gpu` each Ray task holds one of the cluster's GPUs (the noise then comes from the GPU's generator)."""
+    `use_gpu` each Ray task holds one of the cluster's GPUs (the noise then comes from the GPU's generator).
+    The result is also written to `output_uri` where given, and into the checkpoint's run folder
+    (`evaluation_file_name`) with `save_in_run_folder`, as `aevb-dist evaluate` does."""
     _check_evaluate_args(num_importance_samples, num_workers, estimator, num_steps, num_leapfrog)
     data_uri = absolute_uri(data_uri)
     state_bytes, folder = load_checkpoint_bytes(checkpoint_uri, endpoint_url)
@@ -166,10 +169,43 @@ def evaluate(
         "seed": seed,
     }
     result.update(_for_this_model(vae, total, result))
+    _keep(result, output_uri, endpoint_url, checkpoint_uri if save_in_run_folder else None, folder)
+    return result
+
+
+def _keep(result: dict, output_uri: Optional[str], endpoint_url: Optional[str], run_of: Optional[str], folder: str):
+    """The evaluation's JSON at `output_uri`, and in the run folder of `run_of` (whose checkpoint is `folder`)."""
+    text = (json.dumps(result, indent=2) + "\n").encode()
     if output_uri:
         fs, path = storage.resolve(output_uri, endpoint_url)
-        fs.pipe_file(path, (json.dumps(result, indent=2) + "\n").encode())
-    return result
+        fs.pipe_file(path, text)
+    if run_of is not None:
+        _save_in_run_folder(text, run_of, folder, result["data"], result["estimator"], endpoint_url)
+
+
+def evaluation_file_name(data_uri: str, estimator: str) -> str:
+    """Where an evaluation is kept in its run folder: one file per split and estimator (eval_test.json for
+    importance sampling on a split named test), the newest evaluation of each."""
+    split = data_uri.rstrip("/").rsplit("/", 1)[-1] or "data"
+    return f"eval_{split}.json" if estimator == "is" else f"eval_{split}_{estimator}.json"
+
+
+def _save_in_run_folder(
+    text: bytes, checkpoint_uri: str, folder: str, data_uri: str, estimator: str, endpoint_url: Optional[str]
+) -> None:
+    """The evaluation beside the model it scored. A run folder this user may read but not write keeps the
+    result printed only, with a warning: the evaluation itself succeeded."""
+    fs, given = storage.resolve(checkpoint_uri, endpoint_url)
+    run_uri = checkpoint_uri.rstrip("/")
+    if folder.rstrip("/") == given.rstrip("/"):  # a checkpoint folder was named: its run folder holds it
+        run_uri = run_uri.rsplit("/", 1)[0]
+    target = join(run_uri, evaluation_file_name(data_uri, estimator))
+    try:
+        fs.pipe_file(storage.resolve(target, endpoint_url)[1], text)
+    except Exception as err:  # noqa: BLE001 - a read-only bucket or folder: told, and the result stands
+        say(f"warning: could not keep the evaluation in {target} ({type(err).__name__}: {first_line(err)})")
+        return
+    say(f"wrote {target}")
 
 
 def _for_this_model(vae, total: Sums, result: dict) -> dict:

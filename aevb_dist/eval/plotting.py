@@ -12,6 +12,7 @@ import torch
 
 from aevb_dist import storage
 from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes
+from aevb_dist.console import say
 from aevb_dist.run_log import read_metrics
 
 
@@ -168,6 +169,9 @@ def plot_run(
     if vae.latent_dims == [2]:  # one stochastic layer of two latents
         means = vae.decode_mean(manifold_codes(20)).numpy()
         figures["manifold.png"] = image_grid(means, shape, 20, "learned 2-D manifold (Figure 4)")
+    else:
+        layers = " + ".join(str(d) for d in vae.latent_dims)
+        say(f"plot: no manifold.png: the 2-D manifold (Figure 4) needs one layer of 2 latents; this model has {layers}")
     written = []
     for filename, fig in figures.items():
         write_figure(fig, storage.join(out_uri, filename), endpoint_url)

@@ -3,7 +3,8 @@ No Ray here."""
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 
@@ -24,25 +25,34 @@ def open_datasets(
         raise ValueError("data.train_uri is empty; point it at a dataset made by `aevb-dist prepare`")
     # data.cache_on_device holds the training set on the device already: no second copy in host memory.
     cache_mib = 0 if cfg.data.cache_on_device else cfg.data.decoded_cache_mib
-    train = ParquetDataset(
-        cfg.data.train_uri,
-        expected_dim=cfg.model.input_dim,
-        endpoint_url=endpoint,
-        description=train_description,
-        image_column=cfg.data.image_column,
-        cache_bytes=cache_mib << 20,
-    )
-    test = (
-        ParquetDataset(
+    with _named("data.train_uri"):
+        train = ParquetDataset(
+            cfg.data.train_uri,
+            expected_dim=cfg.model.input_dim,
+            endpoint_url=endpoint,
+            description=train_description,
+            image_column=cfg.data.image_column,
+            cache_bytes=cache_mib << 20,
+        )
+    if not cfg.data.test_uri:
+        return train, None
+    with _named("data.test_uri"):
+        test = ParquetDataset(
             cfg.data.test_uri,
             expected_dim=cfg.model.input_dim,
             endpoint_url=endpoint,
             image_column=cfg.data.image_column,
         )
-        if cfg.data.test_uri
-        else None
-    )
     return train, test
+
+
+@contextlib.contextmanager
+def _named(key: str) -> Iterator[None]:
+    """A dataset refused for what its folder holds is told with the config key that named it."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
 
 
 def rank_data(

@@ -13,7 +13,7 @@ from typing import Optional
 from aevb_dist import checkpoint, compat, storage
 from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml, unused_keys
 from aevb_dist.config_checks import same_image_shape
-from aevb_dist.console import first_line, say
+from aevb_dist.console import Interrupted, first_line, say
 from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.model.hierarchical import model_from_config
 from aevb_dist.run_lease import LeaseHeld, RunLease
@@ -50,8 +50,9 @@ def train(cfg: Config, wait_for_lease: bool = True) -> dict:
         announcement = plan.announcement(cfg.run.name, run.uri)
         if announcement:
             say(announcement)
+        signum = None
         if not plan.done:
-            _launch(WorkerSpec(cfg, run, threads=None, train_description=train_description), train_data, plan)
+            signum = _launch(WorkerSpec(cfg, run, threads=None, train_description=train_description), train_data, plan)
     finally:
         lease.release()
     rows = read_metrics(run.fs, run.file("metrics.csv"))
@@ -61,6 +62,8 @@ def train(cfg: Config, wait_for_lease: bool = True) -> dict:
             f"stopped at step {last.get('step', 0)} of {plan.total_steps}, with a checkpoint of it in {run.uri}; "
             "run the same command again to resume"
         )
+        if signum is not None:  # the command's exit status says the run is unfinished
+            raise Interrupted(signum, told=True)
     elif not plan.done:
         say(f"done: {run.uri} (step {last.get('step', 0)}, test ELBO {last.get('test_elbo', float('nan')):.2f})")
     return last
@@ -122,18 +125,25 @@ def _newest_checkpoint(run: storage.Folder) -> tuple[Optional[str], Optional[dic
     return newest, None if newest is None else checkpoint.read_manifest(run.fs, newest)
 
 
-def _launch(spec: WorkerSpec, train_data, plan: RunPlan) -> None:
+def _launch(spec: WorkerSpec, train_data, plan: RunPlan) -> Optional[int]:
     """The workers, on Ray or in local mode, with the driver's progress lines and its stop request. Each
     worker is handed `spec`, with the data mean where the model starts from it; its launcher sets its
-    threads."""
+    threads. Returns the signal that asked the run to stop, if one did."""
     cfg, run = spec.config, spec.run
     launch = launch_local if cfg.ray.local_mode else launch_on_ray
     if plan.computes_data_mean:
         spec = dataclasses.replace(spec, data_mean=_data_mean(train_data))
     stop_request.clear(run)  # one left by an earlier run is not this run's
+    # Stopped before this launch logs a step, a run keeps what it had (metrics.csv's first row of a launch is
+    # step 1, or a resumed run's next log interval).
+    before = f"a rerun resumes from {plan.resumes_from} again" if plan.resumes_from else "with nothing to checkpoint"
     try:
-        with stop_request.maybe_stop_on_signals(run), ProgressPrinter(run, plan.total_steps, plan.start_step):
+        with (
+            ProgressPrinter(run, plan.total_steps, plan.start_step) as progress,
+            stop_request.maybe_stop_on_signals(run, lambda: progress.trained_past_start, before) as signals,
+        ):
             launch(spec, train_data.num_rows)
+        return signals.signum
     finally:
         try:
             stop_request.clear(run)

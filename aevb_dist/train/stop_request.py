@@ -4,7 +4,10 @@ The driver does not reach into the workers (on a cluster they are on other machi
 request object into the run folder, `stop_request.json`. Rank 0 looks for it every `POLL_S` seconds in a
 background thread (one GET; never on the step's path), and votes to stop through the step's all-reduce
 (collectives.STOP_VOTES), so every rank stops after the same step, writes the checkpoint of that step and
-returns. A second Ctrl-C stops at once, as before (the newest complete checkpoint is then the resume point).
+returns. A second Ctrl-C stops at once (the newest complete checkpoint is then the resume point), and so does
+the first one before training's first step (nothing to checkpoint yet). Either way the command then exits with
+128 + the signal's number (console.Interrupted), as it does after the checkpoint when a signal stopped the run
+before its end.
 
 The driver removes a request left by an earlier run before it starts the workers, so a request only ever
 stops the run that was running when it was made.
@@ -17,10 +20,10 @@ import json
 import signal
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 from aevb_dist import storage
-from aevb_dist.console import first_line, say
+from aevb_dist.console import Interrupted, first_line, say
 
 FILE_NAME = "stop_request.json"
 POLL_S = 2.0  # at most this long (plus a step) from the request to the workers' checkpoint
@@ -63,17 +66,32 @@ class StopRequestWatch:
         self._done.set()
 
 
+class SignalsSeen:
+    """What `stop_on_signals` saw: the signal that asked the run to stop (None while none has)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+
+
 @contextlib.contextmanager
-def stop_on_signals(run: storage.Folder) -> Iterator[None]:
+def stop_on_signals(
+    run: storage.Folder, training_began: Callable[[], bool], before_training: str = "with nothing to checkpoint"
+) -> Iterator[SignalsSeen]:
     """While the workers run: the first Ctrl-C or SIGTERM asks them to stop at the next step (written into the
-    run folder in a thread: a signal handler must not wait on storage), the second raises KeyboardInterrupt."""
-    asked: list[str] = []
+    run folder in a thread: a signal handler must not wait on storage), the second stops at once. Before
+    `training_began` (Ray still starting, workers still loading) there is no step to checkpoint: the first
+    signal stops at once, saying `before_training`, instead of starting training only to stop it."""
+    seen = SignalsSeen()
 
     def on_signal(signum, frame) -> None:
         name = signal.Signals(signum).name
-        if asked:
-            raise KeyboardInterrupt(f"{name} again: stopping at once")
-        asked.append(name)
+        if seen.signum is not None:
+            say(f"{name} again: stopping at once; the newest complete checkpoint in {run.uri} is kept")
+            raise Interrupted(signum, told=True)
+        seen.signum = signum
+        if not training_began():
+            say(f"{name} before training's first logged step: stopping now, {before_training}")
+            raise Interrupted(signum, told=True)
         say(
             f"{name}: stopping after the next step, with a checkpoint of it "
             "(Ctrl-C again to stop at once, losing the steps since the last checkpoint)"
@@ -82,7 +100,7 @@ def stop_on_signals(run: storage.Folder) -> Iterator[None]:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield seen
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -98,7 +116,8 @@ def _write_request(run: storage.Folder, reason: str) -> None:
         )
 
 
-def maybe_stop_on_signals(run: storage.Folder) -> contextlib.AbstractContextManager:
-    """Signal handlers can only be installed from the main thread (tests call `train` from others)."""
+def maybe_stop_on_signals(run: storage.Folder, *args) -> contextlib.AbstractContextManager:
+    """`stop_on_signals`, where signal handlers can be installed: from the main thread only (tests call `train`
+    from others)."""
     main = threading.current_thread() is threading.main_thread()
-    return stop_on_signals(run) if main else contextlib.nullcontext()
+    return stop_on_signals(run, *args) if main else contextlib.nullcontext(SignalsSeen())
