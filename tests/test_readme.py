@@ -48,6 +48,9 @@ def test_readme_quickstart_command_as_written():
         proc = subprocess.run(["bash", "-c", install], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "samples/s" in proc.stderr and "aevb-dist quickstart finished" in proc.stdout
+        # It ends with its summary and the next commands: no raw JSON line, no notice of Ray's to act on.
+        assert proc.stdout.rstrip().splitlines()[-1].lstrip().startswith("on a cluster:"), proc.stdout[-500:]
+        assert "Token authentication is enabled" not in proc.stderr + proc.stdout
         run = os.path.join(out, "runs", "quickstart_digits")
         for name in (
             "metrics.csv",

@@ -236,3 +236,42 @@ def test_credentials_never_reach_the_run_folder(tiny_data, tmp_path):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 assert secret.encode() not in f.read(), name
+
+
+@pytest.mark.slow
+def test_a_worker_lost_mid_run_without_restarts_is_one_line_naming_the_checkpoint(tiny_data, tmp_path):
+    """train.max_failures=0 (the default): a training worker killed mid-run ends the command with exit
+    status 2 and one line naming the checkpoint to resume from, whichever rank's error Ray Train reports
+    first (the lost actor's, or the surviving rank's gloo error as its peer's connection resets)."""
+    overrides = tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2}) + ["run.name=lost"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aevb_dist", "train", SMOKE, *overrides],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: proc.poll() is not None or logged_step(f"{tmp_path}/lost") >= 150, timeout=240)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        workers = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline()[:1])
+        ]
+        assert len(workers) == 2
+        workers[1].send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 2, err[-3000:]
+    assert last.startswith("aevb-dist train: error: Ray failed during the run (lost ") and "Traceback" not in err, err
+    fs, path = storage.resolve(f"{tmp_path}/lost")
+    newest = checkpoint.latest(fs, path)
+    assert checkpoint.manifest_step(fs, newest) >= 100
+    name = newest.rsplit("/", 1)[-1]
+    assert f"{tmp_path}/lost keeps its newest complete checkpoint, {name}: run the same command again to resume" in last

@@ -40,3 +40,25 @@ def all_reduce_step_sums(flat: torch.Tensor, grad_dtype: Optional[torch.dtype]) 
     dist.all_reduce(scalars, op=dist.ReduceOp.SUM)
     flat[:-NUM_SCALARS].copy_(grads)
     flat[-NUM_SCALARS:].copy_(scalars)
+
+
+# How a collective fails on a rank whose peer died mid-step (its process killed, its node lost): gloo's
+# transport errors, and NCCL's once its watchdog aborts the communicator.
+PEER_LOST_WORDS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "remote process exited or there was a network error",
+)
+
+
+def peer_lost_in(err: Optional[BaseException]) -> Optional[str]:
+    """The words of a collective's failure because a peer was lost, in `err` or what it wraps (`.cause`, as Ray
+    wraps a worker's error, and `__cause__`); None where `err` is no such failure."""
+    while err is not None:
+        found = next((words for words in PEER_LOST_WORDS if words in str(err)), None)
+        if found is not None and isinstance(err, RuntimeError):  # torch's DistBackendError is one
+            return found
+        err = getattr(err, "cause", None) or err.__cause__
+    return None

@@ -21,10 +21,11 @@ import threading
 import time
 from typing import Optional
 
-from aevb_dist import compat, storage
+from aevb_dist import checkpoint, compat, storage
 from aevb_dist.config import Config
 from aevb_dist.console import first_line, say, user_error_in
 from aevb_dist.ray_runtime import cluster_cpus, head_answers, start_ray, stop_ray, threads_for_cpus
+from aevb_dist.train.collectives import peer_lost_in
 from aevb_dist.train.ray_context import from_ray_train
 from aevb_dist.train.run_folder_sink import WriteThenReport
 from aevb_dist.train.worker import WorkerSpec, run_worker
@@ -252,16 +253,32 @@ def _told(err: Exception, cfg: Config, run: storage.Folder) -> Exception:
         found = user_error_in(cause)
         if found is not None:
             return found
-    lost = [compat.ray_train_machinery_failure(cause) for cause in causes]
-    if all(failure is not None for failure in lost):
-        reason = next((line for line in str(lost[0]).splitlines() if "died because" in line), first_line(lost[0]))
-        more = "" if cfg.train.max_failures else "; train.max_failures > 0 lets Ray Train restart them"
-        return _ray_failed(f"lost {len(lost)} training worker(s): {reason.strip()}{more}", run)
-    return err
+    # A worker lost mid-step fails twice: its actor dies (Ray's machinery), and each surviving rank's collective
+    # fails as its peer's connection goes. Ray Train may report either first, or both.
+    dead = [compat.ray_train_machinery_failure(cause) for cause in causes]
+    peers_lost = [peer_lost_in(cause) for cause in causes]
+    if not all(d is not None or p is not None for d, p in zip(dead, peers_lost)):
+        return err
+    more = "" if cfg.train.max_failures else "; train.max_failures > 0 lets Ray Train restart them"
+    dead = [d for d in dead if d is not None]
+    if dead:
+        reason = next((line for line in str(dead[0]).splitlines() if "died because" in line), first_line(dead[0]))
+        return _ray_failed(f"lost {len(dead)} training worker(s): {reason.strip().rstrip('.')}{more}", run)
+    words = next(p for p in peers_lost if p is not None)
+    return _ray_failed(f"lost a training worker: its peers' collective failed with '{words}'{more}", run)
 
 
 def _ray_failed(why: str, run: storage.Folder) -> ValueError:
-    return ValueError(
-        f"Ray failed during the run ({why}); {run.uri} keeps its newest complete checkpoint: run the same "
-        "command again to resume (--debug shows Ray's traceback)"
-    )
+    return ValueError(f"Ray failed during the run ({why}); {_resume_point(run)} (--debug shows Ray's traceback)")
+
+
+def _resume_point(run: storage.Folder) -> str:
+    """Where a rerun of the same command starts: the run folder's newest complete checkpoint, named."""
+    try:
+        newest = checkpoint.latest(run.fs, run.path)
+    except Exception:  # noqa: BLE001 - storage unreachable as well: said without the name
+        return f"{run.uri} keeps its newest complete checkpoint: run the same command again to resume"
+    if newest is None:
+        return f"{run.uri} holds no checkpoint yet: run the same command again to start the run anew"
+    name = newest.rstrip("/").rsplit("/", 1)[-1]
+    return f"{run.uri} keeps its newest complete checkpoint, {name}: run the same command again to resume from it"
