@@ -222,30 +222,33 @@ def check_across(cfg: Config) -> None:
     if t.gpus_per_worker != 1 and cfg.ray.local_mode:
         raise ValueError("ray.local_mode=true gives each worker a GPU of its own: unset train.gpus_per_worker")
     if t.use_gpu and d.cache_on_device and t.cuda_graph:
-        _captured_step(cfg)
+        why = captured_step_cannot_serve(t, cfg.optim, streamed=False)
+        if why is not None:
+            raise ValueError(f"train.cuda_graph=true cannot capture this run's step: {why}; set train.cuda_graph=false")
 
 
-def _captured_step(cfg: Config) -> None:
-    """train.cuda_graph=true on a GPU with data.cache_on_device: what the captured step cannot serve."""
-    t, o = cfg.train, cfg.optim
-    if t.kl_warmup_steps or t.free_bits is not None:
-        raise ValueError("train.kl_warmup_steps and train.free_bits need the eager step: set train.cuda_graph=false")
-    if o.name in ("adagrad", "adam_burda2015"):
-        raise ValueError(
-            "the captured CUDA-graph step (train.cuda_graph=true) needs optim.name=adam or sgd "
-            f"(optim.name={o.name} keeps its step count on the host); or set train.cuda_graph=false"
+def captured_step_cannot_serve(train, optim, *, streamed: bool) -> Optional[str]:
+    """Why the captured CUDA-graph step (train.cuda_graph=true on a GPU) cannot run a run of these sections,
+    or None where it can. One rule for both of its callers, so they never disagree: the config check refuses
+    a device-cache run for it, and a streamed run (`streamed`) takes the eager step instead, saying why
+    (train/trainer.py)."""
+    if streamed and train.global_batch_size is not None:
+        return "train.global_batch_size runs read partitioned epochs on the host"
+    if optim.name in ("adagrad", "adam_burda2015"):
+        return f"optim.name={optim.name} keeps its step count on the host (the graph needs optim.name=adam or sgd)"
+    if optim.lr_schedule != "constant" and optim.name != "adam":
+        return (
+            f"optim.lr_schedule={optim.lr_schedule} needs optim.name=adam in the graph (its learning rate is a "
+            "device tensor the graph reads)"
         )
-    if o.lr_schedule != "constant" and o.name != "adam":
-        raise ValueError(
-            f"optim.lr_schedule={o.lr_schedule} with the captured CUDA-graph step needs "
-            "optim.name=adam (its learning rate is a device tensor the graph reads); or set "
-            "train.cuda_graph=false"
+    if train.on_nonfinite == "skip":
+        return (
+            "train.on_nonfinite=skip needs the eager step (the captured step applies every update and stops at "
+            "the next log line instead)"
         )
-    if t.on_nonfinite == "skip":
-        raise ValueError(
-            "train.on_nonfinite=skip needs the eager step: set train.cuda_graph=false (the "
-            "captured step applies every update and stops at the next log line instead)"
-        )
+    if train.kl_warmup_steps or train.free_bits is not None:
+        return "train.kl_warmup_steps and train.free_bits need the eager step, which weighs the KL"
+    return None
 
 
 def check_partitioning(num_partitions: int, global_batch_size: int, num_workers: int) -> None:

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from aevb_dist.config import load_config
+from aevb_dist.config_checks import captured_step_cannot_serve
 from aevb_dist.data.reader import EpochStream, ParquetDataset
-from aevb_dist.train.captured_step import CapturedSteps, captured_step_serves
+from aevb_dist.train.captured_step import CapturedSteps
 from aevb_dist.train.device_stream import DeviceWindows, default_decode_threads
 from aevb_dist.train.trainer import Trainer
 from aevb_dist.train.worker import trainer_for_config
@@ -88,12 +89,51 @@ def test_the_captured_step_on_streamed_windows_equals_it_on_the_device_cache(tin
         assert torch.equal(a, b)
 
 
-def test_where_the_graph_cannot_serve_a_streamed_run_the_eager_step_runs_and_says_why(tiny_data, tmp_path, capsys):
-    base = tiny_overrides(tiny_data, str(tmp_path)) + ["train.use_gpu=true"]
-    assert captured_step_serves(load_config(SMOKE, base + ["optim.name=adam"]))
-    assert not captured_step_serves(load_config(SMOKE, base + ["optim.name=adagrad"]))
-    assert "train.cuda_graph: the eager step runs (Adagrad keeps its step count on the host)" in capsys.readouterr().err
-    assert not captured_step_serves(load_config(SMOKE, base + ["optim.name=adam", "train.on_nonfinite=skip"]))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optim.name=adam"],
+        ["optim.name=adagrad"],
+        ["optim.name=adam_burda2015"],
+        ["optim.name=sgd", "optim.lr_schedule=burda2015"],
+        ["optim.name=adam", "optim.lr_schedule=burda2015"],
+        ["optim.name=adam", "train.on_nonfinite=skip"],
+        ["optim.name=adam", "train.kl_warmup_steps=5"],
+        ["optim.name=adam", "train.global_batch_size=20"],
+    ],
+)
+def test_the_graph_serves_where_the_config_check_lets_it_and_a_streamed_run_falls_back_saying_why(
+    tiny_data, tmp_path, overrides, capsys
+):
+    """One rule (config_checks.captured_step_cannot_serve) answers both callers: what the config check refuses
+    for a device-cache run is exactly what a streamed run takes the eager step for (but for the partitioned
+    epochs of train.global_batch_size, which only streaming reads on the host)."""
+    base = tiny_overrides(tiny_data, str(tmp_path)) + ["train.use_gpu=true", "train.cuda_graph=true"]
+    cfg = load_config(SMOKE, base + overrides)  # streamed: never refused
+    streamed_why = captured_step_cannot_serve(cfg.train, cfg.optim, streamed=True)
+    try:
+        load_config(SMOKE, base + overrides + ["data.cache_on_device=true"])
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    cached_why = captured_step_cannot_serve(cfg.train, cfg.optim, streamed=False)
+    if refused is not None and "does not yet serve train.global_batch_size" in refused:
+        assert cached_why is None  # the device cache refuses global batches itself, graph or not
+        refused = None
+    assert (refused is None) == (cached_why is None)
+    if refused is not None:
+        assert (
+            refused == f"train.cuda_graph=true cannot capture this run's step: {cached_why}; set train.cuda_graph=false"
+        )
+        assert streamed_why == cached_why
+    assert (streamed_why is None) == (
+        overrides in (["optim.name=adam"], ["optim.name=adam", "optim.lr_schedule=burda2015"])
+    )
+    # The trainer of a streamed GPU run asks the same rule, and says why it falls back (rank 0).
+    capsys.readouterr()
+    assert trainer_for_config(cfg)._graph_serves() == (streamed_why is None)
+    said = capsys.readouterr().err
+    assert (f"train.cuda_graph: the eager step runs: {streamed_why}" in said) == (streamed_why is not None), said
 
 
 def test_decode_threads_default_to_a_windows_row_groups_within_the_cores():

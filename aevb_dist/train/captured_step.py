@@ -23,34 +23,10 @@ from typing import Iterator, Optional
 
 import torch
 
-from aevb_dist.console import say
 from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES
 from aevb_dist.train.device_data import EpochPlan, FusedInputs
 
 _EPOCH_CHUNK_ROWS = 8192
-
-
-def captured_step_serves(cfg, rank: int = 0) -> bool:
-    """Whether the captured step runs this GPU run (with `train.cuda_graph`). The device cache's runs are refused
-    by config_checks where it cannot serve them; a streamed run takes the eager step there instead, said once."""
-    if cfg.data.cache_on_device:
-        return True
-    why = None
-    if cfg.train.global_batch_size is not None:
-        why = "train.global_batch_size runs read partitioned epochs on the host"
-    elif cfg.optim.name == "adagrad":
-        why = "Adagrad keeps its step count on the host"
-    elif cfg.optim.name == "adam_burda2015":
-        why = "optim.name=adam_burda2015 keeps its step count on the host"
-    elif cfg.optim.lr_schedule != "constant" and cfg.optim.name != "adam":
-        why = f"optim.lr_schedule={cfg.optim.lr_schedule} needs optim.name=adam in the graph"
-    elif cfg.train.on_nonfinite == "skip":
-        why = "train.on_nonfinite=skip is checked on the host each step"
-    elif cfg.train.kl_warmup_steps or cfg.train.free_bits is not None:
-        why = "train.kl_warmup_steps and train.free_bits weigh the KL in the eager step"
-    if why is not None and rank == 0:
-        say(f"train.cuda_graph: the eager step runs ({why})")
-    return why is None
 
 
 class CapturedStep:

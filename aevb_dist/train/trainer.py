@@ -24,6 +24,8 @@ import torch
 
 from aevb_dist import names, seeds
 from aevb_dist.config import Config
+from aevb_dist.config_checks import captured_step_cannot_serve
+from aevb_dist.console import say
 from aevb_dist.data.binarization import eval_binarization
 from aevb_dist.data.reader import ParquetDataset, assign_row_groups
 from aevb_dist.data.schema import Batch
@@ -33,7 +35,7 @@ from aevb_dist.model.elbo import add_prior_gradient, per_example_bound, sgvb_b_t
 from aevb_dist.model.noise import SegmentedNoise
 from aevb_dist.model.vae import VAE
 from aevb_dist.train.batches import BatchSource, Segments
-from aevb_dist.train.captured_step import CapturedSteps, captured_step_serves
+from aevb_dist.train.captured_step import CapturedSteps
 from aevb_dist.train.collectives import (
     COUNT,
     ELBO_SUM,
@@ -91,7 +93,7 @@ class Trainer:
         self.data_mean = data_mean
         self.stop_probe = stop_probe
         self.stop_requested = False  # some rank asked: the step just taken is checkpointed and fit() returns
-        self.graphed = self.device.type == "cuda" and cfg.train.cuda_graph and captured_step_serves(cfg, self.rank)
+        self.graphed = self.device.type == "cuda" and cfg.train.cuda_graph and self._graph_serves()
         # torch.compile traces the bound once per shape; the noise draws stay eager (graph breaks).
         self.bound_sum = torch.compile(self._bound_sum) if cfg.train.compile else self._bound_sum
         self.params = list(self.vae.parameters())
@@ -172,7 +174,7 @@ class Trainer:
     ) -> None:
         """Backpropagate this rank's −(objective sum) into the flat buffer, and put its ELBO sum and
         example count (an int, or a device tensor inside a CUDA graph) in the buffer's tail."""
-        if self.weighs_kl:  # the eager step only (captured_step_serves)
+        if self.weighs_kl:  # the eager step only (config_checks.captured_step_cannot_serve)
             elbo_sum, objective_sum = self._weighted_kl_sums(x_BD, generator)
         else:
             elbo_sum = objective_sum = self.bound_sum(x_BD, weight_B, generator)
@@ -309,6 +311,14 @@ class Trainer:
                 if self._finished():
                     break
         return row
+
+    def _graph_serves(self) -> bool:
+        """Whether the captured step runs this GPU run (train.cuda_graph): the config check refused a device
+        cache's run it cannot serve; a streamed one takes the eager step instead, said once."""
+        why = captured_step_cannot_serve(self.cfg.train, self.cfg.optim, streamed=not self.cfg.data.cache_on_device)
+        if why is not None and self.rank == 0:
+            say(f"train.cuda_graph: the eager step runs: {why}")
+        return why is None
 
     def _finished(self) -> bool:
         """The loop ends here: the configured length is reached, or a rank asked to stop after this step."""
