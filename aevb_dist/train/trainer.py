@@ -352,7 +352,7 @@ class Trainer:
 
     def _wants_log(self) -> bool:
         """Whether the step just taken ends a log interval. Step 1 is always logged: the user sees the
-        first step at once, and benchmarks time it."""
+        first step at once, and the driver sees that training has begun (a signal before it stops at once)."""
         s = self.state
         return s.step % self.cfg.train.log_every_steps == 0 or s.step == 1 or self._finished()
 
