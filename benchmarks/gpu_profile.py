@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aevb_dist.data.prepare import prepare  # noqa: E402
+from aevb_dist.train.batches import StepBatch  # noqa: E402
 from aevb_dist.train.captured_step import CapturedStep  # noqa: E402
 from aevb_dist.train.worker import trainer_for_config
 from benchmarks.gpu import burda_config, plain_step  # noqa: E402
@@ -74,7 +75,7 @@ def main() -> None:
 
     def eager_step():
         positions = plan.positions[batch_no[0] % stream.num_batches]
-        trainer.step_on(cached.batch(positions, words), positions)
+        trainer.step_on(StepBatch(cached.batch(positions, words), positions))
         batch_no[0] += 1
 
     profile_steps(plain_step(cached.rows_ND, args.batch, captured=True), "plain loop, captured")

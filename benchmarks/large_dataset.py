@@ -78,8 +78,8 @@ def stream_epoch(rank: int, world_size: int, uri: str, description: dict, overri
     )
     opened = rss_mb()
     rows, start = 0, time.perf_counter()
-    for x_BD, _, _ in source.batches(source.stream(0, 0)):
-        rows += x_BD.shape[0]
+    for batch in source.batches(source.stream(0, 0)):
+        rows += batch.x_BD.shape[0]
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
     results.put({"rank": rank, "rows": rows, "seconds": seconds, "opened_mb": opened, "peak_mb": peak})

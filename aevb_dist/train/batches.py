@@ -5,8 +5,10 @@ of a partitioned epoch (data/partitions.py), whose order does not depend on W. N
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Union
 
+import numpy as np
 import torch
 
 from aevb_dist.config import Config
@@ -15,9 +17,30 @@ from aevb_dist.data.partitions import PartitionedEpoch, partitioned_num_batches
 from aevb_dist.data.reader import EpochStream, ParquetDataset
 
 Stream = Union[EpochStream, PartitionedEpoch]
-# A batch: x [B, D] on the device, its dataset indices, and for a partitioned epoch the partitions its
-# rows come from with their row counts (each partition's noise has its own generator), else None.
+# For a partitioned epoch, the partitions a batch's rows come from with their row counts (each partition's
+# noise has its own generator); None elsewhere.
 Segments = Optional[tuple[list[int], list[int]]]
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One rank's rows for one step: the one type every source yields (the host stream, a partitioned
+    epoch's share of a global batch, windows streamed to the device, the device cache), and the one the step
+    takes. What a new kind of data brings per row (covariates, an observed scalar) belongs here too, so that a
+    new source is all it needs."""
+
+    x_BD: torch.Tensor  # the rows' model inputs on the step's device, binarized where the model asks; [0, D] if none
+    index_B: Any  # their dataset indices, named in messages (a NumPy array or a device tensor)
+    # The noise ε's key: None, one generator of (seed, step, rank); else the partitions and their row counts
+    # (each partition's rows draw from a generator of (seed, step, partition), so that a global batch's noise
+    # does not depend on the worker count).
+    noise_segments: Segments = None
+
+    @staticmethod
+    def from_host(x_BD: np.ndarray, index_B, device: torch.device, noise_segments: Segments = None) -> "StepBatch":
+        """Rows read on the host, copied to the step's device (asynchronously from pinned memory)."""
+        return StepBatch(torch.from_numpy(x_BD).to(device, non_blocking=True), index_B, noise_segments)
+
 
 MAX_DEFAULT_PARTITIONS = 16
 
@@ -155,24 +178,24 @@ class BatchSource:
             **common,
         )
 
-    def epoch_batches(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, object, Segments]]:
+    def epoch_batches(self, epoch: int, start_batch: int) -> Iterator[StepBatch]:
         """`batches` of epoch `epoch` from batch `start_batch` on."""
         yield from self.batches(self.stream(epoch, start_batch))
 
-    def batches(self, stream: Stream) -> Iterator[tuple[torch.Tensor, object, Segments]]:
+    def batches(self, stream: Stream) -> Iterator[StepBatch]:
         """Each remaining batch of the epoch: read by the streaming reader (binarized on the host, or on the
         device from its windows), or gathered from data.cache_on_device's copy (the same examples and bits)."""
         if isinstance(stream, PartitionedEpoch):
             for batch, partitions, sizes in stream:
-                yield torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index, (partitions, sizes)
+                yield StepBatch.from_host(batch.x, batch.index, self.device, (partitions, sizes))
         elif self.device_windows is not None and self.device_data is None:
             for x_BD, index_B in self.device_windows.batches(stream):
-                yield x_BD, index_B, None
+                yield StepBatch(x_BD, index_B)
         elif self.device_data is None:
             for batch in stream:
-                yield torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index, None
+                yield StepBatch.from_host(batch.x, batch.index, self.device)
         else:
             plan, words_N = self.device_data.plan(stream), self.device_data.epoch_words(stream.epoch)
             for b in range(stream.start_batch, stream.num_batches):
                 positions_B = plan.positions[b, : int(plan.counts[b])]
-                yield self.device_data.batch(positions_B, words_N), self.device_data.index_N[positions_B], None
+                yield StepBatch(self.device_data.batch(positions_B, words_N), self.device_data.index_N[positions_B])

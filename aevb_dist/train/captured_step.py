@@ -169,8 +169,8 @@ class CapturedSteps:
     def _streamed_epoch(self, stream, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
         t = self.trainer
         global_counts = stream.global_counts()
-        for b, (x_BD, _, _) in enumerate(t.source.batches(stream), start=start_batch):
-            self.step.load_batch(x_BD)
+        for b, batch in enumerate(t.source.batches(stream), start=start_batch):
+            self.step.load_batch(batch.x_BD)
             if self.capture and self.step.graph is None:
                 self.step.capture()
             self.step.replay(t.state.step)

@@ -34,7 +34,7 @@ from aevb_dist.eval.evaluation import evaluate_units
 from aevb_dist.model.elbo import add_prior_gradient, per_example_bound, sgvb_b_terms, weighted_kl_objective
 from aevb_dist.model.noise import SegmentedNoise
 from aevb_dist.model.vae import VAE
-from aevb_dist.train.batches import BatchSource, Segments
+from aevb_dist.train.batches import BatchSource, Segments, StepBatch
 from aevb_dist.train.captured_step import CapturedSteps
 from aevb_dist.train.collectives import (
     COUNT,
@@ -198,7 +198,7 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> tuple[float, int]:
         """One synchronous update on a host batch; returns the global (ELBO sum, example count) of the step."""
-        return self.step_on(torch.from_numpy(batch.x).to(self.device, non_blocking=True), batch.index)
+        return self.step_on(StepBatch.from_host(batch.x, batch.index, self.device))
 
     def seed_of_step(self, step: int) -> int:
         return seeds.step_seed(self.cfg.seed, step, self.rank)
@@ -211,13 +211,13 @@ class Trainer:
         partitions, sizes = segments
         return SegmentedNoise([step_generator(seed, step, p, self.device) for p in partitions], sizes)
 
-    def step_on(self, x_BD: torch.Tensor, index_B, segments: Segments = None) -> tuple[float, int]:
-        """One synchronous update on this rank's examples `x_BD` (their dataset indices for messages)."""
-        count = x_BD.shape[0]
+    def step_on(self, batch: StepBatch) -> tuple[float, int]:
+        """One synchronous update on this rank's rows; returns the global (ELBO sum, example count) of the step."""
+        count = batch.x_BD.shape[0]
         flat = self.flat
         flat.zero_()  # an empty batch contributes zero gradients, a zero ELBO sum and a zero count
         if count:
-            self.accumulate_gradients(x_BD, None, count, self._noise(segments))
+            self.accumulate_gradients(batch.x_BD, None, count, self._noise(batch.noise_segments))
         flat[STOP_VOTES] = float(self.stop_probe())
         self.reduce_step_sums()
         global_objective, global_elbo, global_count, stop_votes = flat[-NUM_SCALARS:].tolist()
@@ -225,7 +225,7 @@ class Trainer:
         grad_flat = flat[:-NUM_SCALARS]
         # One reduction: a NaN or inf anywhere makes the sum non-finite.
         if not (math.isfinite(global_elbo) and math.isfinite(grad_flat.sum().item())):
-            return self._nonfinite(index_B, global_elbo)
+            return self._nonfinite(batch.index_B, global_elbo)
         grad_flat.div_(global_count)
         self.optimizer.step()
         self.objective_in_window += global_objective
@@ -405,8 +405,8 @@ class EagerSteps:
         self.trainer = trainer
 
     def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
-        for x_BD, index_B, segments in self.trainer.source.epoch_batches(epoch, start_batch):
-            yield self.trainer.step_on(x_BD, index_B, segments)
+        for batch in self.trainer.source.epoch_batches(epoch, start_batch):
+            yield self.trainer.step_on(batch)
 
     def read_window(self, window: dict) -> None:
         """The eager step's sums are on the host already."""
