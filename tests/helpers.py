@@ -67,6 +67,20 @@ def aevb(*args: str, env: dict | None = None, unset: tuple = (), **kwargs) -> su
     return subprocess.run([sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True, env=env, **kwargs)
 
 
+def start_train(overrides: list[str], config: str = SMOKE) -> subprocess.Popen:
+    """`aevb-dist train CONFIG OVERRIDES` in a session of its own, as in a terminal: a signal to its process
+    group reaches the driver and every process it started. Never inside a Ray job ($RAY_ADDRESS unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "aevb_dist", "train", config, *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def final_state(run_uri: str, endpoint=None) -> dict:
     fs, path = storage.resolve(run_uri, endpoint)
     latest = checkpoint.latest(fs, path)

@@ -29,7 +29,7 @@ from tests.faults import (
     our_train_workers,
     wait_for,
 )
-from tests.helpers import SMOKE, aevb, assert_bitwise_equal, final_state, tiny_overrides
+from tests.helpers import SMOKE, aevb, assert_bitwise_equal, final_state, start_train, tiny_overrides
 
 
 @pytest.mark.slow
@@ -244,15 +244,7 @@ def test_a_worker_lost_mid_run_without_restarts_is_one_line_naming_the_checkpoin
     status 2 and one line naming the checkpoint to resume from, whichever rank's error Ray Train reports
     first (the lost actor's, or the surviving rank's gloo error as its peer's connection resets)."""
     overrides = tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2}) + ["run.name=lost"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aevb_dist", "train", SMOKE, *overrides],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_train(overrides)
     try:
         wait_for(lambda: proc.poll() is not None or logged_step(f"{tmp_path}/lost") >= 150, timeout=240)
         assert proc.poll() is None, proc.communicate()[1][-3000:]

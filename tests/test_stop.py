@@ -4,8 +4,6 @@ notice on a Ray node: tests/test_multinode.py.)"""
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
@@ -15,32 +13,18 @@ from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
 from aevb_dist.train.driver import train
 from tests.faults import SLOW, logged_step, wait_for
-from tests.helpers import SMOKE, assert_bitwise_equal, final_state, tiny_overrides
+from tests.helpers import SMOKE, assert_bitwise_equal, final_state, start_train, tiny_overrides
 
 pytestmark = pytest.mark.slow  # worker processes, and the embedded Ray
 
 LOCAL = {"ray.local_mode": "true", "train.num_workers": 2}
 
 
-def _start(overrides: list[str]) -> subprocess.Popen:
-    """`aevb-dist train` in a session of its own, as in a terminal: a signal to its process group reaches
-    the driver and every process it started."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "aevb_dist", "train", SMOKE, *overrides],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
 def _stopped_run(overrides: list[str], run_dir: str, send, signum: int) -> tuple[str, int, int]:
     """Start a run, signal it (send(proc)) once it has logged step 20, and return (stderr, the step logged
     when the signal went, the step of its newest checkpoint). The command exits as that signal's conventional
     status (128 + its number), the run unfinished."""
-    proc = _start(overrides)
+    proc = start_train(overrides)
     try:
         wait_for(lambda: logged_step(run_dir) >= 20 or proc.poll() is not None, timeout=240)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -114,7 +98,7 @@ def test_a_signal_during_the_embedded_rays_start_up_stops_at_once_with_nothing_t
     """Ctrl-C (to the process group, as a terminal sends it) or SIGTERM while the embedded Ray starts: the
     command stops within seconds, with the signal's exit status and no step taken, and leaves no process."""
     overrides = tiny_overrides(tiny_data, str(tmp_path), **{**SLOW, "train.num_workers": 2}) + ["run.name=early"]
-    proc = _start(overrides)
+    proc = start_train(overrides)
     try:
         # Ray's own processes are starting: the driver is past its checks and inside the launch.
         wait_for(

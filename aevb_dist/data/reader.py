@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from aevb_dist import seeds, storage
 from aevb_dist.console import first_line, say
 from aevb_dist.data import images
+from aevb_dist.data.batching import batches_of
 from aevb_dist.data.binarization import binarize, binarize_bytes
 from aevb_dist.data.decoded_cache import DecodedRowGroups
 from aevb_dist.data.index import INDEX_NAME, read_index
@@ -388,26 +389,19 @@ class EpochStream:
 
     def __iter__(self) -> Iterator[Batch]:
         windows, skip = self.windows_to_read()
-        emitted = self.start_batch
         # In a thread, or in this one when needed (prefetch.py says which).
         ahead = reads_ahead(self.dataset, self.read_ahead)
         loaded = loaded_ahead(self._load_window, windows) if ahead else map(self._load_window, windows)
-        carry: Optional[Batch] = None
+        empty = Batch(np.zeros((0, self.dataset.dim), np.float32), np.zeros(0, np.int64))
         try:
-            for current in loaded:
-                if skip:
-                    current, skip = current.rows(skip, len(current)), 0
-                carry = current if carry is None or not len(carry) else concat([carry, current])
-                while len(carry) >= self.batch_size:
-                    yield carry.rows(0, self.batch_size)
-                    carry = carry.rows(self.batch_size, len(carry))
-                    emitted += 1
+            yield from batches_of(
+                loaded,
+                self.batch_size,
+                skip=skip,
+                emitted=self.start_batch,
+                num_batches=self.num_batches,
+                empty=lambda: empty,
+            )
         finally:
             if ahead:
                 loaded.close()  # the thread ends with its pending window when a consumer stops early
-        if carry is not None and len(carry):
-            yield carry
-            emitted += 1
-        empty = Batch(np.zeros((0, self.dataset.dim), np.float32), np.zeros(0, np.int64))
-        for _ in range(self.num_batches - emitted):
-            yield empty

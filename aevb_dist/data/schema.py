@@ -49,6 +49,9 @@ class Batch:
         label = None if self.label is None else self.label[start:stop]
         return Batch(self.x[start:stop], self.index[start:stop], label)
 
+    def then(self, other: "Batch") -> "Batch":
+        return concat([self, other])
+
 
 def concat(batches: list[Batch]) -> Batch:
     if not batches:

@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from aevb_dist.data.batching import batches_of
 from aevb_dist.data.binarization import binarization_key, train_binarization
 from aevb_dist.data.reader import EpochStream, ParquetDataset
 from aevb_dist.train.device_data import DeviceBinarization, example_hashes
@@ -51,6 +52,23 @@ class _Window:
     pinned: Optional[torch.Tensor]  # kept alive until the copy is done
 
 
+@dataclass(frozen=True)
+class _DeviceRows:
+    """Rows on the device with their dataset indices on the host (data/batching.py's `Rows`)."""
+
+    rows_BD: torch.Tensor
+    index_B: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.index_B.shape[0])
+
+    def rows(self, start: int, stop: int) -> "_DeviceRows":
+        return _DeviceRows(self.rows_BD[start:stop], self.index_B[start:stop])
+
+    def then(self, other: "_DeviceRows") -> "_DeviceRows":
+        return _DeviceRows(torch.cat([self.rows_BD, other.rows_BD]), np.concatenate([self.index_B, other.index_B]))
+
+
 class DeviceWindows:
     def __init__(
         self, dataset: ParquetDataset, device: torch.device, binarization: str, seed: int, decode_threads: int
@@ -63,12 +81,27 @@ class DeviceWindows:
 
     def batches(self, stream: EpochStream) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         """The remaining batches of `stream`: x [B, D] float32 on the device and their dataset indices, every
-        rank's `stream.num_batches` in all (empty batches at the end where this rank has fewer rows)."""
+        rank's `stream.num_batches` in all (empty batches at the end where this rank has fewer rows): cut by the
+        host reader's rule (data/batching.py), so the same rows in the same batches."""
         windows, skip = stream.windows_to_read()
-        size, emitted = stream.batch_size, stream.start_batch
         key = 0 if self.binarization == "none" else binarization_key(self.binarization, self.seed, stream.epoch)
-        carry_rows: Optional[torch.Tensor] = None
-        carry_index = np.zeros(0, np.int64)
+        empty = _DeviceRows(
+            torch.zeros((0, self.dataset.dim), dtype=torch.float32, device=self.device), np.zeros(0, np.int64)
+        )
+        cut = batches_of(
+            self._windows(stream, windows),
+            stream.batch_size,
+            skip=skip,
+            emitted=stream.start_batch,
+            num_batches=stream.num_batches,
+            empty=lambda: empty,
+        )
+        for rows in cut:
+            yield self._inputs(rows.rows_BD, rows.index_B, key) if len(rows) else (rows.rows_BD, rows.index_B)
+
+    def _windows(self, stream: EpochStream, windows: list[list[int]]) -> Iterator["_DeviceRows"]:
+        """Each window's rows on the device, in the reader's order: the next one read and copied while this one
+        trains."""
         with (
             ThreadPoolExecutor(self.decode_threads, "aevb-decode") as decoders,
             ThreadPoolExecutor(1, "aevb-window") as ahead,
@@ -76,26 +109,11 @@ class DeviceWindows:
             pending = ahead.submit(self._load, stream, windows[0], decoders) if windows else None
             for i in range(len(windows)):
                 window = pending.result()
-                if i + 1 < len(windows):  # the next window is read and copied while this one trains
+                if i + 1 < len(windows):
                     pending = ahead.submit(self._load, stream, windows[i + 1], decoders)
                 if window.ready is not None:
                     torch.cuda.current_stream(self.device).wait_event(window.ready)
-                rows, index = window.rows_WD[skip:], window.index_W[skip:]
-                skip = 0
-                if carry_rows is not None and len(carry_index):
-                    rows, index = torch.cat([carry_rows, rows]), np.concatenate([carry_index, index])
-                start = 0
-                while len(index) - start >= size:
-                    yield self._inputs(rows[start : start + size], index[start : start + size], key)
-                    start += size
-                    emitted += 1
-                carry_rows, carry_index = rows[start:], index[start:]
-        if len(carry_index):
-            yield self._inputs(carry_rows, carry_index, key)
-            emitted += 1
-        empty = torch.zeros((0, self.dataset.dim), dtype=torch.float32, device=self.device)
-        for _ in range(stream.num_batches - emitted):
-            yield empty, np.zeros(0, np.int64)
+                yield _DeviceRows(window.rows_WD, window.index_W)
 
     def _load(self, stream: EpochStream, ids: list[int], decoders: Executor) -> _Window:
         """A window's row groups decoded in parallel, on the device in the reader's order."""
