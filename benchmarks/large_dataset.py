@@ -74,7 +74,14 @@ def stream_epoch(rank: int, world_size: int, uri: str, description: dict, overri
     cfg = load_config(None, [f"data.train_uri={uri}", f"model.input_dim={DIM}", *overrides])
     data, _ = open_datasets(cfg, description)  # as a training worker opens it: data.decoded_cache_mib included
     source = BatchSource(
-        cfg, data, rank=rank, world_size=world_size, binarization="dynamic", device=torch.device("cpu")
+        data,
+        train_cfg=cfg.train,
+        data_cfg=cfg.data,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        binarization="dynamic",
+        device=torch.device("cpu"),
     )
     opened = rss_mb()
     rows, start = 0, time.perf_counter()

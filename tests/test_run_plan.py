@@ -67,7 +67,15 @@ def test_a_resumed_global_batch_run_counts_its_steps_over_the_partitions_its_che
     data = ParquetDataset(f"{tiny_data}/train")
     steps_over = {
         p: BatchSource(
-            cfg, data, rank=0, world_size=1, binarization="none", device=None, num_partitions=p
+            data,
+            train_cfg=cfg.train,
+            data_cfg=cfg.data,
+            seed=cfg.seed,
+            rank=0,
+            world_size=1,
+            binarization="none",
+            device=None,
+            num_partitions=p,
         ).total_steps()
         for p in (None, 2)  # None: the default partitions of a new run
     }

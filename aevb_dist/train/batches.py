@@ -11,7 +11,7 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import torch
 
-from aevb_dist.config import Config
+from aevb_dist.config import DataConfig, TrainConfig
 from aevb_dist.config_checks import check_partitioning
 from aevb_dist.data.partitions import PartitionedEpoch, partitioned_num_batches
 from aevb_dist.data.reader import EpochStream, ParquetDataset
@@ -53,9 +53,11 @@ def default_num_partitions(data: ParquetDataset, global_batch_size: int) -> int:
 class BatchSource:
     def __init__(
         self,
-        cfg: Config,
-        data: ParquetDataset,
+        dataset: ParquetDataset,
         *,
+        train_cfg: TrainConfig,
+        data_cfg: DataConfig,
+        seed: int,
         rank: int,
         world_size: int,
         binarization: str,
@@ -64,14 +66,17 @@ class BatchSource:
         device_windows=None,
         num_partitions: Optional[int] = None,
     ):
-        self.cfg, self.data, self.rank, self.world_size = cfg, data, rank, world_size
+        """Rank `rank` of `world_size`'s batches of `dataset`, as the config's train and data sections and its
+        seed say; `num_partitions`: a resumed run's recorded ones, else data.num_partitions or the default."""
+        self.train_cfg, self.data_cfg, self.seed = train_cfg, data_cfg, seed
+        self.data, self.rank, self.world_size = dataset, rank, world_size
         self.binarization, self.device, self.device_data = binarization, device, device_data
         self.device_windows = device_windows  # train/device_stream.py: windows binarized on the device
-        self.global_batch_size = cfg.train.global_batch_size
+        self.global_batch_size = train_cfg.global_batch_size
         self.num_partitions = None
         if self.global_batch_size is not None:
             self.num_partitions = (
-                num_partitions or cfg.data.num_partitions or default_num_partitions(data, self.global_batch_size)
+                num_partitions or data_cfg.num_partitions or default_num_partitions(dataset, self.global_batch_size)
             )
             check_partitioning(self.num_partitions, self.global_batch_size, world_size)
 
@@ -99,7 +104,7 @@ class BatchSource:
                 f"train.global_batch_size={now['global_batch_size']} differs from the run's "
                 f"{saved['global_batch_size']}; a run keeps its global batch (or use a new run.name)"
             )
-        configured = self.cfg.data.num_partitions
+        configured = self.data_cfg.num_partitions
         if configured is not None and configured != saved["num_partitions"]:
             raise ValueError(
                 f"data.num_partitions={configured} differs from the run's {saved['num_partitions']}, "
@@ -108,8 +113,10 @@ class BatchSource:
         if saved["num_partitions"] == now["num_partitions"]:
             return self
         return BatchSource(
-            self.cfg,
             self.data,
+            train_cfg=self.train_cfg,
+            data_cfg=self.data_cfg,
+            seed=self.seed,
             rank=self.rank,
             world_size=self.world_size,
             binarization=self.binarization,
@@ -121,7 +128,7 @@ class BatchSource:
 
     def read_ahead(self):
         """data.read_ahead; by default also on a GPU, whose step leaves the CPU free (data/prefetch.py)."""
-        configured = self.cfg.data.read_ahead
+        configured = self.data_cfg.read_ahead
         return True if configured is None and self.device.type == "cuda" else configured
 
     def num_batches(self, epoch: int) -> int:
@@ -132,21 +139,21 @@ class BatchSource:
                 num_partitions=self.num_partitions,
                 global_batch_size=self.global_batch_size,
                 epoch=epoch,
-                seed=self.cfg.seed,
-                shuffle=self.cfg.data.shuffle,
+                seed=self.seed,
+                shuffle=self.data_cfg.shuffle,
             )
         return EpochStream(
             self.data,
             rank=0,
             world_size=self.world_size,
-            batch_size=self.cfg.train.batch_size_per_worker,
+            batch_size=self.train_cfg.batch_size_per_worker,
             epoch=epoch,
-            seed=self.cfg.seed,
-            shuffle=self.cfg.data.shuffle,
+            seed=self.seed,
+            shuffle=self.data_cfg.shuffle,
         ).num_batches
 
     def total_steps(self) -> int:
-        t = self.cfg.train
+        t = self.train_cfg
         if t.max_steps is not None:
             return t.max_steps
         return sum(self.num_batches(e) for e in range(t.num_epochs or 1))
@@ -154,9 +161,9 @@ class BatchSource:
     def stream(self, epoch: int, start_batch: int) -> Stream:
         common = dict(
             epoch=epoch,
-            seed=self.cfg.seed,
-            shuffle=self.cfg.data.shuffle,
-            window=self.cfg.data.shuffle_window_row_groups,
+            seed=self.seed,
+            shuffle=self.data_cfg.shuffle,
+            window=self.data_cfg.shuffle_window_row_groups,
             binarization=self.binarization,
             start_batch=start_batch,
             read_ahead=self.read_ahead(),
@@ -174,7 +181,7 @@ class BatchSource:
             self.data,
             rank=self.rank,
             world_size=self.world_size,
-            batch_size=self.cfg.train.batch_size_per_worker,
+            batch_size=self.train_cfg.batch_size_per_worker,
             **common,
         )
 

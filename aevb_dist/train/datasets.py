@@ -72,12 +72,14 @@ def batch_source_for(
     binarization = train_binarization(cfg.model.likelihood, cfg.data.binarization)
     device_data = DeviceData(train_data, device, binarization, cfg.seed) if cfg.data.cache_on_device else None
     return BatchSource(
-        cfg,
         train_data,
+        train_cfg=cfg.train,
+        data_cfg=cfg.data,
+        seed=cfg.seed,
         rank=rank,
         world_size=world_size,
         binarization=binarization,
         device=device,
         device_data=device_data,
-        device_windows=None if device_data else streamed_to(device, cfg, train_data),
+        device_windows=None if device_data else streamed_to(device, train_data, cfg.data, binarization, cfg.seed),
     )

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from aevb_dist.data.batching import batches_of
-from aevb_dist.data.binarization import binarization_key, train_binarization
+from aevb_dist.data.binarization import binarization_key
 from aevb_dist.data.reader import EpochStream, ParquetDataset
 from aevb_dist.train.device_data import DeviceBinarization, example_hashes
 
@@ -34,14 +34,15 @@ def default_decode_threads(window_row_groups: int) -> int:
     return max(1, min(window_row_groups, cores))
 
 
-def streamed_to(device: torch.device, cfg, dataset: ParquetDataset) -> Optional["DeviceWindows"]:
-    """The windows of a run on a GPU (without the device cache: the caller's to check); None on a CPU, whose
-    reader binarizes in its own process anyway."""
+def streamed_to(
+    device: torch.device, dataset: ParquetDataset, data_cfg, binarization: str, seed: int
+) -> Optional["DeviceWindows"]:
+    """The windows of a run on a GPU (without the device cache: the caller's to check), as the config's data
+    section says; None on a CPU, whose reader binarizes in its own process anyway."""
     if device.type != "cuda":
         return None
-    threads = cfg.data.decode_threads or default_decode_threads(cfg.data.shuffle_window_row_groups)
-    binarization = train_binarization(cfg.model.likelihood, cfg.data.binarization)
-    return DeviceWindows(dataset, device, binarization, cfg.seed, threads)
+    threads = data_cfg.decode_threads or default_decode_threads(data_cfg.shuffle_window_row_groups)
+    return DeviceWindows(dataset, device, binarization, seed, threads)
 
 
 @dataclass

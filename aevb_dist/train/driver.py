@@ -103,8 +103,10 @@ def plan_run(cfg: Config, train_data, run_uri: str, newest: Optional[str], manif
     recorded = manifest is not None and "partitioning" in manifest
     saved = manifest["partitioning"] if recorded else None
     source = BatchSource(
-        cfg,
         train_data,
+        train_cfg=cfg.train,
+        data_cfg=cfg.data,
+        seed=cfg.seed,
         rank=0,
         world_size=cfg.train.num_workers,
         binarization="none",
