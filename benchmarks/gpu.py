@@ -274,7 +274,7 @@ def test_log_px(trainer: Trainer, data: str, device: torch.device, k: int, peak:
     """The model's test log p(x): K importance samples on every test image (statically binarized, as
     evaluation is), printed with the computation's FLOP/s as a fraction of the matmul peak."""
     test = ParquetDataset(f"{data}/test")
-    test_x = DeviceData(test, device, "static", trainer.cfg.seed)  # the fixed binarization evaluation uses
+    test_x = DeviceData(test, device, "static", trainer.seed)  # the fixed binarization evaluation uses
     x = test_x.batch(torch.arange(test.num_rows, device=device), test_x.epoch_words(0))
     vae = trainer.vae.eval()
     gen = torch.Generator(device=device).manual_seed(1)

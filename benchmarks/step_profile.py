@@ -60,7 +60,7 @@ def trainer_rates(data_uri: str, batch: int, epochs: int, prefilled: bool = Fals
     )
     trainer = trainer_for_config(cfg)
     per_epoch = trainer.source.num_batches(0)
-    trainer.cfg.train.log_every_steps = max(per_epoch // 10, 1)
+    trainer.train_cfg.log_every_steps = max(per_epoch // 10, 1)
     if prefilled:
         read = trainer.source.batches
         batches = {e: list(read(trainer.source.stream(e, 0))) for e in range(epochs)}
@@ -69,7 +69,7 @@ def trainer_rates(data_uri: str, batch: int, epochs: int, prefilled: bool = Fals
     trainer.fit(
         on_log=lambda row: times.setdefault(row["step"], time.perf_counter()), on_checkpoint=lambda state, row: None
     )
-    every = trainer.cfg.train.log_every_steps
+    every = trainer.train_cfg.log_every_steps
     # From the first log row after step 1 (steady state) to the epoch's end, then the later epochs.
     first = (per_epoch - every) * batch / (times[per_epoch] - times[every])
     later = (max(times) - per_epoch) * batch / (times[max(times)] - times[per_epoch])

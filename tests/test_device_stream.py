@@ -56,7 +56,7 @@ def _trainer(data: str, tmp_path, *extra: str) -> Trainer:
 
 def _streamed(trainer: Trainer) -> Trainer:
     """The trainer reading through the device windows (on a GPU the default without the device cache)."""
-    windows = DeviceWindows(trainer.source.data, trainer.device, trainer.source.binarization, trainer.cfg.seed, 2)
+    windows = DeviceWindows(trainer.source.data, trainer.device, trainer.source.binarization, trainer.seed, 2)
     trainer.source.device_windows = windows
     return trainer
 

@@ -46,7 +46,7 @@ def test_sum_reduced_gradient_is_the_global_mean_gradient(tiny_data, tmp_path, r
                 torch.from_numpy(x[idx]),
                 "B",
                 1,
-                generator=step_generator(ref.cfg.seed, 0, rank, torch.device("cpu")),
+                generator=step_generator(ref.seed, 0, rank, torch.device("cpu")),
             ).sum()
             objective = objective + map_objective_sum(elbo, ref.vae, 2.0, len(idx), ref.source.data.num_rows)
             total += elbo.item()

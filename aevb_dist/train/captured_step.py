@@ -34,7 +34,7 @@ class CapturedStep:
         """`streamed`: one batch at a time from streamed windows (load_batch) instead of the cached epoch."""
         self.trainer, self.streamed = trainer, streamed
         data, device = trainer.source.device_data, trainer.device
-        size = trainer.cfg.train.batch_size_per_worker
+        size = trainer.train_cfg.batch_size_per_worker
         if streamed:  # one batch, put in place before each replay
             capacity, dim, dtype = 1, trainer.source.data.dim, torch.float32
         else:

@@ -23,10 +23,9 @@ from typing import Callable, Iterator, Optional, Protocol
 import torch
 
 from aevb_dist import names, seeds
-from aevb_dist.config import Config
+from aevb_dist.config import CheckpointConfig, OptimConfig, TrainConfig
 from aevb_dist.config_checks import captured_step_cannot_serve
 from aevb_dist.console import say
-from aevb_dist.data.binarization import eval_binarization
 from aevb_dist.data.reader import ParquetDataset, assign_row_groups
 from aevb_dist.data.schema import Batch
 from aevb_dist.data.statistics import mean_intensity
@@ -72,30 +71,39 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: Config,
         vae: VAE,
         optimizer: torch.optim.Optimizer,
         source: BatchSource,
         test_data: Optional[ParquetDataset] = None,
         *,
+        train_cfg: TrainConfig,
+        optim_cfg: OptimConfig,
+        checkpoint_cfg: CheckpointConfig,
+        seed: int,
+        test_binarization: str = "none",
+        bias_from_data_mean: bool = False,
         stop_probe: Callable[[], bool] = lambda: False,
         data_mean: Optional[list[float]] = None,
         saved: Optional[dict] = None,
     ):
         """Trains `vae` (on `source.device`) with `optimizer` on the batches of `source`, this rank's of the
-        training set, and evaluates it on `test_data` (`worker.trainer_for_config` builds all of them from a
-        config). `stop_probe()`: whether this rank asks to stop after the current step (read every step: a
-        flag, no I/O). `data_mean`: the training set's mean pixel for model.output_bias_init=data_mean, as the
-        driver computed it (else computed here when a run starts). `saved`: a checkpoint's state to resume
-        from (`load_state_dict`; its warning, if any, in `resume_note`)."""
-        self.cfg, self.vae, self.optimizer, self.source, self.test_data = cfg, vae, optimizer, source, test_data
+        training set, and evaluates it on `test_data` (binarized by `test_binarization`), as the config's
+        train, optim and checkpoint sections and its seed say (`worker.trainer_for_config` builds all of them
+        from a config). `stop_probe()`: whether this rank asks to stop after the current step (read every step:
+        a flag, no I/O). `bias_from_data_mean` (model.output_bias_init=data_mean): a new run sets the decoder's
+        output bias from the training set's mean pixel, `data_mean` as the driver computed it (else computed
+        here). `saved`: a checkpoint's state to resume from (`load_state_dict`; its warning, if any, in
+        `resume_note`)."""
+        self.train_cfg, self.optim_cfg, self.checkpoint_cfg, self.seed = train_cfg, optim_cfg, checkpoint_cfg, seed
+        self.test_binarization, self.bias_from_data_mean = test_binarization, bias_from_data_mean
+        self.vae, self.optimizer, self.source, self.test_data = vae, optimizer, source, test_data
         self.rank, self.world_size, self.device = source.rank, source.world_size, source.device
         self.data_mean = data_mean
         self.stop_probe = stop_probe
         self.stop_requested = False  # some rank asked: the step just taken is checkpointed and fit() returns
-        self.graphed = self.device.type == "cuda" and cfg.train.cuda_graph and self._graph_serves()
+        self.graphed = self.device.type == "cuda" and train_cfg.cuda_graph and self._graph_serves()
         # torch.compile traces the bound once per shape; the noise draws stay eager (graph breaks).
-        self.bound_sum = torch.compile(self._bound_sum) if cfg.train.compile else self._bound_sum
+        self.bound_sum = torch.compile(self._bound_sum) if train_cfg.compile else self._bound_sum
         self.params = list(self.vae.parameters())
         # One flat buffer holds every gradient (as views), then the ELBO sum, the example count and the stop votes:
         # backward accumulates straight into it and a single in-place all-reduce sums it, with no
@@ -106,9 +114,9 @@ class Trainer:
             p.grad = self.flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         # KL warm-up or free bits: the step optimizes another objective than the bound it logs.
-        self.weighs_kl = bool(cfg.train.kl_warmup_steps) or cfg.train.free_bits is not None
+        self.weighs_kl = bool(train_cfg.kl_warmup_steps) or train_cfg.free_bits is not None
         self.objective_in_window = 0.0  # the optimized objective's global sum since the last log line
-        self._grad_comm_dtype = torch.bfloat16 if cfg.train.allreduce_dtype == "bfloat16" else None
+        self._grad_comm_dtype = torch.bfloat16 if train_cfg.allreduce_dtype == "bfloat16" else None
         self.state = TrainState(world_size=self.world_size)
         self._total_steps: Optional[int] = None  # counted once per batch source, when first asked
         self.resume_note = self.load_state_dict(saved) if saved is not None else None
@@ -165,7 +173,7 @@ class Trainer:
         self, x_BD: torch.Tensor, weight_B: Optional[torch.Tensor], generator: Optional[torch.Generator]
     ) -> torch.Tensor:
         """Σ_i L̃(x_i) over the batch (eq. 7 or 6 per example); `weight_B` zeroes padding rows."""
-        t = self.cfg.train
+        t = self.train_cfg
         bound_B = per_example_bound(self.vae, x_BD, t.estimator, t.num_latent_samples, generator=generator)
         return bound_B.sum() if weight_B is None else (bound_B * weight_B).sum()
 
@@ -180,14 +188,14 @@ class Trainer:
             elbo_sum = objective_sum = self.bound_sum(x_BD, weight_B, generator)
         (-objective_sum).backward()
         # MAP: the gradient of map_objective_sum's prior term (eq. 8 / N), in closed form.
-        add_prior_gradient(self.params, self.cfg.train.theta_prior_std, count, self.source.data.num_rows)
+        add_prior_gradient(self.params, self.train_cfg.theta_prior_std, count, self.source.data.num_rows)
         self.flat[OBJECTIVE_SUM] = objective_sum.detach()
         self.flat[ELBO_SUM] = elbo_sum.detach()
         self.flat[COUNT] = count
 
     def _weighted_kl_sums(self, x_BD: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(ELBO sum, optimized objective's sum) with KL warm-up (this step's β) and free bits (estimator B)."""
-        t = self.cfg.train
+        t = self.train_cfg
         log_likelihood_B, kl_BZ = sgvb_b_terms(self.vae, x_BD, t.num_latent_samples, generator)
         beta = min(1.0, self.state.step / t.kl_warmup_steps) if t.kl_warmup_steps else 1.0
         objective_B = weighted_kl_objective(log_likelihood_B, kl_BZ, beta, t.free_bits)
@@ -201,11 +209,11 @@ class Trainer:
         return self.step_on(StepBatch.from_host(batch.x, batch.index, self.device))
 
     def seed_of_step(self, step: int) -> int:
-        return seeds.step_seed(self.cfg.seed, step, self.rank)
+        return seeds.step_seed(self.seed, step, self.rank)
 
     def _noise(self, segments: Segments):
         """Step s's noise: one generator of (seed, s, rank), or per partition one of (seed, s, partition)."""
-        seed, step = self.cfg.seed, self.state.step
+        seed, step = self.seed, self.state.step
         if segments is None:
             return step_generator(seed, step, self.rank, self.device)
         partitions, sizes = segments
@@ -236,7 +244,7 @@ class Trainer:
             f"step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch}, "
             f"rank {self.rank} example indices {index_B[:3].tolist()}...)"
         )
-        if self.cfg.train.on_nonfinite == "error":
+        if self.train_cfg.on_nonfinite == "error":
             self.raise_nonfinite(f"{where}: ELBO sum {elbo}")
         self.state.skipped_steps += 1
         return math.nan, 0
@@ -261,16 +269,15 @@ class Trainer:
         """Dataset mean of the bound (estimator B, L=1), as `aevb-dist evaluate` computes it (eval/evaluation.py:
         a row group's noise is seeded by (seed, row group), so the result does not depend on the worker count):
         this rank's row groups, sums and counts all-reduced, divided once."""
-        ids = assign_row_groups(data.units, self.world_size, seed=self.cfg.seed, epoch=0, shuffle=False)[self.rank]
-        binarization = eval_binarization(self.cfg.model.likelihood, self.cfg.data.binarization)
+        ids = assign_row_groups(data.units, self.world_size, seed=self.seed, epoch=0, shuffle=False)[self.rank]
         sums = evaluate_units(
             self.vae,
             data,
             ids,
             num_importance_samples=0,
             batch_size=names.EVAL_BATCH_SIZE,
-            binarization=binarization,
-            seed=self.cfg.seed,
+            binarization=self.test_binarization,
+            seed=self.seed,
         )
         self.vae.train()
         total = torch.tensor([sums.elbo, sums.count], dtype=torch.float64, device=self.device)
@@ -291,7 +298,7 @@ class Trainer:
         `stop_requested` set)."""
         steps = steps or (CapturedSteps(self) if self.graphed else EagerSteps(self))
         s = self.state
-        if s.step == 0 and self.cfg.model.output_bias_init == "data_mean":  # a new run, not a resumed one
+        if s.step == 0 and self.bias_from_data_mean:  # a new run, not a resumed one
             self.data_mean = self.data_mean or mean_intensity(self.source.data).tolist()
             self.vae.set_output_bias_to_data_mean(torch.tensor(self.data_mean, dtype=torch.float64))
         window = self._new_window()
@@ -315,7 +322,7 @@ class Trainer:
     def _graph_serves(self) -> bool:
         """Whether the captured step runs this GPU run (train.cuda_graph): the config check refused a device
         cache's run it cannot serve; a streamed one takes the eager step instead, said once."""
-        why = captured_step_cannot_serve(self.cfg.train, self.cfg.optim, streamed=not self.cfg.data.cache_on_device)
+        why = captured_step_cannot_serve(self.train_cfg, self.optim_cfg, streamed=self.source.device_data is None)
         if why is not None and self.rank == 0:
             say(f"train.cuda_graph: the eager step runs: {why}")
         return why is None
@@ -334,7 +341,7 @@ class Trainer:
         s = self.state
         if s.step > 0 and s.batch_in_epoch >= self.source.num_batches(s.epoch):
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-        set_learning_rate(self.optimizer, learning_rate(self.cfg.optim.lr, self.cfg.optim.lr_schedule, s.epoch))
+        set_learning_rate(self.optimizer, learning_rate(self.optim_cfg.lr, self.optim_cfg.lr_schedule, s.epoch))
 
     def _after_step(self, window: dict, on_log, on_checkpoint) -> dict:
         """Log (with the test set's ELBO where due) and checkpoint when the step just taken calls for it;
@@ -345,7 +352,7 @@ class Trainer:
             row = self._log_row(window, test_elbo=self._test_elbo_if_due())
             on_log(row)
             window.update(self._new_window())
-        if s.step % self.cfg.checkpoint.every_steps == 0 or self._finished():
+        if s.step % self.checkpoint_cfg.every_steps == 0 or self._finished():
             self._check_parameters_finite()
             on_checkpoint(self.state_dict(), row)
         return row
@@ -354,12 +361,12 @@ class Trainer:
         """Whether the step just taken ends a log interval. Step 1 is always logged: the user sees the
         first step at once, and the driver sees that training has begun (a signal before it stops at once)."""
         s = self.state
-        return s.step % self.cfg.train.log_every_steps == 0 or s.step == 1 or self._finished()
+        return s.step % self.train_cfg.log_every_steps == 0 or s.step == 1 or self._finished()
 
     def _test_elbo_if_due(self) -> float:
         """The test set's ELBO at train.eval_every_steps and at the last step (NaN elsewhere, or without a
         test set). A stop is not the end: no test-set pass before its checkpoint."""
-        t, s = self.cfg.train, self.state
+        t, s = self.train_cfg, self.state
         last = s.step >= self.total_steps
         if self.test_data is not None and (last or (t.eval_every_steps and s.step % t.eval_every_steps == 0)):
             return self.evaluate(self.test_data)

@@ -25,6 +25,7 @@ import torch
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import Config, to_dict
 from aevb_dist.console import say
+from aevb_dist.data.binarization import eval_binarization
 from aevb_dist.model.hierarchical import model_from_config
 from aevb_dist.model.networks import autocast_networks
 from aevb_dist.run_lease import record_writer
@@ -138,7 +139,21 @@ def trainer_for_config(
     optimizer = build_optimizer(
         vae.parameters(), cfg.optim.name, cfg.optim.lr, on_gpu=on_gpu, eps=cfg.optim.eps, examples_per_step=examples
     )
-    return Trainer(cfg, vae, optimizer, source, test_data, stop_probe=stop_probe, data_mean=data_mean, saved=saved)
+    return Trainer(
+        vae,
+        optimizer,
+        source,
+        test_data,
+        train_cfg=cfg.train,
+        optim_cfg=cfg.optim,
+        checkpoint_cfg=cfg.checkpoint,
+        seed=cfg.seed,
+        test_binarization=eval_binarization(cfg.model.likelihood, cfg.data.binarization),
+        bias_from_data_mean=cfg.model.output_bias_init == "data_mean",
+        stop_probe=stop_probe,
+        data_mean=data_mean,
+        saved=saved,
+    )
 
 
 def save_checkpoint(
