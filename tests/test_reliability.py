@@ -16,7 +16,7 @@ import torch
 
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
-from aevb_dist.data.schema import Batch
+from aevb_dist.train.batches import StepBatch
 from aevb_dist.train.driver import train
 from aevb_dist.train.trainer import NonFiniteError
 from aevb_dist.train.worker import trainer_for_config
@@ -139,16 +139,17 @@ def test_a_checkpoint_cut_off_part_way_is_never_resumed_from(ray_local, tiny_dat
 
 def test_non_finite_step_stops_with_the_step_or_is_skipped_and_counted(tiny_data, tmp_path):
     base = tiny_overrides(tiny_data, str(tmp_path), **{"model.likelihood": "gaussian", "data.binarization": "none"})
-    bad = Batch(np.full((4, 16), 1e30, np.float32), np.arange(4))  # (x − μ)² overflows: an inf objective
-    good = Batch(np.random.default_rng(0).random((4, 16)).astype(np.float32), np.arange(4))
+    cpu = torch.device("cpu")
+    bad = StepBatch.from_host(np.full((4, 16), 1e30, np.float32), np.arange(4), cpu)  # (x − μ)² overflows: inf
+    good = StepBatch.from_host(np.random.default_rng(0).random((4, 16)).astype(np.float32), np.arange(4), cpu)
     trainer = trainer_for_config(load_config(SMOKE, base))
     with pytest.raises(NonFiniteError, match=r"non-finite objective or gradient at step 0 \(epoch 0, batch 0"):
-        trainer.train_step(bad)
+        trainer.step_on(bad)
     trainer = trainer_for_config(load_config(SMOKE, base + ["train.on_nonfinite=skip"]))
     before = [p.detach().clone() for p in trainer.params]
-    assert trainer.train_step(bad)[1] == 0 and trainer.state.skipped_steps == 1
+    assert trainer.step_on(bad)[1] == 0 and trainer.state.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))  # nothing applied
-    assert trainer.train_step(good)[1] == 4
+    assert trainer.step_on(good)[1] == 4
     assert all(torch.isfinite(p).all() for p in trainer.params)
 
 

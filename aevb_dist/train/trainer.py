@@ -27,7 +27,6 @@ from aevb_dist.config import CheckpointConfig, OptimConfig, TrainConfig
 from aevb_dist.config_checks import captured_step_cannot_serve
 from aevb_dist.console import say
 from aevb_dist.data.reader import ParquetDataset, assign_row_groups
-from aevb_dist.data.schema import Batch
 from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.eval.evaluation import evaluate_units
 from aevb_dist.model.elbo import add_prior_gradient, per_example_bound, sgvb_b_terms, weighted_kl_objective
@@ -203,10 +202,6 @@ class Trainer:
 
     def reduce_step_sums(self) -> None:
         all_reduce_step_sums(self.flat, self._grad_comm_dtype)
-
-    def train_step(self, batch: Batch) -> tuple[float, int]:
-        """One synchronous update on a host batch; returns the global (ELBO sum, example count) of the step."""
-        return self.step_on(StepBatch.from_host(batch.x, batch.index, self.device))
 
     def seed_of_step(self, step: int) -> int:
         return seeds.step_seed(self.seed, step, self.rank)
