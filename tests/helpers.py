@@ -67,6 +67,13 @@ def aevb(*args: str, env: dict | None = None, unset: tuple = (), **kwargs) -> su
     return subprocess.run([sys.executable, "-m", "aevb_dist", *args], capture_output=True, text=True, env=env, **kwargs)
 
 
+def read_all(dataset):
+    """Every row of a (small) `ParquetDataset` in file order, as its reader yields them row group by row group."""
+    from aevb_dist.data.schema import concat
+
+    return concat([dataset.read(unit) for unit in dataset.units])
+
+
 def start_train(overrides: list[str], config: str = SMOKE) -> subprocess.Popen:
     """`aevb-dist train CONFIG OVERRIDES` in a session of its own, as in a terminal: a signal to its process
     group reaches the driver and every process it started. Never inside a Ray job ($RAY_ADDRESS unset)."""

@@ -7,7 +7,7 @@ from aevb_dist.config import load_config
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.eval.evaluation import evaluate_units
 from aevb_dist.model.vae import VAE
-from tests.helpers import tiny_overrides
+from tests.helpers import read_all, tiny_overrides
 
 
 def test_a_latent_whose_posterior_mean_ignores_x_is_inactive_and_one_that_follows_x_is_active(tiny_data, tmp_path):
@@ -22,7 +22,7 @@ def test_a_latent_whose_posterior_mean_ignores_x_is_inactive_and_one_that_follow
     ids = list(range(len(data.units)))
     sums = evaluate_units(vae, data, ids, num_importance_samples=0, binarization="none", seed=0)
     with torch.no_grad():
-        means = vae.encode(torch.from_numpy(data.read_all().x))[0].double().numpy()
+        means = vae.encode(torch.from_numpy(read_all(data).x))[0].double().numpy()
     np.testing.assert_allclose(sums.posterior_mean_variance(), means.var(axis=0, ddof=1), rtol=1e-6, atol=1e-12)
     variances = means.var(axis=0, ddof=1)
     assert variances[0] > 1e-2 and variances[1] < 1e-12 and 0 < variances[2] < 1e-2

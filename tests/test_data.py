@@ -11,7 +11,7 @@ from aevb_dist.data.binarization import binarize
 from aevb_dist.data.prepare import prepare
 from aevb_dist.data.reader import EpochStream, ParquetDataset, assign_row_groups
 from aevb_dist.data.sources import read_frey_face, read_idx
-from tests.helpers import aevb, shared_data
+from tests.helpers import aevb, read_all, shared_data
 
 quiet = dict(report=lambda message: None)
 
@@ -39,7 +39,7 @@ def test_mnist_round_trip_equals_the_source_pixels(mnist_uri):
         np.testing.assert_array_equal(raw, source[order])
         np.testing.assert_array_equal(table.column("label").to_numpy(), labels[order])
         assert sorted(order) == list(range(ds.num_rows))
-    sample = ParquetDataset(f"{mnist_uri}/test").read_all()
+    sample = read_all(ParquetDataset(f"{mnist_uri}/test"))
     np.testing.assert_allclose(sample.x, source[sample.index] / 255.0, rtol=0, atol=1e-7)
 
 
@@ -52,8 +52,8 @@ def test_frey_face_round_trip_with_a_deterministic_split(tmp_path):
     seen = []
     for split in ("train", "test"):
         a = ParquetDataset(str(tmp_path / "a" / split), expected_dim=560)
-        b = ParquetDataset(str(tmp_path / "b" / split)).read_all()
-        got = a.read_all()
+        b = read_all(ParquetDataset(str(tmp_path / "b" / split)))
+        got = read_all(a)
         np.testing.assert_array_equal(got.index, b.index)
         np.testing.assert_allclose(got.x, faces[got.index] / 255.0, atol=1e-7)
         assert a.shape == [28, 20] and not a.has_label
@@ -73,7 +73,7 @@ def test_npz_round_trip_through_memory_filesystem():
         os.remove(path)
     assert counts == {"train": 40, "test": 10}
     for split in ("train", "test"):
-        got = ParquetDataset(f"memory://npz-roundtrip/{split}", expected_dim=12).read_all()
+        got = read_all(ParquetDataset(f"memory://npz-roundtrip/{split}", expected_dim=12))
         np.testing.assert_allclose(got.x, x.reshape(50, 12)[got.index].astype(np.float32))
         np.testing.assert_array_equal(got.label, labels[got.index])
 
@@ -152,7 +152,7 @@ def test_reader_rejects_bad_parquet(tmp_path):
         folder.mkdir()
         _write_parquet(str(folder / "part-0.parquet"), kwargs.pop("pixels", good), **kwargs)
         with pytest.raises(ValueError, match=message):
-            ParquetDataset(str(folder), expected_dim=4).read_all()
+            read_all(ParquetDataset(str(folder), expected_dim=4))
     with pytest.raises(ValueError, match="width 4 but the model expects model.input_dim=784"):
         ParquetDataset(str(tmp_path / "range"), expected_dim=784)
     (tmp_path / "none").mkdir()
@@ -246,7 +246,7 @@ def test_resuming_mid_epoch_yields_the_remaining_batches(uneven_dataset):
 
 
 def test_binarization_dynamic_static_none(uneven_dataset):
-    batch = uneven_dataset.read_all()
+    batch = read_all(uneven_dataset)
     d0 = binarize(batch, "dynamic", seed=0, epoch=0)
     d1 = binarize(batch, "dynamic", seed=0, epoch=1)
     assert set(np.unique(d0.x)) <= {0.0, 1.0}
@@ -282,7 +282,7 @@ def test_fashion_mnist_idx_folder(tmp_path):
         _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", imgs)
         _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, len(imgs), dtype=np.uint8))
     assert prepare(str(folder), str(tmp_path / "out"), fmt="fashion-mnist", **quiet) == {"train": 30, "test": 10}
-    got = ParquetDataset(str(tmp_path / "out" / "test")).read_all()
+    got = read_all(ParquetDataset(str(tmp_path / "out" / "test")))
     np.testing.assert_allclose(got.x, images["t10k"].reshape(10, 784)[got.index] / 255.0, atol=1e-7)
     truncated = tmp_path / "trunc"
     truncated.mkdir()
@@ -349,7 +349,7 @@ def test_prepare_writes_an_index_that_opens_the_dataset_without_its_footers(tiny
         footers.value_range,
         footers.has_label,
     )
-    np.testing.assert_array_equal(indexed.read_all().x, footers.read_all().x)
+    np.testing.assert_array_equal(read_all(indexed).x, read_all(footers).x)
     with pytest.raises(ValueError, match="model.input_dim=17"):
         ParquetDataset(folder, expected_dim=17)
 

@@ -14,7 +14,7 @@ from aevb_dist.data.reader import EpochStream, ParquetDataset
 from aevb_dist.train.device_data import DeviceData, fmix32
 from aevb_dist.train.trainer import Trainer
 from aevb_dist.train.worker import trainer_for_config
-from tests.helpers import SMOKE, byte_dataset, tiny_overrides
+from tests.helpers import SMOKE, byte_dataset, read_all, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_the_torch_hash_equals_the_readers_numpy_hash():
 @pytest.mark.parametrize("world_size, shuffle", [(1, True), (3, True), (2, False)])
 def test_row_positions_are_the_rows_the_stream_yields(byte_data, world_size, shuffle):
     data = ParquetDataset(f"{byte_data}/train")
-    stored_index = data.read_all().index
+    stored_index = read_all(data).index
     for rank in range(world_size):
         stream = EpochStream(
             data, rank=rank, world_size=world_size, batch_size=7, epoch=2, seed=5, shuffle=shuffle, window=2

@@ -19,7 +19,7 @@ from aevb_dist.model.elbo import sgvb_b
 from aevb_dist.model.gradient_variance import variance_report, variance_sweep
 from aevb_dist.model.marginal_likelihood import log_marginal_likelihood
 from aevb_dist.train.driver import train
-from tests.helpers import SMOKE, tiny_overrides
+from tests.helpers import SMOKE, read_all, tiny_overrides
 
 pytestmark = pytest.mark.slow  # a model trained on a real local Ray, then Ray tasks
 
@@ -51,7 +51,7 @@ def test_evaluate_matches_single_process_and_worker_count(trained):
     local = evaluate_units(vae, data, list(range(len(data.units))), num_importance_samples=200, seed=3).summary()
     assert local["log_marginal_likelihood"] == pytest.approx(one["log_marginal_likelihood"], rel=1e-12)
     # And independently: the plain function on the whole (statically binarized) split, other noise.
-    x = torch.from_numpy(binarize(data.read_all(), "static", seed=3, epoch=0).x)
+    x = torch.from_numpy(binarize(read_all(data), "static", seed=3, epoch=0).x)
     torch.manual_seed(0)
     direct = log_marginal_likelihood(vae, x, 2000, chunk_size=500).mean().item()
     assert abs(direct - one["log_marginal_likelihood"]) < 4 * one["log_marginal_likelihood_sem"] + 0.05
@@ -159,9 +159,9 @@ def test_encode_writes_one_row_per_example(trained, tmp_path):
     table = pq.read_table(out)
     indices = table.column("index").to_pylist()
     assert table.num_rows == 270 and len(set(indices)) == 270
-    assert sorted(indices) == sorted(ParquetDataset(trained["train"]).read_all().index.tolist())
+    assert sorted(indices) == sorted(read_all(ParquetDataset(trained["train"])).index.tolist())
     vae, _ = model_from_bytes(load_checkpoint_bytes(trained["run"])[0])
-    data = ParquetDataset(trained["train"]).read_all()
+    data = read_all(ParquetDataset(trained["train"]))
     x = torch.from_numpy(binarize(data, "static", seed=0, epoch=0).x)
     mean, logvar = vae.encode(x)
     order = {int(i): k for k, i in enumerate(data.index)}
@@ -209,7 +209,7 @@ def test_image_grids_are_readable_at_any_image_size_and_in_color(tmp_path):
 
 def test_gradient_variance_of_a_b_and_iwae(trained, tmp_path):
     vae, _ = model_from_bytes(load_checkpoint_bytes(trained["run"])[0])
-    x = torch.from_numpy(binarize(ParquetDataset(trained["train"]).read_all(), "static", seed=0, epoch=0).x[:50])
+    x = torch.from_numpy(binarize(read_all(ParquetDataset(trained["train"])), "static", seed=0, epoch=0).x[:50])
     report = variance_report(vae, x, num_draws=200)
     # θ's gradient is ∇θ log p(x|z) under both estimators: the same noise gives the same decoder gradients.
     assert report["A"]["decoder_variance"] == pytest.approx(report["B"]["decoder_variance"], rel=1e-6)

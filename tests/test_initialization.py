@@ -10,7 +10,7 @@ from aevb_dist.config import load_config
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.model.vae import VAE
 from aevb_dist.train.worker import trainer_for_config
-from tests.helpers import SMOKE, tiny_overrides
+from tests.helpers import SMOKE, read_all, tiny_overrides
 
 
 def test_glorot_uniform_weights_lie_in_their_bound_with_its_variance_and_zero_biases():
@@ -34,7 +34,7 @@ def test_a_new_run_starts_its_decoder_at_the_logit_of_the_clipped_data_mean_and_
     trainer = trainer_for_config(cfg)
     saved = []
     trainer.fit(on_log=lambda row: None, on_checkpoint=lambda state, row: saved.append(state))
-    x = ParquetDataset(f"{tiny_data}/train").read_all().x.astype(np.float64)
+    x = read_all(ParquetDataset(f"{tiny_data}/train")).x.astype(np.float64)
     expected = np.log(np.clip(x.mean(axis=0), 0.001, 0.999) / (1 - np.clip(x.mean(axis=0), 0.001, 0.999)))
     np.testing.assert_allclose(trainer.vae.decoder[-1].bias.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(saved[-1]["data_mean"], x.mean(axis=0), rtol=1e-12)

@@ -13,7 +13,7 @@ from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.model.noise import SegmentedNoise, standard_normal
 from aevb_dist.run_log import read_metrics
 from aevb_dist.train.driver import train
-from tests.helpers import SMOKE, final_state, tiny_overrides
+from tests.helpers import SMOKE, final_state, read_all, tiny_overrides
 
 P, M = 8, 24  # 270 training rows in row groups of 16: 18 row groups dealt to 8 partitions
 
@@ -43,7 +43,7 @@ def global_batches(data: ParquetDataset, world_size: int, epoch: int = 1, start:
 def test_the_global_batches_do_not_depend_on_the_number_of_workers(tiny_data):
     data = ParquetDataset(f"{tiny_data}/train")
     reference = global_batches(data, 1)
-    assert sorted(i for batch in reference for i in batch) == sorted(data.read_all().index.tolist())  # once each
+    assert sorted(i for batch in reference for i in batch) == sorted(read_all(data).index.tolist())  # once each
     assert max(len(b) for b in reference) == M
     for world_size in (2, 3, 5, 8):  # divisors of P or not
         assert global_batches(data, world_size) == reference, world_size

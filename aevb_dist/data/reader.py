@@ -281,10 +281,6 @@ class ParquetDataset:
                 f"(found [{low:.4g}, {high:.4g}]); the reader scales that range to [0, 1]"
             )
 
-    def read_all(self) -> Batch:
-        """Every row in file order; for small data and tests only."""
-        return concat([self.read(u) for u in self.units])
-
 
 def _hidden(relative_path: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative_path.split("/"))
