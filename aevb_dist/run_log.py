@@ -225,6 +225,7 @@ class ProgressPrinter:
                 self._note_resize(row, quiet=True)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._polling = threading.Lock()  # the loop's thread and `trained_past_start_now`'s read in turn
 
     def _rows(self) -> list[dict]:
         try:
@@ -233,17 +234,29 @@ class ProgressPrinter:
             return []
 
     def poll(self) -> None:
-        for row in self._rows():
-            self._note_resize(row)
-            if row["step"] > self.last_step:
-                print(progress_line(row, self.total_steps), file=sys.stderr, flush=True)
-                self.last_step = row["step"]
+        with self._polling:
+            for row in self._rows():
+                self._note_resize(row)
+                if row["step"] > self.last_step:
+                    print(progress_line(row, self.total_steps), file=sys.stderr, flush=True)
+                    self.last_step = row["step"]
 
     @property
     def trained_past_start(self) -> bool:
         """Whether this launch has logged a step yet (rank 0 logs its first step at once: RunLog), as of the
         newest poll, at most `interval_s` ago."""
         return self.last_step > self.start_step
+
+    def trained_past_start_now(self, timeout_s: float = 2.0) -> bool:
+        """`trained_past_start`, read afresh from metrics.csv where the last poll saw no step yet (steps may have
+        come since). A read that takes longer than `timeout_s` (storage that does not answer) counts as trained:
+        the caller then asks the workers to stop at a step rather than stopping at once."""
+        if self.trained_past_start:
+            return True
+        reading = threading.Thread(target=self.poll, name="aevb-progress-now", daemon=True)
+        reading.start()
+        reading.join(timeout_s)
+        return reading.is_alive() or self.trained_past_start
 
     def _note_resize(self, row: dict, quiet: bool = False) -> None:
         """An elastic run's worker count changed (metrics.csv's num_workers): one line. Rows re-read from

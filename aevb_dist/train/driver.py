@@ -142,7 +142,7 @@ def _launch(spec: WorkerSpec, train_data, plan: RunPlan) -> Optional[int]:
     try:
         with (
             ProgressPrinter(run, plan.total_steps, plan.start_step) as progress,
-            stop_request.maybe_stop_on_signals(run, lambda: progress.trained_past_start, before) as signals,
+            stop_request.maybe_stop_on_signals(run, progress.trained_past_start_now, before) as signals,
         ):
             launch(spec, train_data.num_rows)
         return signals.signum

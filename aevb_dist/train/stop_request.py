@@ -80,7 +80,8 @@ def stop_on_signals(
     """While the workers run: the first Ctrl-C or SIGTERM asks them to stop at the next step (written into the
     run folder in a thread: a signal handler must not wait on storage), the second stops at once. Before
     `training_began` (Ray still starting, workers still loading) there is no step to checkpoint: the first
-    signal stops at once, saying `before_training`, instead of starting training only to stop it."""
+    signal stops at once, saying `before_training`, instead of starting training only to stop it.
+    (`training_began` may read metrics.csv, within a bound: the driver's `ProgressPrinter.trained_past_start_now`.)"""
     seen = SignalsSeen()
 
     def on_signal(signum, frame) -> None:
