@@ -52,6 +52,8 @@ def _named(key: str) -> Iterator[None]:
     try:
         yield
     except ValueError as err:
+        if type(err) is not ValueError:  # a kind of its own (storage unavailable, ...): as it is
+            raise
         raise ValueError(f"{key}: {err}") from None
 
 
