@@ -67,22 +67,13 @@ def stream_epoch(rank: int, world_size: int, uri: str, description: dict, overri
     import torch
 
     from aevb_dist.config import load_config
-    from aevb_dist.train.batches import BatchSource
-    from aevb_dist.train.datasets import open_datasets
+    from aevb_dist.train.datasets import batch_source_for, open_datasets
 
     torch.set_num_threads(1)
     cfg = load_config(None, [f"data.train_uri={uri}", f"model.input_dim={DIM}", *overrides])
     data, _ = open_datasets(cfg, description)  # as a training worker opens it: data.decoded_cache_mib included
-    source = BatchSource(
-        data,
-        train_cfg=cfg.train,
-        data_cfg=cfg.data,
-        seed=cfg.seed,
-        rank=rank,
-        world_size=world_size,
-        binarization="dynamic",
-        device=torch.device("cpu"),
-    )
+    # As a worker's: the config's binarization (dynamic, for the default Bernoulli model), on the CPU.
+    source = batch_source_for(cfg, data, rank=rank, world_size=world_size, device=torch.device("cpu"))
     opened = rss_mb()
     rows, start = 0, time.perf_counter()
     for batch in source.batches(source.stream(0, 0)):

@@ -85,5 +85,5 @@ def refuse_a_root_of_splits(uri: str, relative_paths: list[str]) -> None:
     )
     if splits:
         held = " and ".join(f"{s}/" for s in splits)
-        choices = " or ".join(f"{uri.rstrip('/')}/{s}" for s in sorted(splits, key=names.SPLITS.index))
+        choices = " or ".join(f"{uri.rstrip('/')}/{s}" for s in splits)
         raise ValueError(f"{uri} holds the splits {held} of a prepared dataset, not one split: pass {choices}")
