@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Iterable
 
 ACTIVATIONS = ("tanh", "relu", "softplus", "sigmoid", "elu")
-LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli", "discretized_logistic")
+IMAGE_LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli", "discretized_logistic")
+COUNT_LIKELIHOODS = ("poisson", "negative_binomial", "zinb", "multinomial")  # counts: cells' genes, documents' words
+LIKELIHOODS = IMAGE_LIKELIHOODS + COUNT_LIKELIHOODS
 POSTERIORS = ("gaussian", "gaussian_log_std", "laplace", "logistic", "kumaraswamy", "lognormal")
 ESTIMATORS = ("A", "B", "iwae")  # the training bound: SGVB A, SGVB B, or the IWAE bound
 OPTIMIZERS = ("adagrad", "adam", "adam_burda2015", "sgd")

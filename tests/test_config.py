@@ -60,7 +60,7 @@ def test_round_trip_through_dict():
         ("train.num_workers=two", r"'train.num_workers' has the wrong type"),
         ("model.hidden_sizes=[a]", r"'model.hidden_sizes\[0\]' has the wrong type"),
         ("train.estimator=C", r"train.estimator='C' is not allowed; choose one of: A, B, iwae"),
-        ("model.likelihood=poisson", r"model.likelihood='poisson' is not allowed; choose one of: bernoulli, gaussian"),
+        ("model.likelihood=gamma", r"model.likelihood='gamma' is not allowed; choose one of: bernoulli, gaussian"),
         ("train.batch_size_per_worker=0", r"train.batch_size_per_worker=0 must be a positive number"),
         ("train.num_workers=-1", r"train.num_workers=-1 must be a positive number"),
         ("model.latent_dim=0", r"model.latent_dim=0 must be a positive number"),

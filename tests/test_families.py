@@ -125,5 +125,5 @@ def test_unknown_family_names_are_refused_naming_the_choices():
         match="model.posterior='student'.*gaussian, gaussian_log_std, laplace, logistic, kumaraswamy, lognormal",
     ):
         load_config(None, ["model.posterior=student"])
-    with pytest.raises(ValueError, match="model.likelihood='poisson'.*continuous_bernoulli"):
-        load_config(None, ["model.likelihood=poisson"])
+    with pytest.raises(ValueError, match="model.likelihood='gamma'.*continuous_bernoulli.*negative_binomial, zinb"):
+        load_config(None, ["model.likelihood=gamma"])

@@ -2,7 +2,7 @@
 
 This module is the only place a likelihood is chosen by name. Pure torch.
 
-Shapes: B batch, D data dimension, Z latent dimension, L latent samples.
+Shapes: B batch, D data dimension (pixels, or genes), Z latent dimension, L latent samples, P decoder outputs.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from aevb_dist import names
 
@@ -38,6 +39,11 @@ class Likelihood:
 
     name: str
     params_per_dim: int
+    models_counts = False  # True: x holds counts (genes of a cell, words of a document), not intensities
+
+    def encoder_input(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """What q_φ(z|x)'s network reads of x."""
+        return x_BD
 
     def validate(self, x_BD: torch.Tensor) -> None:
         if not torch.isfinite(x_BD).all():
@@ -168,16 +174,130 @@ class DiscretizedLogisticLikelihood(Likelihood):
         return (self._split(out_BP)[0].clamp(-1.0, 1.0) + 1.0) / 2.0
 
 
+class CountLikelihood(nn.Module, Likelihood):
+    """A likelihood of counts x ∈ ℕ^D whose mean is the row's observed library size l = Σ_d x_d times the
+    decoder's proportions ρ = softmax(η) (scVI's `use_observed_lib_size`: l is part of the observation, not
+    modelled). The encoder reads log(1 + x), as scVI's does. An nn.Module: some hold per-feature parameters θ."""
+
+    models_counts = True
+    params_per_dim = 1
+
+    def __init__(self, num_features: int):
+        nn.Module.__init__(self)
+        self.num_features = num_features
+
+    def encoder_input(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(x_BD)
+
+    def validate(self, x_BD: torch.Tensor) -> None:
+        super().validate(x_BD)
+        if x_BD.numel() and (x_BD.min() < 0 or not torch.equal(x_BD, x_BD.round())):
+            raise ValueError(f"a {self.name} decoder needs counts: non-negative integers")
+
+    @staticmethod
+    def log_library_size(x_BD: torch.Tensor) -> torch.Tensor:
+        """log l, [B, 1]; a row without counts is given l = 1 (its counts are all zero whatever ρ is, and
+        log 0 would make 0·log μ a NaN)."""
+        return torch.log(x_BD.sum(-1, keepdim=True).clamp_min(1.0))
+
+    def log_mean(self, out_LBP: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
+        """log μ = log l + log softmax(η), [L, B, D]."""
+        return self.log_library_size(x_BD) + F.log_softmax(out_LBP[..., : self.num_features], dim=-1)
+
+    def mean(self, out_BP: torch.Tensor) -> torch.Tensor:
+        """The expected proportions ρ (scVI's normalized expression): the mean of x / l."""
+        return F.softmax(out_BP[..., : self.num_features], dim=-1)
+
+
+class PoissonLikelihood(CountLikelihood):
+    """x_d ~ Poisson(μ_d): log p = Σ_d x_d log μ_d − μ_d − log x_d!  (Σ_d μ_d = l)."""
+
+    name = "poisson"
+
+    def log_prob(self, out_LBP: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
+        log_mean_LBD = self.log_mean(out_LBP, x_BD)
+        return torch.linalg.vecdot(log_mean_LBD, x_BD) - log_mean_LBD.exp().sum(-1) - torch.lgamma(x_BD + 1).sum(-1)
+
+
+class MultinomialLikelihood(CountLikelihood):
+    """x ~ Multinomial(l, ρ) (Mult-VAE, Liang et al. 2018; NVDM, Miao et al. 2016):
+    log p = log l! − Σ_d log x_d! + Σ_d x_d log ρ_d."""
+
+    name = "multinomial"
+
+    def log_prob(self, out_LBP: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
+        log_rho_LBD = F.log_softmax(out_LBP, dim=-1)
+        total_B = x_BD.sum(-1)
+        return torch.linalg.vecdot(log_rho_LBD, x_BD) + torch.lgamma(total_B + 1) - torch.lgamma(x_BD + 1).sum(-1)
+
+
+class NegativeBinomialLikelihood(CountLikelihood):
+    """x_d ~ NB(μ_d, θ_d), mean μ and inverse dispersion θ (variance μ + μ²/θ), θ a learned parameter per
+    feature (scVI's `dispersion="gene"`):
+    log p = log Γ(x + θ) − log Γ(θ) − log x! + θ log(θ / (θ + μ)) + x log(μ / (θ + μ))."""
+
+    name = "negative_binomial"
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features)
+        # log θ, initialized at θ = 1 as scVI's px_r ~ N(0, 1) is on average.
+        self.log_inverse_dispersion_D = nn.Parameter(torch.zeros(num_features))
+
+    def _nb_terms(self, log_mean_LBD: torch.Tensor, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log NB(x; μ, θ) per feature [L, B, D], and log NB(0; μ, θ) = θ log(θ / (θ + μ)) [L, B, D]."""
+        log_theta_D = self.log_inverse_dispersion_D
+        theta_D = log_theta_D.exp()
+        log_theta_plus_mean_LBD = torch.logaddexp(log_theta_D, log_mean_LBD)
+        log_zero_LBD = theta_D * (log_theta_D - log_theta_plus_mean_LBD)
+        # The terms without μ do not depend on z: once per row, not once per latent sample.
+        normalizer_BD = torch.lgamma(x_BD + theta_D) - torch.lgamma(theta_D) - torch.lgamma(x_BD + 1)
+        return log_zero_LBD + x_BD * (log_mean_LBD - log_theta_plus_mean_LBD) + normalizer_BD, log_zero_LBD
+
+    def log_prob(self, out_LBP: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
+        return self._nb_terms(self.log_mean(out_LBP, x_BD), x_BD)[0].sum(-1)
+
+
+class ZeroInflatedNegativeBinomialLikelihood(NegativeBinomialLikelihood):
+    """x_d ~ π_d δ_0 + (1 − π_d) NB(μ_d, θ_d), the dropout probability π = sigmoid(decoder's second output per
+    feature) (scVI's ZINB): log p = log(π + (1 − π) NB(0)) at x = 0, log(1 − π) + log NB(x) elsewhere."""
+
+    name = "zinb"
+    params_per_dim = 2
+
+    def log_prob(self, out_LBP: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
+        log_nb_LBD, log_nb_zero_LBD = self._nb_terms(self.log_mean(out_LBP, x_BD), x_BD)
+        dropout_logits_LBD = out_LBP[..., self.num_features :]
+        log_kept_LBD = -F.softplus(dropout_logits_LBD)  # log(1 − π)
+        # With a the dropout logit, π = sigmoid(a): log(π + (1 − π) NB(0)) = log((e^a + NB(0)) / (1 + e^a))
+        # = logaddexp(a, log NB(0)) − softplus(a), stable for any a.
+        log_zero_LBD = torch.logaddexp(dropout_logits_LBD, log_nb_zero_LBD) - F.softplus(dropout_logits_LBD)
+        return torch.where(x_BD == 0, log_zero_LBD, log_kept_LBD + log_nb_LBD).sum(-1)
+
+
+COUNT_LIKELIHOODS = {
+    "poisson": PoissonLikelihood,
+    "negative_binomial": NegativeBinomialLikelihood,
+    "zinb": ZeroInflatedNegativeBinomialLikelihood,
+    "multinomial": MultinomialLikelihood,
+}
+
+
 LIKELIHOODS = {
     "bernoulli": BernoulliLikelihood,
     "gaussian": GaussianLikelihood,
     "continuous_bernoulli": ContinuousBernoulliLikelihood,
     "discretized_logistic": DiscretizedLogisticLikelihood,
+    **COUNT_LIKELIHOODS,
 }
 names.require_registry("likelihood", names.LIKELIHOODS, LIKELIHOODS)
 
 
-def likelihood_from_name(name: str, squash_mean: bool = False) -> Likelihood:
+def likelihood_from_name(name: str, squash_mean: bool = False, input_dim: int = 0) -> Likelihood:
+    """The likelihood `name`; `input_dim` sizes a count likelihood's per-feature parameters (NB's dispersion)."""
     if name not in LIKELIHOODS:
         raise ValueError(f"model.likelihood={name!r} is not one of: {', '.join(LIKELIHOODS)}")
-    return GaussianLikelihood(squash_mean=squash_mean) if name == "gaussian" else LIKELIHOODS[name]()
+    if name == "gaussian":
+        return GaussianLikelihood(squash_mean=squash_mean)
+    if name in COUNT_LIKELIHOODS:
+        return COUNT_LIKELIHOODS[name](input_dim)
+    return LIKELIHOODS[name]()

@@ -49,7 +49,7 @@ class HierarchicalVAE(SharedParts, nn.Module):
         self.input_dim = input_dim
         self.latent_dims = [dim for dim, _ in layers]
         self.latent_dim = sum(self.latent_dims)
-        self.likelihood = likelihood_from_name(likelihood, squash_mean=squash_mean)
+        self.likelihood = likelihood_from_name(likelihood, squash_mean=squash_mean, input_dim=input_dim)
         self.posterior = posterior_from_name(posterior)  # every conditional's Gaussian, in q and in p alike
         if not isinstance(self.posterior, Gaussian):
             raise ValueError(f"model.latent_layers has Gaussian conditionals; model.posterior={posterior} is not one")
@@ -90,7 +90,7 @@ class HierarchicalVAE(SharedParts, nn.Module):
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The recognition model's parameters φ (every q_φ layer) and the generative model's θ."""
-        generative = [*self.decoder.parameters(), *self.conditional_priors.parameters()]
+        generative = [*self.generative_parameters(), *self.conditional_priors.parameters()]
         return {"encoder": list(self.encoders.parameters()), "decoder": generative}
 
     def split(self, z_LBZ: torch.Tensor) -> list[torch.Tensor]:
@@ -103,7 +103,7 @@ class HierarchicalVAE(SharedParts, nn.Module):
         """z ~ q_φ(z_1..z_L | x), each layer by the reparameterization trick given the one below, with
         log q_φ(z|x): [L, B, Z] and [L, B]."""
         self.check_input(x_BD)
-        a_BZ, b_BZ = self.encoders[0](x_BD).chunk(2, dim=-1)
+        a_BZ, b_BZ = self.encoders[0](self.likelihood.encoder_input(x_BD)).chunk(2, dim=-1)
         z_LBZ = self.posterior.sample(a_BZ, b_BZ, num_samples, generator)
         log_q_LB = self.posterior.log_prob(z_LBZ, a_BZ, b_BZ)
         layers = [z_LBZ]

@@ -51,6 +51,11 @@ class SharedParts:
         if output_bias_init == "zero":
             self.set_output_bias(torch.zeros(num_outputs))
 
+    def generative_parameters(self) -> list[nn.Parameter]:
+        """θ of p_θ(x|z): the decoder's, and the likelihood's own where it has some (NB's dispersion)."""
+        own = list(self.likelihood.parameters()) if isinstance(self.likelihood, nn.Module) else []
+        return list(self.decoder.parameters()) + own
+
     def check_input(self, x_BD: torch.Tensor) -> None:
         if x_BD.dim() != 2 or x_BD.shape[1] != self.input_dim:
             raise ValueError(f"expected inputs of shape [batch, {self.input_dim}], got {list(x_BD.shape)}")
@@ -97,7 +102,7 @@ class VAE(SharedParts, nn.Module):
         super().__init__()
         self.input_dim = input_dim
         self.latent_dim = latent_dim
-        self.likelihood = likelihood_from_name(likelihood, squash_mean=squash_mean)
+        self.likelihood = likelihood_from_name(likelihood, squash_mean=squash_mean, input_dim=input_dim)
         self.posterior = posterior_from_name(posterior)
         self.architecture = architecture
         if architecture == "mlp":
@@ -173,12 +178,12 @@ class VAE(SharedParts, nn.Module):
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The recognition model's parameters φ and the generative model's θ."""
-        return {"encoder": list(self.encoder.parameters()), "decoder": list(self.decoder.parameters())}
+        return {"encoder": list(self.encoder.parameters()), "decoder": self.generative_parameters()}
 
     def encode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The parameters (a, b) of q_φ(z|x), each [B, Z]: (μ, log σ²) for the Gaussian."""
         self.check_input(x_BD)
-        a_BZ, b_BZ = self.encoder(x_BD).chunk(2, dim=-1)
+        a_BZ, b_BZ = self.encoder(self.likelihood.encoder_input(x_BD)).chunk(2, dim=-1)
         return a_BZ, b_BZ
 
     def sample_latent(
