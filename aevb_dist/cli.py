@@ -39,7 +39,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from aevb_dist.data.images import ImageOptions
-    from aevb_dist.data.prepare import prepare
+    from aevb_dist.data.prepare import CountOptions, prepare
 
     prepare(
         args.source,
@@ -58,6 +58,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             skip_bad=args.skip_bad,
             image_column=args.image_column,
             label_column=args.label_column,
+        ),
+        count_options=CountOptions(
+            layer=args.layer,
+            batch_key=args.batch_key,
+            labels_key=args.labels_key,
+            categorical_covariate_keys=tuple(args.categorical_covariate_keys or ()),
         ),
     )
     return 0
@@ -209,12 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare",
         help="convert MNIST/Fashion-MNIST IDX, Frey Face .mat, .npy/.npz, a folder of "
-        "PNG/JPEG images or Parquet of encoded images to sharded Parquet",
+        "PNG/JPEG images, Parquet of encoded images, or counts (AnnData .h5ad, a 10x folder, a scipy.sparse "
+        ".npz) to sharded Parquet",
     )
     p.add_argument(
         "source",
         help="a folder of IDX .gz files, a .mat file, a .npy/.npz file, a folder of images "
-        "(--format imagefolder) or a Parquet file/folder of encoded images",
+        "(--format imagefolder), a Parquet file/folder of encoded images, an .h5ad, a 10x folder "
+        "(matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz) or a scipy.sparse .npz",
     )
     p.add_argument("output_uri", help="where to write OUTPUT_URI/train/part-*.parquet and OUTPUT_URI/test/...")
     p.add_argument(
@@ -235,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-fraction",
         type=float,
         default=0.1,
-        help="test share for sources without a split (Frey Face, .npy), default 0.1",
+        help="test share for sources without a split (Frey Face, .npy, count matrices), default 0.1",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split for sources without one")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at OUTPUT_URI")
@@ -255,6 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image-column", default=None, help="parquet: the column of encoded images (default: image)")
     p.add_argument("--label-column", default=None, help="parquet: the label column (default: label, if any)")
+    p.add_argument("--layer", default=None, help="h5ad: the layer of raw counts (default: X)")
+    p.add_argument("--batch-key", default=None, help="counts: the obs column of each cell's batch (column `batch`)")
+    p.add_argument("--labels-key", default=None, help="counts: the obs column of each cell's label (column `label`)")
+    p.add_argument(
+        "--categorical-covariate-keys",
+        nargs="+",
+        default=None,
+        metavar="KEY",
+        help="counts: more obs columns of categorical covariates, each kept under its own name",
+    )
     p.add_argument(
         "--value-range",
         type=float,

@@ -35,7 +35,10 @@ DATASET_FORMATS = (
     "npy",
     "imagefolder",
     "parquet",
-)  # `aevb-dist prepare --format`
+    "h5ad",
+    "10x",
+    "npz",
+)  # `aevb-dist prepare --format`: images, then count matrices (cells × genes)
 SPLITS = ("train", "test")  # the folders `aevb-dist prepare` writes under its OUTPUT_URI
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import threading
 from typing import Callable, Hashable
 
+import numpy as np
+
 from aevb_dist.data.schema import Batch
 
 
@@ -35,7 +37,8 @@ class DecodedRowGroups:
         size = batch.x.nbytes + batch.index.nbytes + (0 if batch.label is None else batch.label.nbytes)
         with self._lock:
             if unit not in self._held and self.used_bytes + size <= self.budget_bytes:
-                for array in (batch.x, batch.index, batch.label):
+                x_arrays = (batch.x,) if isinstance(batch.x, np.ndarray) else batch.x.arrays()
+                for array in (*x_arrays, batch.index, batch.label):
                     if array is not None:
                         array.setflags(write=False)
                 self._held[unit] = batch

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -18,10 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aevb_dist import names, storage
+from aevb_dist.data import count_sources, sources
 from aevb_dist.data import images as images_module
-from aevb_dist.data import sources
 from aevb_dist.data.images import ImageOptions
 from aevb_dist.data.index import INDEX_NAME, index_bytes
+from aevb_dist.data.prepare_counts import COUNT_FORMATS, open_matrix, write_counts
 from aevb_dist.data.schema import (
     INDEX,
     LABEL,
@@ -44,6 +46,8 @@ def _stderr(message: str) -> None:
 
 
 def detect_format(source: str) -> str:
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, count_sources.TENX_FILES[0])):
+        return "10x"
     if os.path.isdir(source):
         if os.path.exists(os.path.join(source, sources.IDX_FILES["train"][0])) or os.path.exists(
             os.path.join(source, sources.IDX_FILES["test"][0])
@@ -53,6 +57,10 @@ def detect_format(source: str) -> str:
     ext = os.path.splitext(source)[1].lower()
     if ext == ".mat":
         return "frey-face"
+    if ext == ".h5ad":
+        return "h5ad"
+    if ext == ".npz" and count_sources.is_sparse_npz(source):
+        return "npz"
     if ext in (".npy", ".npz"):
         return "npy"
     if ext == ".parquet":
@@ -195,10 +203,12 @@ def prepare(
     endpoint_url: Optional[str] = None,
     value_range: Optional[tuple[float, float]] = None,
     image_options: Optional[ImageOptions] = None,
+    count_options: Optional[CountOptions] = None,
     report: Callable[[str], None] = _stderr,
 ) -> dict[str, int]:
     """Convert `source` into sharded Parquet at `output_uri`; returns rows written per split. `value_range`:
-    the pixels' full scale (LO, HI), when the data cannot tell it (data/value_range.py)."""
+    the pixels' full scale (LO, HI), when the data cannot tell it (data/value_range.py). `count_options`: the
+    layer and cell annotations of a count matrix (h5ad, 10x, npz)."""
     if num_shards < 1:
         raise ValueError(f"--num-shards={num_shards} must be at least 1")
     if rows_per_row_group < 1:
@@ -213,6 +223,17 @@ def prepare(
     if not os.access(source, os.R_OK):
         raise PermissionError(f"source not readable: {source}")
     fmt = detect_format(source) if fmt == "auto" else fmt
+    if fmt in COUNT_FORMATS:
+        layout = dict(
+            test_fraction=test_fraction, seed=seed, num_shards=num_shards, rows_per_row_group=rows_per_row_group
+        )
+        options = count_options or CountOptions()
+        return _prepare_counts(source, output_uri, fs, root, fmt, wanted, options, report, **layout)
+    if count_options is not None and count_options != CountOptions():
+        raise ValueError(
+            "--layer, --batch-key, --labels-key and --categorical-covariate-keys are for count matrices "
+            f"({', '.join(COUNT_FORMATS)}), not --format {fmt}"
+        )
     splits = load_splits(source, fmt, wanted, test_fraction, seed, image_options, report)
     lo, hi, why = decide_value_range([s.images for s in splits.values()], source, value_range)
     report(f"prepare: pixel values in [{lo:g}, {hi:g}] are mapped to [0, 1]: {why}")
@@ -227,6 +248,42 @@ def prepare(
                     fs, f"{staging}/{name}", name, data, fmt, num_shards, rows_per_row_group, (lo, hi), report
                 )
     report(f"prepare: wrote {', '.join(f'{k} {v:,} rows' for k, v in counts.items())} to {output_uri}")
+    return counts
+
+
+@dataclass(frozen=True)
+class CountOptions:
+    """What to read of a count matrix: the layer (h5ad) and the cell annotations, by scvi-tools' names."""
+
+    layer: Optional[str] = None
+    batch_key: Optional[str] = None
+    labels_key: Optional[str] = None
+    categorical_covariate_keys: tuple[str, ...] = ()
+
+    def keys(self) -> list[str]:
+        return [k for k in (self.batch_key, self.labels_key, *self.categorical_covariate_keys) if k]
+
+
+def _prepare_counts(
+    source, output_uri, fs, root, fmt, wanted, options: CountOptions, report, **layout
+) -> dict[str, int]:
+    matrix = open_matrix(source, fmt, options.layer, options.keys())
+    report(f"prepare: {matrix.where}: {matrix.num_rows:,} cells × {len(matrix.feature_names):,} features")
+    with storage.unwritable_told(output_uri, "the dataset"):
+        with storage.replace_folder(fs, root) as staging:
+            counts = write_counts(
+                fs,
+                staging,
+                matrix,
+                fmt,
+                wanted=wanted,
+                batch_key=options.batch_key,
+                labels_key=options.labels_key,
+                covariate_keys=list(options.categorical_covariate_keys),
+                report=report,
+                **layout,
+            )
+    report(f"prepare: wrote {', '.join(f'{k} {v:,} cells' for k, v in counts.items())} to {output_uri}")
     return counts
 
 

@@ -16,6 +16,7 @@ Row groups read are kept decoded in memory up to a budget, for the next epochs (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aevb_dist import seeds, storage
+from aevb_dist import names, seeds, storage
 from aevb_dist.console import first_line, say
 from aevb_dist.data import images
 from aevb_dist.data.batching import batches_of
@@ -34,9 +35,13 @@ from aevb_dist.data.decoded_cache import DecodedRowGroups
 from aevb_dist.data.index import INDEX_NAME, read_index
 from aevb_dist.data.prefetch import loaded_ahead, reads_ahead
 from aevb_dist.data.schema import (
+    COUNT_INDICES,
+    COUNT_VALUES,
     INDEX,
     LABEL,
     META_CHECKSUM,
+    META_COVARIATES,
+    META_FEATURE_NAMES,
     META_RANGE,
     META_SHAPE,
     PIXELS,
@@ -46,6 +51,7 @@ from aevb_dist.data.schema import (
     pixel_width,
     refuse_a_root_of_splits,
 )
+from aevb_dist.data.sparse_rows import CsrRows, Rows
 from aevb_dist.data.value_range import check_range_fits
 
 
@@ -79,6 +85,8 @@ class ParquetDataset:
         self.units: list[RowGroup] = []
         self.dim = self.shape = self.value_range = None
         self.has_label = True
+        # Counts (data/schema.py's sparse layout): a digest of the feature names, and the covariates' categories.
+        self.counts, self.features_sha256, self.covariates = False, None, {}
         if description is None:
             paths = self._list()
             description = self._index_for(paths)
@@ -118,8 +126,18 @@ class ParquetDataset:
         return path[len(self.root) :].lstrip("/")
 
     def check_fits_likelihood(self, likelihood: str, where: str) -> None:
-        """value_range.check_range_fits on this dataset: its recorded value range and, for a Bernoulli model,
-        the brightest pixel of its first row group (one read)."""
+        """A count likelihood reads counts and an image likelihood intensities; then value_range.check_range_fits
+        on an image dataset: its recorded value range and, for a Bernoulli model, the brightest pixel of its first
+        row group (one read)."""
+        if self.counts != (likelihood in names.COUNT_LIKELIHOODS):
+            wanted = "a count likelihood" if self.counts else "an image likelihood"
+            choices = names.COUNT_LIKELIHOODS if self.counts else names.IMAGE_LIKELIHOODS
+            raise ValueError(
+                f"{where} holds {'counts' if self.counts else 'images'}, and model.likelihood={likelihood} is not "
+                f"{wanted}: choose one of {', '.join(choices)}"
+            )
+        if self.counts:
+            return
         brightest = None
         if likelihood == "bernoulli" and self.units:
             brightest = float(self.to_unit_interval(self.read_raw(self.units[0]).x).max(initial=0.0))
@@ -133,9 +151,14 @@ class ParquetDataset:
         return {
             "dim": self.dim,
             "shape": list(self.shape),
-            "value_range": list(self.value_range),
+            "value_range": None if self.value_range is None else list(self.value_range),
             "has_label": self.has_label,
             "files": [[name, rows] for name, rows in files.items()],
+            **(
+                {"counts": True, "features_sha256": self.features_sha256, "covariates": self.covariates}
+                if self.counts
+                else {}
+            ),
             **({"image_column": self.image_column} if self.image_column else {}),
         }
 
@@ -146,8 +169,12 @@ class ParquetDataset:
                 f"{self.uri}: column '{PIXELS}' has width {dim} but the model expects model.input_dim={expected_dim}"
             )
         self.dim, self.shape = dim, list(description["shape"])
-        self.value_range, self.has_label = tuple(description["value_range"]), description["has_label"]
+        value_range = description["value_range"]  # None for counts
+        self.value_range = None if value_range is None else tuple(value_range)
+        self.has_label = description["has_label"]
         self.image_column = description.get("image_column")
+        self.counts = description.get("counts", False)
+        self.features_sha256, self.covariates = description.get("features_sha256"), description.get("covariates", {})
         for name, rows in description["files"]:
             self.units += [RowGroup(f"{self.root}/{name}", i, n) for i, n in enumerate(rows)]
 
@@ -160,6 +187,8 @@ class ParquetDataset:
             raise ValueError(f"{path}: not a readable Parquet file ({first_line(err)})") from None
         if PIXELS not in schema.names and (self.image_column or "image") in schema.names:
             return self._add_encoded_file(path, meta, schema, expected_dim)
+        if COUNT_INDICES in schema.names:
+            return self._add_counts_file(path, meta, schema, expected_dim)
         if PIXELS not in schema.names or INDEX not in schema.names:
             raise ValueError(f"{path}: needs columns '{PIXELS}' and '{INDEX}', found {', '.join(schema.names)}")
         dim = pixel_width(schema.field(PIXELS).type, path)
@@ -200,6 +229,57 @@ class ParquetDataset:
         self.has_label = self.has_label and LABEL in schema.names
         self.units += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
 
+    def _add_counts_file(self, path: str, meta, schema, expected_dim: Optional[int]) -> None:
+        """A file of sparse counts: its features' count and names, covariates' categories (all files alike)."""
+        missing = [c for c in (COUNT_VALUES, INDEX) if c not in schema.names]
+        if missing:
+            raise ValueError(f"{path}: a file of counts needs columns {', '.join(missing)} too")
+        md = schema.metadata or {}
+        parts = [md.get(k, b"") for k in (META_SHAPE, META_RANGE, META_FEATURE_NAMES, META_COVARIATES)]
+        if md.get(META_CHECKSUM) != metadata_checksum(*parts):
+            raise ValueError(
+                f"{path}: its metadata (features, covariates) does not match its checksum: the file is corrupted; "
+                "prepare it again"
+            )
+        dim = json.loads(parts[0])[0]
+        features_sha256 = hashlib.sha256(parts[2]).hexdigest()
+        covariates = json.loads(parts[3] or b"{}")
+        if self.units and (
+            not self.counts or (dim, features_sha256, covariates) != (self.dim, self.features_sha256, self.covariates)
+        ):
+            raise ValueError(f"{path}: its features or covariates differ from the other files'")
+        if expected_dim is not None and dim != expected_dim:
+            raise ValueError(f"{path}: {dim} features (genes) but the model expects model.input_dim={expected_dim}")
+        self.counts, self.dim, self.shape, self.value_range = True, dim, [dim], None
+        self.features_sha256, self.covariates = features_sha256, covariates
+        self.has_label = self.has_label and LABEL in schema.names
+        self.units += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+
+    def _read_counts(self, unit: RowGroup) -> Batch:
+        """A row group of counts as sparse rows, checked: entries within the features, counts non-negative."""
+        table = self._read_table(unit, [COUNT_INDICES, COUNT_VALUES, INDEX] + [LABEL] * self.has_label)
+        where = f"{unit.path} row group {unit.row_group}"
+        indices, values = (table.column(c).combine_chunks() for c in (COUNT_INDICES, COUNT_VALUES))
+        offsets = indices.offsets.to_numpy().astype(np.int64)
+        if indices.null_count or values.null_count or not np.array_equal(offsets, values.offsets.to_numpy()):
+            raise ValueError(f"{where}: {COUNT_INDICES} and {COUNT_VALUES} differ in length or hold nulls")
+        rows = CsrRows(
+            offsets - offsets[0],
+            indices.flatten().to_numpy().astype(np.int32, copy=False),
+            values.flatten().to_numpy().astype(np.float32),
+            self.dim,
+        )
+        if rows.indices.size and (rows.indices.min() < 0 or rows.indices.max() >= self.dim):
+            raise ValueError(f"{where}: a count's feature lies outside the dataset's {self.dim} features")
+        if rows.values.size and rows.values.min() < 0:
+            raise ValueError(f"{where}: negative counts")
+        label = table.column(LABEL).to_numpy() if self.has_label else None
+        return Batch(rows, table.column(INDEX).to_numpy().astype(np.int64), label)
+
+    def empty_rows(self) -> Rows:
+        """No rows, held as this dataset's rows are (a rank's batch after its rows ran out)."""
+        return CsrRows.empty(self.dim) if self.counts else np.zeros((0, self.dim), np.float32)
+
     def _read_encoded(self, unit: RowGroup) -> Batch:
         """Decoded as the row group is read (prefetch.py: where); an example's index is its row in the dataset."""
         with self.fs.open(unit.path, "rb") as f:
@@ -223,18 +303,9 @@ class ParquetDataset:
     def _read_stored(self, unit: RowGroup) -> Batch:
         if self.image_column:
             return self._read_encoded(unit)
-        columns = [PIXELS, INDEX] + ([LABEL] if self.has_label else [])
-        try:
-            with self.fs.open(unit.path, "rb") as f:  # pages written with checksums are verified
-                table = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(
-                    unit.row_group, columns=columns
-                )
-            if table.num_rows != unit.num_rows:
-                raise OSError(f"{table.num_rows} rows read, {unit.num_rows} in the footer")
-        except (pa.ArrowException, OSError) as err:
-            raise ValueError(
-                f"{unit.path} row group {unit.row_group}: unreadable, the file is corrupted ({first_line(err)})"
-            ) from None
+        if self.counts:
+            return self._read_counts(unit)
+        table = self._read_table(unit, [PIXELS, INDEX] + ([LABEL] if self.has_label else []))
         pixels = table.column(PIXELS).combine_chunks()
         if pa.types.is_fixed_size_binary(pixels.type):
             data = pixels.buffers()[1]
@@ -247,8 +318,25 @@ class ParquetDataset:
         label = table.column(LABEL).to_numpy() if self.has_label else None
         return Batch(raw, table.column(INDEX).to_numpy().astype(np.int64), label)
 
+    def _read_table(self, unit: RowGroup, columns: list[str]) -> pa.Table:
+        """One row group's `columns`, its pages' checksums verified where they were written with them."""
+        try:
+            with self.fs.open(unit.path, "rb") as f:
+                table = pq.ParquetFile(f, page_checksum_verification=True).read_row_group(
+                    unit.row_group, columns=columns
+                )
+            if table.num_rows != unit.num_rows:
+                raise OSError(f"{table.num_rows} rows read, {unit.num_rows} in the footer")
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(
+                f"{unit.path} row group {unit.row_group}: unreadable, the file is corrupted ({first_line(err)})"
+            ) from None
+        return table
+
     def to_unit_interval(self, raw: np.ndarray) -> np.ndarray:
-        """Stored values → float32 in [0, 1], by the declared value range."""
+        """Stored values → float32 in [0, 1], by the declared value range; counts are read as they are."""
+        if self.counts:
+            return raw
         lo, hi = self.value_range
         if (lo, hi) == (0.0, 1.0):
             return raw.astype(np.float32, copy=False)
@@ -303,7 +391,7 @@ def assign_row_groups(
 
 
 def to_model_input(dataset: ParquetDataset, raw: Batch, binarization: str, *, seed: int, epoch: int) -> Batch:
-    """Stored values → what the model reads: [0, 1] intensities, binarized for Bernoulli models."""
+    """Stored values → what the model reads: [0, 1] intensities, binarized for Bernoulli models; counts as they are."""
     if binarization != "none" and dataset.is_bytes() and raw.x.dtype == np.uint8:
         return binarize_bytes(raw, binarization, seed=seed, epoch=epoch)
     scaled = Batch(dataset.to_unit_interval(raw.x), raw.index, raw.label)
@@ -388,7 +476,7 @@ class EpochStream:
         # In a thread, or in this one when needed (prefetch.py says which).
         ahead = reads_ahead(self.dataset, self.read_ahead)
         loaded = loaded_ahead(self._load_window, windows) if ahead else map(self._load_window, windows)
-        empty = Batch(np.zeros((0, self.dataset.dim), np.float32), np.zeros(0, np.int64))
+        empty = Batch(self.dataset.empty_rows(), np.zeros(0, np.int64))
         try:
             yield from batches_of(
                 loaded,

@@ -6,6 +6,15 @@ Each file holds
           faster than a list of D numbers with their repetition levels (benchmarks/reader.py).
   index   int64                                 the example's position in the source split
   label   int64                                 where the source has labels
+or, for counts (cells × genes, documents × words: `--format h5ad | 10x | npz`), each row sparse:
+  counts_indices  list<int32>    the columns (genes) of the row's non-zero counts, ascending
+  counts_values   list<int32>    those counts
+  library_size    int64          the row's total count, Σ of its counts
+  index, label    as above; label's category names in the metadata (META_LABEL_NAMES)
+  <covariate>     int32          per categorical covariate (`batch` for --batch-key, and each of
+                                 --categorical-covariate-keys by its own name): codes into the names in
+                                 the metadata (META_COVARIATES)
+with the number of columns as the shape [D], and the columns' names (gene ids) in the metadata.
 A dataset is one split: `prepare` writes OUTPUT_URI/train and OUTPUT_URI/test (names.SPLITS), and the
 folder above them is refused as a dataset. In the schema metadata are the image shape and the value range
 the reader scales to [0, 1], with a checksum of the two. Parquet's footer has no checksum of its own,
@@ -24,21 +33,26 @@ import numpy as np
 import pyarrow as pa
 
 from aevb_dist import names
+from aevb_dist.data.sparse_rows import Rows, concat_rows
 
 PIXELS, INDEX, LABEL = "pixels", "index", "label"
 META_SHAPE, META_RANGE, META_SOURCE = b"aevb.shape", b"aevb.value_range", b"aevb.source"
 META_CHECKSUM = b"aevb.metadata_sha256"
-META_LABEL_NAMES = b"aevb.label_names"  # JSON list: the class of each label value (image folders)
+META_LABEL_NAMES = b"aevb.label_names"  # JSON list: the class of each label value (image folders, cells)
+COUNT_INDICES, COUNT_VALUES, LIBRARY_SIZE = "counts_indices", "counts_values", "library_size"
+META_FEATURE_NAMES = b"aevb.feature_names"  # JSON list: each column's name (gene ids), for counts
+META_COVARIATES = b"aevb.covariates"  # JSON {column: [category names]}: the categorical covariates, for counts
 
 
-def metadata_checksum(shape: bytes, value_range: bytes) -> bytes:
-    """The checksum stored beside the shape and range (their JSON bytes as written)."""
-    return hashlib.sha256(shape + b"\0" + value_range).hexdigest().encode()
+def metadata_checksum(shape: bytes, value_range: bytes, *more: bytes) -> bytes:
+    """The checksum stored beside the shape and range (their JSON bytes as written), and for counts the
+    feature names and covariates."""
+    return hashlib.sha256(b"\0".join((shape, value_range, *more))).hexdigest().encode()
 
 
 @dataclass
 class Batch:
-    x: np.ndarray  # [b, D] float32 in [0, 1] (binarized for Bernoulli models)
+    x: Rows  # [b, D] float32 in [0, 1] (binarized for Bernoulli models), or counts as sparse rows
     index: np.ndarray  # [b] int64
     label: Optional[np.ndarray] = None
 
@@ -58,7 +72,7 @@ def concat(batches: list[Batch]) -> Batch:
         return Batch(np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
     labels = [b.label for b in batches]
     return Batch(
-        np.concatenate([b.x for b in batches]),
+        concat_rows([b.x for b in batches]),
         np.concatenate([b.index for b in batches]),
         None if any(lab is None for lab in labels) else np.concatenate(labels),
     )

@@ -17,7 +17,7 @@ import torch
 
 from aevb_dist import seeds
 from aevb_dist.data.reader import ParquetDataset, to_model_input
-from aevb_dist.data.schema import Batch
+from aevb_dist.data.sparse_rows import to_device
 from aevb_dist.model.elbo import evaluation_bound
 from aevb_dist.model.marginal_likelihood import estimate_log_marginal_likelihood
 from aevb_dist.model.vae import VAE
@@ -97,10 +97,7 @@ def row_group_generator(seed: int, unit_id: int, draw: str, device: torch.device
 def _batches(dataset: ParquetDataset, unit_id: int, batch_size: int, binarization: str, seed: int):
     batch = to_model_input(dataset, dataset.read_raw(dataset.units[unit_id]), binarization, seed=seed, epoch=0)
     for start in range(0, len(batch), batch_size):
-        stop = start + batch_size
-        yield Batch(
-            batch.x[start:stop], batch.index[start:stop], None if batch.label is None else batch.label[start:stop]
-        )
+        yield batch.rows(start, start + batch_size)
 
 
 @torch.no_grad()
@@ -129,7 +126,7 @@ def evaluate_units(
         elbo_noise = row_group_generator(seed, uid, seeds.ELBO, device)
         log_px_noise = row_group_generator(seed, uid, seeds.LOG_PX, device)
         for batch in _batches(dataset, uid, batch_size, binarization, seed):
-            x = torch.from_numpy(batch.x).to(device)
+            x = to_device(batch.x, device)
             elbo = evaluation_bound(vae, x, generator=elbo_noise).double()
             z_mean = vae.posterior_moments(x)[0].double()
             total += Sums(
@@ -165,7 +162,7 @@ def encode_units(
     parts: dict[str, list[np.ndarray]] = {"index": [], "label": [], "mean": [], "std": []}
     for uid in unit_ids:
         for batch in _batches(dataset, uid, batch_size, binarization, seed):
-            mean, std = vae.posterior_moments(torch.from_numpy(batch.x))
+            mean, std = vae.posterior_moments(to_device(batch.x, torch.device("cpu")))
             parts["index"].append(batch.index)
             parts["mean"].append(mean.numpy())
             parts["std"].append(std.numpy())

@@ -8,13 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
-import numpy as np
 import torch
 
 from aevb_dist.config import DataConfig, TrainConfig
 from aevb_dist.config_checks import check_partitioning
 from aevb_dist.data.partitions import PartitionedEpoch, partitioned_num_batches
 from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.data.sparse_rows import Rows, to_device
 
 Stream = Union[EpochStream, PartitionedEpoch]
 # For a partitioned epoch, the partitions a batch's rows come from with their row counts (each partition's
@@ -37,9 +37,10 @@ class StepBatch:
     noise_segments: Segments = None
 
     @staticmethod
-    def from_host(x_BD: np.ndarray, index_B, device: torch.device, noise_segments: Segments = None) -> "StepBatch":
-        """Rows read on the host, copied to the step's device (asynchronously from pinned memory)."""
-        return StepBatch(torch.from_numpy(x_BD).to(device, non_blocking=True), index_B, noise_segments)
+    def from_host(x_BD: Rows, index_B, device: torch.device, noise_segments: Segments = None) -> "StepBatch":
+        """Rows read on the host, copied to the step's device (asynchronously from pinned memory); sparse
+        rows (counts) are made dense there."""
+        return StepBatch(to_device(x_BD, device), index_B, noise_segments)
 
 
 MAX_DEFAULT_PARTITIONS = 16

@@ -1,0 +1,200 @@
+"""`aevb-dist prepare --format h5ad | 10x | npz`: a count matrix (cells × genes) → sparse Parquet shards in the
+counts layout of `schema.py`, split into train and test by a seeded random `--test-fraction` of the cells.
+
+The matrix is read and written a chunk of rows at a time: host memory holds one chunk and one row group per
+split, whatever the number of cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aevb_dist.data import count_sources, sources
+from aevb_dist.data.count_sources import Categorical, CountMatrix
+from aevb_dist.data.index import INDEX_NAME, index_bytes
+from aevb_dist.data.schema import (
+    COUNT_INDICES,
+    COUNT_VALUES,
+    INDEX,
+    LABEL,
+    LIBRARY_SIZE,
+    META_CHECKSUM,
+    META_COVARIATES,
+    META_FEATURE_NAMES,
+    META_LABEL_NAMES,
+    META_RANGE,
+    META_SHAPE,
+    META_SOURCE,
+    metadata_checksum,
+)
+
+COUNT_FORMATS = ("h5ad", "10x", "npz")
+BATCH = "batch"  # the column of --batch-key, named as scvi-tools' registry names it
+ROWS_PER_CHUNK = 10_000
+COUNT_ENCODING = dict(compression="zstd", use_dictionary=False, write_statistics=[INDEX])
+
+
+def open_matrix(source: str, fmt: str, layer: Optional[str], keys: list[str]) -> CountMatrix:
+    if layer is not None and fmt != "h5ad":
+        raise ValueError(f"--layer names a layer of an .h5ad; --format {fmt} has none")
+    if fmt == "h5ad":
+        return count_sources.read_h5ad(source, layer, keys)
+    if fmt == "10x":
+        return count_sources.read_10x(source, keys)
+    return count_sources.read_npz(source, keys)
+
+
+class SplitWriter:
+    """One split's shards: rows arrive in chunks, leave in row groups of `rows_per_row_group`, `quota` per file."""
+
+    def __init__(self, fs, folder: str, num_rows: int, num_shards: int, rows_per_row_group: int, metadata, schema):
+        self.fs, self.folder, self.rows_per_row_group = fs, folder, rows_per_row_group
+        self.num_rows, self.quota = num_rows, -(-num_rows // max(1, min(num_shards, num_rows)))
+        self.metadata, self.schema = metadata, schema
+        self.pending: list[pa.Table] = []
+        self.files: list[list] = []  # [name, [rows of each row group]]
+        self.writer, self.handle, self.in_file, self.written = None, None, 0, 0
+        fs.makedirs(folder, exist_ok=True)
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        while sum(t.num_rows for t in self.pending) >= min(self.rows_per_row_group, self.quota - self.in_file):
+            self._write_row_group()
+
+    def _write_row_group(self) -> None:
+        held = pa.concat_tables(self.pending)
+        size = min(self.rows_per_row_group, self.quota - self.in_file, held.num_rows)
+        if self.writer is None:
+            name = f"part-{len(self.files):05d}.parquet"
+            self.handle = self.fs.open(f"{self.folder}/{name}", "wb")
+            self.writer = pq.ParquetWriter(self.handle, self.schema, write_page_checksum=True, **COUNT_ENCODING)
+            self.files.append([name, []])
+        self.writer.write_table(held.slice(0, size), row_group_size=size)
+        self.files[-1][1].append(size)
+        self.pending = [held.slice(size)] if size < held.num_rows else []
+        self.in_file += size
+        self.written += size
+        if self.in_file == self.quota:
+            self._close_file()
+
+    def close(self) -> list[list]:
+        while self.pending and sum(t.num_rows for t in self.pending):
+            self._write_row_group()
+        self._close_file()
+        return self.files
+
+    def _close_file(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.handle.close()
+        self.writer, self.handle, self.in_file = None, None, 0
+
+
+def _table(chunk, index: np.ndarray, label, covariates: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
+    indptr = chunk.indptr.astype(np.int32)
+    columns = {
+        COUNT_INDICES: pa.ListArray.from_arrays(pa.array(indptr), pa.array(chunk.indices.astype(np.int32))),
+        COUNT_VALUES: pa.ListArray.from_arrays(pa.array(indptr), pa.array(chunk.data.astype(np.int32))),
+        LIBRARY_SIZE: pa.array(np.asarray(chunk.sum(axis=1)).ravel().astype(np.int64)),
+        INDEX: pa.array(index),
+    }
+    if label is not None:
+        columns[LABEL] = pa.array(label.astype(np.int64))
+    columns.update({name: pa.array(codes) for name, codes in covariates.items()})
+    return pa.table(columns, schema=schema)
+
+
+def _annotations(matrix: CountMatrix, batch_key, labels_key, covariate_keys) -> tuple[Optional[Categorical], dict]:
+    """The label and the covariates' columns (name → Categorical), refusing cells without a value."""
+    named = {BATCH: batch_key} if batch_key else {}
+    named.update({k: k for k in covariate_keys})
+    coded = {}
+    for column, key in [*named.items(), *([(LABEL, labels_key)] if labels_key else [])]:
+        coded[column] = count_sources.categorical(matrix.obs[key], key, matrix.where)
+        if (coded[column].codes < 0).any():
+            row = int(np.flatnonzero(coded[column].codes < 0)[0])
+            raise ValueError(f"{matrix.where}: cell {row} has no value for {key!r}; every cell needs one")
+    return coded.pop(LABEL, None), coded
+
+
+def write_counts(
+    fs,
+    staging: str,
+    matrix: CountMatrix,
+    fmt: str,
+    *,
+    wanted: list[str],
+    test_fraction: float,
+    seed: int,
+    num_shards: int,
+    rows_per_row_group: int,
+    batch_key: Optional[str],
+    labels_key: Optional[str],
+    covariate_keys: list[str],
+    report: Callable[[str], None],
+) -> dict[str, int]:
+    """Writes each wanted split's shards and index under `staging`; rows written per split."""
+    label, covariates = _annotations(matrix, batch_key, labels_key, covariate_keys)
+    features = json.dumps(matrix.feature_names).encode()
+    covariate_names = json.dumps({k: c.categories for k, c in covariates.items()}).encode()
+    shape, value_range = json.dumps([len(matrix.feature_names)]).encode(), b"counts"
+    metadata = {
+        META_SHAPE: shape,
+        META_RANGE: value_range,
+        META_FEATURE_NAMES: features,
+        META_COVARIATES: covariate_names,
+        META_SOURCE: fmt.encode(),
+        META_CHECKSUM: metadata_checksum(shape, value_range, features, covariate_names),
+        **({META_LABEL_NAMES: json.dumps(label.categories).encode()} if label else {}),
+    }
+    fields = [
+        pa.field(COUNT_INDICES, pa.list_(pa.int32())),
+        pa.field(COUNT_VALUES, pa.list_(pa.int32())),
+        pa.field(LIBRARY_SIZE, pa.int64()),
+        pa.field(INDEX, pa.int64()),
+        *([pa.field(LABEL, pa.int64())] if label else []),
+        *[pa.field(name, pa.int32()) for name in covariates],
+    ]
+    schema = pa.schema(fields, metadata=metadata)
+    rows = sources.split_rows(matrix.num_rows, test_fraction, seed)
+    in_test = np.zeros(matrix.num_rows, bool)
+    in_test[rows["test"]] = True
+    writers = {
+        name: SplitWriter(fs, f"{staging}/{name}", len(rows[name]), num_shards, rows_per_row_group, metadata, schema)
+        for name in wanted
+    }
+    empty_cells = 0
+    for start, chunk in matrix.chunks(ROWS_PER_CHUNK):
+        stop = start + chunk.shape[0]
+        empty_cells += int((np.diff(chunk.indptr) == 0).sum())
+        for name, writer in writers.items():
+            keep = np.flatnonzero(in_test[start:stop] == (name == "test"))
+            index = start + keep
+            part_label = None if label is None else label.codes[index]
+            part_covariates = {k: c.codes[index] for k, c in covariates.items()}
+            writer.add(_table(chunk[keep], index.astype(np.int64), part_label, part_covariates, schema))
+        report(f"prepare: {stop:,}/{matrix.num_rows:,} cells read")
+    if empty_cells:
+        report(f"prepare: warning: {empty_cells:,} cells have no counts at all (kept; consider filtering them)")
+    counts = {}
+    for name, writer in writers.items():
+        files = writer.close()
+        description = {
+            "dim": len(matrix.feature_names),
+            "shape": [len(matrix.feature_names)],
+            "value_range": None,
+            "has_label": label is not None,
+            "files": files,
+            "counts": True,
+            "features_sha256": hashlib.sha256(features).hexdigest(),
+            "covariates": {k: c.categories for k, c in covariates.items()},
+        }
+        fs.pipe_file(f"{staging}/{name}/{INDEX_NAME}", index_bytes(description))
+        counts[name] = writer.written
+    return counts

@@ -1,0 +1,81 @@
+"""Seeded synthetic single-cell atlases for tests and benchmarks: negative-binomial counts from planted cell
+types and batch effects, written as .h5ad, a 10x folder and a scipy.sparse .npz by the tests themselves."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import io, sparse
+
+
+@dataclass
+class Atlas:
+    counts: sparse.csr_matrix  # cells × genes, int
+    cell_type: np.ndarray  # [N] str
+    batch: np.ndarray  # [N] str
+    genes: list[str]
+
+
+def synthetic_atlas(num_cells=600, num_genes=50, num_types=3, num_batches=2, seed=0, sort_by_type=False) -> Atlas:
+    rng = np.random.default_rng(seed)
+    types = rng.integers(num_types, size=num_cells)
+    if sort_by_type:
+        types = np.sort(types)
+    batches = rng.integers(num_batches, size=num_cells)
+    profile = rng.gamma(0.6, 1.0, size=(num_types, num_genes))  # each type's mean expression per gene
+    batch_effect = rng.lognormal(0.0, 0.3, size=(num_batches, num_genes))
+    library = rng.lognormal(np.log(400), 0.3, size=num_cells)
+    rate = profile[types] * batch_effect[batches]
+    mean = library[:, None] * rate / rate.sum(1, keepdims=True)
+    theta = 2.0
+    counts = rng.negative_binomial(theta, theta / (theta + mean))
+    return Atlas(
+        sparse.csr_matrix(counts.astype(np.int32)),
+        np.array([f"type_{t}" for t in types]),
+        np.array([f"batch_{b}" for b in batches]),
+        [f"GENE{g:04d}" for g in range(num_genes)],
+    )
+
+
+def write_h5ad(atlas: Atlas, path: str, layer: str | None = "counts", x_float: bool = True) -> str:
+    """An AnnData file as an analysis leaves it: log-normalized floats in X, raw counts in `layer`."""
+    import anndata
+    import pandas as pd
+
+    normalized = atlas.counts.astype(np.float32).multiply(1e4 / atlas.counts.sum(1)).tocsr()
+    normalized.data = np.log1p(normalized.data)
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical(atlas.cell_type), "donor": pd.Categorical(atlas.batch)},
+        index=[f"cell{i}" for i in range(atlas.counts.shape[0])],
+    )
+    adata = anndata.AnnData(
+        X=normalized if x_float else atlas.counts.copy(), obs=obs, var=pd.DataFrame(index=atlas.genes)
+    )
+    if layer:
+        adata.layers[layer] = atlas.counts.copy()
+    adata.write_h5ad(path)
+    return path
+
+
+def write_10x(atlas: Atlas, folder: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    with gzip.open(os.path.join(folder, "matrix.mtx.gz"), "wb") as f:
+        io.mmwrite(f, sparse.coo_matrix(atlas.counts.T), field="integer")
+    with gzip.open(os.path.join(folder, "features.tsv.gz"), "wt") as f:
+        f.writelines(f"{g}\t{g.lower()}\tGene Expression\n" for g in atlas.genes)
+    with gzip.open(os.path.join(folder, "barcodes.tsv.gz"), "wt") as f:
+        f.writelines(f"AAAC{i:08d}-1\n" for i in range(atlas.counts.shape[0]))
+    return folder
+
+
+def write_npz(atlas: Atlas, path: str) -> str:
+    import pandas as pd
+
+    sparse.save_npz(path, atlas.counts)
+    pd.DataFrame({"cell_type": atlas.cell_type, "donor": atlas.batch}).to_csv(
+        path[: -len(".npz")] + ".obs.csv", index=False
+    )
+    return path

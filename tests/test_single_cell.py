@@ -1,0 +1,168 @@
+"""Count matrices end to end: .h5ad, 10x and .npz converted to the sparse Parquet layout, read back exactly,
+refused in one line where they hold no counts, and trained on with a count likelihood."""
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from aevb_dist.config import load_config
+from aevb_dist.data.prepare import CountOptions, prepare
+from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.data.schema import META_COVARIATES, META_LABEL_NAMES
+from aevb_dist.data.sparse_rows import CsrRows, to_device
+from aevb_dist.train.worker import trainer_for_config
+from tests import atlas as atlases
+from tests.helpers import aevb, error_lines
+
+pytest.importorskip("anndata")
+
+GENES = 50
+
+
+@pytest.fixture(scope="module")
+def atlas():
+    return atlases.synthetic_atlas(num_cells=600, num_genes=GENES, seed=3)
+
+
+def _prepared(atlas, tmp_path, fmt, **options):
+    source = {
+        "h5ad": lambda: atlases.write_h5ad(atlas, str(tmp_path / "atlas.h5ad")),
+        "10x": lambda: atlases.write_10x(atlas, str(tmp_path / "filtered_feature_bc_matrix")),
+        "npz": lambda: atlases.write_npz(atlas, str(tmp_path / "atlas.npz")),
+    }[fmt]()
+    out = str(tmp_path / "out")
+    counts = prepare(
+        source, out, num_shards=3, rows_per_row_group=64, count_options=CountOptions(**options), report=lambda m: None
+    )
+    return out, counts
+
+
+def _dense_rows(dataset: ParquetDataset):
+    """Every row of the dataset, densified as the step densifies them, with its index and label."""
+    xs, index, labels = [], [], []
+    for unit in dataset.units:
+        batch = dataset.read(unit)
+        assert isinstance(batch.x, CsrRows)
+        xs.append(to_device(batch.x, torch.device("cpu")).numpy())
+        index.append(batch.index)
+        labels.append(batch.label)
+    return np.concatenate(xs), np.concatenate(index), None if labels[0] is None else np.concatenate(labels)
+
+
+@pytest.mark.parametrize(
+    "fmt, options",
+    [
+        ("h5ad", dict(layer="counts", batch_key="donor", labels_key="cell_type")),
+        ("10x", {}),
+        ("npz", dict(batch_key="donor", labels_key="cell_type")),
+    ],
+)
+def test_a_count_matrix_converts_to_sparse_parquet_and_reads_back_exactly(atlas, tmp_path, fmt, options):
+    out, counts = _prepared(atlas, tmp_path, fmt, **options)
+    dense = atlas.counts.toarray()
+    assert counts == {"train": 540, "test": 60}
+    seen = []
+    for split in ("train", "test"):
+        data = ParquetDataset(f"{out}/{split}")
+        assert data.counts and data.dim == GENES and data.num_rows == counts[split]
+        x, index, label = _dense_rows(data)
+        np.testing.assert_array_equal(x, dense[index])  # every count, at its gene, of its cell
+        seen.append(index)
+        table = pq.read_table(f"{out}/{split}")
+        np.testing.assert_array_equal(table.column("library_size").to_numpy(), dense[table.column("index")].sum(1))
+        if "labels_key" in options:
+            names = json.loads(table.schema.metadata[META_LABEL_NAMES])
+            assert [names[v] for v in label] == list(atlas.cell_type[index])
+            batches = json.loads(table.schema.metadata[META_COVARIATES])["batch"]
+            assert [batches[v] for v in table.column("batch").to_numpy()] == list(atlas.batch[table.column("index")])
+            assert data.covariates == {"batch": ["batch_0", "batch_1"]}
+    train, test = seen
+    assert not set(train) & set(test) and sorted([*train, *test]) == list(range(600))
+
+
+def test_a_10x_folder_and_an_npz_are_recognized_without_format(atlas, tmp_path):
+    folder = atlases.write_10x(atlas, str(tmp_path / "tenx"))
+    prepare(folder, str(tmp_path / "a"), report=lambda m: None)
+    npz = atlases.write_npz(atlas, str(tmp_path / "m.npz"))
+    prepare(npz, str(tmp_path / "b"), report=lambda m: None)
+    for out in ("a", "b"):
+        assert ParquetDataset(str(tmp_path / out / "train")).counts
+
+
+def test_a_matrix_without_counts_is_refused_naming_its_layer(atlas, tmp_path):
+    path = atlases.write_h5ad(atlas, str(tmp_path / "atlas.h5ad"))
+    with pytest.raises(ValueError, match=r"atlas.h5ad: X holds .* at row \d+: counts must be non-negative integers"):
+        prepare(path, str(tmp_path / "out"), report=lambda m: None)
+    with pytest.raises(ValueError, match="has no layer 'raw' \\(its layers: counts\\)"):
+        prepare(path, str(tmp_path / "out"), count_options=CountOptions(layer="raw"), report=lambda m: None)
+    with pytest.raises(ValueError, match="has no cell annotation 'sample' \\(its obs columns: cell_type, donor\\)"):
+        options = CountOptions(layer="counts", batch_key="sample")
+        prepare(path, str(tmp_path / "out"), count_options=options, report=lambda m: None)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_the_command_line_takes_scvi_tools_key_names_and_tells_a_bad_layer_in_one_line(atlas, tmp_path):
+    path = atlases.write_h5ad(atlas, str(tmp_path / "atlas.h5ad"))
+    args = ["prepare", path, str(tmp_path / "out"), "--format", "h5ad", "--layer", "counts"]
+    done = aevb(*args, "--batch-key", "donor", "--labels-key", "cell_type", "--categorical-covariate-keys", "donor")
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(str(tmp_path / "out" / "train"))
+    assert {"batch", "donor", "label"} <= set(table.column_names)
+    failed = aevb("prepare", path, str(tmp_path / "other"), "--layer", "spliced")
+    assert failed.returncode == 2 and len(error_lines(failed.stderr)) == 1
+    assert "has no layer 'spliced'" in error_lines(failed.stderr)[0]
+
+
+def test_shuffled_epochs_of_counts_deal_every_cell_once_as_sparse_rows(atlas, tmp_path):
+    out, _ = _prepared(atlas, tmp_path, "npz")
+    data = ParquetDataset(f"{out}/train")
+    stream = EpochStream(data, rank=0, world_size=1, batch_size=50, epoch=1, seed=0, window=2)
+    batches = list(stream)
+    assert all(isinstance(b.x, CsrRows) for b in batches)
+    index = np.concatenate([b.index for b in batches])
+    assert sorted(index) == sorted(_dense_rows(data)[1]) and not np.array_equal(index, np.sort(index))
+    dense = atlas.counts.toarray()
+    for b in batches:
+        np.testing.assert_array_equal(to_device(b.x, torch.device("cpu")).numpy(), dense[b.index])
+
+
+def test_a_likelihood_must_fit_the_data(atlas, tmp_path):
+    out, _ = _prepared(atlas, tmp_path, "npz")
+    data = ParquetDataset(f"{out}/train")
+    with pytest.raises(ValueError, match="holds counts, and model.likelihood=bernoulli is not a count likelihood"):
+        data.check_fits_likelihood("bernoulli", f"{out}/train")
+    data.check_fits_likelihood("zinb", f"{out}/train")
+
+
+def _config(out, tmp_path, likelihood="negative_binomial", *extra):
+    return load_config(
+        "configs/single_cell_nb.yaml",
+        [
+            f"data.train_uri={out}/train",
+            f"data.test_uri={out}/test",
+            f"model.input_dim={GENES}",
+            f"model.likelihood={likelihood}",
+            "model.hidden_sizes=[32]",
+            "train.batch_size_per_worker=64",
+            f"run.storage_uri={tmp_path}/runs",
+            "optim.lr=0.01",
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.parametrize("likelihood", ["negative_binomial", "zinb", "poisson", "multinomial"])
+def test_training_on_counts_raises_the_test_elbo(atlas, tmp_path, likelihood):
+    out, _ = _prepared(atlas, tmp_path, "npz")
+    trainer = trainer_for_config(_config(out, tmp_path, likelihood))
+    before = trainer.evaluate(trainer.test_data)
+    for _ in range(3):
+        for batch in trainer.source.epoch_batches(0, 0):
+            elbo, count = trainer.step_on(batch)
+            assert math.isfinite(elbo) and count > 0
+    after = trainer.evaluate(trainer.test_data)
+    assert math.isfinite(before) and after > before + 10.0, (before, after)
