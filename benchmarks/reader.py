@@ -19,8 +19,9 @@ import time
 
 import torch
 
+from aevb_dist.data.epoch_stream import EpochStream
 from aevb_dist.data.prepare import prepare
-from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.model.elbo import sgvb_b
 from aevb_dist.model.vae import VAE
 

@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from aevb_dist.data.binarization import binarize
+from aevb_dist.data.epoch_stream import EpochStream, assign_row_groups
 from aevb_dist.data.prepare import prepare
-from aevb_dist.data.reader import EpochStream, ParquetDataset, assign_row_groups
+from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.data.sources import read_frey_face, read_idx
 from tests.helpers import aevb, read_all, shared_data
 
@@ -306,7 +307,7 @@ def test_debian_fashion_mnist(tmp_path):
 
 def test_byte_binarization_is_bernoulli_of_the_intensity_and_matches_its_definition(mnist_uri):
     from aevb_dist.data.binarization import binarize_bytes, uniform_bits24
-    from aevb_dist.data.reader import to_model_input
+    from aevb_dist.data.epoch_stream import to_model_input
 
     ds = ParquetDataset(f"{mnist_uri}/test")
     raw = ds.read_raw(ds.units[0])

@@ -10,7 +10,8 @@ import torch
 
 from aevb_dist.config import load_config
 from aevb_dist.data.binarization import _fmix32
-from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.data.epoch_stream import EpochStream
+from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.train.device_data import DeviceData, fmix32
 from aevb_dist.train.trainer import Trainer
 from aevb_dist.train.worker import trainer_for_config

@@ -8,7 +8,8 @@ import torch
 
 from aevb_dist.config import load_config
 from aevb_dist.config_checks import captured_step_cannot_serve
-from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.data.epoch_stream import EpochStream
+from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.train.captured_step import CapturedSteps
 from aevb_dist.train.device_stream import DeviceWindows, default_decode_threads
 from aevb_dist.train.trainer import Trainer

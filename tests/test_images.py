@@ -234,7 +234,7 @@ def test_encoded_images_are_decoded_one_window_ahead_in_a_thread_even_from_local
     reader's thread by default wherever the files are (plain local Parquet is read in line)."""
     import threading
 
-    from aevb_dist.data.reader import EpochStream
+    from aevb_dist.data.epoch_stream import EpochStream
 
     _hf_parquet(tmp_path / "hf", _color(np.random.default_rng(5), 24, 4, 6))
     dataset = ParquetDataset(str(tmp_path / "hf"))

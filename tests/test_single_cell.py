@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from aevb_dist.config import load_config
+from aevb_dist.data.epoch_stream import EpochStream
 from aevb_dist.data.prepare import CountOptions, prepare
-from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.data.schema import META_COVARIATES, META_LABEL_NAMES
-from aevb_dist.data.sparse_rows import CsrRows, to_device
+from aevb_dist.data.sparse_rows import CsrRows
+from aevb_dist.eval.model_input import to_device
 from aevb_dist.train.worker import trainer_for_config
 from tests import atlas as atlases
 from tests.helpers import aevb, error_lines

@@ -12,41 +12,35 @@ assignment of row groups to ranks from the footers alone (seed, epoch, world siz
 Shuffling: a seeded permutation of row groups per epoch, then rows shuffled within a
 window of consecutive row groups, loaded one window ahead in a thread from remote storage (prefetch.py).
 Row groups read are kept decoded in memory up to a budget, for the next epochs (decoded_cache.py).
+The epoch's order and a rank's batches: epoch_stream.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aevb_dist import names, seeds, storage
+from aevb_dist import names, storage
 from aevb_dist.console import first_line, say
 from aevb_dist.data import images
-from aevb_dist.data.batching import batches_of
-from aevb_dist.data.binarization import binarize, binarize_bytes
+from aevb_dist.data.counts_layout import CountsFooter, read_counts_footer, sparse_rows_of
 from aevb_dist.data.decoded_cache import DecodedRowGroups
 from aevb_dist.data.index import INDEX_NAME, read_index
-from aevb_dist.data.prefetch import loaded_ahead, reads_ahead
 from aevb_dist.data.schema import (
     COUNT_INDICES,
     COUNT_VALUES,
     INDEX,
     LABEL,
     META_CHECKSUM,
-    META_COVARIATES,
-    META_FEATURE_NAMES,
     META_RANGE,
     META_SHAPE,
     PIXELS,
     Batch,
-    concat,
     metadata_checksum,
     pixel_width,
     refuse_a_root_of_splits,
@@ -231,48 +225,24 @@ class ParquetDataset:
 
     def _add_counts_file(self, path: str, meta, schema, expected_dim: Optional[int]) -> None:
         """A file of sparse counts: its features' count and names, covariates' categories (all files alike)."""
-        missing = [c for c in (COUNT_VALUES, INDEX) if c not in schema.names]
-        if missing:
-            raise ValueError(f"{path}: a file of counts needs columns {', '.join(missing)} too")
-        md = schema.metadata or {}
-        parts = [md.get(k, b"") for k in (META_SHAPE, META_RANGE, META_FEATURE_NAMES, META_COVARIATES)]
-        if md.get(META_CHECKSUM) != metadata_checksum(*parts):
-            raise ValueError(
-                f"{path}: its metadata (features, covariates) does not match its checksum: the file is corrupted; "
-                "prepare it again"
-            )
-        dim = json.loads(parts[0])[0]
-        features_sha256 = hashlib.sha256(parts[2]).hexdigest()
-        covariates = json.loads(parts[3] or b"{}")
-        if self.units and (
-            not self.counts or (dim, features_sha256, covariates) != (self.dim, self.features_sha256, self.covariates)
-        ):
+        footer = read_counts_footer(path, schema)
+        if self.units and (not self.counts or footer != self._counts_footer()):
             raise ValueError(f"{path}: its features or covariates differ from the other files'")
-        if expected_dim is not None and dim != expected_dim:
-            raise ValueError(f"{path}: {dim} features (genes) but the model expects model.input_dim={expected_dim}")
-        self.counts, self.dim, self.shape, self.value_range = True, dim, [dim], None
-        self.features_sha256, self.covariates = features_sha256, covariates
+        if expected_dim is not None and footer.dim != expected_dim:
+            raise ValueError(
+                f"{path}: {footer.dim} features (genes) but the model expects model.input_dim={expected_dim}"
+            )
+        self.counts, self.dim, self.shape, self.value_range = True, footer.dim, [footer.dim], None
+        self.features_sha256, self.covariates = footer.features_sha256, footer.covariates
         self.has_label = self.has_label and LABEL in schema.names
         self.units += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
 
+    def _counts_footer(self) -> CountsFooter:
+        return CountsFooter(self.dim, self.features_sha256, self.covariates)
+
     def _read_counts(self, unit: RowGroup) -> Batch:
-        """A row group of counts as sparse rows, checked: entries within the features, counts non-negative."""
         table = self._read_table(unit, [COUNT_INDICES, COUNT_VALUES, INDEX] + [LABEL] * self.has_label)
-        where = f"{unit.path} row group {unit.row_group}"
-        indices, values = (table.column(c).combine_chunks() for c in (COUNT_INDICES, COUNT_VALUES))
-        offsets = indices.offsets.to_numpy().astype(np.int64)
-        if indices.null_count or values.null_count or not np.array_equal(offsets, values.offsets.to_numpy()):
-            raise ValueError(f"{where}: {COUNT_INDICES} and {COUNT_VALUES} differ in length or hold nulls")
-        rows = CsrRows(
-            offsets - offsets[0],
-            indices.flatten().to_numpy().astype(np.int32, copy=False),
-            values.flatten().to_numpy().astype(np.float32),
-            self.dim,
-        )
-        if rows.indices.size and (rows.indices.min() < 0 or rows.indices.max() >= self.dim):
-            raise ValueError(f"{where}: a count's feature lies outside the dataset's {self.dim} features")
-        if rows.values.size and rows.values.min() < 0:
-            raise ValueError(f"{where}: negative counts")
+        rows = sparse_rows_of(table, self.dim, f"{unit.path} row group {unit.row_group}")
         label = table.column(LABEL).to_numpy() if self.has_label else None
         return Batch(rows, table.column(INDEX).to_numpy().astype(np.int64), label)
 
@@ -372,120 +342,3 @@ class ParquetDataset:
 
 def _hidden(relative_path: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative_path.split("/"))
-
-
-def assign_row_groups(
-    units: list[RowGroup], world_size: int, *, seed: int, epoch: int, shuffle: bool
-) -> list[list[int]]:
-    """Unit ids per rank: a seeded permutation dealt greedily to the rank with the fewest rows."""
-    order = np.arange(len(units))
-    if shuffle:
-        order = np.random.default_rng(seeds.epoch_order_seed(seed, epoch)).permutation(len(units))
-    loads = [0] * world_size
-    assignment: list[list[int]] = [[] for _ in range(world_size)]
-    for uid in order:
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        assignment[rank].append(int(uid))
-        loads[rank] += units[uid].num_rows
-    return assignment
-
-
-def to_model_input(dataset: ParquetDataset, raw: Batch, binarization: str, *, seed: int, epoch: int) -> Batch:
-    """Stored values → what the model reads: [0, 1] intensities, binarized for Bernoulli models; counts as they are."""
-    if binarization != "none" and dataset.is_bytes() and raw.x.dtype == np.uint8:
-        return binarize_bytes(raw, binarization, seed=seed, epoch=epoch)
-    scaled = Batch(dataset.to_unit_interval(raw.x), raw.index, raw.label)
-    return binarize(scaled, binarization, seed=seed, epoch=epoch)
-
-
-class EpochStream:
-    """One rank's batches for one epoch; every rank yields exactly `num_batches` (some may be empty)."""
-
-    def __init__(
-        self,
-        dataset: ParquetDataset,
-        *,
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        epoch: int,
-        seed: int,
-        shuffle: bool = True,
-        window: int = 4,
-        binarization: str = "none",
-        start_batch: int = 0,
-        num_batches: Optional[int] = None,
-        read_ahead: Optional[bool] = None,
-    ):
-        self.dataset, self.batch_size, self.epoch, self.seed = dataset, batch_size, epoch, seed
-        self.shuffle, self.window, self.binarization, self.read_ahead = shuffle, window, binarization, read_ahead
-        assignment = assign_row_groups(dataset.units, world_size, seed=seed, epoch=epoch, shuffle=shuffle)
-        self.unit_ids = assignment[rank]
-        rows = [sum(dataset.units[u].num_rows for u in ids) for ids in assignment]
-        self.num_rows, self.rows_per_rank = rows[rank], rows
-        # The longest rank's batches, unless the caller sets the epoch's length (data/partitions.py).
-        self.num_batches = max(math.ceil(r / batch_size) for r in rows) if num_batches is None else num_batches
-        self.start_batch = start_batch
-        if not 0 <= start_batch <= self.num_batches:
-            raise ValueError(f"data position {start_batch} is outside this epoch's {self.num_batches} batches")
-
-    def global_counts(self) -> np.ndarray:
-        """Examples in each of the epoch's batches, summed over all ranks: [num_batches]."""
-        starts = np.arange(self.num_batches) * self.batch_size
-        return sum(np.clip(rows - starts, 0, self.batch_size) for rows in self.rows_per_rank)
-
-    def _windows(self) -> list[list[int]]:
-        return [self.unit_ids[i : i + self.window] for i in range(0, len(self.unit_ids), self.window)]
-
-    def window_permutation(self, ids: list[int], num_rows: int) -> np.ndarray:
-        """The order of a window's rows (stored order → the order they are yielded in)."""
-        return np.random.default_rng(seeds.window_seed(self.seed, self.epoch, ids[0])).permutation(num_rows)
-
-    def windows_to_read(self) -> tuple[list[list[int]], int]:
-        """The windows from the data position on (whole windows before it skipped by their row counts, unread),
-        and how many of the first one's rows (in yielded order) lie before it."""
-        skip = self.start_batch * self.batch_size
-        windows = []
-        for ids in self._windows():
-            size = sum(self.dataset.units[u].num_rows for u in ids)
-            if not windows and skip >= size:
-                skip -= size
-            else:
-                windows.append(ids)
-        return windows, skip
-
-    def row_positions(self) -> np.ndarray:
-        """The rows this rank's epoch yields, in order, as positions in the dataset's stored order (its
-        units concatenated): what iterating yields, computed from the footers without reading a row."""
-        first, units = self.dataset.first_rows, self.dataset.units
-        parts = []
-        for ids in self._windows():
-            rows = np.concatenate([np.arange(first[units[u]], first[units[u]] + units[u].num_rows) for u in ids])
-            parts.append(rows[self.window_permutation(ids, len(rows))] if self.shuffle else rows)
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-    def _load_window(self, ids: list[int]) -> Batch:
-        batch = concat([self.dataset.read_raw(self.dataset.units[u]) for u in ids])
-        if self.shuffle:
-            perm = self.window_permutation(ids, len(batch))
-            batch = Batch(batch.x[perm], batch.index[perm], None if batch.label is None else batch.label[perm])
-        return to_model_input(self.dataset, batch, self.binarization, seed=self.seed, epoch=self.epoch)
-
-    def __iter__(self) -> Iterator[Batch]:
-        windows, skip = self.windows_to_read()
-        # In a thread, or in this one when needed (prefetch.py says which).
-        ahead = reads_ahead(self.dataset, self.read_ahead)
-        loaded = loaded_ahead(self._load_window, windows) if ahead else map(self._load_window, windows)
-        empty = Batch(self.dataset.empty_rows(), np.zeros(0, np.int64))
-        try:
-            yield from batches_of(
-                loaded,
-                self.batch_size,
-                skip=skip,
-                emitted=self.start_batch,
-                num_batches=self.num_batches,
-                empty=lambda: empty,
-            )
-        finally:
-            if ahead:
-                loaded.close()  # the thread ends with its pending window when a consumer stops early

@@ -1,6 +1,6 @@
-"""Rows of counts held sparse on the host (compressed sparse rows), and model inputs made dense on the step's
-device: a row group of an atlas (thousands of cells × tens of thousands of genes, ~95% zeros) is never a dense
-array in host memory; only one batch at a time is, on the device that trains on it.
+"""Rows of counts held sparse on the host (compressed sparse rows): a row group of an atlas (thousands of
+cells × tens of thousands of genes, ~95% zeros) is never a dense array in host memory; only one batch at a
+time is, on the device that trains on it (eval/model_input.py). NumPy only.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -77,18 +76,3 @@ Rows = Union[np.ndarray, CsrRows]
 def concat_rows(parts: list[Rows]) -> Rows:
     """Row blocks one after another, dense or sparse as they are held."""
     return CsrRows.concat(parts) if isinstance(parts[0], CsrRows) else np.concatenate(parts)
-
-
-def to_device(x: Rows, device: torch.device) -> torch.Tensor:
-    """The rows as a dense float tensor [rows, D] on `device`: a dense array copied (asynchronously from
-    pinned memory); sparse rows sent as (flat position, value) pairs and scattered into zeros there."""
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(x).to(device, non_blocking=True)
-    rows, dim = x.shape
-    dense = torch.zeros(rows * dim, dtype=torch.float32, device=device)
-    if x.values.size:
-        row_of_entry = np.repeat(np.arange(rows, dtype=np.int64), np.diff(x.indptr))
-        flat = torch.from_numpy(row_of_entry * dim + x.indices).to(device, non_blocking=True)
-        # torch.tensor copies: the values may be a read-only view of the decoded cache's row group.
-        dense.index_put_((flat,), torch.tensor(x.values).to(device, non_blocking=True))
-    return dense.view(rows, dim)

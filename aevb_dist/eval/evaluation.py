@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from aevb_dist import seeds
-from aevb_dist.data.reader import ParquetDataset, to_model_input
-from aevb_dist.data.sparse_rows import to_device
+from aevb_dist.data.epoch_stream import to_model_input
+from aevb_dist.data.reader import ParquetDataset
+from aevb_dist.eval.model_input import to_device
 from aevb_dist.model.elbo import evaluation_bound
 from aevb_dist.model.marginal_likelihood import estimate_log_marginal_likelihood
 from aevb_dist.model.vae import VAE

@@ -8,9 +8,9 @@ from typing import Optional
 import torch
 
 from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes, saved_eval_binarization
-from aevb_dist.data.reader import EpochStream
-from aevb_dist.data.sparse_rows import to_device
+from aevb_dist.data.epoch_stream import EpochStream
 from aevb_dist.eval.evaluation import open_as_trained
+from aevb_dist.eval.model_input import to_device
 from aevb_dist.model.gradient_variance import variance_sweep
 
 

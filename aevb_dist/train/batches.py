@@ -12,9 +12,11 @@ import torch
 
 from aevb_dist.config import DataConfig, TrainConfig
 from aevb_dist.config_checks import check_partitioning
+from aevb_dist.data.epoch_stream import EpochStream
 from aevb_dist.data.partitions import PartitionedEpoch, partitioned_num_batches
-from aevb_dist.data.reader import EpochStream, ParquetDataset
-from aevb_dist.data.sparse_rows import Rows, to_device
+from aevb_dist.data.reader import ParquetDataset
+from aevb_dist.data.sparse_rows import Rows
+from aevb_dist.eval.model_input import to_device
 
 Stream = Union[EpochStream, PartitionedEpoch]
 # For a partitioned epoch, the partitions a batch's rows come from with their row counts (each partition's

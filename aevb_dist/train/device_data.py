@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from aevb_dist.data.binarization import BYTE_THRESHOLDS, binarization_key
-from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.data.epoch_stream import EpochStream
+from aevb_dist.data.reader import ParquetDataset
 
 _MASK32 = 0xFFFFFFFF
 

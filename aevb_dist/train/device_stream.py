@@ -23,7 +23,8 @@ import torch
 
 from aevb_dist.data.batching import batches_of
 from aevb_dist.data.binarization import binarization_key
-from aevb_dist.data.reader import EpochStream, ParquetDataset
+from aevb_dist.data.epoch_stream import EpochStream
+from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.train.device_data import DeviceBinarization, example_hashes
 
 

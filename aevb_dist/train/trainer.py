@@ -26,7 +26,8 @@ from aevb_dist import names, seeds
 from aevb_dist.config import CheckpointConfig, OptimConfig, TrainConfig
 from aevb_dist.config_checks import captured_step_cannot_serve
 from aevb_dist.console import say
-from aevb_dist.data.reader import ParquetDataset, assign_row_groups
+from aevb_dist.data.epoch_stream import assign_row_groups
+from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.eval.evaluation import evaluate_units
 from aevb_dist.model.elbo import add_prior_gradient, per_example_bound, sgvb_b_terms, weighted_kl_objective
