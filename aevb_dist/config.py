@@ -41,7 +41,8 @@ class ModelConfig:
     activation: str = "tanh"
     # Dimensions of z.
     latent_dim: int = 20
-    # p_θ(x|z): bernoulli (binarized pixels), gaussian (Frey Face), continuous_bernoulli, discretized_logistic.
+    # p_θ(x|z): bernoulli (binarized pixels), gaussian (Frey Face), continuous_bernoulli, discretized_logistic;
+    # for counts (cells × genes): poisson, negative_binomial, zinb, multinomial (docs/single_cell.md).
     likelihood: str = "bernoulli"
     # The family of q_φ(z|x) and its reparameterization route: see aevb_dist/model/posteriors.py.
     posterior: str = "gaussian"

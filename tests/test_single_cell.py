@@ -20,8 +20,6 @@ from aevb_dist.train.worker import trainer_for_config
 from tests import atlas as atlases
 from tests.helpers import aevb, error_lines
 
-pytest.importorskip("anndata")
-
 GENES = 50
 
 
@@ -168,3 +166,23 @@ def test_training_on_counts_raises_the_test_elbo(atlas, tmp_path, likelihood):
             assert math.isfinite(elbo) and count > 0
     after = trainer.evaluate(trainer.test_data)
     assert math.isfinite(before) and after > before + 10.0, (before, after)
+
+
+def test_a_run_resumes_only_on_the_genes_it_was_trained_on(atlas, tmp_path):
+    out, _ = _prepared(atlas, tmp_path, "10x")
+    trainer = trainer_for_config(_config(out, tmp_path))
+    saved = trainer.state_dict()
+    assert saved["counts"]["features_sha256"]
+    trainer_for_config(_config(out, tmp_path), saved=saved)  # the same data: resumes
+    renamed = atlases.synthetic_atlas(num_cells=600, num_genes=GENES, seed=3)
+    renamed.genes = list(reversed(renamed.genes))
+    other = str(tmp_path / "other")
+    prepare(atlases.write_10x(renamed, str(tmp_path / "renamed")), other, report=lambda m: None)
+    with pytest.raises(ValueError, match="genes .* differ from those the run was trained on"):
+        trainer_for_config(_config(other, tmp_path), saved=saved)
+
+
+def test_counts_are_not_held_in_the_device_cache(atlas, tmp_path):
+    out, _ = _prepared(atlas, tmp_path, "npz")
+    with pytest.raises(ValueError, match="data.cache_on_device=true holds dense images"):
+        trainer_for_config(_config(out, tmp_path, "negative_binomial", "data.cache_on_device=true"))

@@ -237,6 +237,19 @@ class ParquetDataset:
         self.has_label = self.has_label and LABEL in schema.names
         self.units += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
 
+    def counts_identity(self) -> Optional[dict]:
+        """What a model of counts was trained on, for a checkpoint to check on resume: its genes (a digest of
+        their names in order) and covariates' categories. None for images."""
+        return {"features_sha256": self.features_sha256, "covariates": self.covariates} if self.counts else None
+
+    def check_counts_identity(self, trained_on: Optional[dict]) -> None:
+        """Refuses to resume a run on other genes or covariate categories than `trained_on`, its checkpoint's."""
+        if trained_on != self.counts_identity():
+            raise ValueError(
+                "the training set's genes (their names or order) or covariate categories differ from those the run "
+                "was trained on; resume on the same prepared data (or use a new run.name)"
+            )
+
     def _counts_footer(self) -> CountsFooter:
         return CountsFooter(self.dim, self.features_sha256, self.covariates)
 

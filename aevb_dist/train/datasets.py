@@ -72,6 +72,14 @@ def batch_source_for(
     """The batches rank `rank` of `world_size` trains on: from the training set held on the device
     (data.cache_on_device), or read from storage, windows binarized on the device where it is a GPU."""
     binarization = train_binarization(cfg.model.likelihood, cfg.data.binarization)
+    if train_data.counts and cfg.data.cache_on_device:
+        raise ValueError(
+            "data.cache_on_device=true holds dense images; a dataset of counts streams, each batch made dense on "
+            "the device: unset data.cache_on_device"
+        )
+    # Counts are made dense on the device batch by batch (eval/model_input.py), not in device windows.
+    streamed = not (train_data.counts or cfg.data.cache_on_device)
+    windows = streamed_to(device, train_data, cfg.data, binarization, cfg.seed) if streamed else None
     device_data = DeviceData(train_data, device, binarization, cfg.seed) if cfg.data.cache_on_device else None
     return BatchSource(
         train_data,
@@ -83,5 +91,5 @@ def batch_source_for(
         binarization=binarization,
         device=device,
         device_data=device_data,
-        device_windows=None if device_data else streamed_to(device, train_data, cfg.data, binarization, cfg.seed),
+        device_windows=windows,
     )

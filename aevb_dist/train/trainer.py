@@ -137,6 +137,7 @@ class Trainer:
             "image_shape": list(self.source.data.shape),
             "partitioning": self.source.partitioning(),
             "data_mean": self.data_mean,  # what model.output_bias_init=data_mean started from
+            "counts": self.source.data.counts_identity(),  # the genes and covariate categories the inputs stand for
         }
 
     def load_state_dict(self, saved: dict) -> Optional[str]:
@@ -155,6 +156,7 @@ class Trainer:
             group["lr"] = rate
         self.state = TrainState(**saved["state"])
         self.data_mean = saved.get("data_mean")
+        self.source.data.check_counts_identity(saved.get("counts"))
         resumed = self.source.resumed(saved.get("partitioning"))
         if resumed is not None:
             self.source, self._total_steps = resumed, None
