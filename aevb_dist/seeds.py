@@ -51,6 +51,11 @@ def split_seed(seed: int) -> int:
     return seed
 
 
+def storage_order_seed(seed: int, split: int) -> list[int]:
+    """`prepare`'s random order of a count matrix's split (`split`: its position in names.SPLITS)."""
+    return [seed, split, 2]
+
+
 def gradient_draw_seed(seed: int, draw: int) -> int:
     """The `variance` command's draw `draw` of the minibatch gradient."""
     return seed * 1_000_003 + draw

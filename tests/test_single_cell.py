@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from aevb_dist.config import load_config
+from aevb_dist.data import prepare_counts
 from aevb_dist.data.epoch_stream import EpochStream
 from aevb_dist.data.prepare import CountOptions, prepare
 from aevb_dist.data.reader import ParquetDataset
@@ -61,7 +62,9 @@ def _dense_rows(dataset: ParquetDataset):
         ("npz", dict(batch_key="donor", labels_key="cell_type")),
     ],
 )
-def test_a_count_matrix_converts_to_sparse_parquet_and_reads_back_exactly(atlas, tmp_path, fmt, options):
+def test_a_count_matrix_converts_to_sparse_parquet_and_reads_back_exactly(atlas, tmp_path, fmt, options, monkeypatch):
+    monkeypatch.setattr(prepare_counts, "BUCKET_ROWS", 100)  # the storage order's shuffle through 6 buckets
+    monkeypatch.setattr(prepare_counts, "ROWS_PER_CHUNK", 250)  # the source read in 3 chunks
     out, counts = _prepared(atlas, tmp_path, fmt, **options)
     dense = atlas.counts.toarray()
     assert counts == {"train": 540, "test": 60}
@@ -186,3 +189,28 @@ def test_counts_are_not_held_in_the_device_cache(atlas, tmp_path):
     out, _ = _prepared(atlas, tmp_path, "npz")
     with pytest.raises(ValueError, match="data.cache_on_device=true holds dense images"):
         trainer_for_config(_config(out, tmp_path, "negative_binomial", "data.cache_on_device=true"))
+
+
+def _distinct_per_batch(labels: np.ndarray, batch_size: int) -> float:
+    return float(np.mean([len(set(labels[i : i + batch_size])) for i in range(0, len(labels), batch_size)]))
+
+
+def test_an_atlas_sorted_by_cell_type_is_stored_so_that_batches_mix_types_as_a_full_shuffle_would(
+    tmp_path, monkeypatch
+):
+    """Atlases come sorted (by donor, dataset, type). Stored in that order, a batch would hold the cells of the few
+    row groups in the reader's shuffle window: one or two types where a random permutation gives them all."""
+    monkeypatch.setattr(prepare_counts, "BUCKET_ROWS", 1000)  # memory for 1,000 cells: 6 buckets of the train split
+    monkeypatch.setattr(prepare_counts, "ROWS_PER_CHUNK", 500)
+    sorted_atlas = atlases.synthetic_atlas(num_cells=6000, num_genes=20, num_types=40, seed=5, sort_by_type=True)
+    path = atlases.write_npz(sorted_atlas, str(tmp_path / "sorted.npz"))
+    options = CountOptions(labels_key="cell_type")
+    prepare(path, str(tmp_path / "out"), rows_per_row_group=200, count_options=options, report=lambda m: None)
+    data = ParquetDataset(str(tmp_path / "out" / "train"))
+    stream = EpochStream(data, rank=0, world_size=1, batch_size=128, epoch=0, seed=0, window=4)
+    streamed = _distinct_per_batch(np.concatenate([b.label for b in stream]), 128)
+    labels = np.concatenate([data.read(u).label for u in data.units])
+    permuted = np.mean([_distinct_per_batch(np.random.default_rng(s).permutation(labels), 128) for s in range(5)])
+    in_source_order = _distinct_per_batch(np.sort(labels), 128)
+    assert in_source_order < 0.3 * permuted  # what a reader of the sorted order would get, at best
+    assert streamed >= 0.9 * permuted, (streamed, permuted)

@@ -1,20 +1,24 @@
 """`aevb-dist prepare --format h5ad | 10x | npz`: a count matrix (cells × genes) → sparse Parquet shards in the
 counts layout of `schema.py`, split into train and test by a seeded random `--test-fraction` of the cells.
 
-The matrix is read and written a chunk of rows at a time: host memory holds one chunk and one row group per
-split, whatever the number of cells.
+The matrix is read a chunk of rows at a time and each split stored in a random order of its cells (`Buckets`):
+host memory holds one chunk, then one bucket, whatever the number of cells; local disk holds the buckets (as
+much again as the dataset) while `prepare` runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aevb_dist import names, seeds
 from aevb_dist.data import count_sources, sources
 from aevb_dist.data.count_sources import Categorical, CountMatrix
 from aevb_dist.data.index import INDEX_NAME, index_bytes
@@ -37,6 +41,7 @@ from aevb_dist.data.schema import (
 COUNT_FORMATS = ("h5ad", "10x", "npz")
 BATCH = "batch"  # the column of --batch-key, named as scvi-tools' registry names it
 ROWS_PER_CHUNK = 10_000
+BUCKET_ROWS = 50_000  # cells per bucket of the storage order's shuffle (Buckets): its host memory
 COUNT_ENCODING = dict(compression="zstd", use_dictionary=False, write_statistics=[INDEX])
 
 
@@ -53,10 +58,10 @@ def open_matrix(source: str, fmt: str, layer: Optional[str], keys: list[str]) ->
 class SplitWriter:
     """One split's shards: rows arrive in chunks, leave in row groups of `rows_per_row_group`, `quota` per file."""
 
-    def __init__(self, fs, folder: str, num_rows: int, num_shards: int, rows_per_row_group: int, metadata, schema):
+    def __init__(self, fs, folder: str, num_rows: int, num_shards: int, rows_per_row_group: int, schema: pa.Schema):
         self.fs, self.folder, self.rows_per_row_group = fs, folder, rows_per_row_group
         self.num_rows, self.quota = num_rows, -(-num_rows // max(1, min(num_shards, num_rows)))
-        self.metadata, self.schema = metadata, schema
+        self.schema = schema
         self.pending: list[pa.Table] = []
         self.files: list[list] = []  # [name, [rows of each row group]]
         self.writer, self.handle, self.in_file, self.written = None, None, 0, 0
@@ -123,24 +128,8 @@ def _annotations(matrix: CountMatrix, batch_key, labels_key, covariate_keys) -> 
     return coded.pop(LABEL, None), coded
 
 
-def write_counts(
-    fs,
-    staging: str,
-    matrix: CountMatrix,
-    fmt: str,
-    *,
-    wanted: list[str],
-    test_fraction: float,
-    seed: int,
-    num_shards: int,
-    rows_per_row_group: int,
-    batch_key: Optional[str],
-    labels_key: Optional[str],
-    covariate_keys: list[str],
-    report: Callable[[str], None],
-) -> dict[str, int]:
-    """Writes each wanted split's shards and index under `staging`; rows written per split."""
-    label, covariates = _annotations(matrix, batch_key, labels_key, covariate_keys)
+def _counts_schema(matrix: CountMatrix, fmt: str, label: Optional[Categorical], covariates: dict) -> pa.Schema:
+    """The files' columns, and their metadata: the features' number and names, categories, and their checksum."""
     features = json.dumps(matrix.feature_names).encode()
     covariate_names = json.dumps({k: c.categories for k, c in covariates.items()}).encode()
     shape, value_range = json.dumps([len(matrix.feature_names)]).encode(), b"counts"
@@ -161,40 +150,111 @@ def write_counts(
         *([pa.field(LABEL, pa.int64())] if label else []),
         *[pa.field(name, pa.int32()) for name in covariates],
     ]
-    schema = pa.schema(fields, metadata=metadata)
+    return pa.schema(fields, metadata=metadata)
+
+
+class Buckets:
+    """A split's cells scattered at random into local files of about BUCKET_ROWS cells each (pass 1), then each
+    file read back whole and permuted (pass 2): the split stored in a random order of all its cells, with host
+    memory bounded by a bucket, whatever the atlas's size and order. Atlases come sorted by donor, dataset or
+    cell type; stored in that order, a batch would hold a few neighbouring row groups' cells (the reader's
+    shuffle window) and its gradient would swing from one kind of cell to another."""
+
+    def __init__(self, folder: str, num_rows: int, schema: pa.Schema, rng: np.random.Generator):
+        self.folder, self.schema, self.rng = folder, schema, rng
+        self.num_buckets = max(1, -(-num_rows // BUCKET_ROWS))
+        self.bucket_of_row = rng.integers(self.num_buckets, size=num_rows, dtype=np.int32)
+        self.writers: dict[int, pq.ParquetWriter] = {}
+
+    def add(self, table: pa.Table, rows: np.ndarray) -> None:
+        """`table`'s cells, the split's cells `rows` (positions within the split), each into its bucket."""
+        buckets = self.bucket_of_row[rows]
+        for bucket in np.unique(buckets):
+            if bucket not in self.writers:
+                self.writers[bucket] = pq.ParquetWriter(f"{self.folder}/{bucket}.parquet", self.schema)
+            self.writers[bucket].write_table(table.take(np.flatnonzero(buckets == bucket)))
+
+    def shuffled(self):
+        """Each bucket's cells in a random order, bucket after bucket."""
+        for writer in self.writers.values():
+            writer.close()
+        for bucket in sorted(self.writers):
+            table = pq.read_table(f"{self.folder}/{bucket}.parquet", schema=self.schema)
+            yield table.take(self.rng.permutation(table.num_rows))
+
+
+def write_counts(
+    fs,
+    staging: str,
+    matrix: CountMatrix,
+    fmt: str,
+    *,
+    wanted: list[str],
+    test_fraction: float,
+    seed: int,
+    num_shards: int,
+    rows_per_row_group: int,
+    batch_key: Optional[str],
+    labels_key: Optional[str],
+    covariate_keys: list[str],
+    report: Callable[[str], None],
+) -> dict[str, int]:
+    """Writes each wanted split's shards and index under `staging`, its cells in a seeded random order (each
+    cell's `index` is its row in the source); rows written per split."""
+    label, covariates = _annotations(matrix, batch_key, labels_key, covariate_keys)
+    schema = _counts_schema(matrix, fmt, label, covariates)
     rows = sources.split_rows(matrix.num_rows, test_fraction, seed)
-    in_test = np.zeros(matrix.num_rows, bool)
-    in_test[rows["test"]] = True
-    writers = {
-        name: SplitWriter(fs, f"{staging}/{name}", len(rows[name]), num_shards, rows_per_row_group, metadata, schema)
-        for name in wanted
-    }
+    position = np.zeros(matrix.num_rows, np.int64)  # each cell's position within its split
+    for name in names.SPLITS:
+        position[rows[name]] = np.arange(len(rows[name]))
+    with tempfile.TemporaryDirectory(prefix="aevb-prepare-") as local:
+        buckets = {}
+        for name in wanted:
+            os.makedirs(f"{local}/{name}")
+            order = np.random.default_rng(seeds.storage_order_seed(seed, names.SPLITS.index(name)))
+            buckets[name] = Buckets(f"{local}/{name}", len(rows[name]), schema, order)
+        _scatter(matrix, rows, position, label, covariates, schema, buckets, report)
+        counts = {}
+        for name, split_buckets in buckets.items():
+            writer = SplitWriter(fs, f"{staging}/{name}", len(rows[name]), num_shards, rows_per_row_group, schema)
+            for table in split_buckets.shuffled():
+                writer.add(table)
+            _write_index(fs, f"{staging}/{name}", writer.close(), schema, label, covariates)
+            counts[name] = writer.written
+            report(f"prepare: {name} written ({writer.written:,} cells in {len(writer.files)} files)")
+    return counts
+
+
+def _scatter(matrix, rows, position, label, covariates, schema, buckets: dict, report) -> None:
+    """Pass 1: the source read in chunks of rows, each cell into a bucket of its split."""
+    test = np.zeros(matrix.num_rows, bool)
+    test[rows["test"]] = True
     empty_cells = 0
     for start, chunk in matrix.chunks(ROWS_PER_CHUNK):
         stop = start + chunk.shape[0]
         empty_cells += int((np.diff(chunk.indptr) == 0).sum())
-        for name, writer in writers.items():
-            keep = np.flatnonzero(in_test[start:stop] == (name == "test"))
+        for name, split_buckets in buckets.items():
+            keep = np.flatnonzero(test[start:stop] == (name == "test"))
             index = start + keep
             part_label = None if label is None else label.codes[index]
             part_covariates = {k: c.codes[index] for k, c in covariates.items()}
-            writer.add(_table(chunk[keep], index.astype(np.int64), part_label, part_covariates, schema))
+            table = _table(chunk[keep], index.astype(np.int64), part_label, part_covariates, schema)
+            split_buckets.add(table, position[index])
         report(f"prepare: {stop:,}/{matrix.num_rows:,} cells read")
     if empty_cells:
         report(f"prepare: warning: {empty_cells:,} cells have no counts at all (kept; consider filtering them)")
-    counts = {}
-    for name, writer in writers.items():
-        files = writer.close()
-        description = {
-            "dim": len(matrix.feature_names),
-            "shape": [len(matrix.feature_names)],
-            "value_range": None,
-            "has_label": label is not None,
-            "files": files,
-            "counts": True,
-            "features_sha256": hashlib.sha256(features).hexdigest(),
-            "covariates": {k: c.categories for k, c in covariates.items()},
-        }
-        fs.pipe_file(f"{staging}/{name}/{INDEX_NAME}", index_bytes(description))
-        counts[name] = writer.written
-    return counts
+
+
+def _write_index(fs, folder: str, files: list, schema: pa.Schema, label, covariates: dict) -> None:
+    dim = len(json.loads(schema.metadata[META_FEATURE_NAMES]))
+    description = {
+        "dim": dim,
+        "shape": [dim],
+        "value_range": None,
+        "has_label": label is not None,
+        "files": files,
+        "counts": True,
+        "features_sha256": hashlib.sha256(schema.metadata[META_FEATURE_NAMES]).hexdigest(),
+        "covariates": {k: c.categories for k, c in covariates.items()},
+    }
+    fs.pipe_file(f"{folder}/{INDEX_NAME}", index_bytes(description))
