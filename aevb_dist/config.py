@@ -68,6 +68,11 @@ class ModelConfig:
     # q(z_1 | x) ∏ q(z_{l+1} | z_l), Gaussian conditionals (Burda et al. 2015, §5; docs/models.md). When set, they
     # replace model.latent_dim and model.hidden_sizes. Empty: one stochastic layer.
     latent_layers: list[LatentLayerConfig] = field(default_factory=list)
+    # Counts: categorical covariates both networks are conditioned on, one-hot beside x and beside z (scVI's batch
+    # correction): columns `prepare` wrote, e.g. [batch] for --batch-key (docs/single_cell.md).
+    covariates: list[str] = field(default_factory=list)
+    # The number of categories of each of model.covariates; None: the training data's, filled in by `train`.
+    covariate_sizes: Optional[list[int]] = None
 
 
 @dataclass

@@ -54,6 +54,7 @@ def check_model(m: ModelConfig) -> None:
     _architecture(m)
     _initialization(m)
     _latent_layers(m)
+    _covariates(m)
     if m.squash_mean and m.likelihood != "gaussian":
         raise ValueError("model.squash_mean=true only applies to model.likelihood=gaussian")
 
@@ -70,6 +71,19 @@ def _architecture(m: ModelConfig) -> None:
             f"model.input_shape={list(m.input_shape)} holds {math.prod(m.input_shape)} values, "
             f"model.input_dim={m.input_dim}"
         )
+
+
+def _covariates(m: ModelConfig) -> None:
+    if not m.covariates:
+        return
+    if m.likelihood not in names.COUNT_LIKELIHOODS:
+        raise ValueError(f"model.covariates condition models of counts; model.likelihood={m.likelihood} is not one")
+    if m.latent_layers or m.architecture != "mlp":
+        raise ValueError("model.covariates condition the one-layer mlp model (unset model.latent_layers)")
+    if len(set(m.covariates)) != len(m.covariates):
+        raise ValueError(f"model.covariates={list(m.covariates)} names a column twice")
+    if m.covariate_sizes is not None and len(m.covariate_sizes) != len(m.covariates):
+        raise ValueError("model.covariate_sizes must give one size per model.covariates (or unset it)")
 
 
 def _latent_layers(m: ModelConfig) -> None:

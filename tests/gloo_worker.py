@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from aevb_dist.config import load_config
+from aevb_dist.data.schema import Batch
 from aevb_dist.train.batches import StepBatch
 from aevb_dist.train.worker import trainer_for_config
 
@@ -20,7 +21,7 @@ def take_one_step(rank: int, world_size: int, port: int, overrides: list, rows: 
         trainer = trainer_for_config(load_config(None, overrides), rank=rank, world_size=world_size)
         x = np.load(os.path.join(out, "x.npy"))[rows[rank]]
         elbo_sum, count = trainer.step_on(
-            StepBatch.from_host(x, np.asarray(rows[rank], dtype=np.int64), trainer.device)
+            StepBatch.from_host(Batch(x, np.asarray(rows[rank], dtype=np.int64)), trainer.device)
         )
         if rank == 0:
             torch.save(

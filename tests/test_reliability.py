@@ -16,6 +16,7 @@ import torch
 
 from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
+from aevb_dist.data.schema import Batch
 from aevb_dist.train.batches import StepBatch
 from aevb_dist.train.driver import train
 from aevb_dist.train.trainer import NonFiniteError
@@ -140,8 +141,8 @@ def test_a_checkpoint_cut_off_part_way_is_never_resumed_from(ray_local, tiny_dat
 def test_non_finite_step_stops_with_the_step_or_is_skipped_and_counted(tiny_data, tmp_path):
     base = tiny_overrides(tiny_data, str(tmp_path), **{"model.likelihood": "gaussian", "data.binarization": "none"})
     cpu = torch.device("cpu")
-    bad = StepBatch.from_host(np.full((4, 16), 1e30, np.float32), np.arange(4), cpu)  # (x − μ)² overflows: inf
-    good = StepBatch.from_host(np.random.default_rng(0).random((4, 16)).astype(np.float32), np.arange(4), cpu)
+    bad = StepBatch.from_host(Batch(np.full((4, 16), 1e30, np.float32), np.arange(4)), cpu)  # (x − μ)² overflows: inf
+    good = StepBatch.from_host(Batch(np.random.default_rng(0).random((4, 16)).astype(np.float32), np.arange(4)), cpu)
     trainer = trainer_for_config(load_config(SMOKE, base))
     with pytest.raises(NonFiniteError, match=r"non-finite objective or gradient at step 0 \(epoch 0, batch 0"):
         trainer.step_on(bad)

@@ -17,6 +17,7 @@ from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.data.schema import META_COVARIATES, META_LABEL_NAMES
 from aevb_dist.data.sparse_rows import CsrRows
 from aevb_dist.eval.model_input import to_device
+from aevb_dist.model.vae import VAE
 from aevb_dist.train.worker import trainer_for_config
 from tests import atlas as atlases
 from tests.helpers import aevb, error_lines
@@ -214,3 +215,73 @@ def test_an_atlas_sorted_by_cell_type_is_stored_so_that_batches_mix_types_as_a_f
     in_source_order = _distinct_per_batch(np.sort(labels), 128)
     assert in_source_order < 0.3 * permuted  # what a reader of the sorted order would get, at best
     assert streamed >= 0.9 * permuted, (streamed, permuted)
+
+
+def test_a_model_conditioned_on_the_batch_reads_its_codes_beside_x_and_z():
+    vae = VAE(input_dim=GENES, hidden_sizes=[16], latent_dim=3, likelihood="negative_binomial", covariate_sizes=(2, 3))
+    assert vae.encoder[0].in_features == GENES + 5 and vae.decoder[0].in_features == 3 + 5
+    counts = torch.from_numpy(atlases.synthetic_atlas(num_cells=4, num_genes=GENES).counts.toarray()).float()
+    codes = torch.tensor([[0, 2], [1, 0], [0, 1], [1, 2]]).float()
+    x = torch.cat([counts, codes], 1)
+    z = torch.zeros(1, 4, 3)
+    other_batch = torch.cat([counts, torch.stack([1 - codes[:, 0], codes[:, 1]], 1)], 1)
+    assert not torch.allclose(vae.log_likelihood(x, z), vae.log_likelihood(other_batch, z))
+    assert not torch.allclose(vae.encode(x)[0], vae.encode(other_batch)[0])
+    with pytest.raises(ValueError, match=r"expected inputs of shape \[batch, 52\]"):
+        vae.encode(counts)
+    with pytest.raises(ValueError, match="conditioned on covariates"):
+        vae.decode(z)
+
+
+def test_training_conditioned_on_the_batch_key(atlas, tmp_path):
+    out, _ = _prepared(atlas, tmp_path, "npz", batch_key="donor", labels_key="cell_type")
+    cfg = _config(out, tmp_path, "negative_binomial", "model.covariates=[batch]")
+    trainer = trainer_for_config(cfg)
+    assert trainer.vae.covariate_sizes == (2,)
+    batch = next(iter(trainer.source.epoch_batches(0, 0)))
+    assert batch.x_BD.shape[1] == GENES + 1  # the batch's code beside the counts
+    np.testing.assert_array_equal(batch.x_BD[:, GENES].numpy(), [int(b[-1]) for b in atlas.batch[batch.index_B]])
+    before = trainer.evaluate(trainer.test_data)
+    for _ in range(3):
+        for step_batch in trainer.source.epoch_batches(0, 0):
+            trainer.step_on(step_batch)
+    assert trainer.evaluate(trainer.test_data) > before + 10.0
+
+
+def test_a_covariate_the_data_lacks_is_refused_naming_those_it_has(atlas, tmp_path):
+    out, _ = _prepared(atlas, tmp_path, "npz", batch_key="donor")
+    with pytest.raises(ValueError, match=r"has no covariate 'sample' \(its covariates: batch"):
+        trainer_for_config(_config(out, tmp_path, "negative_binomial", "model.covariates=[sample]"))
+    with pytest.raises(ValueError, match="model.covariates condition models of counts"):
+        load_config(None, ["model.covariates=[batch]"])
+
+
+@pytest.mark.slow
+def test_h5ad_to_latents_for_scanpy_through_the_command_line(atlas, tmp_path):
+    """The walkthrough of docs/single_cell.md: prepare, train (local mode) conditioned on the batch, evaluate,
+    encode, and the latents joined back to the .h5ad's cells by `index`."""
+    import anndata
+    import pandas as pd
+
+    path = atlases.write_h5ad(atlas, str(tmp_path / "atlas.h5ad"))
+    data, run = str(tmp_path / "data"), str(tmp_path / "runs" / "single_cell_nb")
+    done = aevb("prepare", path, data, "--layer", "counts", "--batch-key", "donor", "--labels-key", "cell_type")
+    assert done.returncode == 0, done.stderr
+    overrides = [f"data.train_uri={data}/train", f"data.test_uri={data}/test", f"model.input_dim={GENES}"]
+    overrides += [
+        "model.covariates=[batch]",
+        "ray.local_mode=true",
+        "train.num_epochs=2",
+        f"run.storage_uri={tmp_path}/runs",
+    ]
+    done = aevb("train", "configs/single_cell_nb.yaml", *overrides)
+    assert done.returncode == 0, done.stderr
+    evaluated = aevb("evaluate", run, f"{data}/test", "-k", "10")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert math.isfinite(json.loads(evaluated.stdout)["log_marginal_likelihood"])
+    assert aevb("encode", run, f"{data}/test", str(tmp_path / "codes")).returncode == 0
+    codes = pd.read_parquet(str(tmp_path / "codes")).sort_values("index")
+    cells = anndata.read_h5ad(path)[codes["index"].to_numpy()]
+    assert len(cells) == 60 and np.stack(codes["mean"].to_numpy()).shape == (60, 10)
+    names = json.loads(pq.read_schema(f"{data}/test/part-00000.parquet").metadata[META_LABEL_NAMES])
+    assert [names[v] for v in codes["label"]] == list(cells.obs["cell_type"])

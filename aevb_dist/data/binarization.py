@@ -5,6 +5,7 @@ worker reads it or when (a resumed or resized run draws the same bits).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import numpy as np
@@ -69,7 +70,7 @@ def binarize(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
     if mode == "none" or len(batch) == 0:
         return batch
     u = uniform_hash(batch.index, batch.x.shape[1], binarization_key(mode, seed, epoch))
-    return Batch((u < batch.x).astype(np.float32), batch.index, batch.label)
+    return dataclasses.replace(batch, x=(u < batch.x).astype(np.float32))
 
 
 # u < v/255 ⟺ ⌊2²⁴u⌋ < ⌈v·2²⁴/255⌉ for integers ⌊2²⁴u⌋: one threshold per byte value.
@@ -84,7 +85,7 @@ def binarize_bytes(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
     n, dim = batch.x.shape
     out = np.empty((n, dim), np.float32)
     if n == 0:
-        return Batch(out, batch.index, batch.label)
+        return dataclasses.replace(batch, x=out)
     with np.errstate(over="ignore"):
         per_example, per_pixel = _hash_inputs(batch.index, dim, binarization_key(mode, seed, epoch))
         h = np.empty((min(_ROWS_PER_CHUNK, n), dim), np.uint32)
@@ -100,4 +101,4 @@ def binarize_bytes(batch: Batch, mode: str, *, seed: int, epoch: int) -> Batch:
             hh *= np.uint32(255)
             hh >>= np.uint32(24)
             np.less(hh, batch.x[start:stop], out=out[start:stop])
-    return Batch(out, batch.index, batch.label)
+    return dataclasses.replace(batch, x=out)

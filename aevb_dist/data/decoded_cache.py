@@ -13,8 +13,6 @@ from __future__ import annotations
 import threading
 from typing import Callable, Hashable
 
-import numpy as np
-
 from aevb_dist.data.schema import Batch
 
 
@@ -34,13 +32,11 @@ class DecodedRowGroups:
         if held is not None:
             return held
         batch = read()
-        size = batch.x.nbytes + batch.index.nbytes + (0 if batch.label is None else batch.label.nbytes)
+        size = sum(array.nbytes for array in batch.arrays())
         with self._lock:
             if unit not in self._held and self.used_bytes + size <= self.budget_bytes:
-                x_arrays = (batch.x,) if isinstance(batch.x, np.ndarray) else batch.x.arrays()
-                for array in (*x_arrays, batch.index, batch.label):
-                    if array is not None:
-                        array.setflags(write=False)
+                for array in batch.arrays():
+                    array.setflags(write=False)
                 self._held[unit] = batch
                 self.used_bytes += size
         return batch

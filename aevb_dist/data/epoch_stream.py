@@ -4,6 +4,7 @@ windows of row groups, and the batches cut from them (batching.py), from any dat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Iterator, Optional
 
@@ -37,7 +38,7 @@ def to_model_input(dataset: ParquetDataset, raw: Batch, binarization: str, *, se
     """Stored values → what the model reads: [0, 1] intensities, binarized for Bernoulli models; counts as they are."""
     if binarization != "none" and dataset.is_bytes() and raw.x.dtype == np.uint8:
         return binarize_bytes(raw, binarization, seed=seed, epoch=epoch)
-    scaled = Batch(dataset.to_unit_interval(raw.x), raw.index, raw.label)
+    scaled = dataclasses.replace(raw, x=dataset.to_unit_interval(raw.x))
     return binarize(scaled, binarization, seed=seed, epoch=epoch)
 
 
@@ -111,7 +112,7 @@ class EpochStream:
         batch = concat([self.dataset.read_raw(self.dataset.units[u]) for u in ids])
         if self.shuffle:
             perm = self.window_permutation(ids, len(batch))
-            batch = Batch(batch.x[perm], batch.index[perm], None if batch.label is None else batch.label[perm])
+            batch = batch.taken(perm)
         return to_model_input(self.dataset, batch, self.binarization, seed=self.seed, epoch=self.epoch)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -119,7 +120,7 @@ class EpochStream:
         # In a thread, or in this one when needed (prefetch.py says which).
         ahead = reads_ahead(self.dataset, self.read_ahead)
         loaded = loaded_ahead(self._load_window, windows) if ahead else map(self._load_window, windows)
-        empty = Batch(self.dataset.empty_rows(), np.zeros(0, np.int64))
+        empty = self.dataset.empty_batch()
         try:
             yield from batches_of(
                 loaded,

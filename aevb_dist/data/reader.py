@@ -17,6 +17,7 @@ The epoch's order and a rank's batches: epoch_stream.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Optional
@@ -45,7 +46,7 @@ from aevb_dist.data.schema import (
     pixel_width,
     refuse_a_root_of_splits,
 )
-from aevb_dist.data.sparse_rows import CsrRows, Rows
+from aevb_dist.data.sparse_rows import CsrRows
 from aevb_dist.data.value_range import check_range_fits
 
 
@@ -70,10 +71,12 @@ class ParquetDataset:
         description: Optional[dict] = None,
         image_column: Optional[str] = None,
         cache_bytes: int = 0,
+        covariate_columns: tuple[str, ...] = (),
     ):
         """`image_column`: Parquet written elsewhere whose images are encoded PNG/JPEG bytes (data/images.py),
         decoded as row groups are read; by default the column `image` of files without a `pixels` column.
-        `cache_bytes`: row groups read are kept in memory, decoded, up to this size (decoded_cache.py)."""
+        `cache_bytes`: row groups read are kept in memory, decoded, up to this size (decoded_cache.py).
+        `covariate_columns`: the categorical covariates of counts read into each batch (model.covariates)."""
         self.uri, self.image_column, self.decoded = uri, image_column, DecodedRowGroups(cache_bytes)
         self.fs, self.root = storage.resolve(uri, endpoint_url)
         self.units: list[RowGroup] = []
@@ -81,6 +84,7 @@ class ParquetDataset:
         self.has_label = True
         # Counts (data/schema.py's sparse layout): a digest of the feature names, and the covariates' categories.
         self.counts, self.features_sha256, self.covariates = False, None, {}
+        self.covariate_columns = list(covariate_columns)  # or those of `description`
         if description is None:
             paths = self._list()
             description = self._index_for(paths)
@@ -93,6 +97,12 @@ class ParquetDataset:
         self.first_rows, self.num_rows = dict(zip(self.units, starts)), starts[-1]  # in the stored order
         if self.num_rows == 0:
             raise ValueError(f"{uri}: the dataset is empty (0 rows)")
+        missing = [c for c in self.covariate_columns if c not in self.covariates]
+        if missing:
+            held = f"its covariates: {', '.join(self.covariates)}" if self.covariates else "it has none"
+            raise ValueError(
+                f"{uri} has no covariate {', '.join(map(repr, missing))} ({held}; see prepare --batch-key)"
+            )
 
     def _list(self) -> list[str]:
         if not self.fs.exists(self.root):
@@ -154,6 +164,7 @@ class ParquetDataset:
                 else {}
             ),
             **({"image_column": self.image_column} if self.image_column else {}),
+            **({"covariate_columns": self.covariate_columns} if self.covariate_columns else {}),
         }
 
     def _load(self, description: dict, expected_dim: Optional[int]) -> None:
@@ -169,6 +180,7 @@ class ParquetDataset:
         self.image_column = description.get("image_column")
         self.counts = description.get("counts", False)
         self.features_sha256, self.covariates = description.get("features_sha256"), description.get("covariates", {})
+        self.covariate_columns = self.covariate_columns or description.get("covariate_columns", [])
         for name, rows in description["files"]:
             self.units += [RowGroup(f"{self.root}/{name}", i, n) for i, n in enumerate(rows)]
 
@@ -254,14 +266,24 @@ class ParquetDataset:
         return CountsFooter(self.dim, self.features_sha256, self.covariates)
 
     def _read_counts(self, unit: RowGroup) -> Batch:
-        table = self._read_table(unit, [COUNT_INDICES, COUNT_VALUES, INDEX] + [LABEL] * self.has_label)
-        rows = sparse_rows_of(table, self.dim, f"{unit.path} row group {unit.row_group}")
+        columns = [COUNT_INDICES, COUNT_VALUES, INDEX] + [LABEL] * self.has_label + self.covariate_columns
+        table = self._read_table(unit, columns)
+        where = f"{unit.path} row group {unit.row_group}"
+        rows = sparse_rows_of(table, self.dim, where)
         label = table.column(LABEL).to_numpy() if self.has_label else None
-        return Batch(rows, table.column(INDEX).to_numpy().astype(np.int64), label)
+        covariates = None
+        if self.covariate_columns:
+            covariates = np.stack([table.column(c).to_numpy() for c in self.covariate_columns], 1).astype(np.int32)
+            sizes = np.array([len(self.covariates[c]) for c in self.covariate_columns])
+            if ((covariates < 0) | (covariates >= sizes)).any():
+                raise ValueError(f"{where}: a covariate's code lies outside its categories")
+        return Batch(rows, table.column(INDEX).to_numpy().astype(np.int64), label, covariates)
 
-    def empty_rows(self) -> Rows:
+    def empty_batch(self) -> Batch:
         """No rows, held as this dataset's rows are (a rank's batch after its rows ran out)."""
-        return CsrRows.empty(self.dim) if self.counts else np.zeros((0, self.dim), np.float32)
+        rows = CsrRows.empty(self.dim) if self.counts else np.zeros((0, self.dim), np.float32)
+        covariates = np.zeros((0, len(self.covariate_columns)), np.int32) if self.covariate_columns else None
+        return Batch(rows, np.zeros(0, np.int64), None, covariates)
 
     def _read_encoded(self, unit: RowGroup) -> Batch:
         """Decoded as the row group is read (prefetch.py: where); an example's index is its row in the dataset."""
@@ -335,7 +357,7 @@ class ParquetDataset:
     def read(self, unit: RowGroup) -> Batch:
         """One row group, pixels scaled to [0, 1] and checked."""
         raw = self.read_raw(unit)
-        return Batch(self.to_unit_interval(raw.x), raw.index, raw.label)
+        return dataclasses.replace(raw, x=self.to_unit_interval(raw.x))
 
     def _check_values(self, raw: np.ndarray, unit: RowGroup) -> None:
         """NaN/inf and values outside the declared range are errors; uint8 in [0, 255] needs no pass."""

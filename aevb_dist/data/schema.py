@@ -55,26 +55,40 @@ class Batch:
     x: Rows  # [b, D] float32 in [0, 1] (binarized for Bernoulli models), or counts as sparse rows
     index: np.ndarray  # [b] int64
     label: Optional[np.ndarray] = None
+    # [b, C] int32: the codes of the covariates a model conditions on (model.covariates), in its order; counts only
+    covariates: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
     def rows(self, start: int, stop: int) -> "Batch":
-        label = None if self.label is None else self.label[start:stop]
-        return Batch(self.x[start:stop], self.index[start:stop], label)
+        return self.taken(slice(start, stop))
+
+    def taken(self, rows) -> "Batch":
+        """The rows `rows` (a slice, or an array of positions in its order), every column alike."""
+        return Batch(self.x[rows], self.index[rows], *(None if a is None else a[rows] for a in self.per_row()))
+
+    def per_row(self) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        """The optional columns beside x and index: label and covariates."""
+        return self.label, self.covariates
 
     def then(self, other: "Batch") -> "Batch":
         return concat([self, other])
+
+    def arrays(self) -> list[np.ndarray]:
+        """Every array the rows are held in."""
+        x_arrays = [self.x] if isinstance(self.x, np.ndarray) else list(self.x.arrays())
+        return [*x_arrays, self.index, *(a for a in self.per_row() if a is not None)]
 
 
 def concat(batches: list[Batch]) -> Batch:
     if not batches:
         return Batch(np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
-    labels = [b.label for b in batches]
+    optional = zip(*(b.per_row() for b in batches))
     return Batch(
         concat_rows([b.x for b in batches]),
         np.concatenate([b.index for b in batches]),
-        None if any(lab is None for lab in labels) else np.concatenate(labels),
+        *(None if any(a is None for a in column) else np.concatenate(column) for column in optional),
     )
 
 

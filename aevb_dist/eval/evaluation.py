@@ -18,7 +18,7 @@ import torch
 from aevb_dist import seeds
 from aevb_dist.data.epoch_stream import to_model_input
 from aevb_dist.data.reader import ParquetDataset
-from aevb_dist.eval.model_input import to_device
+from aevb_dist.eval.model_input import model_input
 from aevb_dist.model.elbo import evaluation_bound
 from aevb_dist.model.marginal_likelihood import estimate_log_marginal_likelihood
 from aevb_dist.model.vae import VAE
@@ -33,6 +33,7 @@ def open_as_trained(data_uri: str, vae: VAE, saved: dict, endpoint_url: Optional
         expected_dim=vae.input_dim,
         endpoint_url=endpoint_url,
         image_column=saved["config"]["data"].get("image_column"),
+        covariate_columns=tuple(saved["config"]["model"].get("covariates") or ()),
     )
 
 
@@ -127,7 +128,7 @@ def evaluate_units(
         elbo_noise = row_group_generator(seed, uid, seeds.ELBO, device)
         log_px_noise = row_group_generator(seed, uid, seeds.LOG_PX, device)
         for batch in _batches(dataset, uid, batch_size, binarization, seed):
-            x = to_device(batch.x, device)
+            x = model_input(batch, device)
             elbo = evaluation_bound(vae, x, generator=elbo_noise).double()
             z_mean = vae.posterior_moments(x)[0].double()
             total += Sums(
@@ -163,7 +164,7 @@ def encode_units(
     parts: dict[str, list[np.ndarray]] = {"index": [], "label": [], "mean": [], "std": []}
     for uid in unit_ids:
         for batch in _batches(dataset, uid, batch_size, binarization, seed):
-            mean, std = vae.posterior_moments(to_device(batch.x, torch.device("cpu")))
+            mean, std = vae.posterior_moments(model_input(batch, torch.device("cpu")))
             parts["index"].append(batch.index)
             parts["mean"].append(mean.numpy())
             parts["std"].append(std.numpy())

@@ -1,11 +1,13 @@
 """The tensor a model reads from rows read on the host: dense rows copied, sparse rows (counts) made dense on
-the device itself. Used by training's step and by evaluation alike."""
+the device itself, and the codes of the covariates the model conditions on appended as its last columns
+(model/vae.py splits them off). Used by training's step and by evaluation alike."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from aevb_dist.data.schema import Batch
 from aevb_dist.data.sparse_rows import Rows
 
 
@@ -22,3 +24,11 @@ def to_device(x: Rows, device: torch.device) -> torch.Tensor:
         # torch.tensor copies: the values may be a read-only view of the decoded cache's row group.
         dense.index_put_((flat,), torch.tensor(x.values).to(device, non_blocking=True))
     return dense.view(rows, dim)
+
+
+def model_input(batch: Batch, device: torch.device) -> torch.Tensor:
+    """[rows, D] (+ C covariate columns, their codes as floats, where the batch carries covariates)."""
+    x = to_device(batch.x, device)
+    if batch.covariates is None:
+        return x
+    return torch.cat([x, torch.from_numpy(batch.covariates).to(device, non_blocking=True).float()], 1)

@@ -164,6 +164,9 @@ def plot_run(
     out_uri = output_uri or storage.join(run_uri, "plots")
     name = run_uri.rstrip("/").rsplit("/", 1)[-1]
     figures = {"learning_curve.png": learning_curve(rows, f"{name}: Nz={vae.latent_dim}")}
+    if vae.likelihood.models_counts:
+        say("plot: a model of counts draws no images: only learning_curve.png")
+        return _written(figures, out_uri, endpoint_url)
     samples = vae.sample(100, generator=torch.Generator().manual_seed(seed)).numpy()
     figures["samples.png"] = image_grid(samples, shape, 10, f"samples from p(x|z), z ~ p(z) (step {rows[-1]['step']})")
     if vae.latent_dims == [2]:  # one stochastic layer of two latents
@@ -172,6 +175,10 @@ def plot_run(
     else:
         layers = " + ".join(str(d) for d in vae.latent_dims)
         say(f"plot: no manifold.png: the 2-D manifold (Figure 4) needs one layer of 2 latents; this model has {layers}")
+    return _written(figures, out_uri, endpoint_url)
+
+
+def _written(figures: dict, out_uri: str, endpoint_url: Optional[str]) -> list[str]:
     written = []
     for filename, fig in figures.items():
         write_figure(fig, storage.join(out_uri, filename), endpoint_url)

@@ -10,7 +10,7 @@ import torch
 from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes, saved_eval_binarization
 from aevb_dist.data.epoch_stream import EpochStream
 from aevb_dist.eval.evaluation import open_as_trained
-from aevb_dist.eval.model_input import to_device
+from aevb_dist.eval.model_input import model_input
 from aevb_dist.model.gradient_variance import variance_sweep
 
 
@@ -43,7 +43,7 @@ def checkpoint_gradient_variance(
     )
     return variance_sweep(
         vae,
-        to_device(batch.x, torch.device("cpu")),
+        model_input(batch, torch.device("cpu")),
         estimators=estimators,
         latent_samples=latent_samples,
         num_draws=num_draws,

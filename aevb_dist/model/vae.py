@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aevb_dist.model.distributions import likelihood_from_name, log_standard_normal
@@ -36,6 +37,13 @@ def seeded(build: Callable[[], nn.Module], seed: Optional[int]) -> nn.Module:
         return build()
 
 
+def covariate_sizes_of(model_cfg) -> tuple[int, ...]:
+    """model.covariate_sizes, which `train` fills in from the data for model.covariates."""
+    if model_cfg.covariates and model_cfg.covariate_sizes is None:
+        raise ValueError("model.covariate_sizes is unset: `train` fills it in from the data's covariates")
+    return tuple(model_cfg.covariate_sizes or ()) if model_cfg.covariates else ()
+
+
 class SharedParts:
     """What the one-layer VAE and a stack of layers (hierarchical.py) share: their input check, their initial
     parameters, and the mlp decoder's output bias (`self.decoder`: the network of p_θ(x|z), or of p_θ(x|z_1))."""
@@ -57,10 +65,32 @@ class SharedParts:
         return list(self.decoder.parameters()) + own
 
     def check_input(self, x_BD: torch.Tensor) -> None:
-        if x_BD.dim() != 2 or x_BD.shape[1] != self.input_dim:
-            raise ValueError(f"expected inputs of shape [batch, {self.input_dim}], got {list(x_BD.shape)}")
+        width = self.input_dim + len(self.covariate_sizes)
+        if x_BD.dim() != 2 or x_BD.shape[1] != width:
+            raise ValueError(f"expected inputs of shape [batch, {width}], got {list(x_BD.shape)}")
         if self.validate_inputs:
-            self.likelihood.validate(x_BD)
+            data_BD, _ = self.split_observation(x_BD)
+            self.likelihood.validate(data_BD)
+
+    def split_observation(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x's modelled columns [B, D], and the one-hot codes [B, K] of the covariates the model conditions on
+        (None without): with `covariate_sizes`, x's last columns are each row's covariate codes (the reader
+        appends them, eval/model_input.py). Conditioning, not modelled: scVI's batch covariate."""
+        if not self.covariate_sizes:
+            return x_BD, None
+        codes_BC = x_BD[..., self.input_dim :].long()
+        one_hot_BK = torch.cat(
+            [F.one_hot(codes_BC[..., i], size) for i, size in enumerate(self.covariate_sizes)], -1
+        ).to(x_BD.dtype)
+        return x_BD[..., : self.input_dim], one_hot_BK
+
+    @staticmethod
+    def conditioned(h: torch.Tensor, one_hot_BK: Optional[torch.Tensor]) -> torch.Tensor:
+        """A network's input h [..., B, H] with the covariates' one-hot codes beside it (the same for every
+        sample of a row's latents)."""
+        if one_hot_BK is None:
+            return h
+        return torch.cat([h, one_hot_BK.expand(*h.shape[:-1], one_hot_BK.shape[-1])], -1)
 
     @torch.no_grad()
     def set_output_bias(self, bias_P: torch.Tensor) -> None:
@@ -95,12 +125,18 @@ class VAE(SharedParts, nn.Module):
         model_cfg=None,
         init: str = "default",
         output_bias_init: str = "default",
+        covariate_sizes: tuple[int, ...] = (),
     ):
         """`architecture`: "mlp" (the paper's), "conv" (for images of `input_shape`), or a user's
         "package.module:factory", called as factory(model_cfg, input_shape, params_per_dim) → (encoder,
-        decoder) with the shapes networks.py states."""
+        decoder) with the shapes networks.py states. `covariate_sizes`: the categories of each covariate both
+        networks are conditioned on (mlp only), one-hot beside x and beside z."""
         super().__init__()
         self.input_dim = input_dim
+        self.covariate_sizes = tuple(covariate_sizes)
+        if self.covariate_sizes and architecture != "mlp":
+            raise ValueError(f"model.covariates condition model.architecture=mlp networks, not {architecture!r}")
+        conditioning = sum(self.covariate_sizes)
         self.latent_dim = latent_dim
         self.likelihood = likelihood_from_name(likelihood, squash_mean=squash_mean, input_dim=input_dim)
         self.posterior = posterior_from_name(posterior)
@@ -108,10 +144,13 @@ class VAE(SharedParts, nn.Module):
         if architecture == "mlp":
             # Encoder: x → the two parameters per latent of q_φ(z|x); for the default diagonal
             # Gaussian, (μ, log σ²) (Appendix C.2). See posteriors.py for the other families.
-            self.encoder = mlp(input_dim, hidden_sizes, 2 * latent_dim, activation)
+            self.encoder = mlp(input_dim + conditioning, hidden_sizes, 2 * latent_dim, activation)
             # Decoder mirrors the encoder: z → parameters of p_θ(x|z).
             self.decoder = mlp(
-                latent_dim, list(reversed(hidden_sizes)), self.likelihood.params_per_dim * input_dim, activation
+                latent_dim + conditioning,
+                list(reversed(hidden_sizes)),
+                self.likelihood.params_per_dim * input_dim,
+                activation,
             )
         else:
             self._shaped_networks(
@@ -167,6 +206,7 @@ class VAE(SharedParts, nn.Module):
                 model_cfg=model_cfg,
                 init=model_cfg.init,
                 output_bias_init=model_cfg.output_bias_init,
+                covariate_sizes=covariate_sizes_of(model_cfg),
             )
 
         return seeded(build, seed)
@@ -183,7 +223,8 @@ class VAE(SharedParts, nn.Module):
     def encode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The parameters (a, b) of q_φ(z|x), each [B, Z]: (μ, log σ²) for the Gaussian."""
         self.check_input(x_BD)
-        a_BZ, b_BZ = self.encoder(self.likelihood.encoder_input(x_BD)).chunk(2, dim=-1)
+        data_BD, one_hot_BK = self.split_observation(x_BD)
+        a_BZ, b_BZ = self.encoder(self.conditioned(self.likelihood.encoder_input(data_BD), one_hot_BK)).chunk(2, -1)
         return a_BZ, b_BZ
 
     def sample_latent(
@@ -192,13 +233,17 @@ class VAE(SharedParts, nn.Module):
         """The reparameterization trick, z = g_φ(ε, x) (paper, eq. 10 for the Gaussian: z = μ + σ ⊙ ε). [L, B, Z]."""
         return self.posterior.sample(a_BZ, b_BZ, num_samples, generator)
 
-    def decode(self, z_LBZ: torch.Tensor) -> torch.Tensor:
-        """Raw decoder outputs (logits, or mean and log-variance), [..., P]."""
-        return self.decoder(z_LBZ)
+    def decode(self, z_LBZ: torch.Tensor, one_hot_BK: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw decoder outputs (logits, or mean and log-variance), [..., P]; a model conditioned on covariates
+        needs their one-hot codes (`split_observation`)."""
+        if self.covariate_sizes and one_hot_BK is None:
+            raise ValueError("this model's decoder is conditioned on covariates (model.covariates): give their codes")
+        return self.decoder(self.conditioned(z_LBZ, one_hot_BK))
 
     def log_likelihood(self, x_BD: torch.Tensor, z_LBZ: torch.Tensor) -> torch.Tensor:
         """log p_θ(x|z), [L, B]."""
-        return self.likelihood.log_prob(self.decode(z_LBZ), x_BD)
+        data_BD, one_hot_BK = self.split_observation(x_BD)
+        return self.likelihood.log_prob(self.decode(z_LBZ, one_hot_BK), data_BD)
 
     @staticmethod
     def log_prior(z_LBZ: torch.Tensor) -> torch.Tensor:

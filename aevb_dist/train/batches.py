@@ -15,8 +15,8 @@ from aevb_dist.config_checks import check_partitioning
 from aevb_dist.data.epoch_stream import EpochStream
 from aevb_dist.data.partitions import PartitionedEpoch, partitioned_num_batches
 from aevb_dist.data.reader import ParquetDataset
-from aevb_dist.data.sparse_rows import Rows
-from aevb_dist.eval.model_input import to_device
+from aevb_dist.data.schema import Batch
+from aevb_dist.eval.model_input import model_input
 
 Stream = Union[EpochStream, PartitionedEpoch]
 # For a partitioned epoch, the partitions a batch's rows come from with their row counts (each partition's
@@ -39,10 +39,10 @@ class StepBatch:
     noise_segments: Segments = None
 
     @staticmethod
-    def from_host(x_BD: Rows, index_B, device: torch.device, noise_segments: Segments = None) -> "StepBatch":
+    def from_host(batch: Batch, device: torch.device, noise_segments: Segments = None) -> "StepBatch":
         """Rows read on the host, copied to the step's device (asynchronously from pinned memory); sparse
-        rows (counts) are made dense there."""
-        return StepBatch(to_device(x_BD, device), index_B, noise_segments)
+        rows (counts) are made dense there, with their covariates' codes as x's last columns."""
+        return StepBatch(model_input(batch, device), batch.index, noise_segments)
 
 
 MAX_DEFAULT_PARTITIONS = 16
@@ -197,13 +197,13 @@ class BatchSource:
         device from its windows), or gathered from data.cache_on_device's copy (the same examples and bits)."""
         if isinstance(stream, PartitionedEpoch):
             for batch, partitions, sizes in stream:
-                yield StepBatch.from_host(batch.x, batch.index, self.device, (partitions, sizes))
+                yield StepBatch.from_host(batch, self.device, (partitions, sizes))
         elif self.device_windows is not None and self.device_data is None:
             for x_BD, index_B in self.device_windows.batches(stream):
                 yield StepBatch(x_BD, index_B)
         elif self.device_data is None:
             for batch in stream:
-                yield StepBatch.from_host(batch.x, batch.index, self.device)
+                yield StepBatch.from_host(batch, self.device)
         else:
             plan, words_N = self.device_data.plan(stream), self.device_data.epoch_words(stream.epoch)
             for b in range(stream.start_batch, stream.num_batches):

@@ -4,11 +4,12 @@ No Ray here."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator, Optional
 
 import torch
 
-from aevb_dist.config import Config
+from aevb_dist.config import Config, ModelConfig
 from aevb_dist.data.binarization import train_binarization
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.train.batches import BatchSource
@@ -33,6 +34,7 @@ def open_datasets(
             description=train_description,
             image_column=cfg.data.image_column,
             cache_bytes=cache_mib << 20,
+            covariate_columns=tuple(cfg.model.covariates),
         )
     if not cfg.data.test_uri:
         return train, None
@@ -42,8 +44,23 @@ def open_datasets(
             expected_dim=cfg.model.input_dim,
             endpoint_url=endpoint,
             image_column=cfg.data.image_column,
+            covariate_columns=tuple(cfg.model.covariates),
         )
     return train, test
+
+
+def with_covariate_sizes(model_cfg: ModelConfig, train_data: ParquetDataset) -> ModelConfig:
+    """model.covariate_sizes from the training data's categories of model.covariates where unset; refused in
+    one line where set otherwise."""
+    sizes = [len(train_data.covariates[name]) for name in model_cfg.covariates]
+    if model_cfg.covariate_sizes is None:
+        return dataclasses.replace(model_cfg, covariate_sizes=sizes) if sizes else model_cfg
+    if list(model_cfg.covariate_sizes) != sizes:
+        raise ValueError(
+            f"model.covariate_sizes={list(model_cfg.covariate_sizes)} differs from the training data's {sizes} "
+            f"categories of model.covariates={list(model_cfg.covariates)}"
+        )
+    return model_cfg
 
 
 @contextlib.contextmanager

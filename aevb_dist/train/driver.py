@@ -14,13 +14,14 @@ from aevb_dist import checkpoint, compat, storage
 from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml, unused_keys
 from aevb_dist.config_checks import same_image_shape
 from aevb_dist.console import Interrupted, first_line, say
+from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.model.hierarchical import model_from_config
 from aevb_dist.run_lease import LeaseHeld, RunLease
 from aevb_dist.run_log import ProgressPrinter, read_metrics
 from aevb_dist.train import stop_request
 from aevb_dist.train.batches import BatchSource
-from aevb_dist.train.datasets import open_datasets
+from aevb_dist.train.datasets import open_datasets, with_covariate_sizes
 from aevb_dist.train.local_launcher import launch_local
 from aevb_dist.train.ray_launcher import launch_on_ray
 from aevb_dist.train.worker import WorkerSpec
@@ -34,7 +35,7 @@ def train(cfg: Config, wait_for_lease: bool = True) -> dict:
     # footers (O(1) storage requests per worker whatever the number of shards).
     train_description = train_data.describe()
     train_data.check_fits_likelihood(cfg.model.likelihood, cfg.data.train_uri)
-    cfg = model_for_data(cfg, train_data.shape)
+    cfg = model_for_data(cfg, train_data)
     cfg = absolute_local_uris(cfg)  # workers, Ray tasks and jobs run in other folders
     config_yaml = to_yaml(cfg)  # the run folder's config.yaml
     for line in unused_keys(cfg):
@@ -159,10 +160,12 @@ def _data_mean(train_data) -> list[float]:
     return mean_intensity(train_data).tolist()
 
 
-def model_for_data(cfg: Config, data_shape: list[int]) -> Config:
-    """model.input_shape from the training data when unset, refused in one line when it differs; then the
-    networks are built once here, so that a factory that does not import, or returns the wrong shapes, or a
-    conv network too deep for the images, stops the run before any worker starts."""
+def model_for_data(cfg: Config, train_data: ParquetDataset) -> Config:
+    """model.input_shape (and model.covariate_sizes) from the training data when unset, refused in one line when
+    it differs; then the networks are built once here, so that a factory that does not import, or returns the
+    wrong shapes, or a conv network too deep for the images, stops the run before any worker starts."""
+    data_shape = train_data.shape
+    cfg = dataclasses.replace(cfg, model=with_covariate_sizes(cfg.model, train_data))
     m = cfg.model
     if m.input_shape is None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, input_shape=list(data_shape)))

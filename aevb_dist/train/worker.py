@@ -15,6 +15,7 @@ driver asked (Ctrl-C / SIGTERM: `stop_request`), any rank when the launcher's `p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from aevb_dist.model.hierarchical import model_from_config
 from aevb_dist.model.networks import autocast_networks
 from aevb_dist.run_lease import record_writer
 from aevb_dist.run_log import RunLog
-from aevb_dist.train.datasets import rank_data
+from aevb_dist.train.datasets import rank_data, with_covariate_sizes
 from aevb_dist.train.optimizers import build_optimizer, examples_per_step
 from aevb_dist.train.stop_request import StopRequestWatch
 from aevb_dist.train.trainer import Trainer
@@ -129,6 +130,7 @@ def trainer_for_config(
     source, test_data = rank_data(
         cfg, rank=rank, world_size=world_size, device=torch.device(device), train_description=train_description
     )
+    cfg = dataclasses.replace(cfg, model=with_covariate_sizes(cfg.model, source.data))
     # Initial parameters from the seed: identical on every rank. No input checks in the step:
     # ParquetDataset checked every row group (range, NaN/inf) already.
     vae = model_from_config(cfg.model, seed=cfg.seed, validate_inputs=False).to(source.device)
