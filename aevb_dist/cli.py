@@ -115,7 +115,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from aevb_dist.eval.plotting import plot_run
 
-    for uri in plot_run(args.run_uri, args.output, endpoint_url=args.s3_endpoint_url):
+    for uri in plot_run(args.run_uri, args.output, endpoint_url=args.s3_endpoint_url, data_uri=args.data):
         print(uri)
     return 0
 
@@ -401,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="PNGs: lower bound vs samples (Fig. 2), 2-D manifold (Fig. 4), samples")
     p.add_argument("run_uri", help="a run folder: {run.storage_uri}/{run.name}")
     p.add_argument("--output", default=None, help="folder for the PNGs (default RUN_URI/plots)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="DATA_URI",
+        help="models of counts: a dataset split whose cells' latents are drawn by label and by covariate",
+    )
     add_cluster_args(p, workers=False)
     p.set_defaults(func=_cmd_plot)
 

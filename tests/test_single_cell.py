@@ -16,6 +16,8 @@ from aevb_dist.data.prepare import CountOptions, prepare
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.data.schema import META_COVARIATES, META_LABEL_NAMES
 from aevb_dist.data.sparse_rows import CsrRows
+from aevb_dist.eval.evaluation import evaluate_units
+from aevb_dist.eval.jobs import clustering_scores
 from aevb_dist.eval.model_input import to_device
 from aevb_dist.model.vae import VAE
 from aevb_dist.train.worker import trainer_for_config
@@ -248,6 +250,26 @@ def test_training_conditioned_on_the_batch_key(atlas, tmp_path):
     assert trainer.evaluate(trainer.test_data) > before + 10.0
 
 
+def test_evaluation_of_cells_splits_the_elbo_and_scores_the_latents_clusters_against_the_labels(atlas, tmp_path):
+    out, _ = _prepared(atlas, tmp_path, "npz", labels_key="cell_type")
+    trainer = trainer_for_config(_config(out, tmp_path))
+    for _ in range(4):
+        for batch in trainer.source.epoch_batches(0, 0):
+            trainer.step_on(batch)
+    test = trainer.test_data
+    sums = evaluate_units(
+        trainer.vae, test, list(range(len(test.units))), num_importance_samples=0, binarization="none"
+    )
+    summary = sums.summary()
+    assert summary["reconstruction"] - summary["kl"] == pytest.approx(summary["elbo"]) and summary["kl"] > 0
+    assert sums.labelled_means.shape == (60, 10) and len(sums.labels) == 60
+    scores = clustering_scores(sums.labelled_means, sums.labels, seed=0)
+    # Three well-separated planted types: the trained latents cluster by type; shuffled labels do not.
+    assert scores["kmeans_ari"] > 0.8 and scores["kmeans_nmi"] > 0.8, scores
+    shuffled = clustering_scores(sums.labelled_means, np.random.default_rng(0).permutation(sums.labels), seed=0)
+    assert shuffled["kmeans_ari"] < 0.2
+
+
 def test_a_covariate_the_data_lacks_is_refused_naming_those_it_has(atlas, tmp_path):
     out, _ = _prepared(atlas, tmp_path, "npz", batch_key="donor")
     with pytest.raises(ValueError, match=r"has no covariate 'sample' \(its covariates: batch"):
@@ -278,10 +300,18 @@ def test_h5ad_to_latents_for_scanpy_through_the_command_line(atlas, tmp_path):
     assert done.returncode == 0, done.stderr
     evaluated = aevb("evaluate", run, f"{data}/test", "-k", "10")
     assert evaluated.returncode == 0, evaluated.stderr
-    assert math.isfinite(json.loads(evaluated.stdout)["log_marginal_likelihood"])
+    scores = json.loads(evaluated.stdout)
+    assert math.isfinite(scores["log_marginal_likelihood"]) and scores["kmeans_num_cells"] == 60
+    assert scores["reconstruction"] - scores["kl"] == pytest.approx(scores["elbo"])
     assert aevb("encode", run, f"{data}/test", str(tmp_path / "codes")).returncode == 0
     codes = pd.read_parquet(str(tmp_path / "codes")).sort_values("index")
     cells = anndata.read_h5ad(path)[codes["index"].to_numpy()]
     assert len(cells) == 60 and np.stack(codes["mean"].to_numpy()).shape == (60, 10)
     names = json.loads(pq.read_schema(f"{data}/test/part-00000.parquet").metadata[META_LABEL_NAMES])
     assert [names[v] for v in codes["label"]] == list(cells.obs["cell_type"])
+    assert [f"batch_{v}" for v in codes["batch"]] == list(cells.obs["donor"])  # the covariate beside each cell
+    plotted = aevb("plot", run, "--data", f"{data}/test")
+    assert plotted.returncode == 0, plotted.stderr
+    assert {"learning_curve.png", "latents_by_label.png", "latents_by_batch.png"} <= {
+        line.rsplit("/", 1)[-1] for line in plotted.stdout.split()
+    }

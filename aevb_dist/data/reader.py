@@ -38,6 +38,7 @@ from aevb_dist.data.schema import (
     INDEX,
     LABEL,
     META_CHECKSUM,
+    META_LABEL_NAMES,
     META_RANGE,
     META_SHAPE,
     PIXELS,
@@ -248,6 +249,12 @@ class ParquetDataset:
         self.features_sha256, self.covariates = footer.features_sha256, footer.covariates
         self.has_label = self.has_label and LABEL in schema.names
         self.units += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+
+    def label_names(self) -> Optional[list[str]]:
+        """The class each label value stands for, where `prepare` recorded them (image folders, cells)."""
+        with self.fs.open(self.units[0].path, "rb") as f:
+            names = (pq.ParquetFile(f).schema_arrow.metadata or {}).get(META_LABEL_NAMES)
+        return None if names is None else json.loads(names)
 
     def counts_identity(self) -> Optional[dict]:
         """What a model of counts was trained on, for a checkpoint to check on resume: its genes (a digest of

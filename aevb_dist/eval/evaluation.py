@@ -51,12 +51,19 @@ class Sums:
     # Per latent: Σ_x E_q[z|x] and Σ_x E_q[z|x]², for the active units (None until an example is seen).
     z_mean: Optional[np.ndarray] = None
     z_mean_sq: Optional[np.ndarray] = None
+    # Σ_x KL(q(z|x) || p(z)), where the model has it in closed form (the ELBO is then reconstruction − KL).
+    kl: Optional[float] = None
+    # Models of labelled counts: each cell's E_q[z|x] [n, Z] and label [n], to cluster (rows, not sums).
+    labelled_means: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
 
     def __add__(self, other: "Sums") -> "Sums":
-        def add(a, b):
-            return b if a is None else a if b is None else a + b
+        def add(name: str, a, b):
+            if a is None or b is None:
+                return b if a is None else a
+            return np.concatenate([a, b]) if name in ("labelled_means", "labels") else a + b
 
-        return Sums(**{f.name: add(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+        return Sums(**{f.name: add(f.name, getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
 
     def posterior_mean_variance(self) -> np.ndarray:
         """Cov_x(E_q[z_u | x]) per latent u over the examples seen (their sample variance)."""
@@ -83,6 +90,8 @@ class Sums:
 
         elbo, elbo_sem = mean_sem(self.elbo, self.elbo_sq)
         out = {"elbo": elbo, "elbo_sem": elbo_sem, "num_examples": self.count}
+        if self.kl is not None:  # the ELBO's two terms (eq. 7): E_q[log p(x|z)] and KL(q(z|x) || p(z))
+            out["reconstruction"], out["kl"] = elbo + self.kl / self.count, self.kl / self.count
         if self.z_mean is not None:
             out["active_units"] = int(self.active().sum())
         if self.log_px or self.log_px_sq:
@@ -131,12 +140,16 @@ def evaluate_units(
             x = model_input(batch, device)
             elbo = evaluation_bound(vae, x, generator=elbo_noise).double()
             z_mean = vae.posterior_moments(x)[0].double()
+            clustered = vae.likelihood.models_counts and batch.label is not None
             total += Sums(
                 count=len(batch),
                 elbo=elbo.sum().item(),
                 elbo_sq=elbo.pow(2).sum().item(),
                 z_mean=z_mean.sum(0).cpu().numpy(),
                 z_mean_sq=z_mean.pow(2).sum(0).cpu().numpy(),
+                kl=vae.kl_to_prior(*vae.encode(x)).double().sum().item() if vae.has_analytic_kl else None,
+                labelled_means=z_mean.float().cpu().numpy() if clustered else None,
+                labels=batch.label if clustered else None,
             )
             if num_importance_samples > 0:
                 log_px = estimate_log_marginal_likelihood(
@@ -159,7 +172,8 @@ def evaluate_units(
 def encode_units(
     vae: VAE, dataset: ParquetDataset, unit_ids: list[int], *, binarization: str, seed: int, batch_size: int = 1000
 ) -> dict[str, np.ndarray]:
-    """Posterior q_φ(z|x) per example: mean and standard deviation [N, Z], with index and label."""
+    """Posterior q_φ(z|x) per example: mean and standard deviation [N, Z], with index, label and the codes of the
+    covariates the model is conditioned on [N, C], where the data has them."""
     vae.eval()
     parts: dict[str, list[np.ndarray]] = {"index": [], "label": [], "mean": [], "std": []}
     for uid in unit_ids:
@@ -170,6 +184,8 @@ def encode_units(
             parts["std"].append(std.numpy())
             if batch.label is not None:
                 parts["label"].append(batch.label)
+            if batch.covariates is not None:
+                parts.setdefault("covariates", []).append(batch.covariates)
     out = {k: np.concatenate(v) for k, v in parts.items() if v}
     if "mean" not in out:
         out.update(

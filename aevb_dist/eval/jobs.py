@@ -209,8 +209,9 @@ def _save_in_run_folder(
 
 
 def _for_this_model(vae, total: Sums, result: dict) -> dict:
-    """What only some models report: each stochastic layer's active units, bits per pixel."""
-    extra = {}
+    """What only some models report: each stochastic layer's active units, bits per pixel, how well the latents
+    of labelled cells cluster by label."""
+    extra = clustering_scores(total.labelled_means, total.labels, seed=result["seed"])
     if len(vae.latent_dims) > 1:
         extra["active_units_per_layer"] = total.active_units_by_layer(vae.latent_dims)
     if vae.likelihood.name == "discretized_logistic":  # a probability mass over 256 levels: bits per pixel
@@ -218,6 +219,29 @@ def _for_this_model(vae, total: Sums, result: dict) -> dict:
             if key in result:
                 extra[f"{key}_bits_per_dim"] = -result[key] / (vae.input_dim * math.log(2.0))
     return extra
+
+
+MAX_CLUSTERED_CELLS = 50_000  # k-means on a seeded sample of at most this many cells
+
+
+def clustering_scores(means_NZ: Optional[np.ndarray], labels_N: Optional[np.ndarray], *, seed: int) -> dict:
+    """The adjusted Rand index and normalized mutual information of k-means (k: the labels' count) on the cells'
+    posterior means against their labels (scVI's benchmarks' scores); {} without labelled cells."""
+    if means_NZ is None or len(np.unique(labels_N)) < 2:
+        return {}
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    if len(labels_N) > MAX_CLUSTERED_CELLS:
+        kept = np.sort(np.random.default_rng(seed).choice(len(labels_N), MAX_CLUSTERED_CELLS, replace=False))
+        means_NZ, labels_N = means_NZ[kept], labels_N[kept]
+    k = len(np.unique(labels_N))
+    clusters = KMeans(k, n_init=10, random_state=seed).fit_predict(means_NZ)
+    return {
+        "kmeans_ari": float(adjusted_rand_score(labels_N, clusters)),
+        "kmeans_nmi": float(normalized_mutual_info_score(labels_N, clusters)),
+        "kmeans_num_cells": int(len(labels_N)),
+    }
 
 
 def _encode_task(
@@ -228,10 +252,13 @@ def _encode_task(
 
     torch.set_num_threads(threads)
     vae, _ = model_from_bytes(state_bytes, architecture_checked=True)  # on the driver, before the tasks
-    out = encode_units(vae, _reopen(data_uri, endpoint_url, description), unit_ids, **options)
+    dataset = _reopen(data_uri, endpoint_url, description)
+    out = encode_units(vae, dataset, unit_ids, **options)
     columns = {"index": pa.array(out["index"])}
     if "label" in out:
         columns["label"] = pa.array(out["label"])
+    for i, name in enumerate(dataset.covariate_columns if "covariates" in out else []):
+        columns[name] = pa.array(out["covariates"][:, i])  # codes into the data's categories, as `prepare` wrote
     for key in ("mean", "std"):
         columns[key] = pa.FixedSizeListArray.from_arrays(pa.array(out[key].reshape(-1)), vae.latent_dim)
     table = pa.table(columns).replace_schema_metadata({b"aevb.latent_dim": str(vae.latent_dim).encode()})

@@ -147,9 +147,15 @@ def manifold_codes(n: int) -> torch.Tensor:
 
 
 def plot_run(
-    run_uri: str, output_uri: Optional[str] = None, *, endpoint_url: Optional[str] = None, seed: int = 0
+    run_uri: str,
+    output_uri: Optional[str] = None,
+    *,
+    endpoint_url: Optional[str] = None,
+    seed: int = 0,
+    data_uri: Optional[str] = None,
 ) -> list[str]:
-    """Write the PNGs for a run folder; returns their URIs."""
+    """Write the PNGs for a run folder; returns their URIs. `data_uri`: for a model of counts, the cells whose
+    latents are drawn, colored by label and by each covariate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +171,10 @@ def plot_run(
     name = run_uri.rstrip("/").rsplit("/", 1)[-1]
     figures = {"learning_curve.png": learning_curve(rows, f"{name}: Nz={vae.latent_dim}")}
     if vae.likelihood.models_counts:
-        say("plot: a model of counts draws no images: only learning_curve.png")
+        if data_uri is None:
+            say("plot: a model of counts draws no images; pass --data DATA_URI to draw its cells' latents")
+        else:
+            figures.update(cell_figures(vae, saved, data_uri, endpoint_url, seed))
         return _written(figures, out_uri, endpoint_url)
     samples = vae.sample(100, generator=torch.Generator().manual_seed(seed)).numpy()
     figures["samples.png"] = image_grid(samples, shape, 10, f"samples from p(x|z), z ~ p(z) (step {rows[-1]['step']})")
@@ -184,3 +193,58 @@ def _written(figures: dict, out_uri: str, endpoint_url: Optional[str]) -> list[s
         write_figure(fig, storage.join(out_uri, filename), endpoint_url)
         written.append(storage.join(out_uri, filename))
     return written
+
+
+MAX_PLOTTED_CELLS = 20_000  # the first row groups' cells, up to this many
+
+
+def cell_figures(vae, saved: dict, data_uri: str, endpoint_url: Optional[str], seed: int) -> dict:
+    """The cells' posterior means in 2-D (their first two principal components where Z > 2), colored by label
+    and by each covariate: latents_by_label.png, latents_by_batch.png, ..."""
+    from aevb_dist.eval.evaluation import encode_units, open_as_trained
+
+    dataset = open_as_trained(data_uri, vae, saved, endpoint_url)
+    dataset.check_fits_likelihood(vae.likelihood.name, data_uri)
+    rows = np.cumsum([u.num_rows for u in dataset.units])
+    units = list(range(int(np.searchsorted(rows, MAX_PLOTTED_CELLS)) + 1))[: len(dataset.units)]
+    cells = encode_units(vae, dataset, units, binarization="none", seed=seed)
+    means_N2, axes = principal_plane(cells["mean"])
+    colorings = {}
+    if "label" in cells:
+        colorings["label"] = (cells["label"], dataset.label_names())
+    for i, name in enumerate(dataset.covariate_columns if "covariates" in cells else []):
+        colorings[name] = (cells["covariates"][:, i], dataset.covariates[name])
+    if not colorings:
+        say(f"plot: {data_uri} has neither labels nor covariates: latents.png is drawn in one color")
+        colorings["cells"] = (np.zeros(len(means_N2), np.int64), None)
+    return {
+        f"latents_by_{key}.png" if key != "cells" else "latents.png": latent_scatter(
+            means_N2, codes, names, axes, f"E_q[z|x] of {len(means_N2):,} cells by {key}"
+        )
+        for key, (codes, names) in colorings.items()
+    }
+
+
+def principal_plane(means_NZ: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
+    """2-D coordinates of the rows: as they are for Z = 2, else their projection on the first two principal axes."""
+    if means_NZ.shape[1] <= 2:
+        return means_NZ, ("z_1", "z_2")
+    centered = means_NZ - means_NZ.mean(0)
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    return centered @ vt[:2].T, ("PC 1 of E_q[z|x]", "PC 2 of E_q[z|x]")
+
+
+def latent_scatter(points_N2, codes_N, names: Optional[list[str]], axes: tuple[str, str], title: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for code in np.unique(codes_N):
+        here = codes_N == code
+        label = names[code] if names else str(code)
+        ax.scatter(points_N2[here, 0], points_N2[here, 1], s=3, alpha=0.6, label=label, rasterized=True)
+    if len(np.unique(codes_N)) <= 30:
+        ax.legend(markerscale=4, fontsize=7, loc="best")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    ax.set_title(title)
+    return fig
