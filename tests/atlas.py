@@ -19,7 +19,9 @@ class Atlas:
     genes: list[str]
 
 
-def synthetic_atlas(num_cells=600, num_genes=50, num_types=3, num_batches=2, seed=0, sort_by_type=False) -> Atlas:
+def synthetic_atlas(
+    num_cells=600, num_genes=50, num_types=3, num_batches=2, seed=0, sort_by_type=False, mean_library=400
+) -> Atlas:
     rng = np.random.default_rng(seed)
     types = rng.integers(num_types, size=num_cells)
     if sort_by_type:
@@ -27,7 +29,7 @@ def synthetic_atlas(num_cells=600, num_genes=50, num_types=3, num_batches=2, see
     batches = rng.integers(num_batches, size=num_cells)
     profile = rng.gamma(0.6, 1.0, size=(num_types, num_genes))  # each type's mean expression per gene
     batch_effect = rng.lognormal(0.0, 0.3, size=(num_batches, num_genes))
-    library = rng.lognormal(np.log(400), 0.3, size=num_cells)
+    library = rng.lognormal(np.log(mean_library), 0.3, size=num_cells)
     rate = profile[types] * batch_effect[batches]
     mean = library[:, None] * rate / rate.sum(1, keepdims=True)
     theta = 2.0

@@ -315,3 +315,29 @@ def test_h5ad_to_latents_for_scanpy_through_the_command_line(atlas, tmp_path):
     assert {"learning_curve.png", "latents_by_label.png", "latents_by_batch.png"} <= {
         line.rsplit("/", 1)[-1] for line in plotted.stdout.split()
     }
+
+
+@pytest.mark.slow
+def test_counts_train_the_same_model_on_one_and_two_workers_and_through_a_resize(atlas, tmp_path):
+    """With train.global_batch_size, a model of counts conditioned on the batch does not depend on the worker
+    count, nor on a stop and a resume with another (within fp32 reduction order)."""
+    from aevb_dist.train.driver import train
+    from tests.helpers import final_state
+
+    out, _ = _prepared(atlas, tmp_path, "npz", batch_key="donor")
+
+    def run(name, workers, steps):
+        extra = ["model.covariates=[batch]", "train.global_batch_size=64", "data.num_partitions=4"]
+        extra += [f"train.num_workers={workers}", f"train.max_steps={steps}", "checkpoint.every_steps=5"]
+        return train(_config(out, tmp_path, "negative_binomial", *extra, f"run.name={name}", "ray.local_mode=true"))
+
+    run("straight", 1, 20)
+    run("two", 2, 20)
+    run("resized", 2, 9)  # stops mid-epoch, resumed with one worker
+    run("resized", 1, 20)
+    states = {n: final_state(f"{tmp_path}/runs/{n}") for n in ("straight", "two", "resized")}
+    for name in ("two", "resized"):
+        assert states[name]["state"]["samples_seen"] == states["straight"]["state"]["samples_seen"]
+        for key, value in states["straight"]["model"].items():
+            difference = (states[name]["model"][key] - value).abs().max() / value.abs().max()
+            assert difference <= 1e-5, (name, key)
