@@ -50,12 +50,14 @@ class CsrRows:
                 self.indptr[start : stop + 1] - lo, self.indices[lo:hi], self.values[lo:hi], self.num_features
             )
         rows = np.asarray(rows, dtype=np.int64)
-        starts, lengths = self.indptr[rows], np.diff(self.indptr)[rows]
+        starts = self.indptr[rows]
+        lengths = self.indptr[rows + 1] - starts
         indptr = np.zeros(len(rows) + 1, np.int64)
         np.cumsum(lengths, out=indptr[1:])
-        # Each kept entry's position in the source: its row's start plus its offset within the row.
-        within = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1], lengths)
-        taken = np.repeat(starts, lengths) + within
+        # Each kept entry's position in the source: its row's start there, plus its place among the kept entries
+        # less its row's start among them (one repeat and one in-place add over the entries).
+        taken = np.repeat(starts - indptr[:-1], lengths)
+        taken += np.arange(indptr[-1], dtype=np.int64)
         return CsrRows(indptr, self.indices[taken], self.values[taken], self.num_features)
 
     @staticmethod
