@@ -341,3 +341,29 @@ def test_counts_train_the_same_model_on_one_and_two_workers_and_through_a_resize
         for key, value in states["straight"]["model"].items():
             difference = (states[name]["model"][key] - value).abs().max() / value.abs().max()
             assert difference <= 1e-5, (name, key)
+
+
+@pytest.mark.slow
+def test_counts_streamed_from_s3_and_resumed_train_bit_for_bit_as_from_local_disk_straight(
+    atlas, tmp_path, s3_endpoint
+):
+    """The same cells prepared onto S3 and onto local disk; a run on S3, stopped at step 8 and resumed to 16, ends
+    with the parameters of a run on local disk that went straight to 16, bit for bit."""
+    from aevb_dist.train.driver import train
+    from tests.helpers import assert_bitwise_equal, final_state
+
+    source = atlases.write_npz(atlas, str(tmp_path / "atlas.npz"))
+    options = CountOptions(batch_key="donor")
+    remote, local = "s3://aevb-test/datasets/cells", str(tmp_path / "cells")
+    prepare(source, remote, num_shards=3, rows_per_row_group=64, count_options=options, endpoint_url=s3_endpoint)
+    prepare(source, local, num_shards=3, rows_per_row_group=64, count_options=options, report=lambda m: None)
+
+    def run(data, name, steps):
+        extra = ["model.covariates=[batch]", f"train.max_steps={steps}", "checkpoint.every_steps=4"]
+        extra += [f"run.s3_endpoint_url={s3_endpoint}", f"run.name={name}", "ray.local_mode=true"]
+        return train(_config(data, tmp_path, "zinb", *extra))
+
+    run(remote, "on_s3", 8)
+    run(remote, "on_s3", 16)
+    run(local, "straight", 16)
+    assert_bitwise_equal(final_state(f"{tmp_path}/runs/on_s3"), final_state(f"{tmp_path}/runs/straight"))
