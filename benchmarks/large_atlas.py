@@ -18,7 +18,6 @@ atlas's worker peak passes the smaller's by more than --within. Run by hand, not
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.large_dataset import peak_rss_mb, rss_mb  # noqa: E402
+from benchmarks.large_dataset import peak_rss_mb, rss_mb, spawn_workers  # noqa: E402
 
 NUM_TYPES, CHUNK = 16, 100_000
 
@@ -90,20 +89,7 @@ def run_workers(uri: str, genes: int, workers: int) -> tuple[int, list[dict]]:
     from aevb_dist.data.reader import ParquetDataset
 
     data = ParquetDataset(uri, expected_dim=genes)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(target=stream_epoch, args=(r, workers, uri, genes, data.describe(), results))
-        for r in range(workers)
-    ]
-    for p in procs:
-        p.start()
-    out = [results.get() for _ in procs]
-    for p in procs:
-        p.join()
-        if p.exitcode:
-            raise SystemExit(f"a worker failed (exit code {p.exitcode})")
-    return data.num_rows, sorted(out, key=lambda r: r["rank"])
+    return data.num_rows, spawn_workers(stream_epoch, workers, uri, genes, data.describe())
 
 
 def main() -> int:

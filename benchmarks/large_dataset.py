@@ -88,13 +88,15 @@ def run_workers(uri: str, workers: int, overrides: list) -> tuple[int, list[dict
     from aevb_dist.data.reader import ParquetDataset
 
     data = ParquetDataset(uri, expected_dim=DIM)
-    description = data.describe()  # the driver's, handed to the workers
+    # The driver's description, handed to the workers.
+    return data.num_rows, spawn_workers(stream_epoch, workers, uri, data.describe(), overrides)
+
+
+def spawn_workers(target, workers: int, *args) -> list[dict]:
+    """`target(rank, workers, *args, results)` in `workers` spawned processes: each one's report, by rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [
-        ctx.Process(target=stream_epoch, args=(r, workers, uri, description, overrides, results))
-        for r in range(workers)
-    ]
+    procs = [ctx.Process(target=target, args=(r, workers, *args, results)) for r in range(workers)]
     for p in procs:
         p.start()
     out = [results.get() for _ in procs]
@@ -102,7 +104,7 @@ def run_workers(uri: str, workers: int, overrides: list) -> tuple[int, list[dict
         p.join()
         if p.exitcode:
             raise SystemExit(f"a worker failed (exit code {p.exitcode})")
-    return data.num_rows, sorted(out, key=lambda r: r["rank"])
+    return sorted(out, key=lambda r: r["rank"])
 
 
 def main() -> int:
