@@ -367,3 +367,11 @@ def test_counts_streamed_from_s3_and_resumed_train_bit_for_bit_as_from_local_dis
     run(remote, "on_s3", 16)
     run(local, "straight", 16)
     assert_bitwise_equal(final_state(f"{tmp_path}/runs/on_s3"), final_state(f"{tmp_path}/runs/straight"))
+
+
+def test_a_covariate_column_name_taken_twice_is_refused_before_reading(atlas, tmp_path):
+    path = atlases.write_npz(atlas, str(tmp_path / "atlas.npz"))
+    for keys, taken in ((("batch",), "by --batch-key"), (("label",), "by the layout")):
+        options = CountOptions(batch_key="donor", categorical_covariate_keys=keys)
+        with pytest.raises(ValueError, match=f"a column named '{keys[0]}' is already written \\({taken}\\)"):
+            prepare(path, str(tmp_path / "out"), count_options=options, report=lambda m: None)

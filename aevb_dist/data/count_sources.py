@@ -48,12 +48,13 @@ class CountMatrix:
 def check_counts(chunk, where: str, first_row: int) -> None:
     """A count matrix holds non-negative integers: anything else (normalized or log values) is refused in one line."""
     values = chunk.data
-    bad = ~np.isfinite(values) | (values < 0) | (values != np.round(values))
+    # Stored as int32: a count beyond it (none is, in any assay) would wrap silently.
+    bad = ~np.isfinite(values) | (values < 0) | (values != np.round(values)) | (values > np.iinfo(np.int32).max)
     if bad.any():
         entry = int(np.flatnonzero(bad)[0])
         row = first_row + int(np.searchsorted(chunk.indptr, entry, side="right")) - 1
         raise ValueError(
-            f"{where} holds {values[entry]!r} at row {row}: counts must be non-negative integers "
+            f"{where} holds {values[entry]!r} at row {row}: counts must be non-negative integers below 2³¹ "
             "(raw counts, not normalized or log values; with an .h5ad, name the layer of raw counts with --layer)"
         )
 
@@ -79,8 +80,9 @@ def read_h5ad(path: str, layer: Optional[str], keys: list[str]) -> CountMatrix:
     if name not in f:
         held = sorted(f["layers"].keys()) if "layers" in f else []
         raise ValueError(f"{path} has no layer {layer!r} (its layers: {', '.join(held) or 'none'})")
-    obs = read_elem(f["obs"])
-    _check_keys(keys, obs.columns, path)
+    # Only the obs columns asked for: an atlas's obs holds dozens of columns of millions of cells.
+    _check_keys(keys, list(f["obs"].attrs.get("column-order", [])), path)
+    obs = {key: read_elem(f["obs"][key]) for key in keys}
     var = read_elem(f["var"])
     element = f[name]
     if isinstance(element, h5py.Dataset):  # dense X
@@ -99,7 +101,7 @@ def read_h5ad(path: str, layer: Optional[str], keys: list[str]) -> CountMatrix:
         def rows(start: int, stop: int):
             return matrix[start:stop]
 
-    return CountMatrix(where, num_rows, [str(v) for v in var.index], {k: obs[k] for k in keys}, rows)
+    return CountMatrix(where, num_rows, [str(v) for v in var.index], obs, rows)
 
 
 def read_10x(folder: str, keys: list[str]) -> CountMatrix:

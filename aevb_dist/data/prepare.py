@@ -23,7 +23,7 @@ from aevb_dist.data import count_sources, sources
 from aevb_dist.data import images as images_module
 from aevb_dist.data.images import ImageOptions
 from aevb_dist.data.index import INDEX_NAME, index_bytes
-from aevb_dist.data.prepare_counts import COUNT_FORMATS, open_matrix, write_counts
+from aevb_dist.data.prepare_counts import COUNT_FORMATS, covariate_columns, open_matrix, write_counts
 from aevb_dist.data.schema import (
     INDEX,
     LABEL,
@@ -267,6 +267,7 @@ class CountOptions:
 def _prepare_counts(
     source, output_uri, fs, root, fmt, wanted, options: CountOptions, report, **layout
 ) -> dict[str, int]:
+    covariate_columns(options.batch_key, list(options.categorical_covariate_keys))  # refused before any read
     matrix = open_matrix(source, fmt, options.layer, options.keys())
     report(f"prepare: {matrix.where}: {matrix.num_rows:,} cells × {len(matrix.feature_names):,} features")
     with storage.unwritable_told(output_uri, "the dataset"):

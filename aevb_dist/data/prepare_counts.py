@@ -115,10 +115,26 @@ def _table(chunk, index: np.ndarray, label, covariates: dict[str, np.ndarray], s
     return pa.table(columns, schema=schema)
 
 
+RESERVED_COLUMNS = (COUNT_INDICES, COUNT_VALUES, LIBRARY_SIZE, INDEX, LABEL)
+
+
+def covariate_columns(batch_key: Optional[str], covariate_keys: list[str]) -> dict[str, str]:
+    """The covariates' columns, each → the obs key it holds: `batch` for --batch-key, and each of
+    --categorical-covariate-keys under its own name. A name taken twice, or one of the layout's own, is refused."""
+    named = {BATCH: batch_key} if batch_key else {}
+    for key in covariate_keys:
+        if key in named or key in RESERVED_COLUMNS:
+            raise ValueError(
+                f"--categorical-covariate-keys {key}: a column named {key!r} is already written "
+                f"({'by --batch-key' if key == BATCH else 'by the layout'}); rename the obs column"
+            )
+        named[key] = key
+    return named
+
+
 def _annotations(matrix: CountMatrix, batch_key, labels_key, covariate_keys) -> tuple[Optional[Categorical], dict]:
     """The label and the covariates' columns (name → Categorical), refusing cells without a value."""
-    named = {BATCH: batch_key} if batch_key else {}
-    named.update({k: k for k in covariate_keys})
+    named = covariate_columns(batch_key, covariate_keys)
     coded = {}
     for column, key in [*named.items(), *([(LABEL, labels_key)] if labels_key else [])]:
         coded[column] = count_sources.categorical(matrix.obs[key], key, matrix.where)
