@@ -96,7 +96,11 @@ def interrupt():
 try:
     threading.Thread(target=interrupt).start()
     import time
-    time.sleep(5)
+    # Short sleeps: the main thread sees the interrupt between two of them (a simulated Ctrl-C does not cut a
+    # sleep short), and a loaded machine may start the thread late.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
     raise AssertionError("not interrupted")
 except KeyboardInterrupt:
     pass
