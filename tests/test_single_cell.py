@@ -375,3 +375,13 @@ def test_a_covariate_column_name_taken_twice_is_refused_before_reading(atlas, tm
         options = CountOptions(batch_key="donor", categorical_covariate_keys=keys)
         with pytest.raises(ValueError, match=f"a column named '{keys[0]}' is already written \\({taken}\\)"):
             prepare(path, str(tmp_path / "out"), count_options=options, report=lambda m: None)
+
+
+def test_image_options_given_with_a_count_matrix_are_refused_not_ignored(atlas, tmp_path):
+    from aevb_dist.data.images import ImageOptions
+
+    path = atlases.write_npz(atlas, str(tmp_path / "atlas.npz"))
+    for options in (dict(value_range=(0.0, 255.0)), dict(image_options=ImageOptions(grayscale=True))):
+        with pytest.raises(ValueError, match="are for images, not --format npz: counts are kept as they are"):
+            prepare(path, str(tmp_path / "out"), report=lambda m: None, **options)
+    prepare(path, str(tmp_path / "out"), image_options=ImageOptions(), report=lambda m: None)  # the defaults pass

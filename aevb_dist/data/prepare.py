@@ -224,6 +224,11 @@ def prepare(
         raise PermissionError(f"source not readable: {source}")
     fmt = detect_format(source) if fmt == "auto" else fmt
     if fmt in COUNT_FORMATS:
+        if value_range is not None or (image_options is not None and image_options != ImageOptions()):
+            raise ValueError(
+                f"--value-range, --size, --grayscale, --skip-bad, --image-column and --label-column are for images, "
+                f"not --format {fmt}: counts are kept as they are (name cell annotations with --labels-key)"
+            )
         layout = dict(
             test_fraction=test_fraction, seed=seed, num_shards=num_shards, rows_per_row_group=rows_per_row_group
         )
