@@ -3,7 +3,6 @@ their checksum) and a row group's list columns as sparse rows, checked. pyarrow 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from aevb_dist.data.schema import (
     META_FEATURE_NAMES,
     META_RANGE,
     META_SHAPE,
+    features_digest,
     metadata_checksum,
 )
 from aevb_dist.data.sparse_rows import CsrRows
@@ -42,7 +42,7 @@ def read_counts_footer(path: str, schema: pa.Schema) -> CountsFooter:
             f"{path}: its metadata (features, covariates) does not match its checksum: the file is corrupted; "
             "prepare it again"
         )
-    return CountsFooter(json.loads(parts[0])[0], hashlib.sha256(parts[2]).hexdigest(), json.loads(parts[3] or b"{}"))
+    return CountsFooter(json.loads(parts[0])[0], features_digest(parts[2]), json.loads(parts[3] or b"{}"))
 
 
 def sparse_rows_of(table: pa.Table, dim: int, where: str) -> CsrRows:

@@ -8,7 +8,6 @@ much again as the dataset) while `prepare` runs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -35,6 +34,7 @@ from aevb_dist.data.schema import (
     META_RANGE,
     META_SHAPE,
     META_SOURCE,
+    features_digest,
     metadata_checksum,
 )
 
@@ -270,7 +270,7 @@ def _write_index(fs, folder: str, files: list, schema: pa.Schema, label, covaria
         "has_label": label is not None,
         "files": files,
         "counts": True,
-        "features_sha256": hashlib.sha256(schema.metadata[META_FEATURE_NAMES]).hexdigest(),
+        "features_sha256": features_digest(schema.metadata[META_FEATURE_NAMES]),
         "covariates": {k: c.categories for k, c in covariates.items()},
     }
     fs.pipe_file(f"{folder}/{INDEX_NAME}", index_bytes(description))

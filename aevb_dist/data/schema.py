@@ -44,6 +44,12 @@ META_FEATURE_NAMES = b"aevb.feature_names"  # JSON list: each column's name (gen
 META_COVARIATES = b"aevb.covariates"  # JSON {column: [category names]}: the categorical covariates, for counts
 
 
+def features_digest(feature_names: bytes) -> str:
+    """What identifies a dataset of counts' genes, names and order: the sha256 of their JSON as written. `prepare`
+    puts it in the index, the reader computes it from a footer, and a checkpoint records it."""
+    return hashlib.sha256(feature_names).hexdigest()
+
+
 def metadata_checksum(shape: bytes, value_range: bytes, *more: bytes) -> bytes:
     """The checksum stored beside the shape and range (their JSON bytes as written), and for counts the
     feature names and covariates."""

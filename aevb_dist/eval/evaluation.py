@@ -139,7 +139,11 @@ def evaluate_units(
         for batch in _batches(dataset, uid, batch_size, binarization, seed):
             x = model_input(batch, device)
             elbo = evaluation_bound(vae, x, generator=elbo_noise).double()
-            z_mean = vae.posterior_moments(x)[0].double()
+            if vae.has_analytic_kl:  # q(z|x)'s parameters once, for its mean and its KL
+                a_BZ, b_BZ = vae.encode(x)
+                z_mean, kl = vae.posterior.mean_and_std(a_BZ, b_BZ)[0].double(), vae.kl_to_prior(a_BZ, b_BZ)
+            else:
+                z_mean, kl = vae.posterior_moments(x)[0].double(), None
             clustered = vae.likelihood.models_counts and batch.label is not None
             total += Sums(
                 count=len(batch),
@@ -147,7 +151,7 @@ def evaluate_units(
                 elbo_sq=elbo.pow(2).sum().item(),
                 z_mean=z_mean.sum(0).cpu().numpy(),
                 z_mean_sq=z_mean.pow(2).sum(0).cpu().numpy(),
-                kl=vae.kl_to_prior(*vae.encode(x)).double().sum().item() if vae.has_analytic_kl else None,
+                kl=None if kl is None else kl.double().sum().item(),
                 labelled_means=z_mean.float().cpu().numpy() if clustered else None,
                 labels=batch.label if clustered else None,
             )
