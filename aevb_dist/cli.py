@@ -37,6 +37,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_options(args: argparse.Namespace):
+    from aevb_dist.sweep.tuning import SweepOptions
+
+    return SweepOptions(
+        name=args.name,
+        num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent,
+        scheduler=args.scheduler,
+        metric=args.metric,
+    )
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from aevb_dist.config import load_config
+    from aevb_dist.sweep.driver import sweep
+
+    sweep(load_config(args.config, args.overrides), args.space, _sweep_options(args))
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from aevb_dist.data.images import ImageOptions
     from aevb_dist.data.prepare import CountOptions, prepare
@@ -157,8 +177,23 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # a bad config never reaches the cluster
     pass_env = tuple(name.strip() for name in (args.pass_env or "").split(",") if name.strip())
+    sweep = None
+    if args.sweep is not None:
+        if not os.path.exists(args.sweep):
+            raise ValueError(f"search space file not found: {args.sweep}")
+        options = ["--num-samples", str(args.num_samples), "--scheduler", args.scheduler, "--metric", args.metric]
+        options += ["--name", args.name] + (
+            ["--max-concurrent", str(args.max_concurrent)] if args.max_concurrent else []
+        )
+        sweep = (args.sweep, options)
     _, status = submit(
-        cfg, address=args.address, entrypoint=args.entrypoint, wait=not args.no_wait, pip=args.pip, pass_env=pass_env
+        cfg,
+        address=args.address,
+        entrypoint=args.entrypoint,
+        wait=not args.no_wait,
+        pip=args.pip,
+        pass_env=pass_env,
+        sweep=sweep,
     )
     return status
 
@@ -211,6 +246,29 @@ def build_parser() -> argparse.ArgumentParser:
         "run.lease_timeout_s ago, instead of waiting for its lease to expire",
     )
     p.set_defaults(func=_cmd_train)
+
+    def add_sweep_args(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument(
+            "--space" if required else "--sweep",
+            required=required,
+            metavar="SPACE.yaml",
+            help="config keys and their samplers, e.g. 'optim.lr: loguniform(1e-4, 1e-2)' (docs/sweeps.md)"
+            + ("" if required else ": submit a sweep instead of one run"),
+        )
+        p.add_argument("--num-samples", type=int, default=1, help="trials drawn (each grid point this often)")
+        p.add_argument(
+            "--max-concurrent", type=int, default=None, help="trials at once (default: as many as the CPUs hold)"
+        )
+        p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo", help="asha stops poor trials early")
+        p.add_argument("--metric", choices=["test_elbo", "train_elbo"], default="test_elbo", help="what is maximized")
+        p.add_argument("--name", default="sweep", help="the sweep's folder in run.storage_uri; the same name resumes")
+
+    p = sub.add_parser(
+        "sweep", help="a Ray Tune search over config keys, each trial a training run (resumes a sweep of the same name)"
+    )
+    add_config_args(p)
+    add_sweep_args(p, required=True)
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser(
         "prepare",
@@ -322,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         "AWS_SECRET_ACCESS_KEY) to the job; its metadata is readable by every client of the job "
         "server. Default: none, the cluster's own identity reaches storage",
     )
+    add_sweep_args(p, required=False)
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("jobs", help="list, status, logs, follow or stop Ray Jobs")

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from aevb_dist.config_checks import validate
-from aevb_dist.uri import absolute_uri
+from aevb_dist.uri import absolute_tracking_uri, absolute_uri
 
 
 @dataclass
@@ -217,6 +217,15 @@ class RayConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # An MLflow tracking URI: sqlite:///path/to/mlflow.db, a local folder, or http(s)://host:port of an MLflow
+    # server. None: no MLflow (metrics.csv and TensorBoard in the run folder either way). Needs `.[tracking]`.
+    mlflow_uri: Optional[str] = None
+    # The MLflow experiment the run goes into (created if missing). None: MLflow's "Default".
+    experiment: Optional[str] = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -225,6 +234,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # The run's one seed: initial parameters, step noise (by step and global position), binarization
     # (by epoch and example) and shuffles all derive from it, never from the worker count.
     seed: int = 0
@@ -232,10 +242,19 @@ class Config:
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Schema ← YAML file at `path` ← `key=value` overrides; validated across fields."""
+    return _with_overrides(_load_yaml(path) if path is not None else None, overrides)
+
+
+def config_with(base: Config, overrides: list[str]) -> Config:
+    """`base` ← `key=value` overrides, validated as `load_config` validates: a sweep's trial."""
+    return _with_overrides(OmegaConf.create(to_dict(base)), overrides)
+
+
+def _with_overrides(start, overrides: Optional[list[str]]) -> Config:
     merged = OmegaConf.structured(Config)
     try:
-        if path is not None:
-            merged = OmegaConf.merge(merged, _load_yaml(path))
+        if start is not None:
+            merged = OmegaConf.merge(merged, start)
         for item in overrides or []:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_check_override(item)]))
         merged = _length_override_wins(merged, overrides or [])
@@ -271,6 +290,8 @@ def absolute_local_uris(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), key)
         if value:
             setattr(getattr(cfg, section), key, absolute_uri(value))
+    if cfg.tracking.mlflow_uri:
+        cfg.tracking.mlflow_uri = absolute_tracking_uri(cfg.tracking.mlflow_uri)
     return cfg
 
 

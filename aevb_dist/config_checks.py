@@ -11,10 +11,11 @@ import math
 from typing import Any, Optional
 
 from aevb_dist import names
-from aevb_dist.uri import check_uri
+from aevb_dist.uri import check_tracking_uri, check_uri
 
 # The sections' types are config.py's, which imports this module: named here for readers, not imported.
 Config = ModelConfig = DataConfig = TrainConfig = OptimConfig = RunConfig = CheckpointConfig = RayConfig = Any
+TrackingConfig = Any
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -38,6 +39,7 @@ def validate(cfg: Config) -> None:
     check_checkpoint(cfg.checkpoint)
     check_run(cfg.run)
     check_ray(cfg.ray)
+    check_tracking(cfg.tracking)
     check_across(cfg)
 
 
@@ -209,6 +211,17 @@ def check_ray(r: RayConfig) -> None:
             f"ray.local_mode=true runs on this machine without a cluster; it cannot join "
             f"ray.address={r.address} (unset one of them)"
         )
+
+
+def check_tracking(t: TrackingConfig) -> None:
+    if t.mlflow_uri is not None:
+        if not t.mlflow_uri.strip():
+            raise ValueError("tracking.mlflow_uri is empty; leave it unset (null) for no MLflow tracking")
+        check_tracking_uri("tracking.mlflow_uri", t.mlflow_uri)
+    if t.experiment is not None and not t.experiment.strip():
+        raise ValueError("tracking.experiment is empty; leave it unset (null) for MLflow's Default experiment")
+    if t.experiment is not None and t.mlflow_uri is None:
+        raise ValueError(f"tracking.experiment={t.experiment!r} is set but tracking.mlflow_uri is not; set both")
 
 
 # -- across sections -------------------------------------------------------------------------------------------

@@ -223,9 +223,11 @@ def _drop_env(names: list[str]) -> None:
         os.environ.pop(name, None)
 
 
-def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
+def start_ray(address: Optional[str], show_worker_logs: bool = False, state_api: bool = False) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS, set inside Ray Jobs), or start an embedded
-    local Ray; True when we started it."""
+    local Ray; True when we started it. `state_api`: the embedded Ray serves Ray's State API (its dashboard
+    process, on 127.0.0.1), which Ray Train's PlacementGroupCleaner asks whether a killed run's controller is
+    gone: a sweep's trial stopped by ASHA is killed, and without it the trial's workers' CPUs stayed reserved."""
     from_environment = not address and bool(os.environ.get("RAY_ADDRESS"))
     address = address or os.environ.get("RAY_ADDRESS") or None
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
@@ -247,7 +249,8 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False) -> bool:
             ray.init(
                 address="local",
                 num_cpus=os.cpu_count() or 1,
-                include_dashboard=False,
+                include_dashboard=state_api,
+                dashboard_host="127.0.0.1",
                 log_to_driver=show_worker_logs,
                 configure_logging=True,
                 logging_level="WARNING",

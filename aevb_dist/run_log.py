@@ -35,6 +35,8 @@ COLUMNS = [
     "num_workers",
     # What was optimized, where it is not the bound itself (KL warm-up, free bits); blank otherwise.
     "train_objective",
+    # The optimizer's learning rate at the row's step (optim.lr_schedule).
+    "learning_rate",
 ]
 
 

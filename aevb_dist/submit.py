@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -91,8 +92,12 @@ def submit(
     wait: bool = True,
     pip: bool = False,
     pass_env: tuple[str, ...] = (),
+    sweep: Optional[tuple[str, list[str]]] = None,
 ) -> tuple[str, int]:
-    """Submit a job; returns (job id, exit status: 0 when it succeeded or when not waiting)."""
+    """Submit a job; returns (job id, exit status: 0 when it succeeded or when not waiting). `sweep`: (SPACE.yaml,
+    the sweep's options as `aevb-dist sweep` takes them): the job runs the sweep instead of one run."""
+    if sweep is not None and entrypoint is not None:
+        raise ValueError("--sweep and --entrypoint each say what the job runs: give one of them")
     if cfg.ray.local_mode and entrypoint is None:
         raise ValueError(
             "ray.local_mode=true trains outside Ray, on the machine that runs it; a submitted job "
@@ -106,6 +111,10 @@ def submit(
         with open(os.path.join(working_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
         args = ["train", "config.yaml"] if entrypoint is None else shlex.split(entrypoint)
+        if sweep is not None:
+            space_path, options = sweep
+            shutil.copyfile(space_path, os.path.join(working_dir, "space.yaml"))
+            args = ["sweep", "config.yaml", "--space", "space.yaml", *options]
         job_id = _submit_with_retry(
             client,
             entrypoint="python -m aevb_dist " + " ".join(shlex.quote(a) for a in args),

@@ -42,3 +42,27 @@ def local_path(uri: str) -> str:
 def absolute_uri(uri: str) -> str:
     """A local URI as an absolute path (workers and Ray tasks run in other folders); others as they are."""
     return local_path(uri) if scheme_of(uri) == "file" else uri
+
+
+# MLflow tracking stores: a folder (file store), a database through SQLAlchemy, or a tracking server.
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+def check_tracking_uri(key: str, uri: str) -> None:
+    if scheme_of(uri) not in TRACKING_SCHEMES:
+        raise ValueError(
+            f"{key}={uri!r} is not an MLflow tracking URI; use a local folder, sqlite:///path.db, "
+            "http(s)://host:port (an MLflow server), or one of: " + ", ".join(s + "://" for s in TRACKING_SCHEMES)
+        )
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """A local tracking store as an absolute path (the rank-0 worker runs in another folder): a folder, or
+    sqlite:///relative.db (SQLAlchemy's three slashes: relative to the working folder) as sqlite:////abs.db."""
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        return local_path(uri)
+    if scheme == "sqlite" and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        relative = uri[len("sqlite:///") :]
+        return "sqlite:///" + os.path.abspath(os.path.expanduser(relative))  # abspath starts with '/'
+    return uri

@@ -33,11 +33,13 @@ LAYERS = {
     "run_log": 2,
     "run_lease": 2,
     "eval": 3,
-    "train": 4,  # above eval: training's test-set ELBO is eval's, computed one way
-    "submit": 5,
-    "quickstart": 5,
-    "cli": 6,
-    "__main__": 7,
+    "tracking": 4,  # above eval: a run's learning curve goes to MLflow as it is drawn for `plot`
+    "train": 5,  # above eval: training's test-set ELBO is eval's, computed one way
+    "sweep": 6,  # a sweep's trial is a training run
+    "submit": 6,
+    "quickstart": 6,
+    "cli": 7,
+    "__main__": 8,
 }
 FOUNDATION = 0
 

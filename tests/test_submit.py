@@ -1,5 +1,6 @@
 """`aevb-dist submit` and `aevb-dist jobs` against a real Ray head on 127.0.0.1, with token authentication on."""
 
+import csv
 import os
 import secrets
 
@@ -132,3 +133,29 @@ def test_no_secret_reaches_the_cluster_by_default(ray_head, tiny_data, tmp_path)
     assert forwarded.returncode == 0, forwarded.stderr[-2000:]
     assert "warning: --pass-env puts AWS_SECRET_ACCESS_KEY into the job's metadata" in forwarded.stderr
     assert secret in repr(client.list_jobs())  # what the warning is about: opting in exposes it
+
+
+def test_a_sweep_submitted_as_a_job_runs_its_trials_on_the_cluster(ray_head, tiny_data, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: grid(0.01, 0.05)\n")
+    proc = aevb(
+        ray_head,
+        "submit",
+        SMOKE,
+        *tiny_overrides(tiny_data, str(tmp_path), **{"train.max_steps": 6}),
+        "--sweep",
+        str(space),
+        "--max-concurrent",
+        "1",
+        "--name",
+        "jobsweep",
+        "--address",
+        ray_head.address,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "SUCCEEDED" in proc.stderr and "sweep jobsweep: 2 trial(s): 2 done" in proc.stdout
+    with open(tmp_path / "jobsweep" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(float(r["optim.lr"]) for r in rows) == [0.01, 0.05]  # the grid, a trial a value
+    assert all(r["state"] == "done" and r["step"] == "6" for r in rows)
+    assert os.path.exists(tmp_path / "jobsweep" / "best.yaml")

@@ -19,18 +19,23 @@ from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.model.hierarchical import model_from_config
 from aevb_dist.run_lease import LeaseHeld, RunLease
 from aevb_dist.run_log import ProgressPrinter, read_metrics
+from aevb_dist.tracking.mlflow_run import check_store, open_before_launch
 from aevb_dist.train import stop_request
 from aevb_dist.train.batches import BatchSource
 from aevb_dist.train.datasets import open_datasets, with_covariate_sizes
 from aevb_dist.train.local_launcher import launch_local
 from aevb_dist.train.ray_launcher import launch_on_ray
 from aevb_dist.train.worker import WorkerSpec
+from aevb_dist.uri import absolute_tracking_uri
 
 
-def train(cfg: Config, wait_for_lease: bool = True) -> dict:
+def train(cfg: Config, wait_for_lease: bool = True, mlflow_parent_run_id: Optional[str] = None) -> dict:
     """Run (or resume) training; returns the last row of metrics.csv. A run held by a driver on another
-    machine whose heartbeat stopped is waited for (`wait_for_lease`) or refused."""
+    machine whose heartbeat stopped is waited for (`wait_for_lease`) or refused. `mlflow_parent_run_id`: a
+    sweep's MLflow run, the parent of this run's."""
     train_data, _ = open_datasets(cfg)  # fail fast, before any worker starts
+    if cfg.tracking.mlflow_uri is not None:
+        check_store(absolute_tracking_uri(cfg.tracking.mlflow_uri))
     # The training set as found here, handed to every worker: workers open it without reading its index or
     # footers (O(1) storage requests per worker whatever the number of shards).
     train_description = train_data.describe()
@@ -51,9 +56,20 @@ def train(cfg: Config, wait_for_lease: bool = True) -> dict:
         announcement = plan.announcement(cfg.run.name, run.uri)
         if announcement:
             say(announcement)
+        if cfg.tracking.mlflow_uri is not None and not plan.done:
+            experiment = cfg.tracking.experiment or "Default"
+            say(f"tracking in MLflow at {cfg.tracking.mlflow_uri}, experiment {experiment}")
+            open_before_launch(cfg.tracking, run, to_dict(cfg), mlflow_parent_run_id)
         signum = None
         if not plan.done:
-            signum = _launch(WorkerSpec(cfg, run, threads=None, train_description=train_description), train_data, plan)
+            spec = WorkerSpec(
+                cfg,
+                run,
+                threads=None,
+                train_description=train_description,
+                mlflow_parent_run_id=mlflow_parent_run_id,
+            )
+            signum = _launch(spec, train_data, plan)
     finally:
         lease.release()
     rows = read_metrics(run.fs, run.file("metrics.csv"))

@@ -387,6 +387,7 @@ class Trainer:
             "train_objective": self.objective_in_window / window["count"]
             if self.weighs_kl and window["count"]
             else math.nan,
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
         }
         self.objective_in_window = 0.0
         return row

@@ -6,8 +6,9 @@ hands `run_worker` the spec, a checkpoint sink and a `WorkerContext` (rank, worl
 process group joined where there are several workers: Ray Train does so on a Ray cluster and in its local
 mode (`ray_context.from_ray_train`), and one process needs none. The worker never asks which launcher
 started it. It resumes from the newest checkpoint in the run folder whose manifest verifies (so an upload
-cut off part way is skipped in favour of the last good one), trains, writes metrics.csv on rank 0, and
-gives each checkpoint to the sink. Where a checkpoint goes is the sink's business, never the worker's.
+cut off part way is skipped in favour of the last good one), trains, writes metrics.csv on rank 0 (and
+sends its rows to MLflow where `tracking.mlflow_uri` is set: tracking/mlflow_run.py), and gives each
+checkpoint to the sink. Where a checkpoint goes is the sink's business, never the worker's.
 
 It stops early, after the checkpoint of the step where it stopped, when a rank asks to: rank 0 when the
 driver asked (Ctrl-C / SIGTERM: `stop_request`), any rank when the launcher's `preemption_notice` says so.
@@ -23,7 +24,7 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from aevb_dist import checkpoint, storage
+from aevb_dist import checkpoint, storage, uri
 from aevb_dist.config import Config, to_dict
 from aevb_dist.console import say
 from aevb_dist.data.binarization import eval_binarization
@@ -49,6 +50,8 @@ class WorkerSpec:
     train_description: Optional[dict] = None
     # model.output_bias_init=data_mean: the training set's mean pixel, computed once by the driver for a new run.
     data_mean: Optional[list[float]] = None
+    # A sweep's trial: the sweep's MLflow run, parent of this run's (tracking.mlflow_uri).
+    mlflow_parent_run_id: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -97,20 +100,51 @@ def run_worker(
     if trainer.resume_note and rank == 0:
         say(f"warning: {trainer.resume_note}")
     log = RunLog(run, resume_step=trainer.state.step, retry_s=cfg.run.storage_retry_s) if rank == 0 else None
+    tracked = _mlflow_run(spec) if rank == 0 else None
     watch = StopRequestWatch(run) if rank == 0 else None
     try:
         trainer.fit(
-            on_log=log.append if log is not None else lambda row: None,
+            on_log=_rank0_log(log, tracked),
             on_checkpoint=lambda state, row: save_checkpoint(cfg, rank, state, row, log, sink),
         )
+    except BaseException:
+        if tracked is not None:
+            tracked.finish("FAILED")
+        raise
     finally:
         if watch is not None:
             watch.close()
     if log is not None:
         log.close()
-    if not trainer.stop_requested:
+    stopped = None if not trainer.stop_requested else "preempted" if preemption_notice() else "requested"
+    if tracked is not None:  # a preempted run goes on after the reclaim: its MLflow run stays RUNNING
+        status = {None: "FINISHED", "requested": "KILLED", "preempted": None}[stopped]
+        tracked.finish(status, checkpoint_uri=uri.join(run.uri, checkpoint.checkpoint_name(trainer.state.step)))
+    return stopped
+
+
+def _mlflow_run(spec: WorkerSpec):
+    """Rank 0's MLflow sender where tracking.mlflow_uri is set (tracking/mlflow_run.py)."""
+    t = spec.config.tracking
+    if t.mlflow_uri is None:
         return None
-    return "preempted" if preemption_notice() else "requested"
+    from aevb_dist.tracking.mlflow_run import MlflowRun, tracked_run
+
+    return MlflowRun(tracked_run(t, spec.run, to_dict(spec.config), spec.mlflow_parent_run_id))
+
+
+def _rank0_log(log: Optional[RunLog], tracked) -> Callable[[dict], None]:
+    """Each metrics row into metrics.csv (and TensorBoard), then queued for MLflow."""
+    if log is None:
+        return lambda row: None
+    if tracked is None:
+        return log.append
+
+    def both(row: dict) -> None:
+        log.append(row)
+        tracked.log_row(row)
+
+    return both
 
 
 def trainer_for_config(
