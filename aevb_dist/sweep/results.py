@@ -124,6 +124,7 @@ def best_config_yaml(folder: storage.Folder, best: TrialRow, sweep_name: str) ->
 
 def _plot(rows: list[TrialRow], space: Space, metric: str, title: str) -> bytes:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -138,12 +139,18 @@ def _plot(rows: list[TrialRow], space: Space, metric: str, title: str) -> bytes:
             order = [str(v) for v in d.values]
             xs = [order.index(str(x)) if str(x) in order else len(order) for x in xs]
             ax.set_xticks(range(len(order)), order, rotation=30)
-        ax.scatter(xs, [r.metric for r in scored], s=20)
+        early = [r.state == "stopped_early" for r in scored]
+        for stopped, marker, label in ((False, "o", "ran to the end"), (True, "x", "stopped early (ASHA)")):
+            points = [(x, r.metric) for x, r, e in zip(xs, scored, early) if e == stopped]
+            if points:
+                ax.scatter(*zip(*points), s=24, marker=marker, label=label)
         if d.is_log:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
         ax.set_xlabel(d.key)
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel(metric)
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
