@@ -106,6 +106,13 @@ def running_cluster_address() -> str:
     return address
 
 
+def dashboard_url() -> str:
+    """The dashboard (and State API) address of the Ray this process joined; "" where it serves none."""
+    from ray._private.worker import get_dashboard_url
+
+    return get_dashboard_url() or ""
+
+
 def run_exit_handlers() -> None:
     """Run the interpreter's exit handlers now (multiprocessing's, logging's, Ray's), as interpreter exit
     would: the command does so, then skips the rest of the teardown (`cli.console_main`)."""

@@ -209,6 +209,7 @@ EMBEDDED_RAY_ENV = {
     "RAY_enable_metrics_collection": "0",
 }
 _embedded_env_set: list[str] = []  # what start_ray set, for stop_ray to take back
+_user_env: dict[str, Optional[str]] = {}  # the user's values start_ray replaced, given back by stop_ray
 
 
 def _use_embedded_ray_env() -> list[str]:
@@ -221,13 +222,17 @@ def _use_embedded_ray_env() -> list[str]:
 def _drop_env(names: list[str]) -> None:
     for name in names:
         os.environ.pop(name, None)
+        if _user_env.get(name) is not None:  # the user's own, which the embedded Ray's value stood in for
+            os.environ[name] = _user_env[name]
+        _user_env.pop(name, None)
 
 
 def start_ray(address: Optional[str], show_worker_logs: bool = False, state_api: bool = False) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS, set inside Ray Jobs), or start an embedded
     local Ray; True when we started it. `state_api`: the embedded Ray serves Ray's State API (its dashboard
-    process, on 127.0.0.1), which Ray Train's PlacementGroupCleaner asks whether a killed run's controller is
-    gone: a sweep's trial stopped by ASHA is killed, and without it the trial's workers' CPUs stayed reserved."""
+    process, on 127.0.0.1), which Ray Train's PlacementGroupCleaner asks whether a run's controller is gone:
+    Tune kills a sweep's trial when it ends or ASHA stops it, and without it the trial's workers' CPUs stayed
+    reserved."""
     from_environment = not address and bool(os.environ.get("RAY_ADDRESS"))
     address = address or os.environ.get("RAY_ADDRESS") or None
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
@@ -237,6 +242,15 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False, state_api:
             say(f"joining the Ray cluster at $RAY_ADDRESS={address} (unset RAY_ADDRESS for an embedded Ray)")
         asked = choose_auth_mode(address)  # before Ray is imported, where it can be
     set_now = [] if address else _use_embedded_ray_env()
+    dashboard_port = _free_port() if state_api and not address else None
+    if dashboard_port is not None:
+        # Ray Train's PlacementGroupCleaner (an actor of this Ray) asks the State API at RAY_API_SERVER_ADDRESS,
+        # else at the one Ray it finds on this machine: with a second Ray here (a `ray start` head, another
+        # sweep) it found two, raised, and every trial's CPUs stayed reserved, so the sweep waited forever.
+        # Ray's processes inherit this environment; the port is free when asked, and Ray binds it moments later.
+        _user_env.setdefault("RAY_API_SERVER_ADDRESS", os.environ.get("RAY_API_SERVER_ADDRESS"))
+        set_now.append("RAY_API_SERVER_ADDRESS")
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     import ray
 
     with _keeping_sigterm_handler():
@@ -251,6 +265,7 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False, state_api:
                 num_cpus=os.cpu_count() or 1,
                 include_dashboard=state_api,
                 dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port or 8265,
                 log_to_driver=show_worker_logs,
                 configure_logging=True,
                 logging_level="WARNING",
@@ -311,6 +326,14 @@ def _keeping_sigterm_handler():
     finally:
         if main and before is not None:
             signal.signal(signal.SIGTERM, before)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def stop_ray(started: bool) -> None:

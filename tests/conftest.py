@@ -20,7 +20,7 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "aevb-test-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # shut down after its module: later modules' runs start (or refuse) their own
 def ray_local():
     import ray
 
@@ -61,7 +61,7 @@ class RayHead:
     client_address: str  # its Ray Client server: ray://127.0.0.1:PORT
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # an idle head's dozen processes slowed every later module's runs on 2 cores
 def ray_head(tmp_path_factory):
     """A real Ray head (`ray start --head --block`) on 127.0.0.1 with its job server and token
     authentication on, as a default head runs where a token exists (~/.ray/auth_token). Its HOME is a

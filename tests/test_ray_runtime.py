@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from aevb_dist import compat
 from aevb_dist.ray_runtime import EMBEDDED_RAY_ENV, start_ray, stop_ray
 
 
@@ -17,15 +18,20 @@ def test_the_embedded_rays_settings_apply_to_it_alone(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's own value
-    assert start_ray(None) is True
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")  # the user's, for another Ray
+    assert start_ray(None, state_api=True) is True
     try:
         for name, value in EMBEDDED_RAY_ENV.items():
             assert os.environ[name] == ("3" if name == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" else value)
+        # Ray's own processes find this Ray's State API, not another Ray's on this machine
+        served = compat.dashboard_url()
+        assert served and os.environ["RAY_API_SERVER_ADDRESS"] == f"http://{served}" and not served.endswith(":9")
         assert start_ray(None) is False  # joining our own Ray again changes nothing
     finally:
         stop_ray(True)
     assert [name for name in EMBEDDED_RAY_ENV if name in os.environ] == ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:9"  # given back
 
     # A Ray the user started in this process: joined as it is, none of the embedded settings left behind.
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="WARNING")

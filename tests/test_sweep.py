@@ -109,7 +109,9 @@ def _read_trials(path: str) -> list[dict]:
 
 
 @pytest.mark.slow  # Ray Tune and Ray Train on the embedded Ray
-def test_a_sweep_with_asha_writes_its_trials_and_a_best_config_that_trains(tiny_data, tmp_path):
+def test_a_sweep_with_asha_writes_its_trials_and_a_best_config_that_trains(ray_head, tiny_data, tmp_path):
+    """With a second Ray running on this machine (`ray_head`), whose presence once kept every trial's CPUs
+    reserved after its end, so that the third trial waited forever."""
     space = _space(tmp_path, SPACE)
     store = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config(
@@ -149,6 +151,22 @@ def test_a_sweep_with_asha_writes_its_trials_and_a_best_config_that_trains(tiny_
     best_cfg = load_config(str(tmp_path / "runs" / "asha" / "best.yaml"), ["ray.local_mode=true", "train.max_steps=8"])
     assert best_cfg.optim.lr == pytest.approx(best.values["optim.lr"]) and best_cfg.run.name == "asha_best"
     assert train(best_cfg)["step"] == 8  # a new run, beside the sweep's folder
+
+
+@pytest.mark.slow  # starts a Ray in this process
+def test_a_ray_this_process_started_without_a_dashboard_is_refused_in_one_line(tiny_data, tmp_path):
+    import ray
+
+    cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path)))
+    space = _space(tmp_path, SPACE)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        with pytest.raises(ValueError, match="this process's Ray serves no dashboard.*include_dashboard=True"):
+            sweep(cfg, space, SweepOptions(name="nodash", num_samples=2))
+        assert ray.is_initialized()  # the user's Ray is left as it was
+    finally:
+        ray.shutdown()
+    assert not (tmp_path / "nodash" / "trial_00000").exists()
 
 
 @pytest.mark.slow  # a sweep's driver killed part way, and the same command again
