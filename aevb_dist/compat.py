@@ -122,10 +122,20 @@ def run_exit_handlers() -> None:
 
 
 def interrupt_main_thread() -> None:
-    """Raise KeyboardInterrupt in the main thread, from another thread, as Ctrl-C would."""
+    """Raise KeyboardInterrupt in the main thread, from another thread, as Ctrl-C would. Also where SIGINT is
+    ignored (a command started in the background by a script, or by `nohup`): there Python has no handler to
+    simulate, and `_thread.interrupt_main` does nothing, so the exception is set on the main thread directly
+    (seen, like the simulated signal, at its next Python instruction)."""
     import _thread
+    import ctypes
+    import signal
+    import threading
 
-    _thread.interrupt_main()
+    if callable(signal.getsignal(signal.SIGINT)):
+        _thread.interrupt_main()
+        return
+    main = ctypes.c_ulong(threading.main_thread().ident)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(main, ctypes.py_object(KeyboardInterrupt))
 
 
 def quiet_token_auth_notice() -> None:

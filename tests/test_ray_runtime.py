@@ -99,17 +99,20 @@ compat.run_exit_handlers()
 assert ran == ["exit handler"]
 def interrupt():
     compat.interrupt_main_thread()
-try:
-    threading.Thread(target=interrupt).start()
-    import time
-    # Short sleeps: the main thread sees the interrupt between two of them (a simulated Ctrl-C does not cut a
-    # sleep short), and a loaded machine may start the thread late.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-    raise AssertionError("not interrupted")
-except KeyboardInterrupt:
-    pass
+import signal, time
+# Python's own Ctrl-C handler, and SIGINT ignored (as in a command a script started in the background)
+for handler in (signal.default_int_handler, signal.SIG_IGN):
+    signal.signal(signal.SIGINT, handler)
+    try:
+        threading.Thread(target=interrupt).start()
+        # Short sleeps: the main thread sees the interrupt between two of them (a simulated Ctrl-C does not cut a
+        # sleep short), and a loaded machine may start the thread late.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise AssertionError(f"not interrupted, SIGINT handler {handler}")
+    except KeyboardInterrupt:
+        pass
 print("checked")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
