@@ -3,6 +3,7 @@ with MlflowClient. One MLflow run per training run, written by rank 0 alone; a r
 stops answering never stops training, and gets the rows logged meanwhile when it answers again."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -76,7 +77,9 @@ def test_params_are_the_configs_leaves():
 
 # -- a run in a real store -----------------------------------------------------------------------------------------
 @pytest.mark.slow  # worker processes of local mode
-def test_a_run_and_its_resume_are_one_mlflow_run_of_every_row(tiny_data, tmp_path):
+def test_a_run_and_its_resume_are_one_mlflow_run_of_every_row(tiny_data, tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the folder the command runs in
     store = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = tiny_overrides(
         tiny_data, str(tmp_path / "runs"), **{"ray.local_mode": "true", "train.num_workers": 2}
@@ -110,6 +113,13 @@ def test_a_run_and_its_resume_are_one_mlflow_run_of_every_row(tiny_data, tmp_pat
         "learning_curve.png",
     }
     assert resumed.data.tags["checkpoint_uri"] == f"{tmp_path}/runs/tracked/checkpoint_0000000020"
+    # the artifacts beside the store, not in ./mlruns of the folder the command ran in
+    assert sorted(os.listdir(tmp_path / "mlartifacts" / "vae" / resumed.info.run_id / "artifacts")) == [
+        "config.yaml",
+        "learning_curve.png",
+        "metrics.csv",
+    ]
+    assert not os.path.exists(tmp_path / "elsewhere" / "mlruns")
 
 
 @pytest.mark.slow  # a real mlflow server, stopped and started again, and a training command

@@ -295,7 +295,7 @@ def _new_run_id(client, tracked: TrackedRun) -> str:
     from mlflow.entities import Param
 
     run = tracked.run
-    experiment_id = _experiment_id(client, tracked.experiment)
+    experiment_id = _experiment_id(client, tracked.experiment, tracked.tracking_uri)
     tags = {"mlflow.parentRunId": tracked.parent_run_id} if tracked.parent_run_id else {}
     tags["aevb_dist.run_uri"] = run.uri
     run_id = client.create_run(experiment_id, run_name=tracked.run_name, tags=tags).info.run_id
@@ -309,7 +309,7 @@ def _new_run_id(client, tracked: TrackedRun) -> str:
     return run_id
 
 
-def _experiment_id(client, experiment: Optional[str]) -> str:
+def _experiment_id(client, experiment: Optional[str], tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     if experiment is None:
@@ -318,9 +318,18 @@ def _experiment_id(client, experiment: Optional[str]) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(experiment)
+        return client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri, experiment))
     except MlflowException:  # another run (a sweep's trial) created it meanwhile
         return client.get_experiment_by_name(experiment).experiment_id
+
+
+def _artifact_location(tracking_uri: str, experiment: str) -> Optional[str]:
+    """A new experiment's artifacts beside a SQLite store, in `mlartifacts/` as `mlflow server` keeps them: MLflow
+    would put them in ./mlruns of whichever folder the command ran in. Other stores: their own default."""
+    if not tracking_uri.startswith("sqlite:////"):
+        return None
+    folder = os.path.dirname(tracking_uri[len("sqlite:///") :])
+    return os.path.join(folder, "mlartifacts", experiment.strip("/"))
 
 
 def open_before_launch(tracking_cfg, run: storage.Folder, config: dict, parent_run_id: Optional[str], wait_s=20.0):
