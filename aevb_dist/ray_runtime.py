@@ -208,23 +208,23 @@ EMBEDDED_RAY_ENV = {
     "RAY_TRAIN_METRICS_ENABLED": "0",
     "RAY_enable_metrics_collection": "0",
 }
-_embedded_env_set: list[str] = []  # what start_ray set, for stop_ray to take back
-_user_env: dict[str, Optional[str]] = {}  # the user's values start_ray replaced, given back by stop_ray
+# What start_ray set, each with the value it replaced (None: unset), for stop_ray to give back.
+_embedded_env_replaced: dict[str, Optional[str]] = {}
 
 
-def _use_embedded_ray_env() -> list[str]:
+def _use_embedded_ray_env() -> dict[str, Optional[str]]:
     names = [name for name in EMBEDDED_RAY_ENV if name not in os.environ]
     for name in names:
         os.environ[name] = EMBEDDED_RAY_ENV[name]
-    return names
+    return dict.fromkeys(names)
 
 
-def _drop_env(names: list[str]) -> None:
-    for name in names:
-        os.environ.pop(name, None)
-        if _user_env.get(name) is not None:  # the user's own, which the embedded Ray's value stood in for
-            os.environ[name] = _user_env[name]
-        _user_env.pop(name, None)
+def _drop_env(replaced: dict[str, Optional[str]]) -> None:
+    for name, before in replaced.items():
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def start_ray(address: Optional[str], show_worker_logs: bool = False, state_api: bool = False) -> bool:
@@ -232,24 +232,28 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False, state_api:
     local Ray; True when we started it. `state_api`: the embedded Ray serves Ray's State API (its dashboard
     process, on 127.0.0.1), which Ray Train's PlacementGroupCleaner asks whether a run's controller is gone:
     Tune kills a sweep's trial when it ends or ASHA stops it, and without it the trial's workers' CPUs stayed
-    reserved."""
+    reserved. A Ray this process started before, without the dashboard, is refused then, in one line."""
     from_environment = not address and bool(os.environ.get("RAY_ADDRESS"))
     address = address or os.environ.get("RAY_ADDRESS") or None
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        if state_api and not address and not compat.dashboard_url():
+            raise ValueError(
+                "this process's Ray serves no dashboard, and a sweep's trials give their CPUs back through its "
+                "State API: start Ray with include_dashboard=True, or let the sweep start its own"
+            )
         return False  # a Ray this process joined before (ours: its settings stay until stop_ray)
     if address:
         if from_environment:  # said, so that nobody joins a cluster without knowing it
             say(f"joining the Ray cluster at $RAY_ADDRESS={address} (unset RAY_ADDRESS for an embedded Ray)")
         asked = choose_auth_mode(address)  # before Ray is imported, where it can be
-    set_now = [] if address else _use_embedded_ray_env()
+    set_now = {} if address else _use_embedded_ray_env()
     dashboard_port = _free_port() if state_api and not address else None
     if dashboard_port is not None:
         # Ray Train's PlacementGroupCleaner (an actor of this Ray) asks the State API at RAY_API_SERVER_ADDRESS,
         # else at the one Ray it finds on this machine: with a second Ray here (a `ray start` head, another
         # sweep) it found two, raised, and every trial's CPUs stayed reserved, so the sweep waited forever.
         # Ray's processes inherit this environment; the port is free when asked, and Ray binds it moments later.
-        _user_env.setdefault("RAY_API_SERVER_ADDRESS", os.environ.get("RAY_API_SERVER_ADDRESS"))
-        set_now.append("RAY_API_SERVER_ADDRESS")
+        set_now["RAY_API_SERVER_ADDRESS"] = os.environ.get("RAY_API_SERVER_ADDRESS")  # the user's, given back
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     import ray
 
@@ -265,7 +269,7 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False, state_api:
                 num_cpus=os.cpu_count() or 1,
                 include_dashboard=state_api,
                 dashboard_host="127.0.0.1",
-                dashboard_port=dashboard_port or 8265,
+                dashboard_port=dashboard_port,  # None (no dashboard): Ray's default
                 log_to_driver=show_worker_logs,
                 configure_logging=True,
                 logging_level="WARNING",
@@ -273,7 +277,7 @@ def start_ray(address: Optional[str], show_worker_logs: bool = False, state_api:
         except BaseException:
             _drop_env(set_now)
             raise
-        _embedded_env_set.extend(set_now)
+        _embedded_env_replaced.update(set_now)
         return True
 
 
@@ -341,8 +345,8 @@ def stop_ray(started: bool) -> None:
         import ray
 
         ray.shutdown()
-        _drop_env(_embedded_env_set)
-        _embedded_env_set.clear()
+        _drop_env(_embedded_env_replaced)
+        _embedded_env_replaced.clear()
 
 
 def cluster_cpus() -> float:

@@ -123,8 +123,6 @@ def run_sweep(base: Config, space: Space, options: SweepOptions, mlflow_parent_r
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own reporter stays quiet (verbose=0): ours prints
     started = start_ray(base.ray.address, base.ray.show_worker_logs, state_api=True)
     try:
-        if not started and not (base.ray.address or os.environ.get("RAY_ADDRESS")):
-            _check_state_api_served()
         concurrent = options.max_concurrent or _trials_that_fit(base, cluster_cpus())
         base = _sized_for(base, concurrent, cluster_cpus())
         setup = TrialSetup(base, space, folder.uri, base.run.s3_endpoint_url, options.metric, mlflow_parent_run_id)
@@ -139,19 +137,6 @@ def run_sweep(base: Config, space: Space, options: SweepOptions, mlflow_parent_r
         say(f"stopped: every running trial kept a checkpoint in {folder.uri}; run the same command to resume")
         raise Interrupted(signum, told=True)
     return {"folder": folder, "grid": grid}
-
-
-def _check_state_api_served() -> None:
-    """A Ray this process started before the sweep: each trial's CPUs are given back through Ray's State API
-    (Ray Train's PlacementGroupCleaner asks it), so a Ray without its dashboard would hold them after the first
-    trials, and the next ones would wait forever."""
-    from aevb_dist import compat
-
-    if not compat.dashboard_url():
-        raise ValueError(
-            "this process's Ray serves no dashboard, and a sweep's trials give their CPUs back through its State "
-            "API: start Ray with include_dashboard=True, or let the sweep start its own"
-        )
 
 
 def _trials_that_fit(cfg: Config, cpus: float) -> int:
