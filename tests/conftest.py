@@ -61,7 +61,7 @@ class RayHead:
     client_address: str  # its Ray Client server: ray://127.0.0.1:PORT
 
 
-@pytest.fixture(scope="module")  # an idle head's dozen processes slowed every later module's runs on 2 cores
+@pytest.fixture(scope="module")  # not session-long: its dozen idle processes shared 2 cores with later modules
 def ray_head(tmp_path_factory):
     """A real Ray head (`ray start --head --block`) on 127.0.0.1 with its job server and token
     authentication on, as a default head runs where a token exists (~/.ray/auth_token). Its HOME is a
