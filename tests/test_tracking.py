@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 
 import mlflow
 import pytest
@@ -14,7 +15,14 @@ import yaml
 from aevb_dist import storage
 from aevb_dist.config import absolute_local_uris, load_config
 from aevb_dist.run_log import read_metrics
-from aevb_dist.tracking.mlflow_run import METRIC_COLUMNS, RUN_ID_FILE, check_store, flat_params
+from aevb_dist.tracking.mlflow_run import (
+    METRIC_COLUMNS,
+    RUN_ID_FILE,
+    MlflowRun,
+    TrackedRun,
+    check_store,
+    flat_params,
+)
 from tests.faults import wait_for
 from tests.helpers import SMOKE, tiny_overrides
 from tests.mlflow_server import MlflowServer
@@ -73,6 +81,25 @@ def test_params_are_the_configs_leaves():
     every = flat_params(to_dict(cfg))
     assert every["train.free_bits"] == "0.5" and every["tracking.mlflow_uri"] == "null"
     assert len(every) == sum(len(section) if isinstance(section, dict) else 1 for section in to_dict(cfg).values())
+
+
+def test_a_run_that_ends_while_the_store_comes_back_is_told_it_answers_again(tmp_path, capfd):
+    """The run's end can come while the store is away; the rows and the end are sent when it is back, and the user,
+    told it did not answer, is told it answers again."""
+    blocker = tmp_path / "store"
+    blocker.write_text("")  # a file where the store's folder belongs: SQLite cannot open the database
+    (tmp_path / "run").mkdir()
+    store = f"sqlite:///{blocker}/mlflow.db"
+    tracked = TrackedRun(store, "vae", storage.Folder.open(str(tmp_path / "run")), "ending", {"model.latent_dim": "2"})
+    sender = MlflowRun(tracked, artifacts=(), retry_s=0.2, drain_s=120)
+    sender.log_row({"step": 1, "train_elbo": -5.0, "time": 1.0})
+    wait_for(lambda: "does not answer" in capfd.readouterr().err, timeout=60, interval=0.2)
+    sender.log_row({"step": 2, "train_elbo": -4.0, "time": 2.0})
+    threading.Timer(1.0, blocker.unlink).start()  # the store comes back while the run ends
+    sender.finish("FINISHED")
+    assert "answers again" in capfd.readouterr().err
+    (run,) = _mlflow_runs(store, "vae")
+    assert run.info.status == "FINISHED" and _history(store, run.info.run_id, "train_elbo") == [(1, -5.0), (2, -4.0)]
 
 
 # -- a run in a real store -----------------------------------------------------------------------------------------

@@ -151,13 +151,13 @@ class MlflowRun:
             self._wake.clear()  # before sending: a row queued while sending wakes the next round
             try:
                 self._send_queued()
+                self._answered()  # before the end too: a run can end while the store is coming back
                 with self._lock:
                     ending = self._ending
                 if ending is not None:
                     ending()
                     self._ended.set()
                     return
-                self._answered()
             except Exception as err:  # noqa: BLE001 - the store's errors are many (HTTP, SQLAlchemy, MLflow)
                 self._not_answering(err)
                 time.sleep(self.retry_s)  # not woken by new rows: an outage costs one try per retry_s
