@@ -1,4 +1,4 @@
-from aevb_dist.cli import console_main
+from aevb_dist.cli.main import console_main
 
 if __name__ == "__main__":
     console_main()

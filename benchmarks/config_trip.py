@@ -50,7 +50,7 @@ def holds_config(frame) -> bool:
 
 
 def trace(data: str, skip: set[str], follow: bool = False) -> dict[str, list[tuple[str, str]]]:
-    from aevb_dist.cli import main
+    from aevb_dist.cli.main import main
     from aevb_dist.train import driver, worker
 
     parts: dict[str, list[tuple[str, str]]] = {"driver": [], "worker": []}

@@ -36,11 +36,12 @@ sys.path.insert(0, REPO)
 
 from gpu import BURDA, burda_config, matmul_peak, say, test_log_px  # noqa: E402
 
-from aevb_dist import checkpoint, storage  # noqa: E402
 from aevb_dist.config import load_config  # noqa: E402
 from aevb_dist.data.prepare import prepare  # noqa: E402
 from aevb_dist.data.reader import ParquetDataset  # noqa: E402
-from aevb_dist.run_log import ProgressPrinter, read_metrics  # noqa: E402
+from aevb_dist.eval import saved_model  # noqa: E402
+from aevb_dist.run import checkpoint, storage  # noqa: E402
+from aevb_dist.run.metrics import ProgressPrinter, read_metrics  # noqa: E402
 from aevb_dist.train import stop_request  # noqa: E402
 from aevb_dist.train.driver import plan_run  # noqa: E402
 from aevb_dist.train.run_folder_sink import WriteToRunFolder  # noqa: E402
@@ -118,7 +119,7 @@ def main() -> None:
         say(f"stopped with a checkpoint in {run_uri}: run the same command again to go on")
         return
     say(f"finished: test ELBO {last['test_elbo']:.2f}")
-    vae, _ = checkpoint.model_from_bytes(checkpoint.load_checkpoint_bytes(run_uri)[0])
+    vae, _ = saved_model.model_from_bytes(checkpoint.load_checkpoint_bytes(run_uri)[0])
     peak = matmul_peak(device, 100_000 if device.type == "cuda" else 2000)
     final = SimpleNamespace(vae=vae.to(device), cfg=cfg)  # what test_log_px reads of a trainer
     test_log_px(final, data, device, 50 if args.tiny else args.k, peak, f"after {cfg.train.num_epochs} epochs")

@@ -28,10 +28,10 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 import s3fs  # noqa: E402
 
-from aevb_dist import storage  # noqa: E402
 from aevb_dist.data.index import INDEX_NAME  # noqa: E402
 from aevb_dist.data.prepare import prepare  # noqa: E402
 from aevb_dist.data.reader import ParquetDataset  # noqa: E402
+from aevb_dist.run import storage  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

@@ -17,8 +17,8 @@ import math
 import tempfile
 import time
 
-from aevb_dist import storage
-from aevb_dist.run_log import MetricsTail, RunLog, _csv_text, read_metrics
+from aevb_dist.run import storage
+from aevb_dist.run.metrics import MetricsTail, RunLog, _csv_text, read_metrics
 
 
 def row(step: int) -> dict:

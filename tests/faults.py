@@ -6,8 +6,8 @@ import time
 
 import psutil
 
-from aevb_dist import storage
-from aevb_dist.run_log import read_metrics
+from aevb_dist.run import storage
+from aevb_dist.run.metrics import read_metrics
 
 # A run slow enough to be interrupted part way: wider layers, many steps, and every epoch's row groups read
 # from storage again, as for a dataset larger than data.decoded_cache_mib (tiny data kept in memory trains so

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from aevb_dist import checkpoint, storage
+from aevb_dist.run import checkpoint, storage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "configs", "smoke.yaml")

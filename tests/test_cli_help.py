@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from aevb_dist import __version__
-from aevb_dist.cli import build_parser
+from aevb_dist.cli.parser import build_parser
 
 
 def subparsers():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from aevb_dist import checkpoint, storage
+from aevb_dist.run import checkpoint, storage
 from tests.helpers import SMOKE, aevb, tiny_overrides
 
 pytestmark = pytest.mark.slow  # `aevb-dist train` processes, each starting an embedded Ray

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aevb_dist.config import load_config
-from aevb_dist.config_checks import captured_step_cannot_serve
+from aevb_dist.config.checks import captured_step_cannot_serve
 from aevb_dist.data.epoch_stream import EpochStream
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.train.captured_step import CapturedSteps
@@ -106,7 +106,7 @@ def test_the_captured_step_on_streamed_windows_equals_it_on_the_device_cache(tin
 def test_the_graph_serves_where_the_config_check_lets_it_and_a_streamed_run_falls_back_saying_why(
     tiny_data, tmp_path, overrides, capsys
 ):
-    """One rule (config_checks.captured_step_cannot_serve) answers both callers: what the config check refuses
+    """One rule (config.checks.captured_step_cannot_serve) answers both callers: what the config check refuses
     for a device-cache run is exactly what a streamed run takes the eager step for (but for the partitioned
     epochs of train.global_batch_size, which only streaming reads on the host)."""
     base = tiny_overrides(tiny_data, str(tmp_path)) + ["train.use_gpu=true", "train.cuda_graph=true"]

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from aevb_dist import checkpoint, storage
-from aevb_dist.run_lease import LEASE
+from aevb_dist.run import checkpoint, storage
+from aevb_dist.run.lease import LEASE
 from aevb_dist.train import worker
 from tests.faults import SLOW, logged_step, wait_for
 from tests.helpers import SMOKE, aevb, error_lines, tiny_overrides

@@ -29,7 +29,7 @@ def _gpu_run(tiny_data, tmp_path, name: str, *extra: str):
 
 
 def _final_parameters(run: str) -> dict:
-    from aevb_dist import checkpoint, storage
+    from aevb_dist.run import checkpoint, storage
 
     fs, path = storage.resolve(run)
     return checkpoint.load(fs, checkpoint.latest(fs, path))["model"]

@@ -9,13 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from aevb_dist import checkpoint
 from aevb_dist.config import load_config, to_dict, unused_keys
+from aevb_dist.eval import saved_model
 from aevb_dist.eval.jobs import encode, evaluate
 from aevb_dist.eval.plotting import plot_run
 from aevb_dist.model.elbo import evaluation_bound, iwae_bound, sgvb_a
 from aevb_dist.model.hierarchical import HierarchicalVAE, model_from_config
 from aevb_dist.model.marginal_likelihood import ais_log_marginal_likelihood, log_marginal_likelihood
+from aevb_dist.run import checkpoint
 from aevb_dist.train.driver import train
 from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, tiny_overrides
@@ -157,7 +158,7 @@ def test_a_two_layer_model_trains_from_its_config_and_comes_back_from_its_checkp
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     checkpoint.save(str(folder), saved[-1], to_dict(cfg))
-    vae, _ = checkpoint.model_from_bytes((folder / checkpoint.STATE).read_bytes())
+    vae, _ = saved_model.model_from_bytes((folder / checkpoint.STATE).read_bytes())
     x = torch.rand(5, 16).round()
     z = trainer.vae.sample_prior((3, 5), x)
     torch.testing.assert_close(vae.log_joint(x, z), trainer.vae.log_joint(x, z))

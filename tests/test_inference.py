@@ -8,16 +8,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes
 from aevb_dist.config import load_config
 from aevb_dist.data.binarization import binarize
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.eval.evaluation import evaluate_units
 from aevb_dist.eval.jobs import encode, evaluate
 from aevb_dist.eval.plotting import gradient_variance_figure, plot_run, write_figure
+from aevb_dist.eval.saved_model import model_from_bytes
 from aevb_dist.model.elbo import sgvb_b
 from aevb_dist.model.gradient_variance import variance_report, variance_sweep
 from aevb_dist.model.marginal_likelihood import log_marginal_likelihood
+from aevb_dist.run.checkpoint import load_checkpoint_bytes
 from aevb_dist.train.driver import train
 from tests.helpers import SMOKE, read_all, tiny_overrides
 
@@ -65,7 +66,7 @@ def test_the_test_elbo_training_logs_is_the_one_evaluate_computes(trained):
     logged test ELBO is what `aevb-dist evaluate --seed <the run's seed>` says of the final checkpoint."""
     import fsspec
 
-    from aevb_dist.run_log import read_metrics
+    from aevb_dist.run.metrics import read_metrics
 
     vae, saved = model_from_bytes(load_checkpoint_bytes(trained["run"])[0])
     last = read_metrics(fsspec.filesystem("file"), f"{trained['run']}/metrics.csv")[-1]

@@ -14,7 +14,7 @@ from typing import Optional
 import psutil
 import pytest
 
-from aevb_dist.ray_runtime import GCS_PROBE_TIMEOUT_S, RAY_CLIENT_JOIN_ATTEMPTS, choose_auth_mode
+from aevb_dist.cluster.ray_runtime import GCS_PROBE_TIMEOUT_S, RAY_CLIENT_JOIN_ATTEMPTS, choose_auth_mode
 from tests.helpers import SMOKE, aevb, error_lines, free_port, tiny_overrides
 
 
@@ -239,7 +239,7 @@ def cluster_of_one_worker_node(monkeypatch):
 def fail_mid_run(tiny_data, tmp_path, address: str, name: str, fault, undo=lambda: None) -> tuple[int, str, str, float]:
     """`aevb-dist train` on the cluster at `address`; `fault()` once its first checkpoint is in the run folder,
     `undo()` when the command has ended. (exit code, stderr, run folder, seconds from the fault to the end)."""
-    from aevb_dist import checkpoint, storage
+    from aevb_dist.run import checkpoint, storage
     from tests.faults import SLOW, wait_for
 
     slow = [f"{key}={value}" for key, value in {**SLOW, "train.max_steps": 100000}.items()]  # later keys win

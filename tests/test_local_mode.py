@@ -10,9 +10,9 @@ import threading
 import pytest
 import torch
 
-from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
-from aevb_dist.run_log import read_metrics
+from aevb_dist.run import checkpoint, storage
+from aevb_dist.run.metrics import read_metrics
 from aevb_dist.train.driver import train
 from tests.faults import SLOW, capture_errors, logged_step, our_local_workers, wait_for
 from tests.helpers import SMOKE, assert_bitwise_equal, final_state, tiny_overrides

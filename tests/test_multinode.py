@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from aevb_dist import storage
 from aevb_dist.config import load_config
-from aevb_dist.run_log import read_metrics
+from aevb_dist.run import storage
+from aevb_dist.run.metrics import read_metrics
 from aevb_dist.train import stop_request
 from aevb_dist.train.driver import train
 from tests.helpers import SMOKE, final_state, tiny_overrides

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
 from aevb_dist.data.partitions import PartitionedEpoch, partition_shares
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.model.noise import SegmentedNoise, standard_normal
-from aevb_dist.run_log import read_metrics
+from aevb_dist.run import checkpoint, storage
+from aevb_dist.run.metrics import read_metrics
 from aevb_dist.train.driver import train
 from tests.helpers import SMOKE, final_state, read_all, tiny_overrides
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from aevb_dist import compat
-from aevb_dist.ray_runtime import EMBEDDED_RAY_ENV, start_ray, stop_ray
+from aevb_dist.cluster import compat
+from aevb_dist.cluster.ray_runtime import EMBEDDED_RAY_ENV, start_ray, stop_ray
 
 
 @pytest.mark.slow  # starts an embedded Ray twice
@@ -43,12 +43,12 @@ def test_the_embedded_rays_settings_apply_to_it_alone(monkeypatch):
 
 
 def test_the_private_details_we_rely_on_are_where_we_use_them():
-    """Every private detail of Ray and Python that aevb_dist relies on (`aevb_dist/compat.py`), against the
+    """Every private detail of Ray and Python that aevb_dist relies on (`aevb_dist/cluster/compat.py`), against the
     installed Ray and Python: an upgrade that moves one fails here, by name. In a process of its own: reloading Ray's
     config would change the auth mode of any Ray this test process has joined."""
     code = """
 import os
-from aevb_dist import compat
+from aevb_dist.cluster import compat
 
 assert compat.checkpoint_manager_snapshot_name() == "checkpoint_manager_snapshot.json"
 from ray.train.v2._internal.execution.context import TrainContext, get_train_context  # preemption_context's

@@ -14,9 +14,9 @@ import psutil
 import pytest
 import torch
 
-from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
 from aevb_dist.data.schema import Batch
+from aevb_dist.run import checkpoint, storage
 from aevb_dist.train.batches import StepBatch
 from aevb_dist.train.driver import train
 from aevb_dist.train.trainer import NonFiniteError

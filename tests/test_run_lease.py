@@ -12,15 +12,15 @@ import time
 
 import pytest
 
-from aevb_dist import run_lease, storage
-from aevb_dist.run_lease import LEASE, WRITER, LeaseHeld, RunLease, process_identity
+from aevb_dist.run import lease, storage
+from aevb_dist.run.lease import LEASE, WRITER, LeaseHeld, RunLease, process_identity
 from tests.faults import wait_for
 from tests.helpers import SMOKE, aevb, tiny_overrides
 
 HOLDER = """
 import sys, time
-from aevb_dist import storage
-from aevb_dist.run_lease import RunLease
+from aevb_dist.run import storage
+from aevb_dist.run.lease import RunLease
 lease = RunLease(storage.Folder.open(sys.argv[1], sys.argv[2] or None), float(sys.argv[3]))
 lease.acquire()
 print("held", flush=True)
@@ -73,7 +73,7 @@ def test_a_live_lease_refuses_a_second_writer_and_a_dead_one_is_taken_over(kind,
 @pytest.mark.parametrize("kind", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 def test_lease_writes_are_conditional(kind, tmp_path, request):
     """Create only where absent, replace only the version read: of two writers racing, one wins."""
-    from aevb_dist.run_lease import _LocalLeaseFile, _S3LeaseObject
+    from aevb_dist.run.lease import _LocalLeaseFile, _S3LeaseObject
 
     uri, endpoint = run_uri_for(kind, tmp_path, request)
     run = storage.Folder.open(uri, endpoint or None)
@@ -193,7 +193,7 @@ def test_a_dead_drivers_writer_is_made_sure_gone_before_the_run_is_taken_over(tm
     try:
         write_lease(run, age_s=1.0, timeout_s=600.0, pid=orphan.pid + 10**6, pid_start=1)  # no such pid
         run.fs.pipe_file(run.file(WRITER), json.dumps(process_identity(orphan.pid)).encode())
-        monkeypatch.setattr(run_lease, "WRITER_EXIT_WAIT_S", 1.0)
+        monkeypatch.setattr(lease, "WRITER_EXIT_WAIT_S", 1.0)
         with RunLease(run, 600.0):
             assert orphan.poll() == -signal.SIGKILL or orphan.wait(5) == -signal.SIGKILL
             assert not run.fs.exists(run.file(WRITER))  # the gone writer's record is not the new run's

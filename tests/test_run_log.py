@@ -3,8 +3,8 @@ truncated to the resumed step, and read back incrementally by the driver's progr
 
 import math
 
-from aevb_dist import storage
-from aevb_dist.run_log import MetricsTail, RunLog, read_metrics
+from aevb_dist.run import storage
+from aevb_dist.run.metrics import MetricsTail, RunLog, read_metrics
 
 
 def row(step: int) -> dict:

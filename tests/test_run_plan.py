@@ -50,7 +50,7 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tiny_data, tmp_pat
 
 
 def test_a_checkpoint_fits_a_config_whose_shape_differs_only_in_its_one_channel_or_was_left_unset():
-    from aevb_dist.checkpoint import check_fits
+    from aevb_dist.run.checkpoint import check_fits
 
     now = {"latent_dim": 2, "input_shape": [28, 28], "init_std": 0.01}
     for saved_shape in ([1, 28, 28], [28, 28], None):

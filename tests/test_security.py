@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
-from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config, to_dict
-from aevb_dist.run_log import COLUMNS
+from aevb_dist.eval import saved_model
+from aevb_dist.run import checkpoint, storage
+from aevb_dist.run.metrics import COLUMNS
 from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, aevb, tiny_overrides
 
@@ -70,7 +71,7 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_by_every_loader(tin
     with pytest.raises(ValueError, match=r"holds more than tensors and plain values \(it asks for posix.system\)"):
         checkpoint.load(fs, folder)
     with pytest.raises(ValueError, match="not loaded, since loading it could run code"):
-        checkpoint.model_from_bytes(*checkpoint.load_checkpoint_bytes(run))
+        saved_model.model_from_bytes(*checkpoint.load_checkpoint_bytes(run))
     assert not marker.exists()
 
 

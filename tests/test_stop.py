@@ -9,8 +9,8 @@ import time
 import psutil
 import pytest
 
-from aevb_dist import checkpoint, storage
 from aevb_dist.config import load_config
+from aevb_dist.run import checkpoint, storage
 from aevb_dist.train.driver import train
 from tests.faults import SLOW, logged_step, wait_for
 from tests.helpers import SMOKE, assert_bitwise_equal, final_state, start_train, tiny_overrides

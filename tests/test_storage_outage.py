@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from aevb_dist import checkpoint, storage
-from aevb_dist.run_log import read_metrics
+from aevb_dist.run import checkpoint, storage
+from aevb_dist.run.metrics import read_metrics
 from tests.faults import SLOW, StorageLink, wait_for
 from tests.helpers import SMOKE, aevb, tiny_overrides
 

@@ -6,7 +6,7 @@ import secrets
 
 import pytest
 
-from aevb_dist import checkpoint, storage
+from aevb_dist.run import checkpoint, storage
 from tests import helpers
 from tests.helpers import SMOKE, tiny_overrides
 

@@ -224,7 +224,7 @@ def test_a_killed_sweep_resumes_with_exactly_its_trials_none_restarted_from_scra
 
 
 def _newest_checkpoint_step(run: "os.PathLike") -> int:
-    from aevb_dist import checkpoint, storage
+    from aevb_dist.run import checkpoint, storage
 
     fs, path = storage.resolve(str(run))
     return checkpoint.manifest_step(fs, checkpoint.latest(fs, path))

@@ -12,9 +12,9 @@ import mlflow
 import pytest
 import yaml
 
-from aevb_dist import storage
 from aevb_dist.config import absolute_local_uris, load_config
-from aevb_dist.run_log import read_metrics
+from aevb_dist.run import storage
+from aevb_dist.run.metrics import read_metrics
 from aevb_dist.tracking.mlflow_run import (
     METRIC_COLUMNS,
     RUN_ID_FILE,

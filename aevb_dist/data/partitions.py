@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Iterator, Optional
 
-from aevb_dist.config_checks import check_partitioning
+from aevb_dist.config.checks import check_partitioning
 from aevb_dist.data.epoch_stream import EpochStream, assign_row_groups
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.data.schema import Batch, concat

@@ -15,7 +15,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
-from aevb_dist import storage
+from aevb_dist.run import storage
 
 Item, Loaded = TypeVar("Item"), TypeVar("Loaded")
 _END = object()

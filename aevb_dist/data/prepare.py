@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aevb_dist import names, storage
+from aevb_dist import names
 from aevb_dist.data import count_sources, sources
 from aevb_dist.data import images as images_module
 from aevb_dist.data.images import ImageOptions
@@ -37,6 +37,7 @@ from aevb_dist.data.schema import (
     pixel_width,
 )
 from aevb_dist.data.value_range import decide_value_range
+from aevb_dist.run import storage
 
 FORMATS = names.DATASET_FORMATS
 

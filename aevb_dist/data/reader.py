@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aevb_dist import names, storage
+from aevb_dist import names
 from aevb_dist.console import first_line, say
 from aevb_dist.data import images
 from aevb_dist.data.counts_layout import CountsFooter, read_counts_footer, sparse_rows_of
@@ -49,6 +49,7 @@ from aevb_dist.data.schema import (
 )
 from aevb_dist.data.sparse_rows import CsrRows
 from aevb_dist.data.value_range import check_range_fits
+from aevb_dist.run import storage
 
 
 @dataclass(frozen=True)

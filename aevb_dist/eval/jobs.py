@@ -14,13 +14,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from aevb_dist import names, storage
-from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes, saved_eval_binarization
+from aevb_dist import names
+from aevb_dist.cluster.ray_runtime import cluster_cpus, run_tasks, start_ray, stop_ray, threads_for_cpus
 from aevb_dist.console import Progress, first_line, say
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.eval.evaluation import Sums, encode_units, evaluate_units, open_as_trained
-from aevb_dist.ray_runtime import cluster_cpus, run_tasks, start_ray, stop_ray, threads_for_cpus
-from aevb_dist.uri import absolute_uri, join
+from aevb_dist.eval.saved_model import model_from_bytes, saved_eval_binarization
+from aevb_dist.run import storage
+from aevb_dist.run.checkpoint import load_checkpoint_bytes
+from aevb_dist.run.uri import absolute_uri, join
 
 
 def _chunks(num_units: int, num_workers: int) -> list[list[int]]:

@@ -10,10 +10,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from aevb_dist import storage
-from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes
 from aevb_dist.console import say
-from aevb_dist.run_log import read_metrics
+from aevb_dist.eval.saved_model import model_from_bytes
+from aevb_dist.run import storage
+from aevb_dist.run.checkpoint import load_checkpoint_bytes
+from aevb_dist.run.metrics import read_metrics
 
 
 def _figure_bytes(fig) -> bytes:

@@ -7,11 +7,12 @@ from typing import Optional
 
 import torch
 
-from aevb_dist.checkpoint import load_checkpoint_bytes, model_from_bytes, saved_eval_binarization
 from aevb_dist.data.epoch_stream import EpochStream
 from aevb_dist.eval.evaluation import open_as_trained
 from aevb_dist.eval.model_input import model_input
+from aevb_dist.eval.saved_model import model_from_bytes, saved_eval_binarization
 from aevb_dist.model.gradient_variance import variance_sweep
+from aevb_dist.run.checkpoint import load_checkpoint_bytes
 
 
 def checkpoint_gradient_variance(

@@ -39,7 +39,7 @@ def sgvb_b(
     """Estimator B (eq. 7): −KL(q_φ(z|x) || p(z)) in closed form (Appendix B) + (1/L) Σ_l log p_θ(x|z_l).
 
     Every posterior family in posteriors.py has a closed-form KL to N(0, I), so B is exact for each; a stack of
-    stochastic layers has none (config_checks refuses B for it)."""
+    stochastic layers has none (config/checks.py refuses B for it)."""
     _check_samples("num_latent_samples", num_latent_samples)
     a_BZ, b_BZ = vae.encode(x_BD)
     z_LBZ = vae.sample_latent(a_BZ, b_BZ, num_latent_samples, generator)

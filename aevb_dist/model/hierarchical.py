@@ -47,7 +47,7 @@ class HierarchicalVAE(SharedParts, nn.Module):
         are those of q_φ(z_l | the layer below), mirrored in p_θ(the layer below | z_l)."""
         super().__init__()
         self.input_dim = input_dim
-        self.covariate_sizes = ()  # conditioning on covariates is the one-layer VAE's (config_checks refuses it here)
+        self.covariate_sizes = ()  # conditioning on covariates is the one-layer VAE's (the config check refuses it)
         self.latent_dims = [dim for dim, _ in layers]
         self.latent_dim = sum(self.latent_dims)
         self.likelihood = likelihood_from_name(likelihood, squash_mean=squash_mean, input_dim=input_dim)

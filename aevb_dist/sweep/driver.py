@@ -11,13 +11,14 @@ import hashlib
 import json
 from typing import Optional
 
-from aevb_dist import storage
-from aevb_dist.config import Config, absolute_local_uris
+from aevb_dist.config import absolute_local_uris
+from aevb_dist.config.schema import Config
 from aevb_dist.console import say
+from aevb_dist.run import storage
+from aevb_dist.run.uri import join
 from aevb_dist.sweep.results import best_trial, trial_rows, write_results
 from aevb_dist.sweep.space import check_space, read_space
 from aevb_dist.sweep.tuning import SweepOptions, run_sweep
-from aevb_dist.uri import join
 
 SWEEP_FILE = "sweep.json"  # the space and options the sweep folder was started with
 

@@ -12,11 +12,12 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from aevb_dist import storage
-from aevb_dist.config import Config, config_from_dict, to_yaml
-from aevb_dist.run_log import read_metrics
+from aevb_dist.config import config_from_dict, to_yaml
+from aevb_dist.config.schema import Config
+from aevb_dist.run import storage
+from aevb_dist.run.metrics import read_metrics
+from aevb_dist.run.uri import join
 from aevb_dist.sweep.space import Space
-from aevb_dist.uri import join
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from aevb_dist.config import Config, config_with
+from aevb_dist.config import config_with
+from aevb_dist.config.schema import Config
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 _CALL = re.compile(r"^\s*([a-z_]+)\s*\((.*)\)\s*$", re.DOTALL)

@@ -24,15 +24,16 @@ import threading
 from dataclasses import dataclass
 from typing import Optional
 
-from aevb_dist import storage
-from aevb_dist.config import Config, absolute_local_uris, config_with
+from aevb_dist.config import absolute_local_uris, config_with
+from aevb_dist.config.schema import Config
 from aevb_dist.console import Interrupted, say
-from aevb_dist.run_log import MetricsTail
+from aevb_dist.run import storage
+from aevb_dist.run.metrics import MetricsTail
+from aevb_dist.run.uri import join
 from aevb_dist.sweep.space import Space, trial_overrides
 from aevb_dist.sweep.table import TrialTable
 from aevb_dist.sweep.trials import TRIAL_PREFIX, trial_name
 from aevb_dist.train import stop_request
-from aevb_dist.uri import join
 
 TUNE_FOLDER = "tune"  # Ray Tune's experiment state, inside the sweep's folder
 STOP_FILE = "stop_request"  # in the sweep folder: trials that have not begun stop before training
@@ -116,7 +117,7 @@ def run_sweep(base: Config, space: Space, options: SweepOptions, mlflow_parent_r
     """The sweep to its end (or resumed); returns {"folder": Folder, "grid": ResultGrid}."""
     from ray import tune
 
-    from aevb_dist.ray_runtime import cluster_cpus, start_ray, stop_ray
+    from aevb_dist.cluster.ray_runtime import cluster_cpus, start_ray, stop_ray
 
     base = absolute_local_uris(base)
     folder = storage.Folder.open(join(base.run.storage_uri, options.name), base.run.s3_endpoint_url)

@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from aevb_dist import storage
 from aevb_dist.console import first_line, say
+from aevb_dist.run import storage
 
 RUN_ID_FILE = "mlflow_run.json"
 # metrics.csv's columns sent as MLflow metrics (step and time are the metric's own step and timestamp)
@@ -228,7 +228,7 @@ class MlflowRun:
 
 def _learning_curve_png(run: storage.Folder, folder: str) -> Optional[str]:
     from aevb_dist.eval.plotting import learning_curve
-    from aevb_dist.run_log import read_metrics
+    from aevb_dist.run.metrics import read_metrics
 
     rows = read_metrics(run.fs, run.file("metrics.csv"))
     if not rows:

@@ -10,8 +10,8 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from aevb_dist.config import DataConfig, TrainConfig
-from aevb_dist.config_checks import check_partitioning
+from aevb_dist.config.checks import check_partitioning
+from aevb_dist.config.schema import DataConfig, TrainConfig
 from aevb_dist.data.epoch_stream import EpochStream
 from aevb_dist.data.partitions import PartitionedEpoch, partitioned_num_batches
 from aevb_dist.data.reader import ParquetDataset

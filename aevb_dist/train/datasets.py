@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from aevb_dist.config import Config, ModelConfig
+from aevb_dist.config.schema import Config, ModelConfig
 from aevb_dist.data.binarization import train_binarization
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.train.batches import BatchSource

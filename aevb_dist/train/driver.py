@@ -10,15 +10,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from aevb_dist import checkpoint, compat, storage
-from aevb_dist.config import Config, absolute_local_uris, to_dict, to_yaml, unused_keys
-from aevb_dist.config_checks import same_image_shape
+from aevb_dist.cluster import compat
+from aevb_dist.config import absolute_local_uris, to_dict, to_yaml, unused_keys
+from aevb_dist.config.checks import same_image_shape
+from aevb_dist.config.schema import Config
 from aevb_dist.console import Interrupted, first_line, say
 from aevb_dist.data.reader import ParquetDataset
 from aevb_dist.data.statistics import mean_intensity
 from aevb_dist.model.hierarchical import model_from_config
-from aevb_dist.run_lease import LeaseHeld, RunLease
-from aevb_dist.run_log import ProgressPrinter, read_metrics
+from aevb_dist.run import checkpoint, storage
+from aevb_dist.run.lease import LeaseHeld, RunLease
+from aevb_dist.run.metrics import ProgressPrinter, read_metrics
+from aevb_dist.run.uri import absolute_tracking_uri
 from aevb_dist.tracking.mlflow_run import check_store, open_before_launch
 from aevb_dist.train import stop_request
 from aevb_dist.train.batches import BatchSource
@@ -26,7 +29,6 @@ from aevb_dist.train.datasets import open_datasets, with_covariate_sizes
 from aevb_dist.train.local_launcher import launch_local
 from aevb_dist.train.ray_launcher import launch_on_ray
 from aevb_dist.train.worker import WorkerSpec
-from aevb_dist.uri import absolute_tracking_uri
 
 
 def train(cfg: Config, wait_for_lease: bool = True, mlflow_parent_run_id: Optional[str] = None) -> dict:

@@ -29,9 +29,10 @@ import threading
 import time
 import uuid
 
-from aevb_dist import compat, storage
+from aevb_dist.cluster import compat
+from aevb_dist.cluster.ray_runtime import threads_for_cpus
 from aevb_dist.console import first_line, say, user_error_in
-from aevb_dist.ray_runtime import threads_for_cpus
+from aevb_dist.run import storage
 from aevb_dist.train.fork_server import prestart
 from aevb_dist.train.ray_context import from_ray_train
 from aevb_dist.train.run_folder_sink import WriteToRunFolder

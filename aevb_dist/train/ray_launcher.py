@@ -21,10 +21,11 @@ import threading
 import time
 from typing import Optional
 
-from aevb_dist import checkpoint, compat, storage
-from aevb_dist.config import Config
+from aevb_dist.cluster import compat
+from aevb_dist.cluster.ray_runtime import cluster_cpus, head_answers, start_ray, stop_ray, threads_for_cpus
+from aevb_dist.config.schema import Config
 from aevb_dist.console import first_line, say, user_error_in
-from aevb_dist.ray_runtime import cluster_cpus, head_answers, start_ray, stop_ray, threads_for_cpus
+from aevb_dist.run import checkpoint, storage
 from aevb_dist.train.collectives import peer_lost_in
 from aevb_dist.train.ray_context import from_ray_train
 from aevb_dist.train.run_folder_sink import WriteThenReport

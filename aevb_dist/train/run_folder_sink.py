@@ -13,8 +13,8 @@ import tempfile
 import threading
 from typing import Optional
 
-from aevb_dist import checkpoint, storage
 from aevb_dist.console import unfixable_by_waiting
+from aevb_dist.run import checkpoint, storage
 
 
 class WriteToRunFolder:

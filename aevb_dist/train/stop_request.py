@@ -22,8 +22,8 @@ import threading
 import time
 from typing import Callable, Iterator, Optional
 
-from aevb_dist import storage
 from aevb_dist.console import Interrupted, first_line, say
+from aevb_dist.run import storage
 
 FILE_NAME = "stop_request.json"
 POLL_S = 2.0  # at most this long (plus a step) from the request to the workers' checkpoint

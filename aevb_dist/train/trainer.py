@@ -18,13 +18,13 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Callable, Optional
 
 import torch
 
 from aevb_dist import names, seeds
-from aevb_dist.config import CheckpointConfig, OptimConfig, TrainConfig
-from aevb_dist.config_checks import captured_step_cannot_serve
+from aevb_dist.config.checks import captured_step_cannot_serve
+from aevb_dist.config.schema import CheckpointConfig, OptimConfig, TrainConfig
 from aevb_dist.console import say
 from aevb_dist.data.epoch_stream import assign_row_groups
 from aevb_dist.data.reader import ParquetDataset
@@ -44,6 +44,7 @@ from aevb_dist.train.collectives import (
     all_reduce_step_sums,
     all_reduce_sum,
 )
+from aevb_dist.train.eager_step import EagerSteps, StepRunner
 from aevb_dist.train.optimizers import learning_rate, set_learning_rate
 
 
@@ -184,7 +185,7 @@ class Trainer:
     ) -> None:
         """Backpropagate this rank's −(objective sum) into the flat buffer, and put its ELBO sum and
         example count (an int, or a device tensor inside a CUDA graph) in the buffer's tail."""
-        if self.weighs_kl:  # the eager step only (config_checks.captured_step_cannot_serve)
+        if self.weighs_kl:  # the eager step only (config.checks.captured_step_cannot_serve)
             elbo_sum, objective_sum = self._weighted_kl_sums(x_BD, generator)
         else:
             elbo_sum = objective_sum = self.bound_sum(x_BD, weight_B, generator)
@@ -391,28 +392,3 @@ class Trainer:
         }
         self.objective_in_window = 0.0
         return row
-
-
-class StepRunner(Protocol):
-    """What the training loop drives: one epoch's steps, and the window's sums at a log line."""
-
-    def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
-        """Take epoch `epoch`'s steps from `start_batch` on (read from the trainer's batch source), yielding
-        each step's global (ELBO sum or None when it stays on the device, example count)."""
-
-    def read_window(self, window: dict) -> None:
-        """Before a log line: bring the window's sums that the steps kept elsewhere into `window`."""
-
-
-class EagerSteps:
-    """The eager step: each batch from the reader, through `Trainer.step_on`."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-
-    def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
-        for batch in self.trainer.source.epoch_batches(epoch, start_batch):
-            yield self.trainer.step_on(batch)
-
-    def read_window(self, window: dict) -> None:
-        """The eager step's sums are on the host already."""

@@ -24,14 +24,15 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from aevb_dist import checkpoint, storage, uri
-from aevb_dist.config import Config, to_dict
+from aevb_dist.config import to_dict
+from aevb_dist.config.schema import Config
 from aevb_dist.console import say
 from aevb_dist.data.binarization import eval_binarization
 from aevb_dist.model.hierarchical import model_from_config
 from aevb_dist.model.networks import autocast_networks
-from aevb_dist.run_lease import record_writer
-from aevb_dist.run_log import RunLog
+from aevb_dist.run import checkpoint, storage, uri
+from aevb_dist.run.lease import record_writer
+from aevb_dist.run.metrics import RunLog
 from aevb_dist.train.datasets import rank_data, with_covariate_sizes
 from aevb_dist.train.optimizers import build_optimizer, examples_per_step
 from aevb_dist.train.stop_request import StopRequestWatch

@@ -21,7 +21,7 @@ import fsspec
 import fsspec.implementations.local
 
 from aevb_dist.console import first_line, say, unfixable_by_waiting
-from aevb_dist.uri import check_uri, join, local_path, scheme_of
+from aevb_dist.run.uri import check_uri, join, local_path, scheme_of
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
-"""docs/configuration.md, written from the schema itself: every key of `config.Config` with its type, its
+"""docs/configuration.md, written from the schema itself: every key of `schema.Config` with its type, its
 default and the comment that the schema gives it. `tests/test_config.py` checks that the file is current.
 
-    python -m aevb_dist.config_docs > docs/configuration.md
+    python -m aevb_dist.config.reference > docs/configuration.md
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import inspect
 import json
 from typing import Any
 
-from aevb_dist import config
+from aevb_dist.config import schema
 
 HEADER = """# Configuration
 
-Every key of the config schema (`aevb_dist/config.py`), with its type, default and meaning. A run's
+Every key of the config schema (`aevb_dist/config/schema.py`), with its type, default and meaning. A run's
 config is this schema merged with a YAML file (`configs/`) and `key=value` overrides on the command line
 (`aevb-dist train CONFIG train.num_workers=2`); unknown keys and wrong types are refused in one line.
 `aevb-dist config CONFIG [key=value ...]` prints the resolved config. This page is generated from the
-schema (`python -m aevb_dist.config_docs > docs/configuration.md`) and checked current by the tests.
+schema (`python -m aevb_dist.config.reference > docs/configuration.md`) and checked current by the tests.
 """
 
 
@@ -83,7 +83,7 @@ def _item_schema(annotation: Any):
 
 
 def markdown() -> str:
-    out = [HEADER, "| key | type | default | meaning |", "|---|---|---|---|", *_rows("", config.Config), ""]
+    out = [HEADER, "| key | type | default | meaning |", "|---|---|---|---|", *_rows("", schema.Config), ""]
     for section in _sections():
         doc = (section.default_factory.__doc__ or "").strip()
         out += [f"## `{section.name}`", ""] + (
@@ -95,15 +95,15 @@ def markdown() -> str:
 
 
 def _sections() -> list[dataclasses.Field]:
-    return [s for s in dataclasses.fields(config.Config) if dataclasses.is_dataclass(s.default_factory)]
+    return [s for s in dataclasses.fields(schema.Config) if dataclasses.is_dataclass(s.default_factory)]
 
 
 def undocumented() -> list[str]:
     """Keys whose schema field has no comment."""
     missing = [
         f.name
-        for f in dataclasses.fields(config.Config)
-        if not dataclasses.is_dataclass(f.default_factory) and not field_comments(config.Config).get(f.name)
+        for f in dataclasses.fields(schema.Config)
+        if not dataclasses.is_dataclass(f.default_factory) and not field_comments(schema.Config).get(f.name)
     ]
     for s in _sections():
         comments = field_comments(s.default_factory)

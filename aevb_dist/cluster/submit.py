@@ -22,10 +22,11 @@ import uuid
 from importlib import metadata
 from typing import Optional
 
-from aevb_dist.config import Config, absolute_local_uris, to_yaml
+from aevb_dist.cluster.ray_runtime import AUTH_HELP, cluster_auth_token
+from aevb_dist.config import absolute_local_uris, to_yaml
+from aevb_dist.config.schema import Config
 from aevb_dist.console import say
-from aevb_dist.ray_runtime import AUTH_HELP, cluster_auth_token
-from aevb_dist.storage import s3_endpoint
+from aevb_dist.run.storage import s3_endpoint
 
 REQUIREMENTS = ("torch", "pyarrow", "fsspec", "omegaconf", "numpy", "scipy", "s3fs", "tensorboard", "matplotlib")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

@@ -20,8 +20,8 @@ import threading
 import time
 from typing import Optional
 
-from aevb_dist import storage
 from aevb_dist.console import say, unfixable_by_waiting
+from aevb_dist.run import storage
 
 COLUMNS = [
     "step",

@@ -28,8 +28,8 @@ import time
 import uuid
 from typing import Callable, Optional
 
-from aevb_dist import storage
 from aevb_dist.console import first_line, say
+from aevb_dist.run import storage
 
 LEASE = "lease.json"
 

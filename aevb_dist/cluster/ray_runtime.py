@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Any, Callable, Optional
 
-from aevb_dist import compat
+from aevb_dist.cluster import compat
 from aevb_dist.console import Interrupted, say
 
 

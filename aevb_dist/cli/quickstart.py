@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
+from aevb_dist.cluster.ray_runtime import start_ray, stop_ray
 from aevb_dist.config import load_config
 from aevb_dist.console import say
 from aevb_dist.data.prepare import prepare
-from aevb_dist.ray_runtime import start_ray, stop_ray
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 

@@ -1,21 +1,28 @@
 """The config's checks: every user mistake a one-line ValueError naming the key and the fix.
 
-One `check_<section>` per section of config.py, each reading only its own section, then `check_across` for
-the rules that join sections (where the data and the step are placed, elastic runs, KL weighting, the
+One `check_<section>` per section of the schema (`schema.py`), each reading only its own section, then
+`check_across` for the rules that join sections (where the data and the step are placed, elastic runs, KL weighting, the
 captured step). `validate` runs them all, as `load_config` does.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 from aevb_dist import names
-from aevb_dist.uri import check_tracking_uri, check_uri
-
-# The sections' types are config.py's, which imports this module: named here for readers, not imported.
-Config = ModelConfig = DataConfig = TrainConfig = OptimConfig = RunConfig = CheckpointConfig = RayConfig = Any
-TrackingConfig = Any
+from aevb_dist.config.schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RayConfig,
+    RunConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from aevb_dist.run.uri import check_tracking_uri, check_uri
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -254,7 +261,7 @@ def check_across(cfg: Config) -> None:
             raise ValueError(f"train.cuda_graph=true cannot capture this run's step: {why}; set train.cuda_graph=false")
 
 
-def captured_step_cannot_serve(train, optim, *, streamed: bool) -> Optional[str]:
+def captured_step_cannot_serve(train: TrainConfig, optim: OptimConfig, *, streamed: bool) -> Optional[str]:
     """Why the captured CUDA-graph step (train.cuda_graph=true on a GPU) cannot run a run of these sections,
     or None where it can. One rule for both of its callers, so they never disagree: the config check refuses
     a device-cache run for it, and a streamed run (`streamed`) takes the eager step instead, saying why

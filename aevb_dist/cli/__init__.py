@@ -1,0 +1,1 @@
+"""The command line: `aevb-dist` and its commands, and the quickstart."""
