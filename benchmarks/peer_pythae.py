@@ -12,7 +12,7 @@ SGVB-B (pythae's VAE: closed-form KL, one sample), Adagrad lr 0.02, minibatch 10
 cores' threads, real MNIST's 60,000 training images. What each side does beyond the loop, as a user
 runs it: pythae reads the IDX file into memory (intensities, no binarization: pythae has none) and
 saves its final model; `aevb-dist train configs/mnist.yaml` streams Parquet prepared beforehand (not
-timed: `aevb-dist prepare` once per dataset) with dynamic binarization, in Ray Train's local mode
+timed: `aevb-dist prepare` once per dataset) with dynamic binarization, in local mode
 (`ray.local_mode=true`, 1 worker), MAP prior, logging, checkpoints and the test-set ELBO at the end.
 Runs alternate (this machine's speed drifts); prints each side's median seconds and the ratio.
 Run by hand, not in CI.

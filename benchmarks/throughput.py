@@ -10,7 +10,7 @@ aevb_dist (benchmarks/plain.py: nn.Linear layers and the closed-form loss, no pr
 - the same 2 processes with a hand-written all-reduce of one flat gradient buffer instead of DDP
   (the 2-worker ceiling is the faster of the two);
 - `aevb-dist train` streaming the same data from Parquet, 1 worker and 2 workers, on its
-  embedded Ray and in Ray Train's local mode (`ray.local_mode=true`, no Ray cluster): steady
+  embedded Ray and in local mode (`ray.local_mode=true`, no Ray cluster): steady
   samples/s from metrics.csv, the wall time from command start to the first step and from the
   last step to exit.
 For each aevb-dist case it prints `ratio_vs_ceiling` (1 worker against the single process,

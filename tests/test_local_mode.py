@@ -1,4 +1,4 @@
-"""`ray.local_mode=true`: Ray Train's local mode in worker processes of this machine, no Ray cluster.
+"""`ray.local_mode=true`: the workers as processes of this machine, supervised by the command, with no Ray.
 Same math and run folder as a run on Ray: bit-exact resume across modes, checkpoints kept, failures
 answered in one line. (A killed worker and a killed driver: tests/test_reliability.py, both modes.)"""
 

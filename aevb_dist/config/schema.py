@@ -200,8 +200,8 @@ class RayConfig:
     address: Optional[str] = None
     # Forward the workers' own logs (Ray Train's included) to the driver; progress is shown either way.
     show_worker_logs: bool = False
-    # Ray Train's local mode: no Ray cluster is started; the workers are processes of this machine
-    # (torch.distributed's elastic launcher). Seconds instead of ~15 s of start-up; one machine only.
+    # Local mode: no Ray is started; the workers are processes of this machine, forked and supervised by the
+    # command itself. Seconds instead of ~15 s of start-up; one machine only.
     local_mode: bool = False
 
 

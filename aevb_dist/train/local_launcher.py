@@ -1,44 +1,44 @@
-"""`ray.local_mode=true`: Ray Train's local mode on processes of this machine, with no Ray cluster.
+"""`ray.local_mode=true`: the workers as processes of this machine, with no Ray at all.
 
 Why it exists: on the embedded Ray, Ray Train V2 starts a controller and six helper actors, each a
 fresh Python process importing Ray Train (~21 CPU-seconds in all, measured: 12-14 s to the first
-step on 2 cores). In local mode (`ScalingConfig(num_workers=0)`) Ray Train runs the training
-function in the calling process and, when the torchrun variables are set, joins a torch process
-group from them. Here torch.distributed's elastic launcher starts one process per worker with those
-variables, forked from a server that has the heavy modules imported already, so a run starts in a
-few seconds. The worker function is the same as on a cluster (`worker.run_worker`).
+step on 2 cores). Here one supervisor, this module, forks one process per worker from a server that
+has the heavy modules imported already (fork_server.py), hands each its `WorkerContext` (rank, world
+size, device) and a gloo (or NCCL) process group joined through a store of this attempt's own, and
+runs the same worker function as on a cluster (`worker.run_worker`). A run starts in a few seconds.
 
-What Ray Train's controller did that local mode does not, is done here: a failed worker stops the
-whole group (the elastic agent's job), which is launched again from the newest complete checkpoint,
-up to `train.max_failures` times (`run_group`). Checkpoints go into the run folder as on Ray
-(`run_folder_sink.WriteToRunFolder`: rank 0 writes them itself, manifest last, and prunes).
+What Ray Train's controller does on a cluster is done here, by one rule: a failed worker stops the
+whole group, which is launched again from the newest complete checkpoint, up to `train.max_failures`
+times (`run_group`). Checkpoints go into the run folder as on Ray (`run_folder_sink.WriteToRunFolder`:
+rank 0 writes them itself, manifest last, and prunes).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import json
-import logging
+import datetime
+import multiprocessing
+import multiprocessing.connection
 import os
 import select
 import signal
-import tempfile
+import sys
 import threading
 import time
-import uuid
+import traceback
+from typing import Optional
 
 from aevb_dist.cluster import compat
 from aevb_dist.cluster.ray_runtime import threads_for_cpus
 from aevb_dist.console import first_line, say, user_error_in
 from aevb_dist.run import storage
 from aevb_dist.train.fork_server import prestart
-from aevb_dist.train.ray_context import from_ray_train
 from aevb_dist.train.run_folder_sink import WriteToRunFolder
-from aevb_dist.train.worker import WorkerSpec, run_worker
+from aevb_dist.train.worker import WorkerContext, WorkerSpec, run_worker
 
-_PROCESS_LOGGERS = ["torch.distributed.elastic.multiprocessing", "torch.multiprocessing"]
+# A collective that waits longer than this for a peer fails (gloo's default is 30 min); the supervisor stops
+# the group as soon as one worker fails, so this bounds only a hang that no exit would reveal.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def launch_local(spec: WorkerSpec, num_examples: int) -> None:
@@ -58,7 +58,7 @@ def launch_local(spec: WorkerSpec, num_examples: int) -> None:
     cpus = cfg.train.cpus_per_worker if cfg.train.cpus_per_worker is not None else (os.cpu_count() or 1) // n
     spec = dataclasses.replace(spec, threads=threads_for_cpus(cpus))
     say(
-        f"training {cfg.run.name} in Ray Train's local mode: {n} worker process(es), {spec.threads} thread(s) "
+        f"training {cfg.run.name} in local mode: {n} worker process(es), {spec.threads} thread(s) "
         f"each, {num_examples:,} training examples → {run.uri}"
     )
     run_group(spec, num_workers=n, max_failures=cfg.train.max_failures)
@@ -74,48 +74,144 @@ def _forget_ray_checkpoint_list(run: storage.Folder) -> None:
         run.fs.rm(snapshot)
 
 
-def _worker(spec: WorkerSpec, error_dir: str, driver_pid: int) -> None:
-    """One worker process: Ray Train's local-mode TorchTrainer around the cluster worker function."""
-    _die_with_driver(driver_pid)
-    # Ctrl-C in a terminal reaches every process of the group; the driver answers it (stop_request.py).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cfg = spec.config
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    if not cfg.train.use_gpu:
-        # Ray's local controller picks NCCL whenever CUDA is visible; CPU training needs gloo.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def run_group(spec: WorkerSpec, num_workers: int, max_failures: int) -> None:
+    """Run `num_workers` workers to the end; raises ValueError for a user's mistake, RuntimeError when the
+    group failed more than `max_failures` times (-1: no limit)."""
+    prestart()
+    limit = "unlimited" if max_failures < 0 else max_failures
+    restarts = 0
+    while True:
+        failure = _attempt(spec, num_workers)
+        if failure is None:
+            return
+        if 0 <= max_failures <= restarts:  # any failure is retried, as Ray Train retries on a cluster
+            raise failure
+        restarts += 1
+        say(
+            f"a worker failed ({failure}); restarting all {num_workers} from the newest checkpoint "
+            f"(restart {restarts} of {limit})"
+        )
 
-    if not cfg.ray.show_worker_logs:  # "Running in local mode", "Reported metrics" at every report
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
-    storage_path, storage_fs = storage.ray_train_storage(spec.run)
-    sink = WriteToRunFolder(spec.run, cfg.checkpoint.keep_last, cfg.run.storage_retry_s)
-    trainer = TorchTrainer(
-        functools.partial(_train_in_local_mode, spec, sink),
-        scaling_config=ScalingConfig(num_workers=0),
-        run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs),
-    )
+
+def _attempt(spec: WorkerSpec, num_workers: int) -> Optional[Exception]:
+    """One launch of the group: None when every worker ended well; else why it failed (a ValueError for a
+    user's mistake on any rank). The store is this attempt's own: a restart never meets a dead attempt's
+    addresses in it. Ctrl-C and SIGTERM are the driver's (stop_request.py), never the workers'."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, num_workers, is_master=True, wait_for_workers=False)
+    context = multiprocessing.get_context("forkserver")
+    pipes = [context.Pipe(duplex=False) for _ in range(num_workers)]  # each worker's last word
+    workers = [
+        context.Process(
+            target=_worker,
+            args=(spec, rank, num_workers, store.port, send, os.getpid()),
+            name=f"aevb-worker-{rank}",
+        )
+        for rank, (_, send) in enumerate(pipes)
+    ]
     try:
-        trainer.fit()
+        for worker, (_, send) in zip(workers, pipes):
+            worker.start()
+            send.close()
+        return _wait_for_group(workers, [receive for receive, _ in pipes])
+    finally:
+        _stop(workers)
+        for receive, _ in pipes:
+            receive.close()
+        del store
+
+
+def _wait_for_group(workers: list, receives: list) -> Optional[Exception]:
+    """Until every worker has exited well, or one has failed (the others are then stopped): why it failed."""
+    running = {worker.sentinel: worker for worker in workers}
+    while running:
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            if running.pop(sentinel).exitcode != 0:
+                return _group_error(workers, receives)
+    return None
+
+
+def _group_error(workers: list, receives: list) -> Exception:
+    """The workers' own reasons (each failed worker sends its reason before it exits): a user's mistake on any
+    rank becomes a one-line ValueError; otherwise each failed rank's exception, or what ended it."""
+    reports = {rank: report for rank, receive in enumerate(receives) if (report := _last_word(receive)) is not None}
+    for user_error, _ in reports.values():
+        if user_error is not None:
+            return ValueError(user_error)
+    reasons = [
+        f"rank {rank}: {reports[rank][1] if rank in reports else _exit_reason(worker.exitcode)}"
+        for rank, worker in enumerate(workers)
+        if rank in reports or worker.exitcode not in (None, 0)
+    ]
+    return RuntimeError("training failed in local mode: " + "; ".join(reasons))
+
+
+def _last_word(receive) -> Optional[tuple]:
+    """What a worker sent before it exited; None from one that sent nothing (killed, or ended well)."""
+    try:
+        return receive.recv() if receive.poll(0) else None
+    except EOFError:
+        return None
+
+
+def _exit_reason(exitcode: int) -> str:
+    """Why a rank that left no report ended: the signal that killed it, or its exit code."""
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode} before the training function could say why (its output is above)"
+
+
+def _stop(workers: list) -> None:
+    """Every worker still running is killed: after a failure the others wait on it in a collective, and after
+    a second Ctrl-C the command stops at once. A checkpoint cut off this way has no manifest: never used."""
+    for worker in workers:
+        if worker.pid is not None and worker.exitcode is None:
+            worker.kill()
+    for worker in workers:
+        if worker.pid is not None:
+            worker.join()
+
+
+def _worker(spec: WorkerSpec, rank: int, world_size: int, store_port: int, send, driver_pid: int) -> None:
+    """One worker process: its context and process group, the cluster's worker function, and its last word to
+    the supervisor: nothing when it ended well, else (the user's mistake or None, the reason in one line)."""
+    _die_with_driver(driver_pid)
+    # A terminal's Ctrl-C reaches every process of the group, a scheduler's SIGTERM may too: the driver answers
+    # them (stop_request.py: rank 0 checkpoints the next step and every rank stops).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        context = _join_group(spec, rank, world_size, store_port)
+        sink = WriteToRunFolder(spec.run, spec.config.checkpoint.keep_last, spec.config.run.storage_retry_s)
+        run_worker(spec, sink, context)
         sink.wait()  # the last checkpoint, uploaded in the background, is in the run folder
-    except BaseException as err:
-        # The launcher only sees an exit code: leave it the cause in one line, and the user's mistake if any.
+    except BaseException as err:  # told once, in one line, by the supervisor; the traceback where asked
+        if spec.config.ray.show_worker_logs:
+            traceback.print_exc()
         user_error = user_error_in(err)
-        with open(os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
-            json.dump(
-                {
-                    "user_error": None if user_error is None else str(user_error),
-                    "reason": f"{type(err).__name__}: {first_line(err)}",
-                },
-                f,
-            )
-        raise
+        send.send((None if user_error is None else str(user_error), f"{type(err).__name__}: {first_line(err)}"))
+        sys.stderr.flush()
+        os._exit(1)
+    finally:
+        send.close()
 
 
-def _train_in_local_mode(spec: WorkerSpec, sink: WriteToRunFolder) -> None:
-    """The training function Ray Train's local mode runs in each worker process: the worker, told who it is."""
-    run_worker(spec, sink, from_ray_train(spec.config.train.use_gpu))
+def _join_group(spec: WorkerSpec, rank: int, world_size: int, store_port: int) -> WorkerContext:
+    """This worker's context; with several workers, the process group joined (gloo on CPUs, NCCL on GPUs)."""
+    import torch
+    import torch.distributed as dist
+
+    device = "cpu"
+    if spec.config.train.use_gpu:
+        torch.cuda.set_device(rank)  # launch_local checked there is a GPU per worker
+        device = f"cuda:{rank}"
+    if world_size > 1:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=COLLECTIVE_TIMEOUT)
+        backend = "nccl" if spec.config.train.use_gpu else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    return WorkerContext(rank=rank, world_size=world_size, device=device)
 
 
 def _die_with_driver(pid: int) -> None:
@@ -143,99 +239,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, another user's
         pass
     return True
-
-
-def run_group(spec: WorkerSpec, num_workers: int, max_failures: int) -> None:
-    """Run `num_workers` local-mode workers to the end; raises ValueError for a user's mistake.
-
-    A failed attempt is relaunched here rather than by the elastic agent: its restarts reuse the
-    rendezvous store, where gloo then finds the dead attempt's addresses (connection refused)."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    prestart()
-    limit = "unlimited" if max_failures < 0 else max_failures
-    quiet = not spec.config.ray.show_worker_logs
-    restarts = 0
-    while True:
-        with (
-            tempfile.TemporaryDirectory(prefix="aevb-local-") as tmp,
-            _quiet_loggers(_PROCESS_LOGGERS if quiet else []),
-        ):
-            try:
-                _launch(spec, num_workers, tmp)
-                return
-            except ChildFailedError as err:
-                error = _group_error(os.path.join(tmp, "errors"), err)
-            except SignalException as err:  # Ctrl-C or SIGTERM: the agent has stopped the workers
-                raise KeyboardInterrupt(str(err)) from None
-        if 0 <= max_failures <= restarts:
-            raise error
-        restarts += 1
-        say(
-            f"a worker failed ({error}); restarting all {num_workers} from the newest checkpoint "
-            f"(restart {restarts} of {limit})"
-        )
-
-
-def _launch(spec: WorkerSpec, num_workers: int, tmp: str) -> None:
-    """One attempt: a fresh rendezvous on a free loopback port, `num_workers` processes, no restarts."""
-    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    os.makedirs(os.path.join(tmp, "errors"))
-    launch = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=num_workers,
-        run_id=uuid.uuid4().hex,
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",
-        local_addr="127.0.0.1",
-        max_restarts=0,
-        monitor_interval=0.1,
-        start_method="forkserver",
-        # SIGINT and SIGTERM stay the driver's (stop_request.stop_on_signals): the agent must not take them over.
-        signals_to_handle="SIGHUP,SIGQUIT",
-        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")),
-    )
-    elastic_launch(launch, _worker)(spec, os.path.join(tmp, "errors"), os.getpid())
-
-
-@contextlib.contextmanager
-def _quiet_loggers(names: list[str]):
-    """Silence the launcher's per-process tracebacks: the cause is reported once, as one line."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _group_error(error_dir: str, err: Exception) -> Exception:
-    """The workers' own reason for failing (the files `_worker` left): a user's mistake on any rank
-    becomes a one-line ValueError; otherwise each failed rank's exception, or what killed it."""
-    written = {}
-    for name in os.listdir(error_dir):
-        with open(os.path.join(error_dir, name)) as f:
-            written[int(name[len("rank") : -len(".json")])] = json.load(f)
-    for report in written.values():
-        if report["user_error"] is not None:
-            return ValueError(report["user_error"])
-    failures = getattr(err, "failures", None) or {}
-    reasons = [
-        f"rank {rank}: {written[rank]['reason'] if rank in written else _exit_reason(failure)}"
-        for rank, failure in sorted(failures.items())
-    ]
-    return RuntimeError("training failed in local mode: " + ("; ".join(reasons) or str(err)))
-
-
-def _exit_reason(failure) -> str:
-    """Why a rank that left no report ended: the signal that killed it, or its exit code."""
-    if failure.exitcode < 0:  # killed: "Signal 9 (SIGKILL) received by PID ..."
-        return failure.message
-    return f"exited with code {failure.exitcode} before the training function could say why (its output is above)"

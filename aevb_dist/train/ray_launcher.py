@@ -27,9 +27,8 @@ from aevb_dist.config.schema import Config
 from aevb_dist.console import first_line, say, user_error_in
 from aevb_dist.run import checkpoint, storage
 from aevb_dist.train.collectives import peer_lost_in
-from aevb_dist.train.ray_context import from_ray_train
 from aevb_dist.train.run_folder_sink import WriteThenReport
-from aevb_dist.train.worker import WorkerSpec, run_worker
+from aevb_dist.train.worker import WorkerContext, WorkerSpec, run_worker
 
 # How often an elastic run looks for room to grow back (Ray's default is 60 s); growing is a restart.
 ELASTIC_CHECK_S = 10.0
@@ -48,6 +47,17 @@ def train_on_ray(spec: WorkerSpec) -> None:
     sink.wait()  # the last checkpoint is in the run folder before the worker reports success
     if stopped == "preempted":
         notice.wait_for_reclaim()
+
+
+def from_ray_train(use_gpu: bool) -> WorkerContext:
+    """This worker's `WorkerContext` from Ray Train's: its rank and world size, and the GPU Ray Train made
+    torch's current one."""
+    import ray.train
+    import torch
+
+    context = ray.train.get_context()
+    device = f"cuda:{torch.cuda.current_device()}" if use_gpu else "cpu"
+    return WorkerContext(rank=context.get_world_rank(), world_size=context.get_world_size(), device=device)
 
 
 class PreemptionNotice:

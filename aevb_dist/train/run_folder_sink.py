@@ -19,8 +19,8 @@ from aevb_dist.run import checkpoint, storage
 
 class WriteToRunFolder:
     """The checkpoint sink under both launchers: rank 0's folder goes into the run folder, manifest last,
-    and old checkpoints are pruned. (Ray Train's local mode keeps reported checkpoints in memory only; on
-    Ray, Ray Train would upload them itself inside `report`, once, so an outage failed the whole group.)
+    and old checkpoints are pruned. (On Ray, Ray Train would upload them itself inside `report`, once, so an
+    outage failed the whole group.)
 
     The upload runs in a background thread on a copy of the folder, so training goes on while the
     checkpoint travels (and while a storage outage is waited out, up to `retry_s`); the next checkpoint

@@ -1,17 +1,17 @@
 """One data-parallel worker: the same function under every launcher.
 
-The driver decides what every worker is handed (a typed `WorkerSpec`: the config, the run folder, the
-training set as it found it); a launcher sets the spec's threads from the CPUs it gives each worker and
-hands `run_worker` the spec, a checkpoint sink and a `WorkerContext` (rank, world size, device), with the
-process group joined where there are several workers: Ray Train does so on a Ray cluster and in its local
-mode (`ray_context.from_ray_train`), and one process needs none. The worker never asks which launcher
-started it. It resumes from the newest checkpoint in the run folder whose manifest verifies (so an upload
-cut off part way is skipped in favour of the last good one), trains, writes metrics.csv on rank 0 (and
-sends its rows to MLflow where `tracking.mlflow_uri` is set: tracking/mlflow_run.py), and gives each
-checkpoint to the sink. Where a checkpoint goes is the sink's business, never the worker's.
+The driver decides what every worker is handed (a typed `WorkerSpec`: the config, the run folder, the training set
+as it found it); a launcher sets the spec's threads from the CPUs it gives each worker and hands `run_worker` the
+spec, a checkpoint sink and a `WorkerContext` (rank, world size, device), with the process group joined where there
+are several workers: Ray Train does so on a Ray cluster (`ray_launcher.from_ray_train`), local mode's supervisor in
+its own processes (`local_launcher`), and one process needs none. The worker never asks which launcher started it.
+It resumes from the newest checkpoint in the run folder whose manifest verifies (so an upload cut off part way is
+skipped in favour of the last good one), trains, writes metrics.csv on rank 0 (and sends its rows to MLflow where
+`tracking.mlflow_uri` is set: tracking/mlflow_run.py), and gives each checkpoint to the sink. Where a checkpoint
+goes is the sink's business, never the worker's.
 
-It stops early, after the checkpoint of the step where it stopped, when a rank asks to: rank 0 when the
-driver asked (Ctrl-C / SIGTERM: `stop_request`), any rank when the launcher's `preemption_notice` says so.
+It stops early, after the checkpoint of the step where it stopped, when a rank asks to: rank 0 when the driver
+asked (Ctrl-C / SIGTERM: `stop_request`), any rank when the launcher's `preemption_notice` says so.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class WorkerContext:
-    """Who this worker is, filled in by its launcher (`ray_context.from_ray_train` under Ray Train, on a
-    cluster and in local mode alike; by hand in one process)."""
+    """Who this worker is, filled in by its launcher (from Ray Train's context on Ray; by local mode's
+    supervisor; by hand in one process)."""
 
     rank: int
     world_size: int
