@@ -62,10 +62,16 @@ def write_h5ad(atlas: Atlas, path: str, layer: str | None = "counts", x_float: b
     return path
 
 
-def write_10x(atlas: Atlas, folder: str) -> str:
+def write_10x(atlas: Atlas, folder: str, entry_order: str = "barcode") -> str:
+    """A Cell Ranger output folder. Its matrix.mtx.gz as Cell Ranger writes it: a metadata comment under the
+    banner, entries barcode by barcode; `entry_order="feature"`: scipy's mmwrite of a CSR genes × cells matrix,
+    whose entries come gene by gene."""
     os.makedirs(folder, exist_ok=True)
     with gzip.open(os.path.join(folder, "matrix.mtx.gz"), "wb") as f:
-        io.mmwrite(f, sparse.coo_matrix(atlas.counts.T), field="integer")
+        if entry_order == "feature":
+            io.mmwrite(f, sparse.csr_matrix(atlas.counts.T), field="integer")
+        else:
+            write_cellranger_mtx(atlas.counts, f)
     with gzip.open(os.path.join(folder, "features.tsv.gz"), "wt") as f:
         f.writelines(f"{g}\t{g.lower()}\tGene Expression\n" for g in atlas.genes)
     with gzip.open(os.path.join(folder, "barcodes.tsv.gz"), "wt") as f:
@@ -73,10 +79,21 @@ def write_10x(atlas: Atlas, folder: str) -> str:
     return folder
 
 
-def write_npz(atlas: Atlas, path: str) -> str:
+def write_cellranger_mtx(counts: sparse.csr_matrix, f) -> None:
+    """cells × genes `counts` as Cell Ranger's features × barcodes MatrixMarket file, entries barcode by barcode."""
+    coo = counts.tocoo()
+    order = np.lexsort((coo.col, coo.row))
+    f.write(b"%%MatrixMarket matrix coordinate integer general\n")
+    f.write(b'%metadata_json: {"software_version": "cellranger-7.1.0", "format_version": 2}\n')
+    f.write(f"{counts.shape[1]} {counts.shape[0]} {coo.nnz}\n".encode())
+    lines = np.stack([coo.col[order] + 1, coo.row[order] + 1, coo.data[order]], axis=1)
+    f.write("".join(f"{g} {c} {v}\n" for g, c, v in lines.tolist()).encode())
+
+
+def write_npz(atlas: Atlas, path: str, matrix_format: str = "csr") -> str:
     import pandas as pd
 
-    sparse.save_npz(path, atlas.counts)
+    sparse.save_npz(path, atlas.counts.asformat(matrix_format))
     pd.DataFrame({"cell_type": atlas.cell_type, "donor": atlas.batch}).to_csv(
         path[: -len(".npz")] + ".obs.csv", index=False
     )

@@ -8,9 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from scipy import sparse
 
 from aevb_dist.config import load_config
-from aevb_dist.data import prepare_counts
+from aevb_dist.data import count_sources, prepare_counts
 from aevb_dist.data.epoch_stream import EpochStream
 from aevb_dist.data.prepare import CountOptions, prepare
 from aevb_dist.data.reader import ParquetDataset
@@ -97,6 +98,47 @@ def test_a_10x_folder_and_an_npz_are_recognized_without_format(atlas, tmp_path):
     prepare(npz, str(tmp_path / "b"), report=lambda m: None)
     for out in ("a", "b"):
         assert ParquetDataset(str(tmp_path / out / "train")).counts
+
+
+@pytest.mark.parametrize("fmt", ["10x", "npz"])
+def test_a_10x_matrix_and_an_npz_stream_in_chunks_of_cells_equal_to_the_whole_matrix(tmp_path, monkeypatch, fmt):
+    """Read as they decompress, a few entries at a time, cut into cells: empty cells first, inside and last."""
+    rng = np.random.default_rng(5)
+    dense = rng.integers(0, 4, size=(57, 11)) * (rng.random((57, 11)) < 0.3)
+    dense[[0, 1, 20, 21, 22, 56]] = 0
+    small = atlases.Atlas(
+        sparse.csr_matrix(dense.astype(np.int32)), np.array(["t"] * 57), np.array(["b"] * 57), list("ABCDEFGHIJK")
+    )
+    if fmt == "10x":
+        source = atlases.write_10x(small, str(tmp_path / "tenx"))
+    else:
+        source = atlases.write_npz(small, str(tmp_path / "m.npz"))
+    monkeypatch.setattr(count_sources, "MTX_BLOCK_BYTES", 24)  # a read of 2-3 entries ends inside a cell, often
+    matrix = prepare_counts.open_matrix(source, fmt, None, [])
+    for cells_per_chunk in (1, 4, 57, 100):
+        chunks = list(matrix.chunks(cells_per_chunk))
+        assert [start for start, _ in chunks] == list(range(0, 57, cells_per_chunk))
+        assert all(c.shape[1] == 11 for _, c in chunks)
+        assert np.array_equal(sparse.vstack([c for _, c in chunks]).toarray(), dense)
+
+
+@pytest.mark.parametrize("fmt", ["10x", "npz"])
+def test_a_source_not_in_cell_order_is_read_whole_saying_so_into_the_same_dataset(atlas, tmp_path, fmt):
+    if fmt == "10x":
+        in_order = atlases.write_10x(atlas, str(tmp_path / "by_barcode"))
+        out_of_order = atlases.write_10x(atlas, str(tmp_path / "by_gene"), entry_order="feature")
+    else:
+        in_order = atlases.write_npz(atlas, str(tmp_path / "rows.npz"))
+        out_of_order = atlases.write_npz(atlas, str(tmp_path / "columns.npz"), matrix_format="csc")
+    said = []
+    prepare(in_order, str(tmp_path / "a"), num_shards=2, report=said.append)
+    assert not any("read whole" in line for line in said)
+    prepare(out_of_order, str(tmp_path / "b"), num_shards=2, report=said.append)
+    (told,) = [line for line in said if "read whole" in line]
+    assert ("not sorted by barcode" if fmt == "10x" else "holds a CSC matrix") in told
+    for split in ("train", "test"):
+        a, b = pq.read_table(str(tmp_path / "a" / split)), pq.read_table(str(tmp_path / "b" / split))
+        assert a.to_pydict() == b.to_pydict()  # the same cells, counts and order
 
 
 def test_a_matrix_without_counts_is_refused_naming_its_layer(atlas, tmp_path):

@@ -2,7 +2,8 @@
 counts layout of `schema.py`, split into train and test by a seeded random `--test-fraction` of the cells.
 
 The matrix is read a chunk of rows at a time and each split stored in a random order of its cells (`Buckets`):
-host memory holds one chunk, then one bucket, whatever the number of cells; local disk holds the buckets (as
+host memory holds one chunk, then one bucket, whatever the number of cells (a source whose entries do not come
+cell by cell is read whole, saying so: count_sources.py); local disk holds the buckets (as
 much again as the dataset) while `prepare` runs.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from typing import Callable, Optional
 
@@ -190,10 +192,12 @@ class Buckets:
                 self.writers[bucket] = pq.ParquetWriter(f"{self.folder}/{bucket}.parquet", self.schema)
             self.writers[bucket].write_table(table.take(np.flatnonzero(buckets == bucket)))
 
-    def shuffled(self):
-        """Each bucket's cells in a random order, bucket after bucket."""
+    def close(self) -> None:
         for writer in self.writers.values():
             writer.close()
+
+    def shuffled(self):
+        """Each bucket's cells in a random order, bucket after bucket (once `close`d)."""
         for bucket in sorted(self.writers):
             table = pq.read_table(f"{self.folder}/{bucket}.parquet", schema=self.schema)
             yield table.take(self.rng.permutation(table.num_rows))
@@ -224,12 +228,26 @@ def write_counts(
     for name in names.SPLITS:
         position[rows[name]] = np.arange(len(rows[name]))
     with tempfile.TemporaryDirectory(prefix="aevb-prepare-") as local:
-        buckets = {}
-        for name in wanted:
-            os.makedirs(f"{local}/{name}")
-            order = np.random.default_rng(seeds.storage_order_seed(seed, names.SPLITS.index(name)))
-            buckets[name] = Buckets(f"{local}/{name}", len(rows[name]), schema, order)
-        _scatter(matrix, rows, position, label, covariates, schema, buckets, report)
+
+        def scatter(matrix: CountMatrix) -> dict:
+            buckets = {}
+            for name in wanted:
+                shutil.rmtree(f"{local}/{name}", ignore_errors=True)
+                os.makedirs(f"{local}/{name}")
+                order = np.random.default_rng(seeds.storage_order_seed(seed, names.SPLITS.index(name)))
+                buckets[name] = Buckets(f"{local}/{name}", len(rows[name]), schema, order)
+            try:
+                _scatter(matrix, rows, position, label, covariates, schema, buckets, report)
+            finally:
+                for split_buckets in buckets.values():
+                    split_buckets.close()
+            return buckets
+
+        try:
+            buckets = scatter(matrix)
+        except count_sources.NotInCellOrder as err:  # the same cells and order, from the matrix held whole
+            report(f"prepare: {err}; it is read whole instead (host memory for the whole matrix)")
+            buckets = scatter(matrix.whole())
         counts = {}
         for name, split_buckets in buckets.items():
             writer = SplitWriter(fs, f"{staging}/{name}", len(rows[name]), num_shards, rows_per_row_group, schema)
