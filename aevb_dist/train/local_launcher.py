@@ -186,13 +186,15 @@ def _worker(spec: WorkerSpec, rank: int, world_size: int, store_port: int, send,
         sink = WriteToRunFolder(spec.run, spec.config.checkpoint.keep_last, spec.config.run.storage_retry_s)
         run_worker(spec, sink, context)
         sink.wait()  # the last checkpoint, uploaded in the background, is in the run folder
+        _leave_group()
     except BaseException as err:  # told once, in one line, by the supervisor; the traceback where asked
         if spec.config.ray.show_worker_logs:
             traceback.print_exc()
         user_error = user_error_in(err)
         send.send((None if user_error is None else str(user_error), f"{type(err).__name__}: {first_line(err)}"))
+        sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(1)  # at once: a peer may be gone, and leaving the group could wait for it
     finally:
         send.close()
 
@@ -212,6 +214,13 @@ def _join_group(spec: WorkerSpec, rank: int, world_size: int, store_port: int) -
         backend = "nccl" if spec.config.train.use_gpu else "gloo"
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     return WorkerContext(rank=rank, world_size=world_size, device=device)
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _die_with_driver(pid: int) -> None:
