@@ -27,14 +27,11 @@ pytestmark = pytest.mark.slow  # a model trained on a real local Ray, then Ray t
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tiny_data, tmp_path_factory):
-    """A 2-latent Bernoulli model on the tiny data (intensities binarized), trained for a few epochs."""
+    """A 2-latent Bernoulli model on the tiny data (intensities binarized), trained for a few epochs in local mode
+    (how it was trained is not under test here; the evaluations below are Ray tasks on `ray_local`)."""
     runs = tmp_path_factory.mktemp("runs")
-    cfg = load_config(
-        SMOKE,
-        tiny_overrides(
-            tiny_data, str(runs), **{"train.num_workers": 2, "train.max_steps": 60, "checkpoint.every_steps": 30}
-        ),
-    )
+    overrides = {"train.num_workers": 2, "train.max_steps": 60, "checkpoint.every_steps": 30, "ray.local_mode": "true"}
+    cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(runs), **overrides))
     train(cfg)
     return {"run": f"{runs}/smoke", "test": f"{tiny_data}/test", "train": f"{tiny_data}/train"}
 

@@ -82,13 +82,15 @@ def test_s3_round_trip_with_two_workers(ray_local, tiny_data, tmp_path, s3_endpo
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in fs.cat_file(f"{path}/config.yaml").decode()
 
 
-def test_a_laplace_posterior_and_continuous_bernoulli_likelihood_train_from_config(ray_local, tiny_data, tmp_path):
+def test_a_laplace_posterior_and_continuous_bernoulli_likelihood_train_from_config(tiny_data, tmp_path):
+    """The model's math, not the launcher's: local mode, which starts in seconds."""
     cfg = load_config(
         SMOKE,
         tiny_overrides(
             tiny_data,
             str(tmp_path),
             **{
+                "ray.local_mode": "true",
                 "train.num_workers": 2,
                 "train.num_epochs": 6,
                 "train.max_steps": "null",
