@@ -115,7 +115,7 @@ def dashboard_url() -> str:
 
 def run_exit_handlers() -> None:
     """Run the interpreter's exit handlers now (multiprocessing's, logging's, Ray's), as interpreter exit
-    would: the command does so, then skips the rest of the teardown (`cli.console_main`)."""
+    would: the command does so, then skips the rest of the teardown (`cli/main.console_main`)."""
     import atexit
 
     atexit._run_exitfuncs()

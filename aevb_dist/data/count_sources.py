@@ -185,19 +185,19 @@ def _mtx_cells(path: str, header: _MtxHeader, cells_per_chunk: int) -> Iterator[
     order); NotInCellOrder at the first entry that does not."""
     pending: list[tuple[np.ndarray, ...]] = []  # (0-based feature, cell, value) parts not yet in a chunk
     start = 0
+    stop = min(cells_per_chunk, header.num_cells)  # the end of the next chunk
     for part, complete_below in _mtx_parts(path, header):
         pending.append(part)
-        if min(start + cells_per_chunk, header.num_cells) > complete_below:
+        if start == header.num_cells or stop > complete_below:
             continue  # not a whole chunk yet: the parts are joined once, when one is
         feature, cell, value = (np.concatenate(column) for column in zip(*pending))
-        while start < header.num_cells and min(start + cells_per_chunk, header.num_cells) <= complete_below:
-            stop = min(start + cells_per_chunk, header.num_cells)
+        while start < header.num_cells and stop <= complete_below:
             # the entries come cell by cell: each cell's run of them is a CSR row, found by binary search
             indptr = np.searchsorted(cell, np.arange(start, stop + 1))
             cut = int(indptr[-1])
             yield start, _csr(value[:cut], feature[:cut], indptr, (stop - start, header.num_features))
             feature, cell, value = feature[cut:], cell[cut:], value[cut:]
-            start = stop
+            start, stop = stop, min(stop + cells_per_chunk, header.num_cells)
         pending = [(feature, cell, value)]
 
 
@@ -291,21 +291,14 @@ def read_npz(path: str, keys: list[str]) -> CountMatrix:
 
 def _npz_csr_cells(path: str, num_rows: int, num_features: int, size: int) -> Iterator[tuple[int, object]]:
     """A CSR .npz's rows in chunks, its `indices` and `data` members decompressed as they are read."""
-    from scipy import sparse
-
     with zipfile.ZipFile(path) as archive:
         indptr = _npy_member(archive, "indptr").astype(np.int64)
         with _NpyStream(archive, "indices") as indices, _NpyStream(archive, "data") as data:
             for start in range(0, num_rows, size):
                 stop = min(start + size, num_rows)
                 count = int(indptr[stop] - indptr[start])
-                yield (
-                    start,
-                    sparse.csr_matrix(
-                        (data.read(count), indices.read(count), indptr[start : stop + 1] - indptr[start]),
-                        shape=(stop - start, num_features),
-                    ),
-                )
+                row_starts = indptr[start : stop + 1] - indptr[start]
+                yield start, _csr(data.read(count), indices.read(count), row_starts, (stop - start, num_features))
 
 
 def _npy_member(archive: zipfile.ZipFile, name: str) -> np.ndarray:
