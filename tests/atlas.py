@@ -42,8 +42,11 @@ def synthetic_atlas(
     )
 
 
-def write_h5ad(atlas: Atlas, path: str, layer: str | None = "counts", x_float: bool = True) -> str:
-    """An AnnData file as an analysis leaves it: log-normalized floats in X, raw counts in `layer`."""
+def write_h5ad(
+    atlas: Atlas, path: str, layer: str | None = "counts", x_float: bool = True, matrix_format: str = "csr"
+) -> str:
+    """An AnnData file as an analysis leaves it: log-normalized floats in X, raw counts in `layer`, each stored
+    as `matrix_format` (csr or csc)."""
     import anndata
     import pandas as pd
 
@@ -53,11 +56,12 @@ def write_h5ad(atlas: Atlas, path: str, layer: str | None = "counts", x_float: b
         {"cell_type": pd.Categorical(atlas.cell_type), "donor": pd.Categorical(atlas.batch)},
         index=[f"cell{i}" for i in range(atlas.counts.shape[0])],
     )
+    stored = sparse.csc_matrix if matrix_format == "csc" else sparse.csr_matrix
     adata = anndata.AnnData(
-        X=normalized if x_float else atlas.counts.copy(), obs=obs, var=pd.DataFrame(index=atlas.genes)
+        X=stored(normalized if x_float else atlas.counts), obs=obs, var=pd.DataFrame(index=atlas.genes)
     )
     if layer:
-        adata.layers[layer] = atlas.counts.copy()
+        adata.layers[layer] = stored(atlas.counts)
     adata.write_h5ad(path)
     return path
 

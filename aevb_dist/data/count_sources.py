@@ -5,7 +5,8 @@ cells' annotations (obs) that `prepare` is asked to keep.
 Each is streamed, a chunk of cells at a time, so a file larger than memory converts: an .h5ad read backed from X or
 any layer (dense or CSR); a 10x matrix.mtx.gz parsed as it decompresses, cut at barcode boundaries (Cell Ranger
 writes its entries barcode by barcode); an .npz holding CSR read member by member as it decompresses. A 10x matrix
-in another entry order, or an .npz holding another format, cannot be cut into cells that way: it is read whole.
+in another entry order, an .npz holding another format, or an .h5ad stored CSC cannot be cut into cells that way: it
+is read whole.
 `anndata` and `h5py` come with `pip install "aevb-dist[singlecell]"`.
 """
 
@@ -113,9 +114,18 @@ def read_h5ad(path: str, layer: Optional[str], keys: list[str]) -> CountMatrix:
             return sparse.csr_matrix(element[start:stop])
     else:
         matrix = sparse_dataset(element)
-        if matrix.format != "csr":
-            raise ValueError(f"{where} is stored {matrix.format.upper()}; prepare reads cells as CSR rows")
         num_rows = matrix.shape[0]
+        if matrix.format != "csr":  # CSC: a gene's counts lie together, a cell's are spread over the whole file
+            features = [str(v) for v in var.index]
+
+            def not_in_cell_order(size: int) -> Iterator[tuple[int, object]]:
+                raise NotInCellOrder(f"{where} is stored {matrix.format.upper()}, gene by gene, not cell by cell")
+
+            def whole() -> CountMatrix:
+                held = matrix.to_memory().tocsr()
+                return CountMatrix(where, num_rows, features, obs, _sliced(lambda a, b: held[a:b], num_rows))
+
+            return CountMatrix(where, num_rows, features, obs, not_in_cell_order, whole)
 
         def rows(start: int, stop: int):
             return matrix[start:stop]
