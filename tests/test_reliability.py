@@ -115,9 +115,12 @@ def test_a_killed_driver_resumes_from_the_latest_complete_checkpoint(tiny_data, 
 
 
 @pytest.mark.slow
-def test_a_checkpoint_cut_off_part_way_is_never_resumed_from(ray_local, tiny_data, tmp_path):
+def test_a_checkpoint_cut_off_part_way_is_never_resumed_from(tiny_data, tmp_path):
+    """What a resume reads is the run folder's (either launcher's workers write it the same way): local mode."""
     common = tiny_overrides(
-        tiny_data, str(tmp_path), **{"train.num_workers": 1, "checkpoint.every_steps": 4, "checkpoint.keep_last": 5}
+        tiny_data,
+        str(tmp_path),
+        **{"ray.local_mode": "true", "train.num_workers": 1, "checkpoint.every_steps": 4, "checkpoint.keep_last": 5},
     )
     train(load_config(SMOKE, common + ["run.name=cut", "train.max_steps=12"]))
     fs, path = storage.resolve(f"{tmp_path}/cut")
@@ -185,7 +188,7 @@ def test_diverging_training_fails_with_the_step_and_keeps_no_corrupt_checkpoint(
 
 
 @pytest.mark.slow
-def test_bad_inputs_are_answered_in_one_line(ray_local, tiny_data, tmp_path, s3_endpoint):
+def test_bad_inputs_are_answered_in_one_line(tiny_data, tmp_path, s3_endpoint):
     base = ["train", SMOKE, *tiny_overrides(tiny_data, str(tmp_path))]
     cases = [
         (["train.frobnicate=1"], "unknown config key 'train.frobnicate'"),
@@ -209,7 +212,8 @@ def test_bad_inputs_are_answered_in_one_line(ray_local, tiny_data, tmp_path, s3_
     )
     assert "credentials" in _one_line_error(proc).lower()
     # A checkpoint of another model shape, found before any worker starts.
-    train(load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path)) + ["run.name=shape", "train.max_steps=4"]))
+    shape = ["run.name=shape", "train.max_steps=4", "ray.local_mode=true"]
+    train(load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path)) + shape))
     line = _one_line_error(aevb(*base, "run.name=shape", "model.hidden_sizes=[12]", "train.max_steps=8", timeout=120))
     assert "holds a checkpoint of a different model" in line and "model.hidden_sizes" in line
     # evaluate: K=0 and a schema mismatch.

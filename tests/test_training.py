@@ -1,4 +1,6 @@
-"""Training on a real local Ray with real gloo workers: resume bit for bit, S3 round trip."""
+"""Training with real gloo workers: resume bit for bit, the ELBO improving, the model's math; and the S3 round trip
+with two workers on the embedded Ray (the launcher's own smoke test of resume and storage; the others run in local
+mode, which starts in seconds: what they test does not depend on the launcher)."""
 
 import os
 
@@ -10,12 +12,16 @@ from aevb_dist.run.metrics import read_metrics
 from aevb_dist.train.driver import train
 from tests.helpers import SMOKE, assert_bitwise_equal, final_state, tiny_overrides
 
-pytestmark = pytest.mark.slow  # training runs on a real local Ray
+pytestmark = pytest.mark.slow  # training runs in worker processes
 
 
-def test_stopped_and_resumed_run_equals_uninterrupted_run_bit_for_bit(ray_local, tiny_data, tmp_path):
-    """One worker on local disk; two workers through S3 below."""
-    common = tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1, "train.batch_size_per_worker": 16})
+def test_stopped_and_resumed_run_equals_uninterrupted_run_bit_for_bit(tiny_data, tmp_path):
+    """One worker on local disk, in local mode; two workers through S3 on the embedded Ray below."""
+    common = tiny_overrides(
+        tiny_data,
+        str(tmp_path),
+        **{"ray.local_mode": "true", "train.num_workers": 1, "train.batch_size_per_worker": 16},
+    )
     train(load_config(SMOKE, common + ["run.name=straight", "train.max_steps=30"]))
     train(load_config(SMOKE, common + ["run.name=resumed", "train.max_steps=13"]))  # stops mid-epoch
     last = train(load_config(SMOKE, common + ["run.name=resumed", "train.max_steps=30"]))
@@ -29,13 +35,19 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run_bit_for_bit(ray_local,
     assert fs.exists(f"{path}/config.yaml") and fs.ls(f"{path}/tensorboard")
 
 
-def test_training_improves_the_elbo_and_keeps_last_checkpoints(ray_local, tiny_data, tmp_path):
+def test_training_improves_the_elbo_and_keeps_last_checkpoints(tiny_data, tmp_path):
     cfg = load_config(
         SMOKE,
         tiny_overrides(
             tiny_data,
             str(tmp_path),
-            **{"train.num_workers": 2, "train.num_epochs": 6, "train.max_steps": "null", "checkpoint.keep_last": 2},
+            **{
+                "ray.local_mode": "true",
+                "train.num_workers": 2,
+                "train.num_epochs": 6,
+                "train.max_steps": "null",
+                "checkpoint.keep_last": 2,
+            },
         ),
     )
     train(cfg)
