@@ -116,5 +116,24 @@ def ray_head(tmp_path_factory):
         proc.terminate()
         raise RuntimeError("the Ray head did not start")
     yield RayHead(address, {"HOME": str(home)}, temp_dir, f"127.0.0.1:{port}", f"ray://127.0.0.1:{client}")
+    stop_process_tree(proc)
+
+
+def stop_process_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM to `proc` (`ray start --block` then stops its node), and SIGKILL after `grace_s` to it and every
+    process it had started: a head whose jobs and clients came and went can take 30 s to stop gracefully."""
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True)
     proc.terminate()
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
