@@ -169,9 +169,7 @@ def test_the_captured_steps_loop_run_uncaptured_equals_the_eager_step(tiny_data,
     eager = _train(tiny_data, tmp_path / "a", *extra)
     cfg = load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path / "b"), **{"train.max_steps": 40}) + list(extra))
     uncaptured, rows = trainer_for_config(cfg), []
-    uncaptured.fit(
-        on_log=rows.append, on_checkpoint=lambda state, row: None, steps=CapturedSteps(uncaptured, capture=False)
-    )
+    uncaptured.fit(on_log=rows.append, on_checkpoint=lambda state, row: None, steps=CapturedSteps(uncaptured))
     assert uncaptured.state == eager.state and uncaptured.state.epoch == 1  # crossed into the second epoch
     for a, b in zip(eager.params, uncaptured.params):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

@@ -80,9 +80,9 @@ def test_the_captured_step_on_streamed_windows_equals_it_on_the_device_cache(tin
     cached epoch's updates: the same padded shapes, the same noise. 270 rows in batches of 8: a short last batch."""
     extra = ("optim.name=adam", "train.batch_size_per_worker=8")
     cached = _trainer(tiny_data, tmp_path / "a", "data.cache_on_device=true", *extra)
-    _fit(cached, CapturedSteps(cached, capture=False))
+    _fit(cached, CapturedSteps(cached))
     streamed = _streamed(_trainer(tiny_data, tmp_path / "b", *extra))
-    runner = CapturedSteps(streamed, capture=False)
+    runner = CapturedSteps(streamed)
     assert runner.streamed
     _fit(streamed, runner)
     assert streamed.state == cached.state and cached.state.epoch == 1

@@ -84,7 +84,5 @@ def test_the_captured_loop_stops_at_the_log_line_after_the_request(tiny_data, tm
         ),
     )
     trainer = trainer_for_config(cfg)
-    saved, logged = _fit_with_a_stop_at(
-        trainer, 11, fit=lambda **kw: trainer.fit(steps=CapturedSteps(trainer, capture=False), **kw)
-    )
+    saved, logged = _fit_with_a_stop_at(trainer, 11, fit=lambda **kw: trainer.fit(steps=CapturedSteps(trainer), **kw))
     assert trainer.state.step == 15 and saved == [15] and logged == [1, 5, 10, 15]

@@ -6,7 +6,7 @@ measured on an H100: benchmarks/gpu_profile.py): launched one by one from Python
 the host. Here the whole step — gather the batch from the epoch's inputs (binarized on the device
 when the epoch starts), the bound and its gradient, the all-reduce of [gradients, ELBO sum, count],
 the division by the global count and the optimizer update — is captured once and replayed, so a
-step costs one launch. The math is the eager step's: the same sums-and-counts rule (trainer.py),
+step costs one launch. The math is the eager step's: the same two halves (Trainer.step_sums, apply_step),
 and the noise of step s is drawn from the device's generator seeded with the eager step's seed
 (`Trainer.seed_of_step`) before each replay, so ε is the eager step's ε. Static shapes: every replay sees
 batch_size rows; a short last batch is padded with weight-0 rows (its ε is drawn for the padded shape, so that one
@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from aevb_dist.train.collectives import COUNT, ELBO_SUM, NUM_SCALARS, STOP_VOTES
+from aevb_dist.train.collectives import ELBO_SUM, NUM_SCALARS, STOP_VOTES
 from aevb_dist.train.device_data import EpochPlan, FusedInputs
 
 _EPOCH_CHUNK_ROWS = 8192
@@ -84,19 +84,17 @@ class CapturedStep:
         self.weights_NB[0, count:].zero_()
 
     def _step(self) -> None:
+        """The eager step's two halves (Trainer.step_sums, Trainer.apply_step) around what the graph counts on the
+        device where the eager step checks on the host; the noise comes from the device's generator, seeded
+        before each replay."""
         tr = self.trainer
-        flat = tr.flat
-        flat.zero_()
-        flat[STOP_VOTES] = self.stop_vote
         x_BD = self.inputs_NBD.index_select(0, self.batch_no).squeeze(0).float()
         weight_B = self.weights_NB.index_select(0, self.batch_no).squeeze(0)
-        tr.accumulate_gradients(x_BD, weight_B, weight_B.sum(), None)
-        tr.reduce_step_sums()
-        grad_flat, global_elbo = flat[:-NUM_SCALARS], flat[ELBO_SUM]
-        self.nonfinite_steps += (~torch.isfinite(global_elbo + grad_flat.sum())).long()
+        tr.step_sums(x_BD, weight_B, weight_B.sum(), None, self.stop_vote)
+        global_elbo = tr.flat[ELBO_SUM]
+        self.nonfinite_steps += (~torch.isfinite(global_elbo + tr.flat[:-NUM_SCALARS].sum())).long()
         self.elbo_total += global_elbo.double()
-        grad_flat.div_(flat[COUNT].clamp_min(1.0))
-        tr.optimizer.step()
+        tr.apply_step()
         if not self.streamed:  # a streamed step reads its one buffer every time
             self.batch_no += 1
 
@@ -143,13 +141,14 @@ class CapturedStep:
 
 class CapturedSteps:
     """The captured step as the training loop's step runner (`Trainer.fit`): each epoch's inputs loaded
-    into the graph's buffers, then one replay a step. With capture=False the step runs uncaptured (the CPU
-    tests of this runner). The window's ELBO sum stays on the device until a log line reads it, and a stop
-    request is seen there (reading the reduced votes each step would sync the host with the GPU each step)."""
+    into the graph's buffers, then one replay a step. The window's ELBO sum stays on the device until a log
+    line reads it, and a stop request is seen there (reading the reduced votes each step would sync the host
+    with the GPU each step). On a CPU there is no graph to capture: the same step body runs as it is."""
 
-    def __init__(self, trainer, capture: bool = True):
+    def __init__(self, trainer):
         self.streamed = trainer.source.device_data is None  # fed from train/device_stream.py's windows
-        self.trainer, self.step, self.capture = trainer, CapturedStep(trainer, self.streamed), capture
+        self.trainer, self.step = trainer, CapturedStep(trainer, self.streamed)
+        self.capture = trainer.device.type == "cuda"
 
     def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[Optional[float], int]]:
         t = self.trainer

@@ -204,8 +204,19 @@ class Trainer:
         objective_B = weighted_kl_objective(log_likelihood_B, kl_BZ, beta, t.free_bits)
         return (log_likelihood_B - kl_BZ.sum(-1)).sum(), objective_B.sum()
 
-    def reduce_step_sums(self) -> None:
+    def step_sums(self, x_BD: torch.Tensor, weight_B, count, noise, stop_vote) -> None:
+        """The first half of both steps (eager, captured): this rank's −(objective sum) backpropagated into the flat
+        buffer, its sums and stop vote in its tail (numbers, or device tensors in a CUDA graph), all-reduced."""
+        self.flat.zero_()  # an empty batch contributes zero gradients, a zero ELBO sum and a zero count
+        if x_BD.shape[0]:
+            self.accumulate_gradients(x_BD, weight_B, count, noise)
+        self.flat[STOP_VOTES] = stop_vote
         all_reduce_step_sums(self.flat, self._grad_comm_dtype)
+
+    def apply_step(self) -> None:
+        """The second half of both: the gradient sum divided once by the global count (eq. 8 / N), the update."""
+        self.flat[:-NUM_SCALARS].div_(self.flat[COUNT].clamp_min(1.0))
+        self.optimizer.step()
 
     def seed_of_step(self, step: int) -> int:
         return seeds.step_seed(self.seed, step, self.rank)
@@ -219,22 +230,16 @@ class Trainer:
         return SegmentedNoise([step_generator(seed, step, p, self.device) for p in partitions], sizes)
 
     def step_on(self, batch: StepBatch) -> tuple[float, int]:
-        """One synchronous update on this rank's rows; returns the global (ELBO sum, example count) of the step."""
+        """The eager step, checked on the host between the halves; returns its global (ELBO sum, example count)."""
         count = batch.x_BD.shape[0]
-        flat = self.flat
-        flat.zero_()  # an empty batch contributes zero gradients, a zero ELBO sum and a zero count
-        if count:
-            self.accumulate_gradients(batch.x_BD, None, count, self._noise(batch.noise_segments))
-        flat[STOP_VOTES] = float(self.stop_probe())
-        self.reduce_step_sums()
-        global_objective, global_elbo, global_count, stop_votes = flat[-NUM_SCALARS:].tolist()
+        noise = self._noise(batch.noise_segments) if count else None
+        self.step_sums(batch.x_BD, None, count, noise, float(self.stop_probe()))
+        global_objective, global_elbo, global_count, stop_votes = self.flat[-NUM_SCALARS:].tolist()
         self.stop_requested = self.stop_requested or stop_votes > 0
-        grad_flat = flat[:-NUM_SCALARS]
         # One reduction: a NaN or inf anywhere makes the sum non-finite.
-        if not (math.isfinite(global_elbo) and math.isfinite(grad_flat.sum().item())):
+        if not (math.isfinite(global_elbo) and math.isfinite(self.flat[:-NUM_SCALARS].sum().item())):
             return self._nonfinite(batch.index_B, global_elbo)
-        grad_flat.div_(global_count)
-        self.optimizer.step()
+        self.apply_step()
         self.objective_in_window += global_objective
         return global_elbo, int(global_count)
 
