@@ -56,8 +56,9 @@ def test_a_killed_worker_costs_at_most_one_checkpoint_interval(request, tiny_dat
     state = final_state(f"{tmp_path}/killed")
     assert state["state"]["step"] == 600
     check_metrics_contiguous(f"{tmp_path}/killed", 10, 600)
-    # And the recovered run is the uninterrupted run, bit for bit.
-    train(load_config(SMOKE, common + ["run.name=straight"]))
+    # And the recovered run is the uninterrupted run, bit for bit (run in local mode, which starts in seconds: the
+    # launchers' runs are equal bit for bit, test_local_mode.py).
+    train(load_config(SMOKE, common + ["run.name=straight", "ray.local_mode=true"]))
     assert_bitwise_equal(final_state(f"{tmp_path}/straight"), state)
 
 
