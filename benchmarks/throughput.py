@@ -105,8 +105,8 @@ def make_step(model: torch.nn.Module, data: torch.Tensor, batch: int, rank: int 
     return step
 
 
-def plain_single(data: torch.Tensor, batch: int, seconds: float) -> float:
-    torch.set_num_threads(os.cpu_count() or 1)
+def plain_single(data: torch.Tensor, batch: int, seconds: float, threads: int | None = None) -> float:
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     return timed_loop(make_step(PlainVAE(), data, batch), seconds) * batch
 
