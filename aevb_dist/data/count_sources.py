@@ -103,7 +103,7 @@ def read_h5ad(path: str, layer: Optional[str], keys: list[str]) -> CountMatrix:
     # Only the obs columns asked for: an atlas's obs holds dozens of columns of millions of cells.
     _check_keys(keys, list(f["obs"].attrs.get("column-order", [])), path)
     obs = {key: read_elem(f["obs"][key]) for key in keys}
-    var = read_elem(f["var"])
+    features = [str(v) for v in read_elem(f["var"]).index]
     element = f[name]
     if isinstance(element, h5py.Dataset):  # dense X
         num_rows = element.shape[0]
@@ -116,7 +116,6 @@ def read_h5ad(path: str, layer: Optional[str], keys: list[str]) -> CountMatrix:
         matrix = sparse_dataset(element)
         num_rows = matrix.shape[0]
         if matrix.format != "csr":  # CSC: a gene's counts lie together, a cell's are spread over the whole file
-            features = [str(v) for v in var.index]
 
             def not_in_cell_order(size: int) -> Iterator[tuple[int, object]]:
                 raise NotInCellOrder(f"{where} is stored {matrix.format.upper()}, gene by gene, not cell by cell")
@@ -130,7 +129,7 @@ def read_h5ad(path: str, layer: Optional[str], keys: list[str]) -> CountMatrix:
         def rows(start: int, stop: int):
             return matrix[start:stop]
 
-    return CountMatrix(where, num_rows, [str(v) for v in var.index], obs, _sliced(rows, num_rows))
+    return CountMatrix(where, num_rows, features, obs, _sliced(rows, num_rows))
 
 
 def read_10x(folder: str, keys: list[str]) -> CountMatrix:
