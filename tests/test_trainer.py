@@ -1,10 +1,11 @@
 """The Trainer in one process: it keeps its randomness to itself."""
 
+import pytest
 import torch
 
 from aevb_dist.config import load_config
 from aevb_dist.model.vae import VAE
-from aevb_dist.train.trainer import Trainer
+from aevb_dist.train.trainer import NonFiniteError, Trainer
 from aevb_dist.train.worker import trainer_for_config
 from tests.helpers import SMOKE, tiny_overrides
 
@@ -86,3 +87,27 @@ def test_the_captured_loop_stops_at_the_log_line_after_the_request(tiny_data, tm
     trainer = trainer_for_config(cfg)
     saved, logged = _fit_with_a_stop_at(trainer, 11, fit=lambda **kw: trainer.fit(steps=CapturedSteps(trainer), **kw))
     assert trainer.state.step == 15 and saved == [15] and logged == [1, 5, 10, 15]
+
+
+def test_the_captured_loop_counts_a_non_finite_step_and_stops_at_the_next_log_line(tiny_data, tmp_path):
+    """The eager step's rule (Trainer.step_finite), counted on the device and read where the loop syncs anyway:
+    step 1's update is huge but finite and is logged; a later step goes non-finite, told at the next log line."""
+    from aevb_dist.train.captured_step import CapturedSteps
+
+    overrides = {
+        "train.max_steps": 40,
+        "checkpoint.every_steps": 20,
+        "train.log_every_steps": 5,
+        "data.cache_on_device": "true",
+        "optim.name": "sgd",
+        "optim.lr": 1e30,
+    }
+    trainer = trainer_for_config(load_config(SMOKE, tiny_overrides(tiny_data, str(tmp_path), **overrides)))
+    logged = []
+    with pytest.raises(NonFiniteError, match=r"non-finite .* at \d+ step\(s\) up to step 5 \(captured CUDA graph"):
+        trainer.fit(
+            on_log=lambda row: logged.append(row["step"]),
+            on_checkpoint=lambda state, row: None,
+            steps=CapturedSteps(trainer),
+        )
+    assert logged == [1]

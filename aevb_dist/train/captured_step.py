@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from aevb_dist.train.collectives import ELBO_SUM, NUM_SCALARS, STOP_VOTES
+from aevb_dist.train.collectives import ELBO_SUM, STOP_VOTES
 from aevb_dist.train.device_data import EpochPlan, FusedInputs
 
 _EPOCH_CHUNK_ROWS = 8192
@@ -91,9 +91,8 @@ class CapturedStep:
         x_BD = self.inputs_NBD.index_select(0, self.batch_no).squeeze(0).float()
         weight_B = self.weights_NB.index_select(0, self.batch_no).squeeze(0)
         tr.step_sums(x_BD, weight_B, weight_B.sum(), None, self.stop_vote)
-        global_elbo = tr.flat[ELBO_SUM]
-        self.nonfinite_steps += (~torch.isfinite(global_elbo + tr.flat[:-NUM_SCALARS].sum())).long()
-        self.elbo_total += global_elbo.double()
+        self.nonfinite_steps += (~tr.step_finite()).long()
+        self.elbo_total += tr.flat[ELBO_SUM].double()
         tr.apply_step()
         if not self.streamed:  # a streamed step reads its one buffer every time
             self.batch_no += 1

@@ -183,8 +183,7 @@ class Trainer:
     def accumulate_gradients(
         self, x_BD: torch.Tensor, weight_B: Optional[torch.Tensor], count, generator: Optional[torch.Generator]
     ) -> None:
-        """Backpropagate this rank's −(objective sum) into the flat buffer, and put its ELBO sum and
-        example count (an int, or a device tensor inside a CUDA graph) in the buffer's tail."""
+        """Backpropagate this rank's −(objective sum) into the flat buffer; its ELBO sum and count into the tail."""
         if self.weighs_kl:  # the eager step only (config.checks.captured_step_cannot_serve)
             elbo_sum, objective_sum = self._weighted_kl_sums(x_BD, generator)
         else:
@@ -213,6 +212,10 @@ class Trainer:
         self.flat[STOP_VOTES] = stop_vote
         all_reduce_step_sums(self.flat, self._grad_comm_dtype)
 
+    def step_finite(self) -> torch.Tensor:
+        """Whether the reduced ELBO sum and gradient are finite: a device bool, the eager and the captured step's."""
+        return torch.isfinite(self.flat[ELBO_SUM]) & torch.isfinite(self.flat[:-NUM_SCALARS].sum())
+
     def apply_step(self) -> None:
         """The second half of both: the gradient sum divided once by the global count (eq. 8 / N), the update."""
         self.flat[:-NUM_SCALARS].div_(self.flat[COUNT].clamp_min(1.0))
@@ -236,8 +239,7 @@ class Trainer:
         self.step_sums(batch.x_BD, None, count, noise, float(self.stop_probe()))
         global_objective, global_elbo, global_count, stop_votes = self.flat[-NUM_SCALARS:].tolist()
         self.stop_requested = self.stop_requested or stop_votes > 0
-        # One reduction: a NaN or inf anywhere makes the sum non-finite.
-        if not (math.isfinite(global_elbo) and math.isfinite(self.flat[:-NUM_SCALARS].sum().item())):
+        if not self.step_finite().item():
             return self._nonfinite(batch.index_B, global_elbo)
         self.apply_step()
         self.objective_in_window += global_objective
@@ -295,10 +297,9 @@ class Trainer:
         on_checkpoint: Callable[[dict, dict], None],
         steps: Optional["StepRunner"] = None,
     ) -> dict:
-        """Train to the configured length: the one epoch/step loop, whichever step runs (`steps`: the eager
-        step, or the captured CUDA graph where `train.cuda_graph` applies). `on_log(row)` after each log
-        interval (every rank); `on_checkpoint(state_dict, row)` at checkpoint steps and at the end (every
-        rank, same steps), and at the step where a rank asked to stop (then fit returns there, with
+        """Train to the configured length: the one epoch/step loop, whichever step runs (`steps`: the eager step, or
+        the captured CUDA graph where `train.cuda_graph` applies). On every rank: `on_log(row)` after each log interval,
+        `on_checkpoint(state_dict, row)` at checkpoint steps, at the end and at a stop's step (fit returns there,
         `stop_requested` set)."""
         steps = steps or (CapturedSteps(self) if self.graphed else EagerSteps(self))
         s = self.state
@@ -324,8 +325,7 @@ class Trainer:
         return row
 
     def _graph_serves(self) -> bool:
-        """Whether the captured step runs this GPU run (train.cuda_graph): the config check refused a device
-        cache's run it cannot serve; a streamed one takes the eager step instead, said once."""
+        """Whether the graph runs (train.cuda_graph): by the config check's rule; if not, the eager step, said once."""
         why = captured_step_cannot_serve(self.train_cfg, self.optim_cfg, streamed=self.source.device_data is None)
         if why is not None and self.rank == 0:
             say(f"train.cuda_graph: the eager step runs: {why}")
