@@ -1,7 +1,9 @@
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -71,7 +73,10 @@ def ray_head(tmp_path_factory):
     home = tmp_path_factory.mktemp("rayhome")
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
-    temp_dir = str(tmp_path_factory.mktemp("rayhead"))
+    # Not under pytest's tmp_path: Ray's socket paths under it must stay within AF_UNIX's 107 bytes, and
+    # pytest-xdist's popen-gwN folders made them longer.
+    temp_dir = tempfile.mkdtemp(prefix="aevb-rayhead-")
+    head_output = open(os.path.join(temp_dir, "ray-start.out"), "w")
     port, dashboard, client = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["HOME"] = str(home)
@@ -98,8 +103,8 @@ def ray_head(tmp_path_factory):
             f"--ray-client-server-port={client}",
             f"--temp-dir={temp_dir}",
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=head_output,
+        stderr=subprocess.STDOUT,
         env=env,
     )
     address = f"http://127.0.0.1:{dashboard}"
@@ -113,10 +118,13 @@ def ray_head(tmp_path_factory):
             pass
         time.sleep(0.5)
     else:
-        proc.terminate()
-        raise RuntimeError("the Ray head did not start")
+        stop_process_tree(proc)
+        with open(head_output.name, errors="replace") as f:
+            raise RuntimeError(f"the Ray head did not start within 90 s; `ray start` said:\n{f.read()[-3000:]}")
     yield RayHead(address, {"HOME": str(home)}, temp_dir, f"127.0.0.1:{port}", f"ray://127.0.0.1:{client}")
     stop_process_tree(proc)
+    head_output.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop_process_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:

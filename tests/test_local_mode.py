@@ -97,31 +97,6 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     assert checkpoint.prune(fs, run, keep=1) == [checkpoint.checkpoint_name(8)]
 
 
-def test_local_mode_checkpoints_and_resumes_on_s3(tiny_data, s3_endpoint):
-    from aevb_dist.data.prepare import prepare
-
-    data = "s3://aevb-test/datasets/tiny-local"
-    prepare(
-        f"{tiny_data}/../x.npy",
-        data,
-        num_shards=3,
-        rows_per_row_group=16,
-        endpoint_url=s3_endpoint,
-        report=lambda m: None,
-    )
-    common = tiny_overrides(
-        data, "s3://aevb-test/runs", **{**LOCAL, "run.s3_endpoint_url": s3_endpoint, "run.name": "local-s3"}
-    )
-    train(load_config(SMOKE, common + ["train.max_steps=8"]))
-    last = train(load_config(SMOKE, common + ["train.max_steps=16"]))
-    fs, path = storage.resolve("s3://aevb-test/runs/local-s3", s3_endpoint)
-    assert checkpoint.manifest_step(fs, checkpoint.latest(fs, path)) == 16 and last["step"] == 16
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if "checkpoint_0" in p)
-    assert names == [checkpoint.checkpoint_name(12), checkpoint.checkpoint_name(16)]  # keep_last=2
-    steps = [row["step"] for row in read_metrics(fs, f"{path}/metrics.csv")]
-    assert steps == [1, *range(2, 17, 2)]  # every row uploaded by the end, none twice
-
-
 def test_the_command_exits_quickly_yet_flushed_and_clean(tiny_data, tmp_path):
     """`aevb-dist` skips the interpreter's teardown at exit (console_main): everything it printed still
     arrives through a pipe, its exit code is main's, and the exit handlers it does not skip ran (the fork

@@ -1,6 +1,7 @@
-"""Training with real gloo workers: resume bit for bit, the ELBO improving, the model's math; and the S3 round trip
-with two workers on the embedded Ray (the launcher's own smoke test of resume and storage; the others run in local
-mode, which starts in seconds: what they test does not depend on the launcher)."""
+"""Training with real gloo workers: resume bit for bit, the ELBO improving, the model's math, and the S3 round trip
+with two workers. In local mode, which starts in seconds: what they test does not depend on the launcher (both
+launchers' runs are equal bit for bit: tests/test_local_mode.py; the embedded Ray's workers on S3:
+tests/test_storage_outage.py)."""
 
 import os
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.slow  # training runs in worker processes
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted_run_bit_for_bit(tiny_data, tmp_path):
-    """One worker on local disk, in local mode; two workers through S3 on the embedded Ray below."""
+    """One worker on local disk; two workers through S3 below."""
     common = tiny_overrides(
         tiny_data,
         str(tmp_path),
@@ -61,7 +62,7 @@ def test_training_improves_the_elbo_and_keeps_last_checkpoints(tiny_data, tmp_pa
     assert len(names) == 2
 
 
-def test_s3_round_trip_with_two_workers(ray_local, tiny_data, tmp_path, s3_endpoint):
+def test_s3_round_trip_with_two_workers(tiny_data, tmp_path, s3_endpoint):
     from aevb_dist.data.prepare import prepare
 
     data = "s3://aevb-test/datasets/tiny"
@@ -73,14 +74,16 @@ def test_s3_round_trip_with_two_workers(ray_local, tiny_data, tmp_path, s3_endpo
         endpoint_url=s3_endpoint,
         report=lambda m: None,
     )
-    two_workers = {"train.num_workers": 2, "train.batch_size_per_worker": 16}
+    two_workers = {"ray.local_mode": "true", "train.num_workers": 2, "train.batch_size_per_worker": 16}
     common = tiny_overrides(data, "s3://aevb-test/runs", **two_workers, **{"run.s3_endpoint_url": s3_endpoint})
     train(load_config(SMOKE, common + ["run.name=s3run", "train.max_steps=13"]))  # stops mid-epoch
     train(load_config(SMOKE, common + ["run.name=s3run", "train.max_steps=30"]))
     fs, path = storage.resolve("s3://aevb-test/runs/s3run", s3_endpoint)
     assert checkpoint.manifest_step(fs, checkpoint.latest(fs, path)) == 30
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if "checkpoint_0" in p)
+    assert names == [checkpoint.checkpoint_name(28), checkpoint.checkpoint_name(30)]  # keep_last=2, pruned on S3
     steps = [row["step"] for row in read_metrics(fs, f"{path}/metrics.csv")]
-    assert steps == [1, *range(2, 13, 2), 13, *range(14, 31, 2)]  # nothing twice, nothing lost at the resume
+    assert steps == [1, *range(2, 13, 2), 13, *range(14, 31, 2)]  # every row uploaded, none twice, none lost
     # An uninterrupted run on local disk reaches the same parameters and optimizer state bit for bit: neither the
     # resume nor the storage changes the math.
     local = tiny_overrides(f"{tmp_path}/local_data", str(tmp_path), **two_workers)
