@@ -101,9 +101,10 @@ def test_a_killed_driver_resumes_from_the_latest_complete_checkpoint(tiny_data, 
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     # Rerun at once: the killed driver's lease is taken over without waiting for it to expire, once its
-    # writing worker is gone; the training processes die with their driver, none goes on writing.
+    # writing worker is gone; the training processes die with their driver, none goes on writing. (The rerun in
+    # local mode, which starts in seconds: resuming is the launchers' alike, test_local_mode.py.)
     started = time.monotonic()
-    again = aevb(*args, timeout=300)
+    again = aevb(*args, "ray.local_mode=true", timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"from pid {driver.pid} on" in again.stderr and "which is no longer running" in again.stderr
     assert "waiting up to" not in again.stderr and time.monotonic() - started < 150
