@@ -22,6 +22,27 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "aevb-test-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
+# The files whose tests take minutes, longest first (measured with `pytest --durations=0`). pytest-xdist hands out
+# whole files in collection order (`--no-loadscope-reorder`): started first, none of them is left running alone
+# at the end while the other process idles. A stale list costs time, never a test.
+LONGEST_FIRST = (
+    "test_joining_clusters.py",
+    "test_sweep.py",
+    "test_multinode.py",
+    "test_reliability.py",
+    "test_submit.py",
+    "test_storage_outage.py",
+    "test_marginal_estimators.py",
+    "test_full_disk.py",
+    "test_stop.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="module")  # shut down after its module: later modules' runs start (or refuse) their own
 def ray_local():
     import ray

@@ -93,7 +93,7 @@ def test_a_full_run_folder_stops_the_run_in_one_line_and_a_rerun_with_room_resum
         )
         os.remove(filler)
         end = saved + 200
-        again = aevb(*args[:-2], f"train.max_steps={end}", timeout=300)
+        again = aevb(*args, f"train.max_steps={end}", timeout=300)  # in local mode too
         assert again.returncode == 0, again.stderr[-3000:]
         assert f"resuming full from {checkpoint.checkpoint_name(saved)}" in again.stderr
         assert checkpoint.manifest_step(fs, checkpoint.latest(fs, path)) == end

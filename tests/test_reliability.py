@@ -228,11 +228,13 @@ def test_bad_inputs_are_answered_in_one_line(tiny_data, tmp_path, s3_endpoint):
 
 @pytest.mark.slow
 def test_credentials_never_reach_the_run_folder(tiny_data, tmp_path):
+    """In local mode, which starts in seconds: the run folder is written alike under both launchers (a real Ray
+    head's session folder and a job's run folder: test_submit.py)."""
     secret = "PLANTED-SECRET-6f1c2d"
     proc = aevb(
         "train",
         SMOKE,
-        *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1}),
+        *tiny_overrides(tiny_data, str(tmp_path), **{"train.num_workers": 1, "ray.local_mode": "true"}),
         "run.name=secret",
         "train.max_steps=6",
         env={"AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": secret},
