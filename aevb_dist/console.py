@@ -6,7 +6,9 @@ traceback; every launcher and command decides that with `user_error_in`, written
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import signal
 import sys
 import time
@@ -40,6 +42,30 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_status(self) -> int:
         return 128 + self.signum
+
+
+class SignalsHeard:
+    """The signals this process receives from now to `close()`, through Python's wakeup fd (the one it had, if
+    any, is given back, with what it would have heard meanwhile)."""
+
+    def __init__(self):
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+
+    def close(self) -> list[int]:
+        signal.set_wakeup_fd(self._previous)
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self._read, 512):
+                data += chunk
+        os.close(self._read)
+        os.close(self._write)
+        if data and self._previous != -1:
+            with contextlib.suppress(OSError):
+                os.write(self._previous, data)
+        return list(data)
 
 
 def say(message: str) -> None:

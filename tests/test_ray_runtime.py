@@ -1,13 +1,15 @@
 """The embedded Ray's settings: set where the user set none, kept where the user did, taken back at the end."""
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from aevb_dist.cluster import compat
+from aevb_dist.cluster import compat, ray_runtime
 from aevb_dist.cluster.ray_runtime import EMBEDDED_RAY_ENV, start_ray, stop_ray
+from aevb_dist.console import Interrupted
 
 
 @pytest.mark.slow  # starts an embedded Ray twice
@@ -48,7 +50,7 @@ def test_the_private_details_we_rely_on_are_where_we_use_them():
     config would change the auth mode of any Ray this test process has joined."""
     code = """
 import os
-from aevb_dist.cluster import compat
+from aevb_dist.cluster import compat, ray_runtime
 
 assert compat.checkpoint_manager_snapshot_name() == "checkpoint_manager_snapshot.json"
 from ray.train.v2._internal.execution.context import TrainContext, get_train_context  # preemption_context's
@@ -117,3 +119,32 @@ print("checked")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "checked" in proc.stdout, proc.stderr[-3000:]
+
+
+class _DropsItsException:
+    """A SIGTERM that lands in a finalizer, as in logging's at-fork hook while Ray starts its processes: Python
+    runs the handler there, prints "Exception ignored" and drops its exception."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs at the next bytecode boundary, inside this method
+            pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop, on purpose
+def test_a_sigterm_whose_exception_python_dropped_during_rays_start_up_still_ends_it():
+    import ray  # noqa: F401  (the start-up's module: start_ray has imported it when the block runs)
+
+    told = []
+    callers = lambda signum, frame: told.append(signum)  # noqa: E731  (train's says what it does)
+    previous = signal.signal(signal.SIGTERM, callers)
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            with ray_runtime._keeping_sigterm_handler():
+                signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init installs
+                _DropsItsException()
+        assert stopped.value.signum == signal.SIGTERM and stopped.value.told and told == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is callers  # the caller's handler is back
+        assert signal.set_wakeup_fd(-1) == -1  # and no wakeup fd is left behind
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -11,7 +11,7 @@ import threading
 from typing import Any, Callable, Optional
 
 from aevb_dist.cluster import compat
-from aevb_dist.console import Interrupted, say
+from aevb_dist.console import Interrupted, SignalsHeard, say
 
 
 def cluster_auth_token() -> Optional[str]:
@@ -316,20 +316,32 @@ def _keeping_sigterm_handler():
     """ray.init makes SIGTERM exit the driver at once (sys.exit(15)); the caller's own handler stays (train's:
     a checkpoint at the next step, then exit; train/stop_request.py). A SIGTERM that arrives while ray.init
     runs is the caller's handler's to answer, and ends the start-up: an `Interrupted`, whose exit status is
-    143, not Ray's 15."""
+    143, not Ray's 15. So does a Ctrl-C or SIGTERM whose exception Python dropped: one that lands in an at-fork
+    hook (logging's, as Ray starts its processes) is printed as "Exception ignored" and the start-up went on,
+    to train in full. Python's wakeup fd hears every signal, dropped or not."""
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
+    heard = SignalsHeard() if main else None
     try:
         yield
     except SystemExit as exit_:
         if not main or exit_.code != signal.SIGTERM:
             raise
-        if callable(before):
-            before(signal.SIGTERM, None)  # says what it does; raises where it stops at once
-        raise Interrupted(signal.SIGTERM, told=callable(before)) from None
+        _answer(signal.SIGTERM, before)
     finally:
+        signals = heard.close() if heard else []
         if main and before is not None:
             signal.signal(signal.SIGTERM, before)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signum in signals:  # heard, yet the block ended as if it had not been
+            sys.modules["ray"].shutdown()
+            _answer(signum, before if signum == signal.SIGTERM else signal.getsignal(signal.SIGINT))
+
+
+def _answer(signum: int, handler) -> None:
+    if callable(handler):
+        handler(signum, None)  # says what it does; raises where it stops at once
+    raise Interrupted(signum, told=callable(handler)) from None
 
 
 def _free_port() -> int:
