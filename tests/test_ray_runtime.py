@@ -122,29 +122,39 @@ print("checked")
 
 
 class _DropsItsException:
-    """A SIGTERM that lands in a finalizer, as in logging's at-fork hook while Ray starts its processes: Python
+    """A signal that lands in a finalizer, as in logging's at-fork hook while Ray starts its processes: Python
     runs the handler there, prints "Exception ignored" and drops its exception."""
 
+    def __init__(self, signum: int):
+        self.signum = signum
+
     def __del__(self):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), self.signum)
         for _ in range(1000):  # the handler runs at the next bytecode boundary, inside this method
             pass
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop, on purpose
-def test_a_sigterm_whose_exception_python_dropped_during_rays_start_up_still_ends_it():
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_whose_exception_python_dropped_during_rays_start_up_still_ends_it(signum):
+    """SIGTERM goes to Ray's handler while ray.init runs (sys.exit); Ctrl-C to the caller's (train's raises)."""
     import ray  # noqa: F401  (the start-up's module: start_ray has imported it when the block runs)
 
     told = []
-    callers = lambda signum, frame: told.append(signum)  # noqa: E731  (train's says what it does)
-    previous = signal.signal(signal.SIGTERM, callers)
+
+    def callers(signum, frame):  # train's, before training: says so, and stops at once
+        told.append(signum)
+        raise Interrupted(signum, told=True)
+
+    previous = {s: signal.signal(s, callers) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with pytest.raises(Interrupted) as stopped:
             with ray_runtime._keeping_sigterm_handler():
                 signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init installs
-                _DropsItsException()
-        assert stopped.value.signum == signal.SIGTERM and stopped.value.told and told == [signal.SIGTERM]
+                _DropsItsException(signum)
+        assert stopped.value.signum == signum and told == [signum]  # the caller's handler heard it once
         assert signal.getsignal(signal.SIGTERM) is callers  # the caller's handler is back
         assert signal.set_wakeup_fd(-1) == -1  # and no wakeup fd is left behind
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -332,10 +332,11 @@ def _keeping_sigterm_handler():
         signals = heard.close() if heard else []
         if main and before is not None:
             signal.signal(signal.SIGTERM, before)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        if signum in signals:  # heard, yet the block ended as if it had not been
-            sys.modules["ray"].shutdown()
-            _answer(signum, before if signum == signal.SIGTERM else signal.getsignal(signal.SIGINT))
+    if signal.SIGTERM in signals or signal.SIGINT in signals:  # heard, yet the block ended as if it had not been
+        sys.modules["ray"].shutdown()
+        if signal.SIGTERM in signals:
+            _answer(signal.SIGTERM, before)  # Ray's handler took it: the caller's has not seen it
+        raise Interrupted(signal.SIGINT)  # the caller's handler ran, and its exception was the one dropped
 
 
 def _answer(signum: int, handler) -> None:
