@@ -46,16 +46,27 @@ class Interrupted(KeyboardInterrupt):
 
 class SignalsHeard:
     """The signals this process receives from now to `close()`, through Python's wakeup fd (the one it had, if
-    any, is given back, with what it would have heard meanwhile)."""
+    any, is given back, with what it would have heard meanwhile). A handler's exception that Python drops (one
+    raised in a finalizer or an at-fork hook) is not printed as "Exception ignored" meanwhile: the signal is
+    among those `close()` returns, for the caller to answer. Any other dropped exception is printed as before."""
 
     def __init__(self):
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
         self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._previous_hook, self._dropped = sys.unraisablehook, []
+        sys.unraisablehook = self._keep_signals_quiet
+
+    def _keep_signals_quiet(self, unraisable) -> None:
+        if isinstance(unraisable.exc_value, (KeyboardInterrupt, SystemExit)):
+            self._dropped.append(unraisable)  # a signal handler's (Ctrl-C's, or sys.exit in Ray's SIGTERM's)
+        else:
+            self._previous_hook(unraisable)
 
     def close(self) -> list[int]:
         signal.set_wakeup_fd(self._previous)
+        sys.unraisablehook = self._previous_hook
         data = b""
         with contextlib.suppress(BlockingIOError):
             while chunk := os.read(self._read, 512):
@@ -65,6 +76,9 @@ class SignalsHeard:
         if data and self._previous != -1:
             with contextlib.suppress(OSError):
                 os.write(self._previous, data)
+        if not data:  # dropped, with no signal behind it: not ours to answer
+            for unraisable in self._dropped:
+                self._previous_hook(unraisable)
         return list(data)
 
 

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 
@@ -125,21 +126,25 @@ class _DropsItsException:
     """A signal that lands in a finalizer, as in logging's at-fork hook while Ray starts its processes: Python
     runs the handler there, prints "Exception ignored" and drops its exception."""
 
-    def __init__(self, signum: int):
-        self.signum = signum
+    def __init__(self, signum: Optional[int]):
+        self.signum = signum  # None: a plain error in the finalizer, with no signal
 
     def __del__(self):
+        if self.signum is None:
+            raise ValueError("not a signal's")
         os.kill(os.getpid(), self.signum)
         for _ in range(1000):  # the handler runs at the next bytecode boundary, inside this method
             pass
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop, on purpose
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_whose_exception_python_dropped_during_rays_start_up_still_ends_it(signum):
-    """SIGTERM goes to Ray's handler while ray.init runs (sys.exit); Ctrl-C to the caller's (train's raises)."""
+def test_a_signal_whose_exception_python_dropped_during_rays_start_up_still_ends_it(signum, monkeypatch):
+    """SIGTERM goes to Ray's handler while ray.init runs (sys.exit); Ctrl-C to the caller's (train's raises).
+    The dropped exception is not printed ("Exception ignored" and a traceback); another one still is."""
     import ray  # noqa: F401  (the start-up's module: start_ray has imported it when the block runs)
 
+    printed = []  # what Python would print as "Exception ignored"
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: printed.append(type(unraisable.exc_value)))
     told = []
 
     def callers(signum, frame):  # train's, before training: says so, and stops at once
@@ -152,7 +157,9 @@ def test_a_signal_whose_exception_python_dropped_during_rays_start_up_still_ends
             with ray_runtime._keeping_sigterm_handler():
                 signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init installs
                 _DropsItsException(signum)
+                _DropsItsException(None)
         assert stopped.value.signum == signum and told == [signum]  # the caller's handler heard it once
+        assert printed == [ValueError]  # the signal's exception was answered, not printed
         assert signal.getsignal(signal.SIGTERM) is callers  # the caller's handler is back
         assert signal.set_wakeup_fd(-1) == -1  # and no wakeup fd is left behind
     finally:
