@@ -130,22 +130,25 @@ def ray_head(tmp_path_factory):
     )
     address = f"http://127.0.0.1:{dashboard}"
     token = (home / ".ray" / "auth_token").read_text()
-    deadline = time.time() + 90
-    while time.time() < deadline:
+    deadline, head_answers = time.time() + 90, False
+    while not head_answers and time.time() < deadline:
         try:
-            if requests.get(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=1).ok:
-                break
+            head_answers = requests.get(
+                f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=1
+            ).ok
         except requests.RequestException:
             pass
-        time.sleep(0.5)
-    else:
+        if not head_answers:
+            time.sleep(0.5)
+    try:
+        if not head_answers:
+            with open(head_output.name, errors="replace") as f:
+                raise RuntimeError(f"the Ray head did not start within 90 s; `ray start` said:\n{f.read()[-3000:]}")
+        yield RayHead(address, {"HOME": str(home)}, temp_dir, f"127.0.0.1:{port}", f"ray://127.0.0.1:{client}")
+    finally:
         stop_process_tree(proc)
-        with open(head_output.name, errors="replace") as f:
-            raise RuntimeError(f"the Ray head did not start within 90 s; `ray start` said:\n{f.read()[-3000:]}")
-    yield RayHead(address, {"HOME": str(home)}, temp_dir, f"127.0.0.1:{port}", f"ray://127.0.0.1:{client}")
-    stop_process_tree(proc)
-    head_output.close()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+        head_output.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop_process_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:

@@ -4,6 +4,7 @@ launchers' runs are equal bit for bit: tests/test_local_mode.py; the embedded Ra
 tests/test_storage_outage.py)."""
 
 import os
+import tempfile
 
 import pytest
 
@@ -62,8 +63,13 @@ def test_training_improves_the_elbo_and_keeps_last_checkpoints(tiny_data, tmp_pa
     assert len(names) == 2
 
 
-def test_s3_round_trip_with_two_workers(tiny_data, tmp_path, s3_endpoint):
+def test_s3_round_trip_with_two_workers(tiny_data, tmp_path, s3_endpoint, monkeypatch):
     from aevb_dist.data.prepare import prepare
+
+    scratch = tmp_path / "scratch"  # the runs' temporary folders (TensorBoard's, a checkpoint's on its way)
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     data = "s3://aevb-test/datasets/tiny"
     prepare(
@@ -84,6 +90,7 @@ def test_s3_round_trip_with_two_workers(tiny_data, tmp_path, s3_endpoint):
     assert names == [checkpoint.checkpoint_name(28), checkpoint.checkpoint_name(30)]  # keep_last=2, pruned on S3
     steps = [row["step"] for row in read_metrics(fs, f"{path}/metrics.csv")]
     assert steps == [1, *range(2, 13, 2), 13, *range(14, 31, 2)]  # every row uploaded, none twice, none lost
+    assert fs.ls(f"{path}/tensorboard") and not [p.name for p in scratch.iterdir() if p.name.startswith("aevb-")]
     # An uninterrupted run on local disk reaches the same parameters and optimizer state bit for bit: neither the
     # resume nor the storage changes the math.
     local = tiny_overrides(f"{tmp_path}/local_data", str(tmp_path), **two_workers)

@@ -14,6 +14,7 @@ import csv
 import io
 import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -143,6 +144,8 @@ class RunLog:
         if self._tb is not None:
             with self._local_write("TensorBoard events"):
                 self._tb.close()
+            if not self._on_local_disk:  # its events are in the run folder now
+                shutil.rmtree(self._tb_dir, ignore_errors=True)
 
 
 class MetricsTail:
