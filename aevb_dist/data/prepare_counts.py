@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Callable, Optional
 
 import numpy as np
@@ -39,6 +38,7 @@ from aevb_dist.data.schema import (
     features_digest,
     metadata_checksum,
 )
+from aevb_dist.run import scratch
 
 COUNT_FORMATS = ("h5ad", "10x", "npz")
 BATCH = "batch"  # the column of --batch-key, named as scvi-tools' registry names it
@@ -227,7 +227,7 @@ def write_counts(
     position = np.zeros(matrix.num_rows, np.int64)  # each cell's position within its split
     for name in names.SPLITS:
         position[rows[name]] = np.arange(len(rows[name]))
-    with tempfile.TemporaryDirectory(prefix="aevb-prepare-") as local:
+    with scratch.folder("prepare") as local:
 
         def scatter(matrix: CountMatrix) -> dict:
             buckets = {}

@@ -16,13 +16,12 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from typing import Optional
 
 from aevb_dist.console import say, unfixable_by_waiting
-from aevb_dist.run import storage
+from aevb_dist.run import scratch, storage
 
 COLUMNS = [
     "step",
@@ -87,7 +86,7 @@ class RunLog:
         self.upload_interval_s, self._uploaded_at, self.retry_s = upload_interval_s, 0.0, retry_s
         self._upload()  # once whole: drops the rows after the resumed step
         self._uploaded_at = -math.inf  # the launch's first row goes up at once: the driver sees training begin
-        self._tb_dir = f"{self.path}/tensorboard" if self._on_local_disk else tempfile.mkdtemp(prefix="aevb-tb-")
+        self._tb_dir = f"{self.path}/tensorboard" if self._on_local_disk else scratch.make("tb")
         self._tb = _summary_writer(self._tb_dir, purge_step=resume_step + 1)
 
     def _local_write(self, what: str, num_bytes: Optional[int] = None):

@@ -9,12 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import threading
 from typing import Optional
 
 from aevb_dist.console import unfixable_by_waiting
-from aevb_dist.run import checkpoint, storage
+from aevb_dist.run import checkpoint, scratch, storage
 
 
 class WriteToRunFolder:
@@ -35,7 +34,7 @@ class WriteToRunFolder:
         if folder is None:
             return
         self.wait()
-        staging = tempfile.mkdtemp(prefix="aevb-upload-")
+        staging = scratch.make("upload")
         shutil.copytree(folder, os.path.join(staging, name))
         self._upload = threading.Thread(target=self._write, args=(staging, name), name="aevb-upload", daemon=True)
         self._upload.start()

@@ -30,7 +30,7 @@ from aevb_dist.console import say
 from aevb_dist.data.binarization import eval_binarization
 from aevb_dist.model.hierarchical import model_from_config
 from aevb_dist.model.networks import autocast_networks
-from aevb_dist.run import checkpoint, storage, uri
+from aevb_dist.run import checkpoint, scratch, storage, uri
 from aevb_dist.run.lease import record_writer
 from aevb_dist.run.metrics import RunLog
 from aevb_dist.train.datasets import rank_data, with_covariate_sizes
@@ -207,7 +207,7 @@ def save_checkpoint(
     staging = tempfile.gettempdir()  # holds the checkpoint, and the sink's copy of it
     needs = 2 * checkpoint.state_nbytes(state)
     with storage.unwritable_told(f"the local staging folder {staging} (TMPDIR)", name, needs, folder=staging):
-        with tempfile.TemporaryDirectory(prefix="aevb-ckpt-") as folder:
+        with scratch.folder("ckpt") as folder:
             checkpoint.save(folder, state, to_dict(cfg))
             sink(folder, name, metrics)
     log.flush()
