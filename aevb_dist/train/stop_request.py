@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -82,9 +83,13 @@ def stop_on_signals(
     `training_began` (Ray still starting, workers still loading) there is no step to checkpoint: the first
     signal stops at once, saying `before_training`, instead of starting training only to stop it.
     (`training_began` may read metrics.csv, within a bound: the driver's `ProgressPrinter.trained_past_start_now`.)"""
-    seen = SignalsSeen()
+    seen, command = SignalsSeen(), os.getpid()
 
     def on_signal(signum, frame) -> None:
+        if os.getpid() != command:
+            # A child forked from the command that runs Python before its exec (Ray's preexec_fn, as it starts
+            # its processes) and got the terminal's Ctrl-C: the command answers it, once.
+            return
         name = signal.Signals(signum).name
         if seen.signum is not None:
             say(f"{name} again: stopping at once; the newest complete checkpoint in {run.uri} is kept")
