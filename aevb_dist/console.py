@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import sys
@@ -44,11 +45,17 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+# logging's at-fork hook in the parent, which gives back the module lock its `before` hook took: `_afterFork` from
+# Python 3.13, `_releaseLock` before.
+_LOGGING_AFTER_FORK = getattr(logging, "_afterFork", None) or getattr(logging, "_releaseLock", None)
+
+
 class SignalsHeard:
     """The signals this process receives from now to `close()`, through Python's wakeup fd (the one it had, if
     any, is given back, with what it would have heard meanwhile). A handler's exception that Python drops (one
     raised in a finalizer or an at-fork hook) is not printed as "Exception ignored" meanwhile: the signal is
-    among those `close()` returns, for the caller to answer. Any other dropped exception is printed as before."""
+    among those `close()` returns, for the caller to answer; where it cut logging's at-fork hook short, the lock
+    that hook gives back is given back. Any other dropped exception is printed as before."""
 
     def __init__(self):
         self._read, self._write = os.pipe()
@@ -59,10 +66,16 @@ class SignalsHeard:
         sys.unraisablehook = self._keep_signals_quiet
 
     def _keep_signals_quiet(self, unraisable) -> None:
-        if isinstance(unraisable.exc_value, (KeyboardInterrupt, SystemExit)):
-            self._dropped.append(unraisable)  # a signal handler's (Ctrl-C's, or sys.exit in Ray's SIGTERM's)
-        else:
+        if not isinstance(unraisable.exc_value, (KeyboardInterrupt, SystemExit)):
             self._previous_hook(unraisable)
+            return
+        self._dropped.append(unraisable)  # a signal handler's (Ctrl-C's, or sys.exit in Ray's SIGTERM's)
+        if unraisable.object is _LOGGING_AFTER_FORK:
+            # Raised as logging's at-fork hook began, before it gave back the module lock it took for the fork:
+            # held by this thread for good, every other thread's next log call would wait forever (the
+            # command's exit handlers did). Given back here, as the hook would have.
+            with contextlib.suppress(RuntimeError):  # not held after all
+                _LOGGING_AFTER_FORK()
 
     def close(self) -> list[int]:
         signal.set_wakeup_fd(self._previous)

@@ -165,3 +165,48 @@ def test_a_signal_whose_exception_python_dropped_during_rays_start_up_still_ends
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+# Ctrl-C lands as logging's at-fork hook begins in the parent (the profile hook sends it on that call), as Ray forks
+# while it starts: the hook's exception is dropped before it gives back logging's module lock.
+CTRL_C_IN_LOGGINGS_FORK_HOOK = """
+import logging, os, signal, sys, threading
+import ray  # noqa: F401
+from aevb_dist.cluster import ray_runtime
+from aevb_dist.console import Interrupted
+
+def callers(signum, frame):
+    raise Interrupted(signum, told=True)
+
+def send_ctrl_c_there(frame, event, arg):
+    if event == "call" and frame.f_code.co_name in ("_releaseLock", "_afterFork"):
+        sys.setprofile(None)
+        os.kill(os.getpid(), signal.SIGINT)
+
+signal.signal(signal.SIGINT, callers)
+try:
+    with ray_runtime._keeping_sigterm_handler():
+        sys.setprofile(send_ctrl_c_there)
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        sys.setprofile(None)
+        os.waitpid(child, 0)
+    print("not interrupted", flush=True)
+except Interrupted as stopped:
+    print("interrupted", stopped.signum, flush=True)
+other = threading.Thread(target=lambda: logging.getLogger("another.thread").warning("logged"), daemon=True)
+other.start()
+other.join(30)
+print("another thread logged" if not other.is_alive() else "another thread waits on logging's lock", flush=True)
+os._exit(0)
+"""
+
+
+def test_a_ctrl_c_dropped_in_loggings_fork_hook_ends_the_start_up_and_leaves_logging_usable():
+    """The command's exit handlers once waited 10 s on logging's lock, held for good by the main thread."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CTRL_C_IN_LOGGINGS_FORK_HOOK], capture_output=True, text=True, timeout=120
+    )
+    assert proc.stdout.split("\n")[:2] == ["interrupted 2", "another thread logged"], proc.stdout + proc.stderr[-3000:]
+    assert "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
