@@ -10,8 +10,10 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -57,13 +59,38 @@ class SignalsHeard:
     among those `close()` returns, for the caller to answer; where it cut logging's at-fork hook short, the lock
     that hook gives back is given back. Any other dropped exception is printed as before."""
 
-    def __init__(self):
+    def __init__(self, exit_if_stuck_s: Optional[float] = None):
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
         self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         self._previous_hook, self._dropped = sys.unraisablehook, []
         sys.unraisablehook = self._keep_signals_quiet
+        self._early, self._closing, self._watch = b"", threading.Event(), None
+        if exit_if_stuck_s is not None:
+            self._watch = threading.Thread(
+                target=self._exit_if_stuck, args=(exit_if_stuck_s,), name="aevb-stuck-start-up", daemon=True
+            )
+            self._watch.start()
+
+    def _exit_if_stuck(self, grace_s: float) -> None:
+        """A Ctrl-C or SIGTERM heard while the main thread stays in native code reaches no Python handler: in
+        ray.init connecting to a GCS that the same signal (sent to the process group) ended, Ray gives up only
+        after 60 s, and exits 1. `grace_s` after such a signal, if `close()` has not come, the process ends here
+        as the handler would have ended it: 128 + the signal's number."""
+        stops: list[int] = []
+        while not stops:
+            if self._closing.is_set():
+                return
+            if select.select([self._read], [], [], 0.1)[0]:
+                with contextlib.suppress(BlockingIOError):
+                    self._early += os.read(self._read, 512)
+            stops = [s for s in self._early if s in (signal.SIGINT, signal.SIGTERM)]
+        if self._closing.wait(grace_s):
+            return
+        name = signal.Signals(stops[0]).name
+        say(f"{name} while the start-up does not answer ({grace_s:g} s): stopping now, with nothing to checkpoint")
+        os._exit(128 + stops[0])
 
     def _keep_signals_quiet(self, unraisable) -> None:
         if not isinstance(unraisable.exc_value, (KeyboardInterrupt, SystemExit)):
@@ -78,9 +105,12 @@ class SignalsHeard:
                 _LOGGING_AFTER_FORK()
 
     def close(self) -> list[int]:
+        self._closing.set()
+        if self._watch is not None:
+            self._watch.join()  # within its 0.1 s poll: what it read is in self._early
         signal.set_wakeup_fd(self._previous)
         sys.unraisablehook = self._previous_hook
-        data = b""
+        data = self._early
         with contextlib.suppress(BlockingIOError):
             while chunk := os.read(self._read, 512):
                 data += chunk

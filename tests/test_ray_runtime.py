@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Optional
 
 import pytest
@@ -210,3 +211,28 @@ def test_a_ctrl_c_dropped_in_loggings_fork_hook_ends_the_start_up_and_leaves_log
     )
     assert proc.stdout.split("\n")[:2] == ["interrupted 2", "another thread logged"], proc.stdout + proc.stderr[-3000:]
     assert "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+
+
+# The main thread inside native code that a signal does not cut short (as ray.init is, connecting to a GCS the
+# same SIGTERM ended: Ray gives up after 60 s and exits 1), and SIGTERM sent to the command.
+STUCK_IN_NATIVE_CODE = """
+import hashlib, os, signal, threading, time
+import ray  # noqa: F401
+from aevb_dist.cluster import ray_runtime
+
+signal.signal(signal.SIGTERM, lambda signum, frame: print("handler ran", flush=True))
+threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+started = time.monotonic()
+with ray_runtime._keeping_sigterm_handler():
+    hashlib.pbkdf2_hmac("sha256", b"x", b"y", 10**9)  # minutes of C with no Python in between
+print("the block ended", round(time.monotonic() - started), flush=True)
+"""
+
+
+def test_a_stop_signal_during_a_start_up_stuck_in_native_code_ends_the_command_within_seconds():
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", STUCK_IN_NATIVE_CODE], capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - started
+    assert proc.returncode == 128 + signal.SIGTERM and took < 60, (took, proc.stdout, proc.stderr[-3000:])
+    assert "SIGTERM while the start-up does not answer (5 s): stopping now, with nothing to checkpoint" in proc.stderr
+    assert "the block ended" not in proc.stdout and "Traceback" not in proc.stderr

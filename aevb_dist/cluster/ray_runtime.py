@@ -321,7 +321,7 @@ def _keeping_sigterm_handler():
     to train in full. Python's wakeup fd hears every signal, dropped or not."""
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
-    heard = SignalsHeard() if main else None
+    heard = SignalsHeard(exit_if_stuck_s=5.0) if main else None  # then a stop signal ends it, answered or not
     try:
         yield
     except SystemExit as exit_:
